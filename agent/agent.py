@@ -1,0 +1,208 @@
+"""The agent's connection to the coordinator: register, heartbeat, follow instructions, reconnect.
+
+One stream at a time. Everything the agent sends goes through one writer task
+(gRPC allows one write in flight per call). When the stream breaks, the agent
+reconnects with capped exponential backoff and jitter, reset after every
+successful registration, and registers again with what it still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import gpuorch
+from agent.telemetry import TelemetrySource
+from gpuorch.backoff import Backoff
+from gpuorch.v1 import agent_pb2, agent_pb2_grpc
+
+log = structlog.get_logger("agent")
+
+OUTBOX_LIMIT = 1000
+"""Messages queued for a stuck stream before heartbeats are dropped (statuses are kept for re-registration)."""
+
+CHANNEL_OPTIONS = [
+    # Find a dead or partitioned coordinator even while nothing is read.
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Our own backoff decides when to retry; keep gRPC's short so it does not add to it.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def local_address_towards(target: str) -> str:
+    """The local IP the kernel would use to reach `target` (host:port); no packet is sent."""
+    host = target.rsplit(":", 1)[0].strip("[]")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+MessageHandler = Callable[[agent_pb2.CoordinatorMessage], Awaitable[None] | None]
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        coordinator: str,
+        node_id: str,
+        source: TelemetrySource,
+        heartbeat_interval: float = 0.0,
+        advertise_address: str = "",
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.node_id = node_id
+        self.source = source
+        self.requested_interval = heartbeat_interval
+        self.addresses = [advertise_address or local_address_towards(coordinator)]
+        self.backoff = backoff or Backoff()
+        self.handlers: dict[str, MessageHandler] = {}
+        """Coordinator message kind ("launch_task", "stop_task", "read_logs") -> handler."""
+        self.task_snapshot: Callable[[], list[agent_pb2.TaskStatus]] = list
+        """Returns every rank the agent supervises, for the registration."""
+        self.registered = asyncio.Event()
+        self.connected = False
+        self.reconnects = 0
+        self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
+
+    def send(self, message: agent_pb2.AgentMessage) -> bool:
+        """Queues a message for the coordinator; False when disconnected (it will be re-sent
+        through the next registration if it is a task status)."""
+        if self._outbox is None:
+            return False
+        if self._outbox.qsize() >= OUTBOX_LIMIT and message.WhichOneof("payload") == "heartbeat":
+            return False
+        self._outbox.put_nowait(message)
+        return True
+
+    def registration(self) -> agent_pb2.AgentMessage:
+        return agent_pb2.AgentMessage(
+            register=agent_pb2.Register(
+                node_id=self.node_id,
+                hostname=socket.gethostname(),
+                addresses=self.addresses,
+                devices=self.source.devices(),
+                heartbeat_interval_seconds=self.requested_interval,
+                agent_version=gpuorch.__version__,
+                tasks=self.task_snapshot(),
+            )
+        )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Keeps a registered stream to the coordinator until `stopping` is set."""
+        while not stopping.is_set():
+            try:
+                await self._stream(stopping)
+            except grpc.aio.AioRpcError as error:
+                log.warning("coordinator stream ended", code=error.code().name, details=error.details())
+            except (ConnectionError, OSError) as error:
+                log.warning("coordinator connection failed", error=str(error))
+            finally:
+                self.connected = False
+                self._outbox = None
+            if stopping.is_set():
+                break
+            delay = self.backoff.next_delay()
+            self.reconnects += 1
+            log.info("reconnecting", coordinator=self.coordinator, delay=round(delay, 3), failures=self.backoff.failures)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+
+    async def _stream(self, stopping: asyncio.Event) -> None:
+        async with grpc.aio.insecure_channel(self.coordinator, options=CHANNEL_OPTIONS) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+            await call.write(self.registration())
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise ConnectionError("coordinator closed the stream before acknowledging the registration")
+            if first.WhichOneof("payload") != "register_ack":
+                raise ConnectionError(f"coordinator answered the registration with {first.WhichOneof('payload')}")
+            ack = first.register_ack
+            interval = ack.heartbeat_interval_seconds or self.requested_interval or 1.0
+            self.backoff.reset()
+            self.connected = True
+            self.registered.set()
+            log.info(
+                "registered",
+                coordinator=self.coordinator,
+                node=self.node_id,
+                epoch=ack.coordinator_epoch,
+                heartbeat_interval=interval,
+                drained=ack.drained,
+            )
+            self._outbox = asyncio.Queue()
+            workers = [
+                asyncio.create_task(self._write_loop(call)),
+                asyncio.create_task(self._heartbeat_loop(interval)),
+                asyncio.create_task(self._read_loop(call)),
+                asyncio.create_task(stopping.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                if stopping.is_set():
+                    with contextlib.suppress(Exception):
+                        await call.done_writing()
+
+    async def _write_loop(self, call) -> None:
+        assert self._outbox is not None
+        outbox = self._outbox
+        while True:
+            await call.write(await outbox.get())
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        """Heartbeats on a fixed schedule (no drift), each with a fresh sample of every GPU."""
+        sequence = 0
+        next_beat = time.monotonic()
+        while True:
+            samples = await asyncio.to_thread(self.source.sample) if self.source.blocking else self.source.sample()
+            sequence += 1
+            sent = Timestamp()
+            sent.GetCurrentTime()
+            self.send(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=sequence, sent_time=sent, devices=samples)))
+            next_beat += interval
+            delay = next_beat - time.monotonic()
+            if delay < 0:  # fell behind (a stopped process, a slow driver): start a new schedule
+                next_beat = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    async def _read_loop(self, call) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                raise ConnectionError("coordinator ended the stream")
+            kind = message.WhichOneof("payload")
+            handler = self.handlers.get(kind or "")
+            if handler is None:
+                log.warning("ignoring coordinator message this agent cannot handle", kind=kind)
+                continue
+            try:
+                result = handler(message)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("error handling coordinator message", kind=kind)

@@ -1,0 +1,85 @@
+"""gpuorch-agent: the node daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from agent.agent import Agent
+from agent.settings import AgentSettings
+from agent.telemetry import TelemetryUnavailable, open_source
+from gpuorch.backoff import Backoff
+from gpuorch.logs import configure_logging
+from gpuorch.settings import SettingsError, load_settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gpuorch-agent",
+        description="gpuorch node agent: reports this node's GPUs to the coordinator and runs job ranks on them.",
+        epilog="Every setting can also come from the --config TOML file or a GPUORCH_<SETTING> environment variable.",
+    )
+    parser.add_argument("--config", help="TOML file with settings (flags and env vars override it)")
+    parser.add_argument("--coordinator", help="host:port of the coordinator (default 127.0.0.1:50051)")
+    parser.add_argument("--node-id", help="unique id of this node (default: the hostname)")
+    parser.add_argument("--state-dir", help="directory for rank logs and state (default /var/lib/gpuorch/agent)")
+    parser.add_argument("--simulate-gpus", type=int, metavar="N", help="simulate N GPUs instead of reading NVML")
+    parser.add_argument("--simulate-faults-file", metavar="FILE", help="JSON file of injected faults for simulated GPUs")
+    parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats (default: the coordinator's)")
+    parser.add_argument("--advertise-address", help="address other nodes reach this one on")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument("--log-format", help="json, console or auto")
+    return parser.parse_args(argv)
+
+
+async def serve(settings: AgentSettings) -> None:
+    node_id = settings.node_id or socket.gethostname()
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    faults_file = settings.simulate_faults_file or str(state_dir / "simulated-faults.json")
+    source = open_source(simulate_gpus=settings.simulate_gpus, node_id=node_id, faults_file=faults_file)
+    agent = Agent(
+        coordinator=settings.coordinator,
+        node_id=node_id,
+        source=source,
+        heartbeat_interval=settings.heartbeat_interval,
+        advertise_address=settings.advertise_address,
+        backoff=Backoff(initial=settings.reconnect_initial, cap=settings.reconnect_max),
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await agent.run(stopping)
+    finally:
+        source.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = {key: value for key, value in vars(args).items() if key != "config"}
+    try:
+        settings = load_settings(AgentSettings, config_file=args.config, overrides=flags)
+        settings.validate()
+        configure_logging(settings.log_level, settings.log_format)
+    except (SettingsError, ValueError) as error:
+        print(f"gpuorch-agent: {error}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except TelemetryUnavailable as error:
+        print(f"gpuorch-agent: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"gpuorch-agent: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The agent's settings: TOML (--config), GPUORCH_* env vars and flags, in that order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AgentSettings:
+    coordinator: str = "127.0.0.1:50051"
+    """host:port of the coordinator."""
+    node_id: str = ""
+    """Unique id of this node; empty = the hostname."""
+    state_dir: str = "/var/lib/gpuorch/agent"
+    """Where rank logs and the record of running ranks live."""
+    simulate_gpus: int = 0
+    """Simulate this many GPUs instead of reading NVML (laptops, CI, benchmarks)."""
+    simulate_faults_file: str = ""
+    """JSON file of injected faults for simulated GPUs; empty = <state_dir>/simulated-faults.json."""
+    heartbeat_interval: float = 0.0
+    """Seconds between heartbeats; 0 = what the coordinator asks for."""
+    advertise_address: str = ""
+    """Address other nodes reach this one on; empty = the one the coordinator is reached from."""
+    reconnect_initial: float = 0.1
+    """First reconnect delay in seconds; doubles per failure."""
+    reconnect_max: float = 3.0
+    """Cap of the reconnect delay in seconds."""
+    log_level: str = "info"
+    log_format: str = "auto"
+    """json, console, or auto (console on a terminal)."""
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first setting out of range."""
+        if self.simulate_gpus < 0:
+            raise ValueError(f"simulate_gpus must be >= 0, got {self.simulate_gpus}")
+        if self.heartbeat_interval != 0 and not 0.05 <= self.heartbeat_interval <= 300:
+            raise ValueError(f"heartbeat_interval must be between 0.05 and 300 seconds, got {self.heartbeat_interval}")
+        if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
+            raise ValueError("reconnect_initial must be > 0 and reconnect_max >= reconnect_initial")
+        if ":" not in self.coordinator:
+            raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")

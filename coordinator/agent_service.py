@@ -1,0 +1,132 @@
+"""AgentService/Connect: one long-lived stream per agent.
+
+The handler reads in one task and writes from the session's outbox in the
+handler itself, so the rest of the coordinator talks to a node by putting
+messages in `session.outbox` and never touches gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import structlog
+
+from coordinator.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
+from gpuorch.v1 import agent_pb2, agent_pb2_grpc
+
+log = structlog.get_logger("coordinator.agents")
+
+TaskStatusHandler = Callable[[str, agent_pb2.TaskStatus], None]
+
+
+class StreamEnded(Exception):
+    """The coordinator ends a stream; carries the status to end it with (None = OK)."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, cluster: ClusterView, epoch: int) -> None:
+        self.cluster = cluster
+        self.epoch = epoch
+        self.on_register: list[Callable[[str, agent_pb2.Register], None]] = []
+        self.on_task_status: list[TaskStatusHandler] = []
+        self.on_log_chunk: list[Callable[[str, agent_pb2.LogChunk], None]] = []
+
+    async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        kind = first.WhichOneof("payload")
+        if kind != "register":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message on AgentService/Connect must be a register, got {kind or 'an empty message'}",
+            )
+        try:
+            validate_register(first.register)
+        except InvalidMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        node, session, replaced = self.cluster.register(first.register)
+        if replaced is not None:
+            replaced.close("replaced by a newer stream of the same node (the agent restarted)")
+        log.info(
+            "node registered",
+            node=node.node_id,
+            gpus=len(node.devices),
+            heartbeat_interval=node.liveness.heartbeat_interval,
+            peer=context.peer(),
+        )
+        await context.write(
+            agent_pb2.CoordinatorMessage(
+                register_ack=agent_pb2.RegisterAck(
+                    heartbeat_interval_seconds=node.liveness.heartbeat_interval,
+                    coordinator_epoch=self.epoch,
+                    drained=node.drained,
+                )
+            )
+        )
+        for callback in self.on_register:
+            callback(node.node_id, first.register)
+        ending: StreamEnded | None = None
+        reader = asyncio.create_task(self._read(context, session))
+        try:
+            while True:
+                message = await session.outbox.get()
+                if message is None:
+                    break
+                await context.write(message)
+            if reader.done() and not reader.cancelled() and isinstance(reader.exception(), StreamEnded):
+                ending = reader.exception()
+            else:
+                ending = StreamEnded(grpc.StatusCode.UNAVAILABLE, session.close_reason or "closed by the coordinator")
+        finally:
+            reader.cancel()
+            self.cluster.stream_closed(session)
+            log.info("node stream closed", node=session.node_id, session=session.session_id, reason=session.close_reason)
+        if ending.code is not None:
+            await context.abort(ending.code, ending.details)
+
+    async def _read(self, context: grpc.aio.ServicerContext, session: AgentSession) -> None:
+        """Applies every message after the registration; ends the session when the stream ends."""
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    session.close("stream ended by the agent (process exited or connection closed)")
+                    raise StreamEnded(None, "stream ended by the agent")
+                kind = message.WhichOneof("payload")
+                if kind == "heartbeat":
+                    self.cluster.heartbeat(session, message.heartbeat)
+                elif kind == "task_status":
+                    self.cluster.touch(session)
+                    for callback in self.on_task_status:
+                        callback(session.node_id, message.task_status)
+                elif kind == "log_chunk":
+                    self.cluster.touch(session)
+                    for callback in self.on_log_chunk:
+                        callback(session.node_id, message.log_chunk)
+                elif kind == "register":
+                    raise InvalidMessage("register may only be the first message of a stream")
+                else:
+                    raise InvalidMessage("empty AgentMessage: set one of register, heartbeat, task_status, log_chunk")
+        except InvalidMessage as error:
+            session.close(str(error))
+            raise StreamEnded(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        except StreamEnded:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as error:
+            # The peer went away; the handler's finally marks the node.
+            session.close(f"stream broken: {error}")
+            raise StreamEnded(grpc.StatusCode.UNAVAILABLE, "stream broken") from None
+        except Exception as error:  # a bug must cost one stream, never the daemon
+            log.exception("error handling agent message", node=session.node_id)
+            session.close(f"internal error handling a message: {error}")
+            raise StreamEnded(grpc.StatusCode.UNAVAILABLE, "internal error handling a message; reconnect") from None

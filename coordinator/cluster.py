@@ -1,0 +1,411 @@
+"""The coordinator's in-memory view of the cluster: nodes, devices, telemetry.
+
+Fed by the agent streams (coordinator/agent_service.py) and read by the
+ClusterService, the scheduler and the failure detector. Every decision it
+applies comes from a pure function (liveness.py, health.py); this module only
+keeps the records and turns them into wire messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coordinator import health, liveness
+from coordinator.liveness import Liveness, LivenessPolicy, NodeLiveness
+from gpuorch.v1 import agent_pb2, cluster_pb2
+
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
+MAX_DEVICES_PER_NODE = 64
+MIN_HEARTBEAT_INTERVAL = 0.05
+MAX_HEARTBEAT_INTERVAL = 300.0
+
+
+class InvalidMessage(ValueError):
+    """An agent sent something the protocol does not allow; the text says what."""
+
+
+def public_state(state: Liveness, drained: bool, busy: bool) -> cluster_pb2.NodeState.ValueType:
+    """The NodeState operators see: liveness first, then the operator's drain."""
+    if state is Liveness.SUSPECT:
+        return cluster_pb2.NODE_STATE_SUSPECT
+    if state is Liveness.DOWN:
+        return cluster_pb2.NODE_STATE_DOWN
+    if drained:
+        return cluster_pb2.NODE_STATE_DRAINING if busy else cluster_pb2.NODE_STATE_DRAINED
+    return cluster_pb2.NODE_STATE_READY
+
+
+def validate_register(register: agent_pb2.Register) -> None:
+    """Raises InvalidMessage naming the first thing wrong with a registration."""
+    if not register.node_id:
+        raise InvalidMessage("register.node_id is empty")
+    if not NODE_ID_PATTERN.match(register.node_id):
+        raise InvalidMessage(
+            f"register.node_id {register.node_id[:80]!r} is not a valid node id "
+            "(letters, digits, '.', '_', ':', '-'; at most 253 characters)"
+        )
+    interval = register.heartbeat_interval_seconds
+    if interval != 0 and not (MIN_HEARTBEAT_INTERVAL <= interval <= MAX_HEARTBEAT_INTERVAL):
+        raise InvalidMessage(
+            f"register.heartbeat_interval_seconds {interval!r} is outside "
+            f"[{MIN_HEARTBEAT_INTERVAL}, {MAX_HEARTBEAT_INTERVAL}] (or 0 for the coordinator's)"
+        )
+    if len(register.devices) > MAX_DEVICES_PER_NODE:
+        raise InvalidMessage(f"register.devices has {len(register.devices)} devices; at most {MAX_DEVICES_PER_NODE}")
+    seen: set[str] = set()
+    for position, device in enumerate(register.devices):
+        if not device.uuid:
+            raise InvalidMessage(f"register.devices[{position}].uuid is empty")
+        if device.uuid in seen:
+            raise InvalidMessage(f"register.devices[{position}].uuid {device.uuid!r} appears twice")
+        seen.add(device.uuid)
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One agent stream. The coordinator talks to a node through its current session."""
+
+    node_id: str
+    session_id: int
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    close_reason: str | None = None
+    """Set when the coordinator ends the stream (superseded, declared down, shutting down)."""
+
+    def send(self, message: agent_pb2.CoordinatorMessage) -> None:
+        if self.close_reason is None:
+            self.outbox.put_nowait(message)
+
+    def close(self, reason: str) -> None:
+        """Asks the stream's handler to end the RPC with `reason`."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.outbox.put_nowait(None)
+
+
+@dataclass(eq=False)
+class DeviceRecord:
+    info: cluster_pb2.DeviceInfo
+    telemetry: cluster_pb2.DeviceTelemetry | None = None
+    history: deque = field(default_factory=deque)
+    """(wall time, gpu utilisation, memory used, temperature, power) tuples, newest last."""
+    health: health.DeviceHealth = health.HEALTHY
+    allocated_job_id: str = ""
+    allocated_attempt: int = 0
+
+
+@dataclass(eq=False)
+class NodeRecord:
+    node_id: str
+    hostname: str
+    addresses: list[str]
+    devices: dict[str, DeviceRecord]
+    liveness: NodeLiveness
+    last_seen: float
+    """Monotonic time of the last message on the current stream."""
+    deadline: float
+    """Monotonic time at which liveness.expire must be consulted again."""
+    registered_wall: float
+    last_heartbeat_wall: float = 0.0
+    last_sequence: int = 0
+    session: AgentSession | None = None
+    drained: bool = False
+    drain_reason: str = ""
+    agent_version: str = ""
+
+    @property
+    def busy(self) -> bool:
+        return any(device.allocated_job_id for device in self.devices.values())
+
+    @property
+    def state(self) -> cluster_pb2.NodeState.ValueType:
+        return public_state(self.liveness.state, self.drained, self.busy)
+
+    @property
+    def schedulable(self) -> bool:
+        """Whether new work may be placed here."""
+        return self.liveness.state is Liveness.READY and not self.drained
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A node changed liveness state; `session` is set when its stream must be closed."""
+
+    node_id: str
+    before: Liveness
+    after: Liveness
+    reason: str
+    session: AgentSession | None
+
+
+class HeartbeatStats:
+    """Ingest lag and rate over recent heartbeats, for GetClusterStatus and benchmarks."""
+
+    def __init__(self, window_seconds: float = 10.0, max_samples: int = 1 << 16) -> None:
+        self.window_seconds = window_seconds
+        self.samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def record(self, received_wall: float, lag_seconds: float) -> None:
+        self.samples.append((received_wall, lag_seconds))
+
+    def summary(self, now_wall: float) -> tuple[float, float, float]:
+        """(heartbeats per second, p50 lag ms, p99 lag ms) over the window."""
+        cutoff = now_wall - self.window_seconds
+        recent = [lag for received, lag in self.samples if received >= cutoff]
+        if not recent:
+            return 0.0, 0.0, 0.0
+        oldest = self.samples[0][0]
+        span = self.window_seconds if oldest <= cutoff else max(now_wall - oldest, 1e-3)
+        recent.sort()
+        return (
+            len(recent) / span,
+            1000 * recent[len(recent) // 2],
+            1000 * recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)],
+        )
+
+
+def _timestamp(wall: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(wall * 1e9))
+    return stamp
+
+
+class ClusterView:
+    """Nodes and devices, keyed by node id and device uuid."""
+
+    def __init__(
+        self,
+        *,
+        policy: LivenessPolicy,
+        default_heartbeat_interval: float,
+        history_length: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy
+        self.default_heartbeat_interval = default_heartbeat_interval
+        self.history_length = history_length
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.nodes: dict[str, NodeRecord] = {}
+        self.heartbeats = HeartbeatStats()
+        self._session_ids = itertools.count(1)
+        self.listeners: list[Callable[[Transition], None]] = []
+        """Called for every liveness transition (the failure detector and metrics hook in here)."""
+
+    # -- events from agent streams ------------------------------------------------------------
+
+    def register(self, register: agent_pb2.Register) -> tuple[NodeRecord, AgentSession, AgentSession | None]:
+        """Applies a validated registration. Returns (node, new session, replaced session or None)."""
+        now, wall = self.clock(), self.wall_clock()
+        interval = register.heartbeat_interval_seconds or self.default_heartbeat_interval
+        session = AgentSession(register.node_id, next(self._session_ids))
+        devices = {}
+        previous = self.nodes.get(register.node_id)
+        for info in register.devices:
+            record = DeviceRecord(info=info, history=deque(maxlen=self.history_length))
+            if previous is not None and info.uuid in previous.devices:
+                old = previous.devices[info.uuid]
+                record.allocated_job_id, record.allocated_attempt = old.allocated_job_id, old.allocated_attempt
+            devices[info.uuid] = record
+        state = liveness.registered(now, interval)
+        replaced = previous.session if previous is not None else None
+        node = NodeRecord(
+            node_id=register.node_id,
+            hostname=register.hostname,
+            addresses=list(register.addresses),
+            devices=devices,
+            liveness=state,
+            last_seen=now,
+            deadline=liveness.next_deadline(state, now, self.policy),
+            registered_wall=wall,
+            session=session,
+            drained=previous.drained if previous is not None else False,
+            drain_reason=previous.drain_reason if previous is not None else "",
+            agent_version=register.agent_version,
+        )
+        self.nodes[node.node_id] = node
+        if previous is not None and previous.liveness.state is not Liveness.READY:
+            self._emit(Transition(node.node_id, previous.liveness.state, Liveness.READY, "registered", None))
+        return node, session, replaced
+
+    def heartbeat(self, session: AgentSession, heartbeat: agent_pb2.Heartbeat) -> None:
+        """Records a heartbeat. Hot path: one per node per interval, so it stays lean."""
+        node = self.nodes.get(session.node_id)
+        if node is None or node.session is not session:
+            return  # a superseded stream; its node has a newer one
+        now, wall = self.clock(), self.wall_clock()
+        node.last_seen = now
+        node.deadline = now + liveness.silence_limit(node.liveness, self.policy)
+        node.last_sequence = heartbeat.sequence
+        node.last_heartbeat_wall = wall
+        devices = node.devices
+        for sample in heartbeat.devices:
+            record = devices.get(sample.uuid)
+            if record is None:
+                raise InvalidMessage(f"heartbeat names device {sample.uuid!r}, which node {node.node_id!r} did not register")
+            previous = record.telemetry
+            record.telemetry = sample
+            record.history.append(
+                (wall, sample.gpu_utilization_percent, sample.memory_used_bytes, sample.temperature_celsius, sample.power_watts)
+            )
+            if (
+                previous is None
+                or sample.lost
+                or sample.last_xid != previous.last_xid
+                or sample.ecc_uncorrected_errors != previous.ecc_uncorrected_errors
+                or sample.temperature_celsius != previous.temperature_celsius
+            ):
+                record.health = health.assess_device(
+                    lost=sample.lost,
+                    last_xid=sample.last_xid,
+                    ecc_uncorrected_errors=sample.ecc_uncorrected_errors,
+                    temperature_celsius=sample.temperature_celsius,
+                    temperature_limit_celsius=record.info.temperature_limit_celsius,
+                )
+        if heartbeat.HasField("sent_time"):
+            self.heartbeats.record(wall, wall - heartbeat.sent_time.ToNanoseconds() / 1e9)
+
+    def touch(self, session: AgentSession) -> None:
+        """Any message from the agent proves it alive."""
+        node = self.nodes.get(session.node_id)
+        if node is not None and node.session is session:
+            node.last_seen = self.clock()
+            node.deadline = node.last_seen + liveness.silence_limit(node.liveness, self.policy)
+
+    def stream_closed(self, session: AgentSession) -> None:
+        """The stream of `session` ended, for whatever reason."""
+        node = self.nodes.get(session.node_id)
+        if node is None or node.session is not session:
+            return
+        node.session = None
+        before = node.liveness
+        node.liveness = liveness.stream_closed(before, self.clock(), session.close_reason or "stream closed")
+        node.deadline = liveness.next_deadline(node.liveness, node.last_seen, self.policy)
+        if node.liveness.state is not before.state:
+            self._emit(Transition(node.node_id, before.state, node.liveness.state, node.liveness.reason, None))
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def tick(self) -> list[Transition]:
+        """Applies the passage of time to every node whose deadline has come."""
+        now = self.clock()
+        transitions = []
+        for node in self.nodes.values():
+            if node.deadline > now:
+                continue
+            before = node.liveness
+            after = liveness.expire(before, node.last_seen, now, self.policy)
+            node.liveness = after
+            node.deadline = liveness.next_deadline(after, node.last_seen, self.policy)
+            if after is not before and after.state is not before.state:
+                session = node.session if after.state is Liveness.DOWN else None
+                transition = Transition(node.node_id, before.state, after.state, after.reason, session)
+                transitions.append(transition)
+                self._emit(transition)
+        return transitions
+
+    def _emit(self, transition: Transition) -> None:
+        for listener in self.listeners:
+            listener(transition)
+
+    # -- operators ----------------------------------------------------------------------------
+
+    def get(self, node_id: str) -> NodeRecord:
+        """The node; KeyError with an operator-facing message when unknown."""
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            raise KeyError(f"node {node_id!r} is not known to the coordinator") from None
+
+    def drain(self, node_id: str, reason: str) -> NodeRecord:
+        node = self.get(node_id)
+        node.drained = True
+        node.drain_reason = reason or "drained by operator"
+        return node
+
+    def resume(self, node_id: str) -> NodeRecord:
+        node = self.get(node_id)
+        node.drained = False
+        node.drain_reason = ""
+        return node
+
+    # -- wire views ---------------------------------------------------------------------------
+
+    def node_proto(self, node: NodeRecord) -> cluster_pb2.Node:
+        message = cluster_pb2.Node(
+            node_id=node.node_id,
+            state=node.state,
+            hostname=node.hostname,
+            addresses=node.addresses,
+            heartbeat_interval_seconds=node.liveness.heartbeat_interval,
+            last_heartbeat_sequence=node.last_sequence,
+            drained=node.drained,
+            agent_version=node.agent_version,
+            registered_time=_timestamp(node.registered_wall),
+        )
+        if node.last_heartbeat_wall:
+            message.last_heartbeat_time.CopyFrom(_timestamp(node.last_heartbeat_wall))
+        if node.liveness.state is not Liveness.READY:
+            ago = self.clock() - node.liveness.since
+            message.state_reason = f"{node.liveness.reason} ({ago:.1f}s ago)"
+        elif node.drained:
+            message.state_reason = node.drain_reason
+        for record in sorted(node.devices.values(), key=lambda device: device.info.index):
+            device = message.devices.add(
+                uuid=record.info.uuid,
+                index=record.info.index,
+                name=record.info.name,
+                memory_total_bytes=record.info.memory_total_bytes,
+                pci_bus_id=record.info.pci_bus_id,
+                healthy=record.health.healthy,
+                unhealthy_reason=record.health.reason,
+                allocated_job_id=record.allocated_job_id,
+                allocated_attempt=record.allocated_attempt,
+            )
+            if record.telemetry is not None:
+                device.telemetry.CopyFrom(record.telemetry)
+        return message
+
+    def list_nodes(self, states: Iterable[int] = ()) -> list[cluster_pb2.Node]:
+        wanted = set(states)
+        return [
+            self.node_proto(node)
+            for node_id, node in sorted(self.nodes.items())
+            if not wanted or node.state in wanted
+        ]
+
+    def status(self) -> cluster_pb2.ClusterStatus:
+        status = cluster_pb2.ClusterStatus()
+        for value in cluster_pb2.NodeState.values():
+            if value != cluster_pb2.NODE_STATE_UNSPECIFIED:
+                status.nodes_by_state[cluster_pb2.NodeState.Name(value)] = 0
+        utilization_sum, utilization_count = 0.0, 0
+        for node in self.nodes.values():
+            status.nodes_by_state[cluster_pb2.NodeState.Name(node.state)] += 1
+            status.nodes_total += 1
+            status.gpus_total += len(node.devices)
+            if node.liveness.state is not Liveness.READY:
+                continue
+            for device in node.devices.values():
+                status.memory_total_bytes += device.info.memory_total_bytes
+                if device.telemetry is not None:
+                    status.memory_used_bytes += device.telemetry.memory_used_bytes
+                    utilization_sum += device.telemetry.gpu_utilization_percent
+                    utilization_count += 1
+                if device.health.healthy:
+                    status.gpus_healthy += 1
+                    if not device.allocated_job_id and not node.drained:
+                        status.gpus_free += 1
+        status.mean_gpu_utilization_percent = utilization_sum / utilization_count if utilization_count else 0.0
+        rate, p50, p99 = self.heartbeats.summary(self.wall_clock())
+        status.heartbeats_per_second, status.heartbeat_lag_p50_ms, status.heartbeat_lag_p99_ms = rate, p50, p99
+        return status

@@ -1,0 +1,58 @@
+"""ClusterService: operators' view and control of nodes."""
+
+from __future__ import annotations
+
+import grpc
+
+from coordinator.cluster import ClusterView
+from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc
+
+MAX_REASON_LENGTH = 1024
+
+
+class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
+    def __init__(self, cluster: ClusterView, epoch: int, jobs_by_state=None) -> None:
+        self.cluster = cluster
+        self.epoch = epoch
+        self.jobs_by_state = jobs_by_state
+        """Optional callable returning {state name: count}, from the job manager."""
+
+    async def _node(self, node_id: str, context: grpc.aio.ServicerContext):
+        if not node_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is empty")
+        try:
+            return self.cluster.get(node_id)
+        except KeyError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, error.args[0])
+
+    async def ListNodes(self, request: cluster_pb2.ListNodesRequest, context):
+        for state in request.states:
+            if state not in cluster_pb2.NodeState.values():
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown NodeState {state}")
+        return cluster_pb2.ListNodesResponse(nodes=self.cluster.list_nodes(request.states))
+
+    async def GetNode(self, request: cluster_pb2.GetNodeRequest, context):
+        node = await self._node(request.node_id, context)
+        return cluster_pb2.GetNodeResponse(node=self.cluster.node_proto(node))
+
+    async def GetClusterStatus(self, request, context):
+        status = self.cluster.status()
+        status.coordinator_epoch = self.epoch
+        if self.jobs_by_state is not None:
+            for name, count in self.jobs_by_state().items():
+                status.jobs_by_state[name] = count
+        return cluster_pb2.GetClusterStatusResponse(status=status)
+
+    async def DrainNode(self, request: cluster_pb2.DrainNodeRequest, context):
+        if len(request.reason) > MAX_REASON_LENGTH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"reason is {len(request.reason)} characters; at most {MAX_REASON_LENGTH}"
+            )
+        await self._node(request.node_id, context)
+        node = self.cluster.drain(request.node_id, request.reason)
+        return cluster_pb2.DrainNodeResponse(node=self.cluster.node_proto(node))
+
+    async def ResumeNode(self, request: cluster_pb2.ResumeNodeRequest, context):
+        await self._node(request.node_id, context)
+        node = self.cluster.resume(request.node_id)
+        return cluster_pb2.ResumeNodeResponse(node=self.cluster.node_proto(node))

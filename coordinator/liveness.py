@@ -1,0 +1,103 @@
+"""Node liveness as pure functions of (state, event, time).
+
+The coordinator owns liveness (as Nomad's heartbeat timers do): it knows each
+agent's heartbeat interval, and decides from the stream's life and the time of
+the last message whether a node is READY, SUSPECT or DOWN.
+
+    register                          -> READY
+    READY   + stream closed           -> SUSPECT   (at once)
+    SUSPECT + grace period over       -> DOWN
+    READY   + silent for N intervals  -> DOWN      (stream open, nobody talking: hung agent, partition)
+    any     + register                -> READY
+
+Heartbeats on an open stream change no state; they move `last_seen` only, which
+the caller keeps (so the hot path allocates nothing). A DOWN-by-silence node's
+stream is closed by the caller so the agent has to re-register.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+
+
+class Liveness(enum.Enum):
+    READY = "ready"
+    SUSPECT = "suspect"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessPolicy:
+    """How long the coordinator waits before giving up on a node."""
+
+    grace_period: float = 10.0
+    """Seconds a node whose stream closed may take to come back before it is DOWN."""
+    missed_heartbeats: int = 3
+    """Heartbeat intervals of silence on an open stream after which a node is DOWN."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLiveness:
+    state: Liveness
+    connected: bool
+    """Whether the node's stream is open."""
+    heartbeat_interval: float
+    """Seconds between the agent's heartbeats: the interval it actually uses."""
+    since: float
+    """Monotonic time the current state began."""
+    reason: str
+    """Why the node is in this state, for operators."""
+
+
+def registered(now: float, heartbeat_interval: float) -> NodeLiveness:
+    """An agent (re-)registered: the node is READY, whatever it was."""
+    return NodeLiveness(Liveness.READY, True, heartbeat_interval, now, "registered")
+
+
+def stream_closed(current: NodeLiveness, now: float, why: str = "stream closed") -> NodeLiveness:
+    """The node's stream ended. READY turns SUSPECT at once; DOWN stays DOWN."""
+    if current.state is Liveness.READY:
+        return NodeLiveness(Liveness.SUSPECT, False, current.heartbeat_interval, now, why)
+    return replace(current, connected=False)
+
+
+def silence_limit(current: NodeLiveness, policy: LivenessPolicy) -> float:
+    """Seconds without a message after which a connected node is DOWN."""
+    return policy.missed_heartbeats * current.heartbeat_interval
+
+
+def expire(current: NodeLiveness, last_seen: float, now: float, policy: LivenessPolicy) -> NodeLiveness:
+    """Applies the passage of time: returns the state at `now` (the same object if nothing changed)."""
+    if current.state is Liveness.READY and current.connected:
+        silent_for = now - last_seen
+        if silent_for >= silence_limit(current, policy):
+            return NodeLiveness(
+                Liveness.DOWN,
+                True,
+                current.heartbeat_interval,
+                now,
+                f"no heartbeat for {silent_for:.1f}s ({policy.missed_heartbeats} intervals of "
+                f"{current.heartbeat_interval:g}s) while its stream stayed open",
+            )
+    elif current.state is Liveness.SUSPECT:
+        away_for = now - current.since
+        if away_for >= policy.grace_period:
+            return NodeLiveness(
+                Liveness.DOWN,
+                False,
+                current.heartbeat_interval,
+                now,
+                f"stream closed and not back within the {policy.grace_period:g}s grace period",
+            )
+    return current
+
+
+def next_deadline(current: NodeLiveness, last_seen: float, policy: LivenessPolicy) -> float:
+    """The earliest monotonic time at which `expire` could change the state; inf if never."""
+    if current.state is Liveness.READY and current.connected:
+        return last_seen + silence_limit(current, policy)
+    if current.state is Liveness.SUSPECT:
+        return current.since + policy.grace_period
+    return math.inf

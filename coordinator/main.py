@@ -1,0 +1,66 @@
+"""gpuorch-coordinator: the control-plane daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import structlog
+
+from coordinator.server import Coordinator
+from coordinator.settings import CoordinatorSettings
+from gpuorch.logs import configure_logging
+from gpuorch.settings import SettingsError, load_settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gpuorch-coordinator",
+        description="gpuorch control plane: cluster view, job queue, scheduler, failure recovery.",
+        epilog="Every setting can also come from the --config TOML file or a GPUORCH_<SETTING> environment variable.",
+    )
+    parser.add_argument("--config", help="TOML file with settings (flags and env vars override it)")
+    parser.add_argument("--listen", help="host:port of the gRPC API (default 127.0.0.1:50051)")
+    parser.add_argument("--state-dir", help="directory for the job store and epoch (default /var/lib/gpuorch/coordinator)")
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds between agent heartbeats (default 1)")
+    parser.add_argument("--node-grace-period", type=float, help="seconds a disconnected node has to return before it is DOWN (default 10)")
+    parser.add_argument("--missed-heartbeats", type=int, help="silent heartbeat intervals before a connected node is DOWN (default 3)")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument("--log-format", help="json, console or auto")
+    return parser.parse_args(argv)
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    coordinator = Coordinator(settings)
+    await coordinator.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await coordinator.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = {key: value for key, value in vars(args).items() if key != "config"}
+    try:
+        settings = load_settings(CoordinatorSettings, config_file=args.config, overrides=flags)
+        settings.validate()
+        configure_logging(settings.log_level, settings.log_format)
+    except (SettingsError, ValueError) as error:
+        print(f"gpuorch-coordinator: {error}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except RuntimeError as error:
+        structlog.get_logger("coordinator").error("cannot start", error=str(error))
+        print(f"gpuorch-coordinator: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

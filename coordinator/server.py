@@ -1,0 +1,155 @@
+"""Wires the coordinator together: gRPC server, services, background loops, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.agent_service import AgentService
+from coordinator.cluster import ClusterView
+from coordinator.cluster_service import ClusterService
+from coordinator.liveness import Liveness, LivenessPolicy
+from coordinator.reflection import CommentedPool
+from coordinator.settings import CoordinatorSettings
+from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc, job_pb2
+
+log = structlog.get_logger("coordinator")
+
+LIVENESS_TICK_SECONDS = 0.05
+"""How often node deadlines are checked: bounds how late a DOWN is declared."""
+
+SERVICE_NAMES = (
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+    job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+)
+
+
+def next_epoch(state_dir: Path) -> int:
+    """Reads, increments and durably writes the coordinator epoch."""
+    path = state_dir / "epoch"
+    try:
+        epoch = int(path.read_text().strip()) + 1
+    except FileNotFoundError:
+        epoch = 1
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(f"{epoch}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return epoch
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Agents ping to find a dead coordinator fast; let them.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Coordinator:
+    """The control-plane daemon; `await start()`, then `await stop()`."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir)
+        self.cluster = ClusterView(
+            policy=LivenessPolicy(grace_period=settings.node_grace_period, missed_heartbeats=settings.missed_heartbeats),
+            default_heartbeat_interval=settings.heartbeat_interval,
+            history_length=settings.telemetry_history,
+        )
+        self.cluster.listeners.append(self._log_transition)
+        self.epoch = 0
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+        self.health = HealthServicer()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.epoch = next_epoch(self.state_dir)
+        except OSError as error:
+            raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
+        self.agents = AgentService(self.cluster, self.epoch)
+        self.server = grpc.aio.server(options=server_options(self.settings.max_message_bytes))
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterService(self.cluster, self.epoch), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+            pool=CommentedPool(),
+        )
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        except RuntimeError as error:
+            raise RuntimeError(f"cannot listen on {self.settings.listen}: {error}") from None
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._supervise("liveness", self._liveness_loop)))
+        log.info("coordinator serving", listen=self.settings.listen, port=self.port, epoch=self.epoch, state_dir=str(self.state_dir))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for node in self.cluster.nodes.values():
+            if node.session is not None:
+                node.session.close("coordinator shutting down")
+        if self.server is not None:
+            await self.server.stop(grace)
+        log.info("coordinator stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    async def _supervise(self, name: str, loop) -> None:
+        """Runs a background loop, logging and restarting it if it crashes (as Ray's agent does)."""
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background loop crashed; restarting", loop=name)
+                await asyncio.sleep(1.0)
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            for transition in self.cluster.tick():
+                if transition.session is not None:
+                    transition.session.close(f"node declared down: {transition.reason}; re-register")
+            await asyncio.sleep(LIVENESS_TICK_SECONDS)
+
+    def _log_transition(self, transition) -> None:
+        level = log.warning if transition.after is not Liveness.READY else log.info
+        level(
+            "node state changed",
+            node=transition.node_id,
+            before=transition.before.value,
+            after=transition.after.value,
+            reason=transition.reason,
+        )

@@ -1,0 +1,41 @@
+"""The coordinator's settings: TOML (--config), GPUORCH_* env vars and flags, in that order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CoordinatorSettings:
+    listen: str = "127.0.0.1:50051"
+    """host:port of the gRPC API (agents, SDK, gpuctl, grpcurl)."""
+    state_dir: str = "/var/lib/gpuorch/coordinator"
+    """Where the job store and the epoch live."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats that the coordinator asks agents for."""
+    node_grace_period: float = 10.0
+    """Seconds a node whose stream closed may take to re-register before it is DOWN."""
+    missed_heartbeats: int = 3
+    """Heartbeat intervals of silence on an open stream after which a node is DOWN."""
+    telemetry_history: int = 100
+    """Samples of telemetry kept per GPU."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    log_level: str = "info"
+    log_format: str = "auto"
+    """json, console, or auto (console on a terminal)."""
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first setting out of range."""
+        if self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
+        if self.node_grace_period < 0:
+            raise ValueError(f"node_grace_period must be >= 0, got {self.node_grace_period}")
+        if self.missed_heartbeats < 1:
+            raise ValueError(f"missed_heartbeats must be >= 1, got {self.missed_heartbeats}")
+        if self.telemetry_history < 1:
+            raise ValueError(f"telemetry_history must be >= 1, got {self.telemetry_history}")
+        if self.max_message_bytes < 64 * 1024:
+            raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
+        if ":" not in self.listen:
+            raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")

@@ -1,0 +1,199 @@
+"""The Python SDK: `Client` (blocking) and `AsyncClient` (asyncio) over the gpuorch.v1 API.
+
+Both share one table of methods (`_Api`); they differ only in how a call is
+made. Methods return the wire messages (gpuorch.v1.*_pb2) and raise
+gpuorch.errors.GpuorchError subclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import grpc
+
+from gpuorch.errors import from_rpc_error
+from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def default_address() -> str:
+    """$GPUORCH_COORDINATOR, else 127.0.0.1:50051."""
+    return os.environ.get("GPUORCH_COORDINATOR") or DEFAULT_ADDRESS
+
+
+def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[int]:
+    """Accepts enum numbers or names with or without the prefix ("READY", "NODE_STATE_READY")."""
+    values = []
+    for name in names:
+        if isinstance(name, int):
+            values.append(name)
+            continue
+        key = name.upper()
+        key = key if key.startswith(prefix) else prefix + key
+        try:
+            values.append(enum.Value(key))
+        except ValueError:
+            known = ", ".join(n[len(prefix) :].lower() for n in enum.keys() if not n.endswith("UNSPECIFIED"))
+            raise ValueError(f"unknown state {name!r}: use one of {known}") from None
+    return values
+
+
+def build_job_spec(
+    argv: Iterable[str],
+    *,
+    gpus: int = 1,
+    requirements: Mapping[str, Any] | job_pb2.JobRequirements | None = None,
+    env: Mapping[str, str] | None = None,
+    **fields: Any,
+) -> job_pb2.JobSpec:
+    """A JobSpec from keyword arguments named like its fields."""
+    if isinstance(requirements, Mapping):
+        requirements = job_pb2.JobRequirements(**requirements)
+    return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)
+
+
+class _Api:
+    """Every RPC of the public API once; `_unary`/`_stream` decide sync or async."""
+
+    address: str
+
+    def _unary(self, service: str, method: str, request: Any, extract: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, service: str, method: str, request: Any, extract: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    # -- ClusterService -------------------------------------------------------------------
+
+    def list_nodes(self, states: Iterable[str | int] = ()):
+        """Nodes with their devices and latest telemetry; optionally only those in `states`."""
+        request = cluster_pb2.ListNodesRequest(states=_enum_values(cluster_pb2.NodeState, "NODE_STATE_", states))
+        return self._unary("cluster", "ListNodes", request, lambda response: list(response.nodes))
+
+    def get_node(self, node_id: str):
+        return self._unary("cluster", "GetNode", cluster_pb2.GetNodeRequest(node_id=node_id), lambda r: r.node)
+
+    def cluster_status(self):
+        return self._unary("cluster", "GetClusterStatus", cluster_pb2.GetClusterStatusRequest(), lambda r: r.status)
+
+    def drain_node(self, node_id: str, reason: str = ""):
+        request = cluster_pb2.DrainNodeRequest(node_id=node_id, reason=reason)
+        return self._unary("cluster", "DrainNode", request, lambda r: r.node)
+
+    def resume_node(self, node_id: str):
+        return self._unary("cluster", "ResumeNode", cluster_pb2.ResumeNodeRequest(node_id=node_id), lambda r: r.node)
+
+    # -- JobService -----------------------------------------------------------------------
+
+    def submit_job(self, spec: job_pb2.JobSpec | None = None, *, client_request_id: str = "", **fields: Any):
+        """Queues a job and returns its id. Pass a JobSpec, or its fields as keywords (argv=[...], gpus=4, ...)."""
+        if spec is None:
+            spec = build_job_spec(**fields)
+        request = job_pb2.SubmitJobRequest(spec=spec, client_request_id=client_request_id)
+        return self._unary("job", "SubmitJob", request, lambda r: r.job_id)
+
+    def get_job(self, job_id: str):
+        return self._unary("job", "GetJob", job_pb2.GetJobRequest(job_id=job_id), lambda r: r.job)
+
+    def list_jobs(self, states: Iterable[str | int] = (), owner: str = "", page_size: int = 0, page_token: str = ""):
+        """One page of jobs, newest first: returns (jobs, next_page_token)."""
+        request = job_pb2.ListJobsRequest(
+            states=_enum_values(job_pb2.JobState, "JOB_STATE_", states), owner=owner, page_size=page_size, page_token=page_token
+        )
+        return self._unary("job", "ListJobs", request, lambda r: (list(r.jobs), r.next_page_token))
+
+    def cancel_job(self, job_id: str):
+        return self._unary("job", "CancelJob", job_pb2.CancelJobRequest(job_id=job_id), lambda r: r.job)
+
+    def set_job_priority(self, job_id: str, priority: int):
+        request = job_pb2.SetJobPriorityRequest(job_id=job_id, priority=priority)
+        return self._unary("job", "SetJobPriority", request, lambda r: r.job)
+
+    def watch_job(self, job_id: str):
+        """The job now and after every change, until it is final."""
+        return self._stream("job", "WatchJob", job_pb2.WatchJobRequest(job_id=job_id), lambda r: r.job)
+
+    def job_logs(self, job_id: str, rank: int = 0, *, attempt: int = 0, tail_bytes: int = 0, follow: bool = False):
+        """Chunks (bytes) of a rank's output."""
+        request = job_pb2.GetJobLogsRequest(job_id=job_id, rank=rank, attempt=attempt, tail_bytes=tail_bytes, follow=follow)
+        return self._stream("job", "GetJobLogs", request, lambda r: r.data)
+
+
+def _stubs(channel) -> dict[str, Any]:
+    return {"cluster": cluster_pb2_grpc.ClusterServiceStub(channel), "job": job_pb2_grpc.JobServiceStub(channel)}
+
+
+class Client(_Api):
+    """Blocking client. Use as a context manager, or call close()."""
+
+    def __init__(self, address: str | None = None, *, timeout: float = 10.0, options: list | None = None) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.address, options=options or [])
+        self._stubs = _stubs(self._channel)
+
+    def _unary(self, service, method, request, extract):
+        try:
+            return extract(getattr(self._stubs[service], method)(request, timeout=self.timeout))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.address) from None
+
+    def _stream(self, service, method, request, extract):
+        call = getattr(self._stubs[service], method)(request)
+        try:
+            for response in call:
+                yield extract(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.address) from None
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncClient(_Api):
+    """asyncio client: every method returns an awaitable (streams: an async iterator)."""
+
+    def __init__(self, address: str | None = None, *, timeout: float = 10.0, options: list | None = None) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.address, options=options or [])
+        self._stubs = _stubs(self._channel)
+
+    def _unary(self, service, method, request, extract):
+        async def call():
+            try:
+                return extract(await getattr(self._stubs[service], method)(request, timeout=self.timeout))
+            except grpc.RpcError as error:
+                raise from_rpc_error(error, self.address) from None
+
+        return call()
+
+    async def _stream(self, service, method, request, extract):
+        call = getattr(self._stubs[service], method)(request)
+        try:
+            async for response in call:
+                yield extract(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.address) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
