@@ -1,0 +1,160 @@
+"""Real processes on loopback: a coordinator and agents, as torch and Ray test multi-node code.
+
+    cluster = LocalCluster(tmp_path)
+    cluster.start_coordinator()
+    cluster.add_agent("n1", gpus=2)
+    cluster.wait_for_nodes(1)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import gpuorch
+from gpuorch.v1 import cluster_pb2
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Polls until predicate() is truthy; returns its value or fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as error:  # the coordinator may be restarting
+            last_error = error
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+class Daemon:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self.log.close()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class LocalCluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.coordinator: Daemon | None = None
+        self.agents: dict[str, Daemon] = {}
+        self._client: gpuorch.Client | None = None
+
+    def start_coordinator(self, *extra: str, wait: bool = True) -> Daemon:
+        argv = [
+            sys.executable, "-m", "coordinator.main",
+            "--listen", self.address,
+            "--state-dir", str(self.root / "coordinator"),
+            "--log-format", "json",
+            *extra,
+        ]  # fmt: skip
+        self.coordinator = Daemon("coordinator", argv, self.root / "coordinator.log").start()
+        if wait:
+            wait_for(lambda: self.client().cluster_status(), timeout=15, what="coordinator to serve")
+        return self.coordinator
+
+    def add_agent(self, node_id: str, gpus: int = 2, *extra: str) -> Daemon:
+        argv = [
+            sys.executable, "-m", "agent.main",
+            "--coordinator", self.address,
+            "--node-id", node_id,
+            "--simulate-gpus", str(gpus),
+            "--state-dir", str(self.root / f"agent-{node_id}"),
+            "--log-format", "json",
+            *extra,
+        ]  # fmt: skip
+        agent = Daemon(node_id, argv, self.root / f"agent-{node_id}.log").start()
+        self.agents[node_id] = agent
+        return agent
+
+    def faults_file(self, node_id: str) -> Path:
+        return self.root / f"agent-{node_id}" / "simulated-faults.json"
+
+    def client(self) -> gpuorch.Client:
+        if self._client is None:
+            self._client = gpuorch.Client(self.address, timeout=5)
+        return self._client
+
+    def node_state(self, node_id: str) -> int:
+        return self.client().get_node(node_id).state
+
+    def wait_node_state(self, node_id: str, state: int, timeout: float = 10.0) -> None:
+        name = cluster_pb2.NodeState.Name(state)
+        wait_for(lambda: self.node_state(node_id) == state, timeout=timeout, what=f"node {node_id} to be {name}")
+
+    def wait_for_nodes(self, count: int, timeout: float = 15.0) -> None:
+        wait_for(
+            lambda: len(self.client().list_nodes(["READY"])) >= count,
+            timeout=timeout,
+            what=f"{count} READY nodes",
+        )
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        if self._client is not None:
+            self._client.close()
