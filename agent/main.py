@@ -9,12 +9,16 @@ import socket
 import sys
 from pathlib import Path
 
+import structlog
+
 from agent.agent import Agent
+from agent.supervisor import Supervisor
 from agent.settings import AgentSettings
 from agent.telemetry import TelemetryUnavailable, open_source
 from gpuorch.backoff import Backoff
 from gpuorch.logs import configure_logging
 from gpuorch.settings import SettingsError, load_settings
+from gpuorch.v1 import agent_pb2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +54,9 @@ async def serve(settings: AgentSettings) -> None:
         advertise_address=settings.advertise_address,
         backoff=Backoff(initial=settings.reconnect_initial, cap=settings.reconnect_max),
     )
+    supervisor = Supervisor(state_dir, report=lambda status: agent.send(agent_pb2.AgentMessage(task_status=status)))
+    attach_supervisor(agent, supervisor)
+    await supervisor.recover()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -57,7 +64,46 @@ async def serve(settings: AgentSettings) -> None:
     try:
         await agent.run(stopping)
     finally:
+        # Ranks outlive the agent (a restart or upgrade must not kill a three-day job).
+        await supervisor.close()
         source.close()
+
+
+def attach_supervisor(agent: Agent, supervisor: Supervisor) -> None:
+    """Routes the coordinator's instructions to the supervisor.
+
+    Launches run one after another on one task, in the order they came, so the
+    stream reader never waits on a process start. Stops run on their own tasks:
+    one rank's grace period must not delay the next launch. Log reads are
+    answered at once.
+    """
+    launches: asyncio.Queue = asyncio.Queue()
+
+    async def launch_in_order() -> None:
+        while True:
+            launch = await launches.get()
+            try:
+                await supervisor.launch(launch)
+            except Exception:
+                structlog.get_logger("agent").exception("launch failed", job=launch.job_id, attempt=launch.attempt)
+
+    async def stop(message: agent_pb2.CoordinatorMessage) -> None:
+        await supervisor.stop(message.stop_task)
+        supervisor.acknowledge(message.stop_task.job_id, message.stop_task.attempt)
+
+    background: set[asyncio.Task] = {asyncio.get_running_loop().create_task(launch_in_order())}
+
+    def spawn(coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    agent.task_snapshot = supervisor.snapshot
+    agent.handlers["launch_task"] = lambda message: launches.put_nowait(message.launch_task)
+    agent.handlers["stop_task"] = lambda message: spawn(stop(message))
+    agent.handlers["read_logs"] = lambda message: agent.send(
+        agent_pb2.AgentMessage(log_chunk=supervisor.read_log(message.read_logs))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

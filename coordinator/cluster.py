@@ -98,8 +98,6 @@ class DeviceRecord:
     history: deque = field(default_factory=deque)
     """(wall time, gpu utilisation, memory used, temperature, power) tuples, newest last."""
     health: health.DeviceHealth = health.HEALTHY
-    allocated_job_id: str = ""
-    allocated_attempt: int = 0
 
 
 @dataclass(eq=False)
@@ -120,14 +118,6 @@ class NodeRecord:
     drained: bool = False
     drain_reason: str = ""
     agent_version: str = ""
-
-    @property
-    def busy(self) -> bool:
-        return any(device.allocated_job_id for device in self.devices.values())
-
-    @property
-    def state(self) -> cluster_pb2.NodeState.ValueType:
-        return public_state(self.liveness.state, self.drained, self.busy)
 
     @property
     def schedulable(self) -> bool:
@@ -198,6 +188,10 @@ class ClusterView:
         self.nodes: dict[str, NodeRecord] = {}
         self.heartbeats = HeartbeatStats()
         self._session_ids = itertools.count(1)
+        self.drained: dict[str, str] = {}
+        """Node id -> operator's reason, for drained nodes; outlives the node's streams (and, stored, restarts)."""
+        self.allocations: dict[str, tuple[str, int]] = {}
+        """Device uuid -> (job id, attempt) holding it. Owned by the job manager; read here for views."""
         self.listeners: list[Callable[[Transition], None]] = []
         """Called for every liveness transition (the failure detector and metrics hook in here)."""
 
@@ -211,11 +205,7 @@ class ClusterView:
         devices = {}
         previous = self.nodes.get(register.node_id)
         for info in register.devices:
-            record = DeviceRecord(info=info, history=deque(maxlen=self.history_length))
-            if previous is not None and info.uuid in previous.devices:
-                old = previous.devices[info.uuid]
-                record.allocated_job_id, record.allocated_attempt = old.allocated_job_id, old.allocated_attempt
-            devices[info.uuid] = record
+            devices[info.uuid] = DeviceRecord(info=info, history=deque(maxlen=self.history_length))
         state = liveness.registered(now, interval)
         replaced = previous.session if previous is not None else None
         node = NodeRecord(
@@ -228,8 +218,8 @@ class ClusterView:
             deadline=liveness.next_deadline(state, now, self.policy),
             registered_wall=wall,
             session=session,
-            drained=previous.drained if previous is not None else False,
-            drain_reason=previous.drain_reason if previous is not None else "",
+            drained=register.node_id in self.drained,
+            drain_reason=self.drained.get(register.node_id, ""),
             agent_version=register.agent_version,
         )
         self.nodes[node.node_id] = node
@@ -329,21 +319,28 @@ class ClusterView:
     def drain(self, node_id: str, reason: str) -> NodeRecord:
         node = self.get(node_id)
         node.drained = True
-        node.drain_reason = reason or "drained by operator"
+        node.drain_reason = self.drained[node_id] = reason or "drained by operator"
         return node
 
     def resume(self, node_id: str) -> NodeRecord:
         node = self.get(node_id)
         node.drained = False
         node.drain_reason = ""
+        self.drained.pop(node_id, None)
         return node
 
     # -- wire views ---------------------------------------------------------------------------
 
+    def busy(self, node: NodeRecord) -> bool:
+        return any(uuid in self.allocations for uuid in node.devices)
+
+    def state_of(self, node: NodeRecord) -> cluster_pb2.NodeState.ValueType:
+        return public_state(node.liveness.state, node.drained, self.busy(node))
+
     def node_proto(self, node: NodeRecord) -> cluster_pb2.Node:
         message = cluster_pb2.Node(
             node_id=node.node_id,
-            state=node.state,
+            state=self.state_of(node),
             hostname=node.hostname,
             addresses=node.addresses,
             heartbeat_interval_seconds=node.liveness.heartbeat_interval,
@@ -360,6 +357,7 @@ class ClusterView:
         elif node.drained:
             message.state_reason = node.drain_reason
         for record in sorted(node.devices.values(), key=lambda device: device.info.index):
+            job_id, attempt = self.allocations.get(record.info.uuid, ("", 0))
             device = message.devices.add(
                 uuid=record.info.uuid,
                 index=record.info.index,
@@ -368,8 +366,8 @@ class ClusterView:
                 pci_bus_id=record.info.pci_bus_id,
                 healthy=record.health.healthy,
                 unhealthy_reason=record.health.reason,
-                allocated_job_id=record.allocated_job_id,
-                allocated_attempt=record.allocated_attempt,
+                allocated_job_id=job_id,
+                allocated_attempt=attempt,
             )
             if record.telemetry is not None:
                 device.telemetry.CopyFrom(record.telemetry)
@@ -380,7 +378,7 @@ class ClusterView:
         return [
             self.node_proto(node)
             for node_id, node in sorted(self.nodes.items())
-            if not wanted or node.state in wanted
+            if not wanted or self.state_of(node) in wanted
         ]
 
     def status(self) -> cluster_pb2.ClusterStatus:
@@ -390,7 +388,7 @@ class ClusterView:
                 status.nodes_by_state[cluster_pb2.NodeState.Name(value)] = 0
         utilization_sum, utilization_count = 0.0, 0
         for node in self.nodes.values():
-            status.nodes_by_state[cluster_pb2.NodeState.Name(node.state)] += 1
+            status.nodes_by_state[cluster_pb2.NodeState.Name(self.state_of(node))] += 1
             status.nodes_total += 1
             status.gpus_total += len(node.devices)
             if node.liveness.state is not Liveness.READY:
@@ -403,7 +401,7 @@ class ClusterView:
                     utilization_count += 1
                 if device.health.healthy:
                     status.gpus_healthy += 1
-                    if not device.allocated_job_id and not node.drained:
+                    if device.info.uuid not in self.allocations and not node.drained:
                         status.gpus_free += 1
         status.mean_gpu_utilization_percent = utilization_sum / utilization_count if utilization_count else 0.0
         rate, p50, p99 = self.heartbeats.summary(self.wall_clock())

@@ -11,11 +11,13 @@ MAX_REASON_LENGTH = 1024
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
-    def __init__(self, cluster: ClusterView, epoch: int, jobs_by_state=None) -> None:
+    def __init__(self, cluster: ClusterView, epoch: int, jobs_by_state=None, persist_drain=None) -> None:
         self.cluster = cluster
         self.epoch = epoch
         self.jobs_by_state = jobs_by_state
         """Optional callable returning {state name: count}, from the job manager."""
+        self.persist_drain = persist_drain
+        """Optional coroutine function (node_id, reason or None) that makes a drain outlive restarts."""
 
     async def _node(self, node_id: str, context: grpc.aio.ServicerContext):
         if not node_id:
@@ -50,9 +52,13 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
             )
         await self._node(request.node_id, context)
         node = self.cluster.drain(request.node_id, request.reason)
+        if self.persist_drain is not None:
+            await self.persist_drain(node.node_id, node.drain_reason)
         return cluster_pb2.DrainNodeResponse(node=self.cluster.node_proto(node))
 
     async def ResumeNode(self, request: cluster_pb2.ResumeNodeRequest, context):
         await self._node(request.node_id, context)
         node = self.cluster.resume(request.node_id)
+        if self.persist_drain is not None:
+            await self.persist_drain(node.node_id, None)
         return cluster_pb2.ResumeNodeResponse(node=self.cluster.node_proto(node))

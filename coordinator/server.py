@@ -16,10 +16,14 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.agent_service import AgentService
 from coordinator.cluster import ClusterView
 from coordinator.cluster_service import ClusterService
+from coordinator.job_manager import JobManager
+from coordinator.job_service import JobService
+from coordinator.scheduler import SchedulerConfig
+from coordinator.store import SqliteJobStore
 from coordinator.liveness import Liveness, LivenessPolicy
 from coordinator.reflection import CommentedPool
 from coordinator.settings import CoordinatorSettings
-from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc, job_pb2
+from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
 
 log = structlog.get_logger("coordinator")
 
@@ -86,10 +90,33 @@ class Coordinator:
             self.epoch = next_epoch(self.state_dir)
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
+        settings = self.settings
+        self.store = SqliteJobStore(self.state_dir / "jobs.db")
+        self.jobs = JobManager(
+            self.cluster,
+            self.store,
+            config=SchedulerConfig(
+                policy=settings.scheduler_policy,
+                memory_weight=settings.score_memory_weight,
+                utilization_weight=settings.score_utilization_weight,
+                temperature_threshold_celsius=settings.score_temperature_threshold,
+                temperature_penalty_per_degree=settings.score_temperature_penalty,
+            ),
+            stop_grace_seconds=settings.stop_grace_period,
+            node_grace_period=settings.node_grace_period,
+        )
+        await self.jobs.start()
         self.agents = AgentService(self.cluster, self.epoch)
+        self.agents.on_register.append(self.jobs.on_register)
+        self.agents.on_task_status.append(self.jobs.on_task_status)
+        self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
         self.server = grpc.aio.server(options=server_options(self.settings.max_message_bytes))
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
-        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterService(self.cluster, self.epoch), self.server)
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
+            ClusterService(self.cluster, self.epoch, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain),
+            self.server,
+        )
+        job_pb2_grpc.add_JobServiceServicer_to_server(JobService(self.jobs), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -104,6 +131,7 @@ class Coordinator:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", self._liveness_loop)))
+        self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
         log.info("coordinator serving", listen=self.settings.listen, port=self.port, epoch=self.epoch, state_dir=str(self.state_dir))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -119,6 +147,7 @@ class Coordinator:
                 node.session.close("coordinator shutting down")
         if self.server is not None:
             await self.server.stop(grace)
+        await self.store.close()
         log.info("coordinator stopped")
 
     async def wait(self) -> None:

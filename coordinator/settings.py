@@ -21,6 +21,18 @@ class CoordinatorSettings:
     """Samples of telemetry kept per GPU."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
+    scheduler_policy: str = "priority"
+    """Order of the queue: priority (ties by submit time), fcfs, sjf (estimated runtime), fair_share (owner's usage)."""
+    score_memory_weight: float = 0.6
+    """Device selection: weight of a GPU's free memory fraction."""
+    score_utilization_weight: float = 0.4
+    """Device selection: weight of a GPU's idleness (1 - utilisation)."""
+    score_temperature_threshold: float = 80.0
+    """Device selection: degrees C above which a GPU's score is penalised."""
+    score_temperature_penalty: float = 0.02
+    """Device selection: score penalty per degree above the threshold."""
+    stop_grace_period: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -37,5 +49,9 @@ class CoordinatorSettings:
             raise ValueError(f"telemetry_history must be >= 1, got {self.telemetry_history}")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
+        if self.scheduler_policy not in ("priority", "fcfs", "sjf", "fair_share"):
+            raise ValueError(f"scheduler_policy {self.scheduler_policy!r} is unknown: use priority, fcfs, sjf or fair_share")
+        if self.stop_grace_period < 0:
+            raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")

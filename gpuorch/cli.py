@@ -5,6 +5,13 @@
     gpuctl status                cluster totals
     gpuctl drain ID [--reason]   stop placing work on a node
     gpuctl resume ID             open it again
+    gpuctl submit --gpus N [...] -- CMD ARGS...    queue a job, print its id
+    gpuctl jobs [--state S] [--owner U]           list jobs, newest first
+    gpuctl job ID                one job with its placement
+    gpuctl cancel ID             stop every rank of a job
+    gpuctl watch ID              follow a job until it ends (exit 0 only if it succeeded)
+    gpuctl logs ID [--rank R] [--tail N] [-f]     a rank's output
+    gpuctl priority ID P         change a pending or running job's priority
 
 Add `-o json` for machine-readable output. The coordinator address comes from
 --coordinator, else $GPUORCH_COORDINATOR, else 127.0.0.1:50051.
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +30,8 @@ from google.protobuf.json_format import MessageToDict
 
 from gpuorch.client import Client, default_address
 from gpuorch.errors import GpuorchError
-from gpuorch.v1 import cluster_pb2
+from gpuorch.client import build_job_spec
+from gpuorch.v1 import cluster_pb2, job_pb2
 
 GIB = 1024**3
 
@@ -118,6 +127,61 @@ def format_status(status) -> str:
     return "\n".join(lines)
 
 
+def _job_state(value: int) -> str:
+    return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+
+
+def _stamp(stamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return "-"
+    return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_jobs(found) -> str:
+    rows = [
+        (
+            job.job_id,
+            _job_state(job.state),
+            job.spec.name or "-",
+            job.spec.owner or "-",
+            job.spec.gpus,
+            job.spec.priority,
+            job.attempt,
+            _stamp(job.submit_time),
+            job.reason,
+        )
+        for job in found
+    ]
+    return _table(("JOB", "STATE", "NAME", "OWNER", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "REASON"), rows)
+
+
+def format_job(job) -> str:
+    spec = job.spec
+    lines = [
+        f"Job:        {job.job_id}" + (f" ({spec.name})" if spec.name else ""),
+        f"State:      {_job_state(job.state)}" + (f": {job.reason}" if job.reason else ""),
+        f"Command:    {' '.join(spec.argv)}",
+        f"GPUs:       {spec.gpus}" + (f", {spec.gpus_per_node} per node" if spec.gpus_per_node else "") + f", backend {spec.backend}",
+        f"Owner:      {spec.owner or '-'}   priority {spec.priority}   attempt {job.attempt}",
+        f"Submitted:  {_stamp(job.submit_time)}   started {_stamp(job.start_time)}   ended {_stamp(job.end_time)}",
+    ]
+    if job.placement.nodes:
+        lines.append(f"Rendezvous: {job.placement.master_addr}:{job.placement.master_port}, world size {job.placement.world_size}")
+        rows = [
+            (node.node_rank, node.node_id, f"{node.first_rank}-{node.first_rank + len(node.device_uuids) - 1}", ",".join(map(str, node.device_indexes)), " ".join(node.device_uuids))
+            for node in job.placement.nodes
+        ]
+        lines.append(_table(("NODE RANK", "NODE", "RANKS", "GPU IDX", "GPU UUIDS"), rows))
+    return "\n".join(lines)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--env wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpuctl", description="Operate a gpuorch cluster.")
     parser.add_argument("--coordinator", default=None, help=f"host:port (default $GPUORCH_COORDINATOR or {default_address()})")
@@ -132,7 +196,51 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("node_id")
     drain.add_argument("--reason", default="", help="why, shown on the node")
     commands.add_parser("resume", help="open a drained node for work again").add_argument("node_id")
+
+    submit = commands.add_parser("submit", help="queue a job: gpuctl submit --gpus 4 -- python train.py", usage="gpuctl submit [options] -- CMD [ARGS...]")
+    submit.add_argument("--gpus", type=int, default=1, help="ranks, one GPU each (default 1)")
+    submit.add_argument("--gpus-per-node", type=int, default=0, help="ranks per node (default: any split)")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first under the priority policy")
+    submit.add_argument("--name", default="", help="a name for people")
+    submit.add_argument("--owner", default="", help="who it is for (default $USER)")
+    submit.add_argument("--env", action="append", type=_env_pair, default=[], metavar="K=V", help="environment variable for every rank (repeatable)")
+    submit.add_argument("--backend", default="", choices=("", "nccl", "gloo"), help="torch.distributed backend (default nccl)")
+    submit.add_argument("--workdir", default="", help="working directory of every rank on its node (absolute)")
+    submit.add_argument("--min-memory-gib", type=float, default=0, help="only GPUs with at least this much memory")
+    submit.add_argument("--gpu-model", default="", help="only GPUs whose name contains this, e.g. H100")
+    submit.add_argument("--estimated-runtime", type=int, default=0, metavar="SECONDS", help="for the sjf policy")
+    submit.add_argument("--spread", action="store_true", help="spread ranks over as many nodes as possible")
+    submit.add_argument("--watch", action="store_true", help="then follow it like `gpuctl watch`")
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")
+    jobs.add_argument("--owner", default="", help="only jobs of this owner")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    commands.add_parser("job", help="show one job").add_argument("job_id")
+    commands.add_parser("cancel", help="cancel a job").add_argument("job_id")
+    commands.add_parser("watch", help="follow a job until it ends; exit 0 only if it succeeded").add_argument("job_id")
+    logs = commands.add_parser("logs", help="a rank's output")
+    logs.add_argument("job_id")
+    logs.add_argument("--rank", type=int, default=0, help="global rank (default 0)")
+    logs.add_argument("--attempt", type=int, default=0, help="attempt (default: the latest)")
+    logs.add_argument("--tail", type=int, default=0, metavar="BYTES", help="only the last BYTES bytes")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the job ends")
+    priority = commands.add_parser("priority", help="change a job's priority")
+    priority.add_argument("job_id")
+    priority.add_argument("priority", type=int)
     return parser
+
+
+def _watch(client: Client, job_id: str, as_json: bool) -> int:
+    last = None
+    for job in client.watch_job(job_id):
+        if as_json:
+            print(json.dumps(_as_json(job)), flush=True)
+        else:
+            line = f"{job.job_id} {_job_state(job.state)} attempt {job.attempt}" + (f": {job.reason}" if job.reason else "")
+            print(line, flush=True)
+        last = job
+    return 0 if last is not None and last.state == job_pb2.JOB_STATE_SUCCEEDED else 1
 
 
 def run(args: argparse.Namespace, client: Client) -> int:
@@ -155,6 +263,46 @@ def run(args: argparse.Namespace, client: Client) -> int:
         show(client.drain_node(args.node_id, args.reason), format_node)
     elif args.command == "resume":
         show(client.resume_node(args.node_id), format_node)
+    elif args.command == "submit":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            raise ValueError("submit needs a command after --, e.g. gpuctl submit --gpus 2 -- python train.py")
+        spec = build_job_spec(
+            argv,
+            gpus=args.gpus,
+            gpus_per_node=args.gpus_per_node,
+            priority=args.priority,
+            name=args.name,
+            owner=args.owner or os.environ.get("USER", ""),
+            env=dict(args.env),
+            backend=args.backend,
+            working_dir=args.workdir,
+            requirements={"min_memory_per_gpu_bytes": int(args.min_memory_gib * GIB), "gpu_model": args.gpu_model},
+            estimated_runtime_seconds=args.estimated_runtime,
+            spread=args.spread,
+        )
+        job_id = client.submit_job(spec)
+        print(json.dumps({"job_id": job_id}) if as_json else job_id, flush=True)
+        if args.watch:
+            return _watch(client, job_id, as_json)
+    elif args.command == "jobs":
+        found, _ = client.list_jobs(args.state, owner=args.owner, page_size=args.limit)
+        if as_json:
+            print(json.dumps({"jobs": [_as_json(job) for job in found]}, indent=2))
+        else:
+            print(format_jobs(found))
+    elif args.command == "job":
+        show(client.get_job(args.job_id), format_job)
+    elif args.command == "cancel":
+        show(client.cancel_job(args.job_id), format_job)
+    elif args.command == "watch":
+        return _watch(client, args.job_id, as_json)
+    elif args.command == "logs":
+        for chunk in client.job_logs(args.job_id, args.rank, attempt=args.attempt, tail_bytes=args.tail, follow=args.follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    elif args.command == "priority":
+        show(client.set_job_priority(args.job_id, args.priority), format_job)
     return 0
 
 

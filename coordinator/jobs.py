@@ -1,0 +1,159 @@
+"""Pure rules about jobs: what a valid spec is, each rank's environment, and what an exit means.
+
+No I/O here; coordinator/job_manager.py applies these decisions.
+
+Job states (see JobState in protos/gpuorch/v1/job.proto):
+
+    PENDING  --placed and launched-->   RUNNING
+    RUNNING  --every rank exited 0-->   SUCCEEDED   (final)
+    RUNNING  --a rank failed-->         FAILED      (final; its peers are stopped)
+    PENDING/RUNNING --CancelJob-->      CANCELLED   (final; ranks get SIGTERM, then SIGKILL)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from gpuorch.v1 import agent_pb2, job_pb2
+
+BACKENDS = ("nccl", "gloo")
+MAX_GPUS = 4096
+MAX_ARGV_BYTES = 64 * 1024
+MAX_ENV_BYTES = 128 * 1024
+MAX_ENV_VARS = 512
+MAX_NAME_LENGTH = 256
+MAX_OWNER_LENGTH = 128
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
+
+LIMITS_DOC = (
+    f"argv: at most {MAX_ARGV_BYTES} bytes; env: at most {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes; "
+    f"gpus: 1 to {MAX_GPUS}; name: {MAX_NAME_LENGTH} characters; owner: {MAX_OWNER_LENGTH} characters"
+)
+
+
+class InvalidSpec(ValueError):
+    """A JobSpec field is wrong; the message names it."""
+
+
+def validate_spec(spec: job_pb2.JobSpec) -> None:
+    """Raises InvalidSpec naming the first bad field of a submitted spec."""
+    if not spec.argv:
+        raise InvalidSpec("spec.argv is empty: give the program to run and its arguments")
+    if not spec.argv[0]:
+        raise InvalidSpec("spec.argv[0] is empty: it must name the program to run")
+    argv_bytes = sum(len(arg.encode()) + 1 for arg in spec.argv)
+    if argv_bytes > MAX_ARGV_BYTES:
+        raise InvalidSpec(f"spec.argv is {argv_bytes} bytes; the limit is {MAX_ARGV_BYTES}")
+    if any("\0" in arg for arg in spec.argv):
+        raise InvalidSpec("spec.argv contains a NUL character")
+    if len(spec.env) > MAX_ENV_VARS:
+        raise InvalidSpec(f"spec.env has {len(spec.env)} variables; the limit is {MAX_ENV_VARS}")
+    env_bytes = sum(len(key.encode()) + len(value.encode()) + 2 for key, value in spec.env.items())
+    if env_bytes > MAX_ENV_BYTES:
+        raise InvalidSpec(f"spec.env is {env_bytes} bytes; the limit is {MAX_ENV_BYTES}")
+    for key, value in spec.env.items():
+        if not ENV_NAME.match(key):
+            raise InvalidSpec(f"spec.env has an invalid variable name {key[:64]!r} (letters, digits and _, not starting with a digit)")
+        if "\0" in value:
+            raise InvalidSpec(f"spec.env[{key!r}] contains a NUL character")
+    if spec.gpus < 1:
+        raise InvalidSpec("spec.gpus must be at least 1")
+    if spec.gpus > MAX_GPUS:
+        raise InvalidSpec(f"spec.gpus is {spec.gpus}; the limit is {MAX_GPUS}")
+    if spec.min_gpus > spec.gpus:
+        raise InvalidSpec(f"spec.min_gpus ({spec.min_gpus}) is larger than spec.gpus ({spec.gpus})")
+    if spec.gpus_per_node and spec.gpus % spec.gpus_per_node:
+        raise InvalidSpec(f"spec.gpus_per_node ({spec.gpus_per_node}) does not divide spec.gpus ({spec.gpus})")
+    if spec.backend and spec.backend not in BACKENDS:
+        raise InvalidSpec(f"spec.backend {spec.backend[:32]!r} is unknown: use nccl or gloo")
+    if len(spec.name) > MAX_NAME_LENGTH:
+        raise InvalidSpec(f"spec.name is {len(spec.name)} characters; the limit is {MAX_NAME_LENGTH}")
+    if len(spec.owner) > MAX_OWNER_LENGTH:
+        raise InvalidSpec(f"spec.owner is {len(spec.owner)} characters; the limit is {MAX_OWNER_LENGTH}")
+    if spec.working_dir and not os.path.isabs(spec.working_dir):
+        raise InvalidSpec(f"spec.working_dir {spec.working_dir[:128]!r} must be an absolute path")
+    if len(spec.requirements.gpu_model) > MAX_NAME_LENGTH:
+        raise InvalidSpec("spec.requirements.gpu_model is too long")
+
+
+def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
+    """The spec with defaults made explicit, so users see what gpuorch will do."""
+    result = job_pb2.JobSpec()
+    result.CopyFrom(spec)
+    result.backend = spec.backend or "nccl"
+    result.min_gpus = spec.min_gpus or spec.gpus
+    return result
+
+
+def rank_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, str]:
+    """Everything one rank needs, the same contract as torchrun, so unmodified scripts run.
+
+    CUDA_VISIBLE_DEVICES names the gang's GPUs on the node by uuid, in local-rank
+    order: `cuda:LOCAL_RANK` is then the rank's own GPU, and uuids cannot be
+    misread the way indexes can (CUDA orders devices fastest-first by default,
+    NVML by PCI bus).
+    """
+    env = dict(job.spec.env)
+    env.update(
+        {
+            "MASTER_ADDR": placement.master_addr,
+            "MASTER_PORT": str(placement.master_port),
+            "WORLD_SIZE": str(placement.world_size),
+            "RANK": str(node.first_rank + local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(len(node.device_uuids)),
+            "NODE_RANK": str(node.node_rank),
+            "GROUP_RANK": str(node.node_rank),
+            "GROUP_WORLD_SIZE": str(len(placement.nodes)),
+            "ROLE_RANK": str(node.first_rank + local_rank),
+            "ROLE_WORLD_SIZE": str(placement.world_size),
+            "TORCHELASTIC_RESTART_COUNT": str(max(0, job.attempt - 1)),
+            "TORCHELASTIC_RUN_ID": job.job_id,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(node.device_uuids),
+            "GPUORCH_JOB_ID": job.job_id,
+            "GPUORCH_ATTEMPT": str(job.attempt),
+            "GPUORCH_BACKEND": job.spec.backend or "nccl",
+            "GPUORCH_NODE_ID": node.node_id,
+        }
+    )
+    return env
+
+
+def launch_messages(job: job_pb2.Job) -> dict[str, agent_pb2.LaunchTask]:
+    """One LaunchTask per node of the job's current placement, keyed by node id."""
+    placement = job.placement
+    messages = {}
+    for node in placement.nodes:
+        launch = agent_pb2.LaunchTask(
+            job_id=job.job_id, attempt=job.attempt, argv=job.spec.argv, working_dir=job.spec.working_dir, owner=job.spec.owner
+        )
+        for local_rank in range(len(node.device_uuids)):
+            launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=rank_environment(job, placement, node, local_rank))
+        messages[node.node_id] = launch
+    return messages
+
+
+@dataclass(frozen=True, slots=True)
+class RankOutcome:
+    failed: bool
+    description: str
+
+
+def rank_outcome(status: agent_pb2.TaskStatus, node_id: str) -> RankOutcome:
+    """What one rank's end means for its attempt."""
+    where = f"rank {status.rank} on node {node_id}"
+    if status.state == agent_pb2.TASK_STATE_FAILED_TO_START:
+        return RankOutcome(True, f"{where} failed to start: {status.message}")
+    if status.state == agent_pb2.TASK_STATE_REJECTED:
+        return RankOutcome(True, f"{where} was rejected by its agent: {status.message}")
+    if status.signal:
+        return RankOutcome(True, f"{where} was killed by signal {status.signal}" + (f" ({status.message})" if status.message else ""))
+    if status.exit_code != 0:
+        return RankOutcome(True, f"{where} exited with code {status.exit_code}")
+    return RankOutcome(False, f"{where} exited with code 0")
+

@@ -1,0 +1,76 @@
+"""Helpers imported inside a rank process. torch is imported here, never by the daemons.
+
+gpuorch gives every rank the same environment as torchrun (MASTER_ADDR,
+MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK,
+CUDA_VISIBLE_DEVICES) plus GPUORCH_JOB_ID, GPUORCH_ATTEMPT and
+GPUORCH_BACKEND, so a plain `torch.distributed.init_process_group("nccl")`
+works; these helpers add the defaults a job usually wants.
+
+    from gpuorch import worker
+    rank, world_size = worker.init_process_group()
+    device = worker.device()
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+DEFAULT_TIMEOUT_SECONDS = 600.0
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def local_rank() -> int:
+    return _int_env("LOCAL_RANK", 0)
+
+
+def job_id() -> str:
+    return os.environ.get("GPUORCH_JOB_ID", "")
+
+
+def attempt() -> int:
+    return _int_env("GPUORCH_ATTEMPT", 1)
+
+
+def backend() -> str:
+    """The job's backend: GPUORCH_BACKEND, else nccl when CUDA is usable, else gloo (e.g. under torchrun on a CPU)."""
+    chosen = os.environ.get("GPUORCH_BACKEND")
+    if chosen:
+        return chosen
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device():
+    """This rank's torch device: cuda:LOCAL_RANK when the rank has a GPU, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init_process_group(backend_name: str | None = None, timeout_seconds: float | None = None) -> tuple[int, int]:
+    """Initialises torch.distributed from the environment gpuorch (or torchrun) set; returns (rank, world size).
+
+    Selects the rank's GPU first, so NCCL binds each rank to its own device. The
+    timeout (GPUORCH_TIMEOUT_SECONDS, default 600 s) bounds how long a collective or
+    the rendezvous may hang before the rank fails instead of hanging forever.
+    """
+    import torch
+    import torch.distributed as dist
+
+    chosen = backend_name or backend()
+    timeout = timeout_seconds or float(os.environ.get("GPUORCH_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS))
+    if chosen == "nccl" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    options = {}
+    if chosen == "nccl" and torch.cuda.is_available():
+        options["device_id"] = torch.device("cuda", local_rank())
+    dist.init_process_group(backend=chosen, init_method="env://", timeout=datetime.timedelta(seconds=timeout), **options)
+    return dist.get_rank(), dist.get_world_size()
