@@ -113,6 +113,8 @@ class NodeRecord:
     """Monotonic time at which liveness.expire must be consulted again."""
     registered_wall: float
     last_heartbeat_wall: float = 0.0
+    health_version: int = 0
+    """Increases whenever a device of the node turns healthy or unhealthy."""
     last_sequence: int = 0
     session: AgentSession | None = None
     drained: bool = False
@@ -254,13 +256,16 @@ class ClusterView:
                 or sample.ecc_uncorrected_errors != previous.ecc_uncorrected_errors
                 or sample.temperature_celsius != previous.temperature_celsius
             ):
-                record.health = health.assess_device(
+                assessed = health.assess_device(
                     lost=sample.lost,
                     last_xid=sample.last_xid,
                     ecc_uncorrected_errors=sample.ecc_uncorrected_errors,
                     temperature_celsius=sample.temperature_celsius,
                     temperature_limit_celsius=record.info.temperature_limit_celsius,
                 )
+                if assessed.healthy != record.health.healthy:
+                    node.health_version += 1
+                record.health = assessed
         if heartbeat.HasField("sent_time"):
             self.heartbeats.record(wall, wall - heartbeat.sent_time.ToNanoseconds() / 1e9)
 

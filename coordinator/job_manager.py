@@ -32,6 +32,9 @@ from gpuorch.v1 import agent_pb2, job_pb2
 log = structlog.get_logger("coordinator.jobs")
 
 PERIODIC_PASS_SECONDS = 1.0
+TELEMETRY_REFRESH_SECONDS = 5.0
+"""A node's cached scheduler view is rebuilt for fresher telemetry at most this often (scores need
+trends, not every sample); allocation, health and drain changes rebuild it at once."""
 """A scheduling pass runs at least this often, so telemetry-driven changes are seen."""
 FAIR_SHARE_HALF_LIFE_SECONDS = 3600.0
 LOG_READ_TIMEOUT_SECONDS = 10.0
@@ -109,6 +112,12 @@ class JobManager:
         self._expected_nodes: dict[str, float] = {}
         """After a coordinator restart: node id -> wall time by which it must re-register."""
         self._rng = random.Random()
+        self._view_cache: dict[str, tuple[tuple, scheduler.NodeView]] = {}
+        """Node id -> (what the view was built from, the view)."""
+        self._allocation_versions: dict[str, int] = {}
+        """Node id -> increases whenever a device on it is taken or given back."""
+        self._ports_in_use: dict[str, set[int]] = {}
+        """Node id -> MASTER_PORTs of running attempts whose rank 0 is on that node."""
         self.placements = 0
         self.decision_seconds: list[float] = []
         """Duration of recent scheduling passes that placed something (for benchmarks and metrics)."""
@@ -132,6 +141,8 @@ class JobManager:
             if stored.job.state == job_pb2.JOB_STATE_RUNNING:
                 # Keep its GPUs until its agents say otherwise; they re-register with what they run.
                 self._take_devices(entry)
+                if stored.job.placement.nodes:
+                    self._ports_in_use.setdefault(stored.job.placement.nodes[0].node_id, set()).add(stored.job.placement.master_port)
                 for node in stored.job.placement.nodes:
                     self._expected_nodes.setdefault(node.node_id, now + self.node_grace_period)
         self._sequence = itertools.count(highest + 1)
@@ -157,12 +168,17 @@ class JobManager:
                 if holder is not None and holder != (entry.job.job_id, entry.job.attempt):
                     raise AssertionError(f"device {uuid} is held by {holder}; refusing to give it to {entry.job.job_id}")
                 self.cluster.allocations[uuid] = (entry.job.job_id, entry.job.attempt)
+            self._allocation_changed(node.node_id)
 
     def _release_device(self, entry: JobEntry, rank: int) -> None:
         uuid = entry.rank_device.get(rank)
         if uuid is not None and self.cluster.allocations.get(uuid) == (entry.job.job_id, entry.job.attempt):
             del self.cluster.allocations[uuid]
+            self._allocation_changed(entry.rank_node[rank])
             self._wake.set()
+
+    def _allocation_changed(self, node_id: str) -> None:
+        self._allocation_versions[node_id] = self._allocation_versions.get(node_id, 0) + 1
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -312,27 +328,43 @@ class JobManager:
             await self.schedule_pass()
 
     def _node_views(self) -> list[scheduler.NodeView]:
-        allocations = self.cluster.allocations
+        """The scheduler's view of every node, rebuilt only for nodes whose facts changed."""
+        telemetry_epoch = int(time.monotonic() // TELEMETRY_REFRESH_SECONDS)
         views = []
         for node in self.cluster.nodes.values():
-            gpus = []
-            for record in node.devices.values():
-                telemetry = record.telemetry
-                gpus.append(
-                    scheduler.GpuView(
-                        uuid=record.info.uuid,
-                        index=record.info.index,
-                        model=record.info.name,
-                        memory_total_bytes=record.info.memory_total_bytes,
-                        memory_used_bytes=telemetry.memory_used_bytes if telemetry is not None else 0,
-                        utilization_percent=telemetry.gpu_utilization_percent if telemetry is not None else 0.0,
-                        temperature_celsius=telemetry.temperature_celsius if telemetry is not None else 0.0,
-                        healthy=record.health.healthy,
-                        free=record.info.uuid not in allocations,
-                    )
-                )
-            views.append(scheduler.NodeView(node_id=node.node_id, schedulable=node.schedulable, gpus=tuple(gpus)))
+            key = (
+                id(node),
+                node.schedulable,
+                node.health_version,
+                self._allocation_versions.get(node.node_id, 0),
+                telemetry_epoch if node.last_sequence else 0,
+            )
+            cached = self._view_cache.get(node.node_id)
+            if cached is None or cached[0] != key:
+                cached = (key, self._build_node_view(node))
+                self._view_cache[node.node_id] = cached
+            views.append(cached[1])
         return views
+
+    def _build_node_view(self, node) -> scheduler.NodeView:
+        allocations = self.cluster.allocations
+        gpus = []
+        for record in node.devices.values():
+            telemetry = record.telemetry
+            gpus.append(
+                scheduler.GpuView(
+                    uuid=record.info.uuid,
+                    index=record.info.index,
+                    model=record.info.name,
+                    memory_total_bytes=record.info.memory_total_bytes,
+                    memory_used_bytes=telemetry.memory_used_bytes if telemetry is not None else 0,
+                    utilization_percent=telemetry.gpu_utilization_percent if telemetry is not None else 0.0,
+                    temperature_celsius=telemetry.temperature_celsius if telemetry is not None else 0.0,
+                    healthy=record.health.healthy,
+                    free=record.info.uuid not in allocations,
+                )
+            )
+        return scheduler.NodeView(node_id=node.node_id, schedulable=node.schedulable, gpus=tuple(gpus))
 
     def _request(self, entry: JobEntry) -> scheduler.JobRequest:
         if entry.request is None:
@@ -429,16 +461,18 @@ class JobManager:
 
     def _rendezvous_port(self, node_id: str) -> int:
         """A port for MASTER_PORT, not used by another running attempt whose rank 0 is on the same node."""
-        in_use = {
-            entry.job.placement.master_port
-            for entry in self.jobs.values()
-            if entry.job.state == job_pb2.JOB_STATE_RUNNING and entry.job.placement.nodes and entry.job.placement.nodes[0].node_id == node_id
-        }
+        in_use = self._ports_in_use.setdefault(node_id, set())
         low, high = self.rendezvous_ports
         while True:
             port = self._rng.randrange(low, high)
             if port not in in_use:
+                in_use.add(port)
                 return port
+
+    def _free_rendezvous_port(self, entry: JobEntry) -> None:
+        placement = entry.job.placement
+        if placement.nodes:
+            self._ports_in_use.get(placement.nodes[0].node_id, set()).discard(placement.master_port)
 
     # -- what agents report ------------------------------------------------------------------
 
@@ -548,6 +582,7 @@ class JobManager:
         entry.job.reason = reason
         entry.job.end_time.CopyFrom(_now_stamp(self.clock()))
         self.pending.pop(entry.job.job_id, None)
+        self._free_rendezvous_port(entry)
         log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
         self._wake.set()
         self._notify(entry)

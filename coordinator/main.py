@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-interval", type=float, help="seconds between agent heartbeats (default 1)")
     parser.add_argument("--node-grace-period", type=float, help="seconds a disconnected node has to return before it is DOWN (default 10)")
     parser.add_argument("--missed-heartbeats", type=int, help="silent heartbeat intervals before a connected node is DOWN (default 3)")
+    parser.add_argument("--scheduler-policy", choices=("priority", "fcfs", "sjf", "fair_share"), help="queue order (default priority)")
+    parser.add_argument("--stop-grace-period", type=float, help="seconds between SIGTERM and SIGKILL when ranks are stopped (default 10)")
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
     return parser.parse_args(argv)

@@ -32,7 +32,7 @@ def main() -> int:
     print(
         f"rank {rank}/{world_size} local_rank {os.environ.get('LOCAL_RANK')} backend {dist.get_backend()} "
         f"device {tensor.device}: all_reduce {'ok' if ok else 'WRONG'} ({tensor[0].item():g}, expected {expected:g}) "
-        f"first_allreduce_s {elapsed:.4f}",
+        f"first_allreduce_s {elapsed:.4f} allreduce_done_unix {time.time():.6f}",
         flush=True,
     )
     dist.destroy_process_group()

@@ -41,6 +41,8 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
             value = predicate()
             if value:
                 return value
+        except SystemExit as error:
+            raise AssertionError(str(error)) from None
         except Exception as error:  # the coordinator may be restarting
             last_error = error
         time.sleep(interval)
@@ -112,7 +114,14 @@ class LocalCluster:
         ]  # fmt: skip
         self.coordinator = Daemon("coordinator", argv, self.root / "coordinator.log").start()
         if wait:
-            wait_for(lambda: self.client().cluster_status(), timeout=15, what="coordinator to serve")
+            coordinator = self.coordinator
+
+            def serving():
+                if coordinator.process.poll() is not None:
+                    raise SystemExit(f"coordinator exited with {coordinator.process.returncode}:\n{coordinator.output()[-2000:]}")
+                return self.client().cluster_status()
+
+            wait_for(serving, timeout=15, what="coordinator to serve")
         return self.coordinator
 
     def add_agent(self, node_id: str, gpus: int = 2, *extra: str) -> Daemon:

@@ -1,0 +1,90 @@
+"""Pure job rules: spec validation, the rank environment contract, what an exit means."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator import jobs
+from gpuorch.v1 import agent_pb2, job_pb2
+
+
+def spec(**fields) -> job_pb2.JobSpec:
+    base = {"argv": ["python", "train.py"], "gpus": 4}
+    base.update(fields)
+    return job_pb2.JobSpec(**base)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"argv": []}, "spec.argv is empty"),
+        ({"argv": [""]}, "spec.argv[0] is empty"),
+        ({"argv": ["x" * 70_000]}, "spec.argv is 70001 bytes; the limit is 65536"),
+        ({"gpus": 0}, "spec.gpus must be at least 1"),
+        ({"gpus": 5000}, "spec.gpus is 5000; the limit is 4096"),
+        ({"min_gpus": 8}, "spec.min_gpus (8) is larger than spec.gpus (4)"),
+        ({"gpus_per_node": 3}, "spec.gpus_per_node (3) does not divide spec.gpus (4)"),
+        ({"backend": "mpi"}, "spec.backend 'mpi' is unknown: use nccl or gloo"),
+        ({"env": {"1BAD": "x"}}, "invalid variable name '1BAD'"),
+        ({"env": {f"V{i}": "x" for i in range(600)}}, "spec.env has 600 variables; the limit is 512"),
+        ({"env": {"BIG": "x" * 200_000}}, "spec.env is 200005 bytes; the limit is 131072"),
+        ({"working_dir": "relative/dir"}, "must be an absolute path"),
+        ({"name": "n" * 300}, "spec.name is 300 characters"),
+    ],
+)
+def test_invalid_specs_name_the_field(fields, message):
+    with pytest.raises(jobs.InvalidSpec) as caught:
+        jobs.validate_spec(spec(**fields))
+    assert message in str(caught.value)
+
+
+def test_valid_spec_passes_and_defaults_are_made_explicit():
+    jobs.validate_spec(spec(gpus_per_node=2, backend="gloo", env={"A": "1"}, working_dir="/tmp"))
+    normalized = jobs.normalized(spec())
+    assert normalized.backend == "nccl" and normalized.min_gpus == 4
+
+
+def placed_job() -> job_pb2.Job:
+    job = job_pb2.Job(job_id="j-000007", spec=spec(env={"USER_VAR": "u", "RANK": "ignored"}, backend="gloo"), attempt=2)
+    job.placement.master_addr = "10.0.0.1"
+    job.placement.master_port = 29500
+    job.placement.world_size = 4
+    job.placement.nodes.add(node_id="a", node_rank=0, device_uuids=["GPU-a3", "GPU-a1"], first_rank=0, device_indexes=[3, 1])
+    job.placement.nodes.add(node_id="b", node_rank=1, device_uuids=["GPU-b0", "GPU-b2"], first_rank=2, device_indexes=[0, 2])
+    return job
+
+
+def test_rank_environment_is_torchruns_contract():
+    job = placed_job()
+    env = jobs.rank_environment(job, job.placement, job.placement.nodes[1], local_rank=1)
+    assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29500"
+    assert env["WORLD_SIZE"] == "4" and env["RANK"] == "3" and env["LOCAL_RANK"] == "1"
+    assert env["LOCAL_WORLD_SIZE"] == "2" and env["NODE_RANK"] == "1" and env["GROUP_RANK"] == "1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-b0,GPU-b2", "the gang's GPUs on the node, in local-rank order"
+    assert env["GPUORCH_JOB_ID"] == "j-000007" and env["GPUORCH_ATTEMPT"] == "2" and env["GPUORCH_BACKEND"] == "gloo"
+    assert env["TORCHELASTIC_RESTART_COUNT"] == "1"
+    assert env["USER_VAR"] == "u" and env["RANK"] == "3", "gpuorch's variables win over the user's"
+
+
+def test_launch_messages_cover_every_rank_once():
+    launches = jobs.launch_messages(placed_job())
+    assert sorted(launches) == ["a", "b"]
+    ranks = sorted(rank.rank for launch in launches.values() for rank in launch.ranks)
+    assert ranks == [0, 1, 2, 3]
+    assert [r.local_rank for r in launches["a"].ranks] == [0, 1]
+    assert launches["b"].attempt == 2 and list(launches["b"].argv) == ["python", "train.py"]
+
+
+@pytest.mark.parametrize(
+    "status, failed, text",
+    [
+        (dict(state=agent_pb2.TASK_STATE_EXITED, exit_code=0), False, "exited with code 0"),
+        (dict(state=agent_pb2.TASK_STATE_EXITED, exit_code=3), True, "rank 1 on node n2 exited with code 3"),
+        (dict(state=agent_pb2.TASK_STATE_EXITED, signal=9), True, "killed by signal 9"),
+        (dict(state=agent_pb2.TASK_STATE_FAILED_TO_START, message="cannot execute 'x'"), True, "failed to start: cannot execute 'x'"),
+        (dict(state=agent_pb2.TASK_STATE_REJECTED, message="stale"), True, "rejected by its agent: stale"),
+    ],
+)
+def test_rank_outcome(status, failed, text):
+    outcome = jobs.rank_outcome(agent_pb2.TaskStatus(rank=1, **status), "n2")
+    assert outcome.failed is failed and text in outcome.description
