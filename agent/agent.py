@@ -77,6 +77,8 @@ class Agent:
         """Coordinator message kind ("launch_task", "stop_task", "read_logs") -> handler."""
         self.task_snapshot: Callable[[], list[agent_pb2.TaskStatus]] = list
         """Returns every rank the agent supervises, for the registration."""
+        self.progress_snapshot: Callable[[], list[agent_pb2.RankProgress]] = list
+        """Returns when running ranks last reported progress, for heartbeats."""
         self.registered = asyncio.Event()
         self.connected = False
         self.reconnects = 0
@@ -182,7 +184,8 @@ class Agent:
             sequence += 1
             sent = Timestamp()
             sent.GetCurrentTime()
-            self.send(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=sequence, sent_time=sent, devices=samples)))
+            heartbeat = agent_pb2.Heartbeat(sequence=sequence, sent_time=sent, devices=samples, progress=self.progress_snapshot())
+            self.send(agent_pb2.AgentMessage(heartbeat=heartbeat))
             next_beat += interval
             delay = next_beat - time.monotonic()
             if delay < 0:  # fell behind (a stopped process, a slow driver): start a new schedule

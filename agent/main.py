@@ -99,6 +99,7 @@ def attach_supervisor(agent: Agent, supervisor: Supervisor) -> None:
         task.add_done_callback(background.discard)
 
     agent.task_snapshot = supervisor.snapshot
+    agent.progress_snapshot = supervisor.progress
     agent.handlers["launch_task"] = lambda message: launches.put_nowait(message.launch_task)
     agent.handlers["stop_task"] = lambda message: spawn(stop(message))
     agent.handlers["read_logs"] = lambda message: agent.send(

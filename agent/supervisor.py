@@ -310,6 +310,21 @@ class Supervisor:
         chunk.running = rank is not None and not rank.ended.is_set()
         return chunk
 
+    def progress(self) -> list[agent_pb2.RankProgress]:
+        """When each running rank last reported progress (ranks that never did are left out)."""
+        reports = []
+        for rank in self.ranks.values():
+            if rank.ended.is_set():
+                continue
+            try:
+                mtime_ns = os.stat(Path(rank.record.pid_path).with_suffix(".progress")).st_mtime_ns
+            except OSError:
+                continue
+            report = agent_pb2.RankProgress(job_id=rank.record.job_id, attempt=rank.record.attempt, rank=rank.record.rank)
+            report.last_progress_time.FromNanoseconds(mtime_ns)
+            reports.append(report)
+        return reports
+
     def running_count(self) -> int:
         return sum(1 for rank in self.ranks.values() if not rank.ended.is_set())
 
@@ -385,7 +400,15 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
         env = os.environ.copy()
+        env.update(launch.env)
         env.update(rank_launch.env)
+        # gpuorch.worker.report_progress() touches this file; the agent reports its mtime in heartbeats.
+        env["GPUORCH_PROGRESS_FILE"] = str(base.with_suffix(".progress"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(env["GPUORCH_PROGRESS_FILE"])
+        if env.get("GPUORCH_CHECKPOINT_DIR"):
+            with contextlib.suppress(OSError):  # on shared storage it may exist, or be read-only here
+                os.makedirs(env["GPUORCH_CHECKPOINT_DIR"], exist_ok=True)
         argv = [
             self.python, "-I", "-S", SHIM,
             "--notify-fd", str(NOTIFY_FD),

@@ -82,11 +82,11 @@ async def run(args: argparse.Namespace) -> dict:
         while manager.pending and time.perf_counter() - started < args.max_seconds:
             passes += 1
             pass_started = time.perf_counter()
-            placed_per_pass.append(await manager.schedule_pass())
+            placed_now = await manager.schedule_pass()
             pass_seconds.append(time.perf_counter() - pass_started)
-            for entry in manager.jobs.values():
-                if entry.job.state == job_pb2.JOB_STATE_RUNNING and entry.job.job_id not in running:
-                    running[entry.job.job_id] = passes + rng.randint(1, 4)
+            placed_per_pass.append(len(placed_now))
+            for job_id in placed_now:
+                running[job_id] = passes + rng.randint(1, 4)
             for node in cluster.nodes.values():  # what agents would receive; drop it
                 while node.session is not None and not node.session.outbox.empty():
                     node.session.outbox.get_nowait()
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=300)
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40), cache_logger_on_first_use=True)
     print(json.dumps(asyncio.run(run(args))))
 
 

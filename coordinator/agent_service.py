@@ -37,6 +37,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.on_register: list[Callable[[str, agent_pb2.Register], None]] = []
         self.on_task_status: list[TaskStatusHandler] = []
         self.on_log_chunk: list[Callable[[str, agent_pb2.LogChunk], None]] = []
+        self.on_progress: list[Callable[[str, agent_pb2.RankProgress], None]] = []
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await context.read()
@@ -103,6 +104,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 kind = message.WhichOneof("payload")
                 if kind == "heartbeat":
                     self.cluster.heartbeat(session, message.heartbeat)
+                    for progress in message.heartbeat.progress:
+                        for callback in self.on_progress:
+                            callback(session.node_id, progress)
                 elif kind == "task_status":
                     self.cluster.touch(session)
                     for callback in self.on_task_status:

@@ -98,6 +98,9 @@ class DeviceRecord:
     history: deque = field(default_factory=deque)
     """(wall time, gpu utilisation, memory used, temperature, power) tuples, newest last."""
     health: health.DeviceHealth = health.HEALTHY
+    last_unhealthy_at: float | None = None
+    """Monotonic time the device was last seen unhealthy; None once it has recovered or was cleared."""
+    last_unhealthy_reason: str = ""
 
 
 @dataclass(eq=False)
@@ -179,12 +182,14 @@ class ClusterView:
         policy: LivenessPolicy,
         default_heartbeat_interval: float,
         history_length: int = 100,
+        device_recovery_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
         self.default_heartbeat_interval = default_heartbeat_interval
         self.history_length = history_length
+        self.device_recovery_seconds = device_recovery_seconds
         self.clock = clock
         self.wall_clock = wall_clock
         self.nodes: dict[str, NodeRecord] = {}
@@ -196,6 +201,8 @@ class ClusterView:
         """Device uuid -> (job id, attempt) holding it. Owned by the job manager; read here for views."""
         self.listeners: list[Callable[[Transition], None]] = []
         """Called for every liveness transition (the failure detector and metrics hook in here)."""
+        self.device_listeners: list[Callable[[str, str, health.DeviceHealth], None]] = []
+        """Called with (node id, device uuid, health) when a device turns unhealthy."""
 
     # -- events from agent streams ------------------------------------------------------------
 
@@ -251,23 +258,40 @@ class ClusterView:
             )
             if (
                 previous is None
+                or record.last_unhealthy_at is not None
                 or sample.lost
                 or sample.last_xid != previous.last_xid
                 or sample.ecc_uncorrected_errors != previous.ecc_uncorrected_errors
                 or sample.temperature_celsius != previous.temperature_celsius
             ):
-                assessed = health.assess_device(
-                    lost=sample.lost,
-                    last_xid=sample.last_xid,
-                    ecc_uncorrected_errors=sample.ecc_uncorrected_errors,
-                    temperature_celsius=sample.temperature_celsius,
-                    temperature_limit_celsius=record.info.temperature_limit_celsius,
-                )
-                if assessed.healthy != record.health.healthy:
-                    node.health_version += 1
-                record.health = assessed
+                self._judge(node, record, now)
         if heartbeat.HasField("sent_time"):
             self.heartbeats.record(wall, wall - heartbeat.sent_time.ToNanoseconds() / 1e9)
+
+    def _judge(self, node: NodeRecord, record: DeviceRecord, now: float) -> None:
+        """Re-assesses a device from its latest telemetry, keeping recently unhealthy ones quarantined."""
+        sample = record.telemetry
+        assessed = health.assess_device(
+            lost=sample.lost,
+            last_xid=sample.last_xid,
+            ecc_uncorrected_errors=sample.ecc_uncorrected_errors,
+            temperature_celsius=sample.temperature_celsius,
+            temperature_limit_celsius=record.info.temperature_limit_celsius,
+        )
+        if not assessed.healthy:
+            record.last_unhealthy_at, record.last_unhealthy_reason = now, assessed.reason
+        effective = health.quarantined(
+            assessed, record.last_unhealthy_at, record.last_unhealthy_reason, now, self.device_recovery_seconds
+        )
+        if effective.healthy:
+            record.last_unhealthy_at = None
+        turned_unhealthy = record.health.healthy and not effective.healthy
+        if effective.healthy != record.health.healthy:
+            node.health_version += 1
+        record.health = effective
+        if turned_unhealthy:
+            for listener in self.device_listeners:
+                listener(node.node_id, record.info.uuid, effective)
 
     def touch(self, session: AgentSession) -> None:
         """Any message from the agent proves it alive."""
@@ -332,6 +356,12 @@ class ClusterView:
         node.drained = False
         node.drain_reason = ""
         self.drained.pop(node_id, None)
+        # An operator's resume also clears quarantined GPUs; ones still failing turn unhealthy again.
+        for record in node.devices.values():
+            record.last_unhealthy_at = None
+            if record.telemetry is not None:
+                self._judge(node, record, self.clock())
+        node.health_version += 1
         return node
 
     # -- wire views ---------------------------------------------------------------------------

@@ -57,3 +57,18 @@ def assess_device(
     if temperature_celsius >= limit:
         return DeviceHealth(False, f"temperature {temperature_celsius:.0f}C at or above its limit of {limit:.0f}C")
     return HEALTHY
+
+
+def quarantined(assessed: DeviceHealth, last_unhealthy_at: float | None, last_reason: str, now: float, recovery_seconds: float) -> DeviceHealth:
+    """A device that was unhealthy stays excluded until it has been healthy for `recovery_seconds`
+    (a GPU that threw an XID often throws another), or until an operator clears it."""
+    if not assessed.healthy or last_unhealthy_at is None:
+        return assessed
+    healthy_for = now - last_unhealthy_at
+    if healthy_for >= recovery_seconds:
+        return assessed
+    return DeviceHealth(
+        False,
+        f"recovering from {last_reason}: healthy for {healthy_for:.0f}s of the {recovery_seconds:g}s required "
+        "(or clear it with gpuctl resume NODE)",
+    )

@@ -1,13 +1,16 @@
-"""The job manager: the durable queue, scheduling passes, launches, and what rank exits mean.
+"""The job manager: the durable queue, scheduling passes, launches, and recovery from failures.
 
-It applies decisions made by pure code (coordinator/scheduler.py for placement,
-coordinator/jobs.py for environments and outcomes) and does the I/O around
-them: the store, the agent sessions, the watchers.
+It applies decisions made by pure code — coordinator/scheduler.py (placement),
+coordinator/jobs.py (environments, what an exit means), coordinator/recovery.py
+(restart or give up) — and does the I/O around them: the store, the agent
+sessions, the watchers.
 
 GPU ownership lives in one map, `cluster.allocations` (device uuid -> (job id,
 attempt)). A device is taken when an attempt is placed and given back when the
 rank on it reports its end, or its node is declared DOWN; no device is ever
-given to two attempts.
+given to two attempts. Every launch and stop carries (job id, attempt), and a
+rank of an attempt the coordinator no longer runs is stopped wherever it shows
+up (fencing).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from coordinator import jobs, scheduler
+from coordinator import jobs, recovery, scheduler
 from coordinator.cluster import ClusterView, Transition
 from coordinator.liveness import Liveness
 from coordinator.store import JobStore, StoredJob
@@ -32,10 +36,10 @@ from gpuorch.v1 import agent_pb2, job_pb2
 log = structlog.get_logger("coordinator.jobs")
 
 PERIODIC_PASS_SECONDS = 1.0
+"""A scheduling pass runs at least this often (backoffs ending, hang checks, telemetry)."""
 TELEMETRY_REFRESH_SECONDS = 5.0
 """A node's cached scheduler view is rebuilt for fresher telemetry at most this often (scores need
 trends, not every sample); allocation, health and drain changes rebuild it at once."""
-"""A scheduling pass runs at least this often, so telemetry-driven changes are seen."""
 FAIR_SHARE_HALF_LIFE_SECONDS = 3600.0
 LOG_READ_TIMEOUT_SECONDS = 10.0
 LOG_CHUNK_BYTES = 64 * 1024
@@ -49,10 +53,37 @@ class JobFinished(ValueError):
     """The job is already final."""
 
 
-def _now_stamp(wall: float) -> Timestamp:
+def _stamp(wall: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(wall * 1e9))
     return stamp
+
+
+def _state_name(state: int) -> str:
+    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+@dataclass(eq=False)
+class AttemptRanks:
+    """What the coordinator knows of one attempt's ranks."""
+
+    attempt: int
+    rank_node: dict[int, str] = field(default_factory=dict)
+    rank_device: dict[int, str] = field(default_factory=dict)
+    running: set[int] = field(default_factory=set)
+    """Ranks whose process started."""
+    ended: dict[int, jobs.RankOutcome] = field(default_factory=dict)
+    """Ranks that ended, and how."""
+    launched_at: float = 0.0
+    """Monotonic time the attempt was launched."""
+    started_wall: float = 0.0
+    last_progress_wall: float = 0.0
+    """Latest progress any rank reported (wall clock), 0 if none."""
+    all_started_at: float = 0.0
+
+    @property
+    def world_size(self) -> int:
+        return len(self.rank_node)
 
 
 @dataclass(eq=False)
@@ -62,16 +93,12 @@ class JobEntry:
     client_request_id: str = ""
     request: scheduler.JobRequest | None = None
     """The scheduler's view of the job, built once (rebuilt when the priority changes)."""
-    rank_node: dict[int, str] = field(default_factory=dict)
-    """Current attempt: global rank -> node id."""
-    rank_device: dict[int, str] = field(default_factory=dict)
-    """Current attempt: global rank -> device uuid."""
-    running: set[int] = field(default_factory=set)
-    """Ranks of the current attempt whose process started."""
-    ended: dict[int, jobs.RankOutcome] = field(default_factory=dict)
-    """Ranks of the current attempt that ended, and how."""
-    launched_at: float = 0.0
-    all_started_at: float = 0.0
+    attempts: dict[int, AttemptRanks] = field(default_factory=dict)
+    """Attempts that may still have ranks somewhere, by number."""
+    restart_reason: str = ""
+    """Why the next attempt is started (GPUORCH_RESTART_REASON); empty for the first."""
+    not_before: float = 0.0
+    """Wall time before which the next attempt must not start (restart backoff)."""
     watchers: set[asyncio.Queue] = field(default_factory=set)
 
     def stored(self) -> StoredJob:
@@ -81,6 +108,10 @@ class JobEntry:
     def final(self) -> bool:
         return self.job.state in jobs.FINAL_STATES
 
+    @property
+    def current(self) -> AttemptRanks | None:
+        return self.attempts.get(self.job.attempt)
+
 
 class JobManager:
     def __init__(
@@ -89,21 +120,25 @@ class JobManager:
         store: JobStore,
         *,
         config: scheduler.SchedulerConfig = scheduler.SchedulerConfig(),
+        recovery_policy: recovery.RecoveryPolicy = recovery.RecoveryPolicy(),
         stop_grace_seconds: float = 10.0,
         node_grace_period: float = 10.0,
+        checkpoint_root: str = "",
         rendezvous_ports: tuple[int, int] = (20000, 30000),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
         self.store = store
         self.config = config
+        self.recovery_policy = recovery_policy
         self.stop_grace_seconds = stop_grace_seconds
         self.node_grace_period = node_grace_period
+        self.checkpoint_root = checkpoint_root
         self.rendezvous_ports = rendezvous_ports
         self.clock = clock
         self.jobs: dict[str, JobEntry] = {}
         self.pending: dict[str, JobEntry] = {}
-        """Jobs waiting for placement, in submission order."""
+        """Jobs waiting for placement (new, or restarting), in submission order."""
         self.by_request_id: dict[str, JobEntry] = {}
         self._sequence = itertools.count(1)
         self._wake = asyncio.Event()
@@ -119,11 +154,13 @@ class JobManager:
         self._ports_in_use: dict[str, set[int]] = {}
         """Node id -> MASTER_PORTs of running attempts whose rank 0 is on that node."""
         self.placements = 0
+        self.restarts_by_reason: dict[str, int] = {}
         self.decision_seconds: list[float] = []
         """Duration of recent scheduling passes that placed something (for benchmarks and metrics)."""
         self.launch_latencies: list[float] = []
-        """Recent submit -> every rank's process started, in seconds."""
+        """Recent placement -> every rank's process started, in seconds."""
         cluster.listeners.append(self._on_transition)
+        cluster.device_listeners.append(self._on_device_unhealthy)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -134,17 +171,25 @@ class JobManager:
                 self.cluster.drained[key.removeprefix("drain:")] = value
         highest = 0
         now = self.clock()
+        running = []
         for stored in state.jobs:
             entry = JobEntry(stored.sequence, stored.job, stored.client_request_id)
             highest = max(highest, stored.sequence)
             self._index(entry)
+            if stored.job.state == job_pb2.JOB_STATE_PENDING and stored.job.attempts:
+                entry.restart_reason = stored.job.attempts[-1].restart_reason
+                entry.not_before = stored.job.restart_not_before.ToNanoseconds() / 1e9
             if stored.job.state == job_pb2.JOB_STATE_RUNNING:
-                # Keep its GPUs until its agents say otherwise; they re-register with what they run.
-                self._take_devices(entry)
-                if stored.job.placement.nodes:
-                    self._ports_in_use.setdefault(stored.job.placement.nodes[0].node_id, set()).add(stored.job.placement.master_port)
-                for node in stored.job.placement.nodes:
-                    self._expected_nodes.setdefault(node.node_id, now + self.node_grace_period)
+                running.append(entry)
+        # Keep running attempts' GPUs until their agents say otherwise (they re-register with what
+        # they run). Single rank ends are not stored, so two stored attempts may name one GPU: the
+        # later one got it after the earlier one's rank there ended, so the later one owns it.
+        running.sort(key=lambda entry: entry.job.start_time.ToNanoseconds())
+        for entry in running:
+            self._take_devices(entry, entry.job.placement, entry.job.attempt, restoring=True)
+            entry.current.started_wall = entry.current.last_progress_wall = now
+            for node in entry.job.placement.nodes:
+                self._expected_nodes.setdefault(node.node_id, now + self.node_grace_period)
         self._sequence = itertools.count(highest + 1)
         log.info("jobs loaded", jobs=len(self.jobs), pending=len(self.pending), expected_nodes=len(self._expected_nodes))
         self._wake.set()
@@ -156,25 +201,30 @@ class JobManager:
         if entry.job.state == job_pb2.JOB_STATE_PENDING:
             self.pending[entry.job.job_id] = entry
 
-    def _take_devices(self, entry: JobEntry) -> None:
-        entry.rank_node.clear()
-        entry.rank_device.clear()
-        for node in entry.job.placement.nodes:
+    # -- devices -----------------------------------------------------------------------------
+
+    def _take_devices(self, entry: JobEntry, placement: job_pb2.Placement, attempt: int, restoring: bool = False) -> AttemptRanks:
+        ranks = AttemptRanks(attempt, launched_at=time.monotonic())
+        for node in placement.nodes:
             for local_rank, uuid in enumerate(node.device_uuids):
                 rank = node.first_rank + local_rank
-                entry.rank_node[rank] = node.node_id
-                entry.rank_device[rank] = uuid
+                ranks.rank_node[rank] = node.node_id
+                ranks.rank_device[rank] = uuid
                 holder = self.cluster.allocations.get(uuid)
-                if holder is not None and holder != (entry.job.job_id, entry.job.attempt):
+                if holder is not None and holder != (entry.job.job_id, attempt) and not restoring:
                     raise AssertionError(f"device {uuid} is held by {holder}; refusing to give it to {entry.job.job_id}")
-                self.cluster.allocations[uuid] = (entry.job.job_id, entry.job.attempt)
+                self.cluster.allocations[uuid] = (entry.job.job_id, attempt)
             self._allocation_changed(node.node_id)
+        if placement.nodes:
+            self._ports_in_use.setdefault(placement.nodes[0].node_id, set()).add(placement.master_port)
+        entry.attempts[attempt] = ranks
+        return ranks
 
-    def _release_device(self, entry: JobEntry, rank: int) -> None:
-        uuid = entry.rank_device.get(rank)
-        if uuid is not None and self.cluster.allocations.get(uuid) == (entry.job.job_id, entry.job.attempt):
+    def _release_device(self, entry: JobEntry, ranks: AttemptRanks, rank: int) -> None:
+        uuid = ranks.rank_device.get(rank)
+        if uuid is not None and self.cluster.allocations.get(uuid) == (entry.job.job_id, ranks.attempt):
             del self.cluster.allocations[uuid]
-            self._allocation_changed(entry.rank_node[rank])
+            self._allocation_changed(ranks.rank_node[rank])
             self._wake.set()
 
     def _allocation_changed(self, node_id: str) -> None:
@@ -193,7 +243,7 @@ class JobManager:
             spec=jobs.normalized(spec),
             state=job_pb2.JOB_STATE_PENDING,
             reason="queued; waiting for the scheduler",
-            submit_time=_now_stamp(self.clock()),
+            submit_time=_stamp(self.clock()),
         )
         entry = JobEntry(sequence, job, client_request_id)
         self._index(entry)
@@ -234,16 +284,19 @@ class JobManager:
     async def cancel(self, job_id: str) -> job_pb2.Job:
         entry = self.get(job_id)
         if entry.final:
-            raise JobFinished(f"job {job_id} is already {job_pb2.JobState.Name(entry.job.state).removeprefix('JOB_STATE_')}")
+            raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
         if entry.job.state == job_pb2.JOB_STATE_RUNNING:
-            self._stop_attempt(entry, "cancelled")
-        await self._finish(entry, job_pb2.JOB_STATE_CANCELLED, "cancelled by user")
+            self._stop_attempt(entry, entry.job.attempt, "cancelled")
+            self._end_attempt_record(entry, "cancelled by user")
+        write = self._finish(entry, job_pb2.JOB_STATE_CANCELLED, "cancelled by user")
+        if write is not None:
+            await write
         return entry.job
 
     async def set_priority(self, job_id: str, priority: int) -> job_pb2.Job:
         entry = self.get(job_id)
         if entry.final:
-            raise JobFinished(f"job {job_id} is already {job_pb2.JobState.Name(entry.job.state).removeprefix('JOB_STATE_')}")
+            raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
         entry.job.spec.priority = priority
         entry.request = None
         self._wake.set()
@@ -279,11 +332,9 @@ class JobManager:
         attempt = attempt or entry.job.attempt
         if attempt == 0:
             raise LookupError(f"job {job_id} has not started yet; it has no logs")
-        if rank >= entry.job.spec.gpus:
-            raise LookupError(f"job {job_id} has ranks 0 to {entry.job.spec.gpus - 1}; there is no rank {rank}")
         node_id = self._node_of_rank(entry, attempt, rank)
         if node_id is None:
-            raise LookupError(f"rank {rank} of job {job_id} did not run in attempt {attempt}")
+            raise LookupError(f"job {job_id} has no rank {rank} in attempt {attempt}")
         node = self.cluster.nodes.get(node_id)
         if node is None or node.session is None:
             raise ConnectionError(f"node {node_id}, which holds the log of rank {rank}, is not connected")
@@ -305,9 +356,12 @@ class JobManager:
             self._log_requests.pop(request_id, None)
 
     def _node_of_rank(self, entry: JobEntry, attempt: int, rank: int) -> str | None:
-        if attempt != entry.job.attempt:
-            return None  # only the current attempt's placement is kept
-        return entry.rank_node.get(rank)
+        for record in entry.job.attempts:
+            if record.attempt == attempt:
+                for node in record.placement.nodes:
+                    if node.first_rank <= rank < node.first_rank + len(node.device_uuids):
+                        return node.node_id
+        return None
 
     def on_log_chunk(self, node_id: str, chunk: agent_pb2.LogChunk) -> None:
         answer = self._log_requests.get(chunk.request_id)
@@ -320,12 +374,19 @@ class JobManager:
         """The scheduler loop: a pass whenever something changed, and at least every second."""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), PERIODIC_PASS_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), self._next_timer())
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
             self._expire_expected_nodes()
+            self._detect_hangs()
             await self.schedule_pass()
+
+    def _next_timer(self) -> float:
+        """Seconds until the loop must look again: the next backoff to end, at most a second."""
+        now = self.clock()
+        waits = [entry.not_before - now for entry in self.pending.values() if entry.not_before > now]
+        return max(0.01, min([PERIODIC_PASS_SECONDS, *waits]))
 
     def _node_views(self) -> list[scheduler.NodeView]:
         """The scheduler's view of every node, rebuilt only for nodes whose facts changed."""
@@ -387,32 +448,32 @@ class JobManager:
         """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share)."""
         usage: dict[str, float] = {}
         for entry in self.jobs.values():
-            job = entry.job
-            if not job.HasField("start_time"):
-                continue
-            start = job.start_time.ToNanoseconds() / 1e9
-            end = job.end_time.ToNanoseconds() / 1e9 if job.HasField("end_time") else now
-            weight = 0.5 ** (max(0.0, now - end) / FAIR_SHARE_HALF_LIFE_SECONDS)
-            usage[job.spec.owner] = usage.get(job.spec.owner, 0.0) + job.spec.gpus * max(0.0, end - start) * weight
+            for attempt in entry.job.attempts:
+                start = attempt.start_time.ToNanoseconds() / 1e9
+                end = attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now
+                weight = 0.5 ** (max(0.0, now - end) / FAIR_SHARE_HALF_LIFE_SECONDS)
+                gpus = attempt.placement.world_size * max(0.0, end - start) * weight
+                usage[entry.job.spec.owner] = usage.get(entry.job.spec.owner, 0.0) + gpus
         return usage
 
-    async def schedule_pass(self) -> int:
-        """One scheduling pass; returns how many jobs it placed."""
-        if not self.pending:
-            return 0
-        started = time.perf_counter()
+    async def schedule_pass(self) -> list[str]:
+        """One scheduling pass; returns the ids of the jobs it placed."""
         now = self.clock()
+        ready = [entry for entry in self.pending.values() if entry.not_before <= now]
+        if not ready:
+            return []
+        started = time.perf_counter()
         usage = self.owner_usage(now) if self.config.policy == "fair_share" else {}
-        result = scheduler.schedule(
-            self._node_views(), [self._request(entry) for entry in self.pending.values()], self.config, now=now, usage_by_owner=usage
-        )
+        views = self._node_views()
+        result = scheduler.schedule(views, [self._request(entry) for entry in ready], self.config, now=now, usage_by_owner=usage)
         for job_id, reason in result.pending_reasons.items():
             entry = self.pending.get(job_id)
             if entry is not None:
-                entry.job.reason = reason
+                entry.job.reason = f"{entry.job.reason.split(';')[0]}; {reason}" if entry.restart_reason else reason
         placed = [self._start_attempt(self.jobs[decision.job_id], decision, now) for decision in result.placed]
+        placed += self._place_elastic(ready, result, now)
         if not placed:
-            return 0
+            return []
         self.decision_seconds.append(time.perf_counter() - started)
         del self.decision_seconds[:-1000]
         self.placements += len(placed)
@@ -422,10 +483,34 @@ class JobManager:
         for entry in placed:
             if entry.job.state != job_pb2.JOB_STATE_RUNNING:
                 continue  # cancelled while the placement was being written
-            for node_id, launch in jobs.launch_messages(entry.job).items():
+            for node_id, launch in jobs.launch_messages(entry.job, self._attempt_environment(entry)).items():
                 self._send(node_id, agent_pb2.CoordinatorMessage(launch_task=launch))
             self._notify(entry)
-        return len(placed)
+        return [entry.job.job_id for entry in placed]
+
+    def _place_elastic(self, ready: list[JobEntry], result: scheduler.SchedulingResult, now: float) -> list[JobEntry]:
+        """Restarting elastic jobs that did not fit at full size try smaller sizes, down to min_gpus."""
+        placed_ids = {decision.job_id for decision in result.placed}
+        placed = []
+        for entry in ready:
+            spec = entry.job.spec
+            if not entry.restart_reason or spec.min_gpus >= spec.gpus or entry.job.job_id in placed_ids:
+                continue
+            if result.reserved_for and result.reserved_for != entry.job.job_id:
+                continue  # someone holds a reservation; do not take capacity around it
+            views = self._node_views()
+            for size in recovery.elastic_sizes(spec.gpus, spec.min_gpus, spec.gpus_per_node)[1:]:
+                decision = scheduler.place(replace(self._request(entry), gpus=size), views, self.config)
+                if decision is not None:
+                    placed.append(self._start_attempt(entry, decision, now))
+                    break
+        return placed
+
+    def _attempt_environment(self, entry: JobEntry) -> dict[str, str]:
+        env = {"GPUORCH_RESTART_REASON": entry.restart_reason}
+        if self.checkpoint_root:
+            env["GPUORCH_CHECKPOINT_DIR"] = str(Path(self.checkpoint_root) / entry.job.job_id)
+        return env
 
     def _start_attempt(self, entry: JobEntry, decision: scheduler.Decision, now: float) -> JobEntry:
         job = entry.job
@@ -449,14 +534,15 @@ class JobManager:
             rank += len(share.gpu_uuids)
         job.placement.CopyFrom(placement)
         job.state = job_pb2.JOB_STATE_RUNNING
-        job.reason = f"attempt {job.attempt} running on {len(decision.nodes)} node(s)"
-        job.start_time.CopyFrom(_now_stamp(now))
-        self._take_devices(entry)
-        entry.running.clear()
-        entry.ended.clear()
-        entry.launched_at = time.monotonic()
+        size = "" if placement.world_size == job.spec.gpus else f" on {placement.world_size} of {job.spec.gpus} GPUs (elastic)"
+        job.reason = f"attempt {job.attempt} running{size} on {len(decision.nodes)} node(s)"
+        job.start_time.CopyFrom(_stamp(now))
+        job.ClearField("restart_not_before")
+        job.attempts.add(attempt=job.attempt, placement=placement, start_time=_stamp(now), restart_reason=entry.restart_reason)
+        ranks = self._take_devices(entry, placement, job.attempt)
+        ranks.started_wall = now
         del self.pending[job.job_id]
-        log.info("job placed", job=job.job_id, attempt=job.attempt, nodes=[share.node_id for share in decision.nodes])
+        log.info("job placed", job=job.job_id, attempt=job.attempt, nodes=[share.node_id for share in decision.nodes], gpus=placement.world_size)
         return entry
 
     def _rendezvous_port(self, node_id: str) -> int:
@@ -466,13 +552,7 @@ class JobManager:
         while True:
             port = self._rng.randrange(low, high)
             if port not in in_use:
-                in_use.add(port)
                 return port
-
-    def _free_rendezvous_port(self, entry: JobEntry) -> None:
-        placement = entry.job.placement
-        if placement.nodes:
-            self._ports_in_use.get(placement.nodes[0].node_id, set()).discard(placement.master_port)
 
     # -- what agents report ------------------------------------------------------------------
 
@@ -484,62 +564,117 @@ class JobManager:
             reported.add((status.job_id, status.attempt, status.rank))
             self.on_task_status(node_id, status)
         for entry in list(self.jobs.values()):
-            if entry.job.state != job_pb2.JOB_STATE_RUNNING:
-                continue
-            for rank, rank_node in entry.rank_node.items():
-                if rank_node == node_id and rank not in entry.ended and (entry.job.job_id, entry.job.attempt, rank) not in reported:
-                    lost = agent_pb2.TaskStatus(
-                        job_id=entry.job.job_id,
-                        attempt=entry.job.attempt,
-                        rank=rank,
-                        state=agent_pb2.TASK_STATE_EXITED,
-                        signal=9,
-                        message="its agent re-registered without it; its process is gone",
-                    )
-                    self.on_task_status(node_id, lost)
+            for ranks in list(entry.attempts.values()):
+                for rank, rank_node in ranks.rank_node.items():
+                    if rank_node == node_id and rank not in ranks.ended and (entry.job.job_id, ranks.attempt, rank) not in reported:
+                        lost = agent_pb2.TaskStatus(
+                            job_id=entry.job.job_id,
+                            attempt=ranks.attempt,
+                            rank=rank,
+                            state=agent_pb2.TASK_STATE_EXITED,
+                            signal=9,
+                            message="its agent re-registered without it; its process is gone",
+                        )
+                        self.on_task_status(node_id, lost)
         self._wake.set()
+
+    def on_progress(self, node_id: str, progress: agent_pb2.RankProgress) -> None:
+        entry = self.jobs.get(progress.job_id)
+        ranks = entry.attempts.get(progress.attempt) if entry is not None else None
+        if ranks is not None:
+            ranks.last_progress_wall = max(ranks.last_progress_wall, progress.last_progress_time.ToNanoseconds() / 1e9)
 
     def on_task_status(self, node_id: str, status: agent_pb2.TaskStatus) -> None:
         entry = self.jobs.get(status.job_id)
-        current = entry is not None and status.attempt == entry.job.attempt and not entry.final
-        if not current:
+        ranks = entry.attempts.get(status.attempt) if entry is not None else None
+        if ranks is None or ranks.rank_node.get(status.rank) != node_id:
             if status.state == agent_pb2.TASK_STATE_RUNNING:
-                # A rank of an attempt the coordinator no longer runs: fence it.
-                self._send(node_id, _stop(status.job_id, status.attempt, 0.0, "stale attempt: fenced by the coordinator"))
-            if entry is not None and status.attempt == entry.job.attempt:
-                self._rank_ended(entry, node_id, status)
+                # A rank the coordinator does not run (an old attempt, a forgotten job): fence it.
+                self._send(node_id, _stop(status.job_id, status.attempt, 0.0, "fenced: attempt not run by the coordinator"))
             return
+        live = entry.job.state == job_pb2.JOB_STATE_RUNNING and status.attempt == entry.job.attempt
         if status.state == agent_pb2.TASK_STATE_RUNNING:
-            entry.running.add(status.rank)
-            if len(entry.running) == entry.job.placement.world_size and not entry.all_started_at:
-                entry.all_started_at = time.monotonic()
-                self.launch_latencies.append(entry.all_started_at - entry.launched_at)
+            if not live:
+                self._send(node_id, _stop(status.job_id, status.attempt, 0.0, "fenced: attempt superseded"))
+                return
+            ranks.running.add(status.rank)
+            if len(ranks.running) == ranks.world_size and not ranks.all_started_at:
+                ranks.all_started_at = time.monotonic()
+                self.launch_latencies.append(ranks.all_started_at - ranks.launched_at)
                 del self.launch_latencies[:-1000]
             return
-        self._rank_ended(entry, node_id, status)
-        outcome = entry.ended[status.rank]
-        if outcome.failed:
-            log.warning("rank failed", job=entry.job.job_id, attempt=entry.job.attempt, reason=outcome.description)
-            self._stop_attempt(entry, f"rank {status.rank} failed")
-            self._schedule_finish(entry, job_pb2.JOB_STATE_FAILED, outcome.description)
-        elif len(entry.ended) == entry.job.placement.world_size:
-            self._schedule_finish(entry, job_pb2.JOB_STATE_SUCCEEDED, f"all {len(entry.ended)} ranks exited with code 0")
-
-    def _rank_ended(self, entry: JobEntry, node_id: str, status: agent_pb2.TaskStatus) -> None:
-        if status.rank in entry.ended or entry.rank_node.get(status.rank) != node_id:
+        if status.rank in ranks.ended:
             return
-        entry.ended[status.rank] = jobs.rank_outcome(status, node_id)
-        entry.running.discard(status.rank)
-        self._release_device(entry, status.rank)
-        if len(entry.ended) == entry.job.placement.world_size:
-            # Every rank is accounted for: agents may forget this attempt.
-            for node in entry.job.placement.nodes:
-                self._send(node.node_id, _stop(entry.job.job_id, entry.job.attempt, 0.0, "attempt over"))
+        outcome = jobs.rank_outcome(status, node_id)
+        self._rank_ended(entry, ranks, status.rank, outcome)
+        if not live:
+            return
+        if outcome.failed:
+            self._attempt_failed(entry, recovery.rank_failure_code(status), outcome.description)
+        elif len(ranks.ended) == ranks.world_size:
+            self._end_attempt_record(entry, f"all {ranks.world_size} ranks exited with code 0")
+            self._finish(entry, job_pb2.JOB_STATE_SUCCEEDED, f"all {ranks.world_size} ranks exited with code 0")
+
+    def _rank_ended(self, entry: JobEntry, ranks: AttemptRanks, rank: int, outcome: jobs.RankOutcome) -> None:
+        ranks.ended[rank] = outcome
+        ranks.running.discard(rank)
+        self._release_device(entry, ranks, rank)
+        if len(ranks.ended) == ranks.world_size:
+            # Every rank is accounted for: agents may forget this attempt, and so may we.
+            nodes = set(ranks.rank_node.values())
+            for node_id in nodes:
+                self._send(node_id, _stop(entry.job.job_id, ranks.attempt, 0.0, "attempt over"))
+            del entry.attempts[ranks.attempt]
+            for record in entry.job.attempts:
+                if record.attempt == ranks.attempt and record.placement.nodes:
+                    self._ports_in_use.get(record.placement.nodes[0].node_id, set()).discard(record.placement.master_port)
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def _attempt_failed(self, entry: JobEntry, code: str, description: str) -> None:
+        """The current attempt cannot go on: stop it everywhere, then restart or give up."""
+        job = entry.job
+        if job.state != job_pb2.JOB_STATE_RUNNING:
+            return
+        log.warning("attempt failed", job=job.job_id, attempt=job.attempt, code=code, reason=description)
+        self._stop_attempt(entry, job.attempt, description)
+        self._end_attempt_record(entry, description)
+        history = [record.end_reason for record in job.attempts]
+        decision = recovery.decide(job.spec.max_restarts, job.restarts, history, self.recovery_policy)
+        if isinstance(decision, recovery.GiveUp):
+            self._finish(entry, job_pb2.JOB_STATE_FAILED, decision.reason)
+            return
+        now = self.clock()
+        job.restarts = decision.restart_number
+        job.state = job_pb2.JOB_STATE_PENDING
+        job.reason = f"restart {decision.restart_number} of {job.spec.max_restarts} after {code}"
+        entry.restart_reason = code
+        entry.not_before = now + decision.delay_seconds
+        if decision.delay_seconds:
+            job.restart_not_before.CopyFrom(_stamp(entry.not_before))
+        self.pending[job.job_id] = entry
+        self.restarts_by_reason[code.split(":")[0]] = self.restarts_by_reason.get(code.split(":")[0], 0) + 1
+        self._notify(entry)
+        self.store.save([entry.stored()])
+        self._wake.set()
+
+    def _end_attempt_record(self, entry: JobEntry, end_reason: str) -> None:
+        if entry.job.attempts and not entry.job.attempts[-1].end_reason:
+            entry.job.attempts[-1].end_time.CopyFrom(_stamp(self.clock()))
+            entry.job.attempts[-1].end_reason = end_reason
 
     def _on_transition(self, transition: Transition) -> None:
         if transition.after is Liveness.DOWN:
             self._node_lost(transition.node_id, f"node {transition.node_id} is down: {transition.reason}")
         self._wake.set()
+
+    def _on_device_unhealthy(self, node_id: str, uuid: str, health) -> None:
+        holder = self.cluster.allocations.get(uuid)
+        if holder is None:
+            return
+        entry = self.jobs.get(holder[0])
+        if entry is not None and entry.job.attempt == holder[1]:
+            self._attempt_failed(entry, f"gpu_unhealthy:{uuid}", f"GPU {uuid} on node {node_id} turned unhealthy: {health.reason}")
 
     def _expire_expected_nodes(self) -> None:
         now = self.clock()
@@ -549,17 +684,27 @@ class JobManager:
                 self._node_lost(node_id, f"node {node_id} did not come back within {self.node_grace_period:g}s of a coordinator restart")
 
     def _node_lost(self, node_id: str, reason: str) -> None:
-        """Ranks on a lost node are gone: their attempts fail, their devices are free."""
+        """Ranks on a lost node are gone: their devices are free and their attempts fail."""
         for entry in list(self.jobs.values()):
-            if node_id not in entry.rank_node.values() or entry.job.attempt == 0:
+            for ranks in list(entry.attempts.values()):
+                lost = [rank for rank, rank_node in ranks.rank_node.items() if rank_node == node_id and rank not in ranks.ended]
+                if not lost:
+                    continue
+                current = entry.job.state == job_pb2.JOB_STATE_RUNNING and ranks.attempt == entry.job.attempt
+                for rank in lost:
+                    self._rank_ended(entry, ranks, rank, jobs.RankOutcome(True, f"rank {rank}: {reason}"))
+                if current:
+                    self._attempt_failed(entry, f"node_down:{node_id}", reason)
+
+    def _detect_hangs(self) -> None:
+        now = self.clock()
+        for entry in list(self.jobs.values()):
+            timeout = entry.job.spec.progress_timeout_seconds
+            ranks = entry.current
+            if not timeout or ranks is None or entry.job.state != job_pb2.JOB_STATE_RUNNING:
                 continue
-            for rank, rank_node in entry.rank_node.items():
-                if rank_node == node_id and rank not in entry.ended:
-                    entry.ended[rank] = jobs.RankOutcome(True, f"rank {rank}: {reason}")
-                    self._release_device(entry, rank)
-            if entry.job.state == job_pb2.JOB_STATE_RUNNING:
-                self._stop_attempt(entry, reason)
-                self._schedule_finish(entry, job_pb2.JOB_STATE_FAILED, reason)
+            if recovery.hung(timeout, ranks.started_wall, ranks.last_progress_wall, now):
+                self._attempt_failed(entry, "hang", f"no rank reported progress for {timeout}s (hang)")
 
     # -- effects -----------------------------------------------------------------------------
 
@@ -568,25 +713,27 @@ class JobManager:
         if node is not None and node.session is not None:
             node.session.send(message)
 
-    def _stop_attempt(self, entry: JobEntry, reason: str) -> None:
-        for node in entry.job.placement.nodes:
-            self._send(node.node_id, _stop(entry.job.job_id, entry.job.attempt, self.stop_grace_seconds, reason))
-
-    def _schedule_finish(self, entry: JobEntry, state: int, reason: str) -> None:
-        asyncio.get_running_loop().create_task(self._finish(entry, state, reason))
-
-    async def _finish(self, entry: JobEntry, state: int, reason: str) -> None:
-        if entry.final:
+    def _stop_attempt(self, entry: JobEntry, attempt: int, reason: str) -> None:
+        ranks = entry.attempts.get(attempt)
+        if ranks is None:
             return
+        for node_id in set(ranks.rank_node.values()):
+            self._send(node_id, _stop(entry.job.job_id, attempt, self.stop_grace_seconds, reason))
+
+    def _finish(self, entry: JobEntry, state: int, reason: str) -> asyncio.Future | None:
+        """Makes the job final and queues its write at once, so stored writes keep the order of events
+        (a job's end is written before any placement onto the GPUs it gave back). Returns the write."""
+        if entry.final:
+            return None
         entry.job.state = state
         entry.job.reason = reason
-        entry.job.end_time.CopyFrom(_now_stamp(self.clock()))
+        entry.job.end_time.CopyFrom(_stamp(self.clock()))
+        entry.job.ClearField("restart_not_before")
         self.pending.pop(entry.job.job_id, None)
-        self._free_rendezvous_port(entry)
         log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
         self._wake.set()
         self._notify(entry)
-        await self.store.save([entry.stored()])
+        return self.store.save([entry.stored()])
 
     def _notify(self, entry: JobEntry) -> None:
         for watcher in entry.watchers:

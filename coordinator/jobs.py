@@ -89,8 +89,8 @@ def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
     return result
 
 
-def rank_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, str]:
-    """Everything one rank needs, the same contract as torchrun, so unmodified scripts run.
+def node_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_pb2.NodeAssignment) -> dict[str, str]:
+    """What every rank of the job on `node` shares: the job's env, then the torchrun contract.
 
     CUDA_VISIBLE_DEVICES names the gang's GPUs on the node by uuid, in local-rank
     order: `cuda:LOCAL_RANK` is then the rank's own GPU, and uuids cannot be
@@ -103,13 +103,10 @@ def rank_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_p
             "MASTER_ADDR": placement.master_addr,
             "MASTER_PORT": str(placement.master_port),
             "WORLD_SIZE": str(placement.world_size),
-            "RANK": str(node.first_rank + local_rank),
-            "LOCAL_RANK": str(local_rank),
             "LOCAL_WORLD_SIZE": str(len(node.device_uuids)),
             "NODE_RANK": str(node.node_rank),
             "GROUP_RANK": str(node.node_rank),
             "GROUP_WORLD_SIZE": str(len(placement.nodes)),
-            "ROLE_RANK": str(node.first_rank + local_rank),
             "ROLE_WORLD_SIZE": str(placement.world_size),
             "TORCHELASTIC_RESTART_COUNT": str(max(0, job.attempt - 1)),
             "TORCHELASTIC_RUN_ID": job.job_id,
@@ -124,16 +121,35 @@ def rank_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_p
     return env
 
 
-def launch_messages(job: job_pb2.Job) -> dict[str, agent_pb2.LaunchTask]:
-    """One LaunchTask per node of the job's current placement, keyed by node id."""
+def rank_variables(node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, str]:
+    """The variables that differ between ranks on one node."""
+    rank = str(node.first_rank + local_rank)
+    return {"RANK": rank, "LOCAL_RANK": str(local_rank), "ROLE_RANK": rank}
+
+
+def rank_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, str]:
+    """Everything one rank gets, the same contract as torchrun, so unmodified scripts run."""
+    return {**node_environment(job, placement, node), **rank_variables(node, local_rank)}
+
+
+def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None) -> dict[str, agent_pb2.LaunchTask]:
+    """One LaunchTask per node of the job's current placement, keyed by node id.
+
+    `attempt_env` adds what the coordinator knows of this attempt (GPUORCH_RESTART_REASON,
+    GPUORCH_CHECKPOINT_DIR)."""
     placement = job.placement
     messages = {}
     for node in placement.nodes:
         launch = agent_pb2.LaunchTask(
-            job_id=job.job_id, attempt=job.attempt, argv=job.spec.argv, working_dir=job.spec.working_dir, owner=job.spec.owner
+            job_id=job.job_id,
+            attempt=job.attempt,
+            argv=job.spec.argv,
+            working_dir=job.spec.working_dir,
+            owner=job.spec.owner,
+            env={**node_environment(job, placement, node), **(attempt_env or {})},
         )
         for local_rank in range(len(node.device_uuids)):
-            launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=rank_environment(job, placement, node, local_rank))
+            launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=rank_variables(node, local_rank))
         messages[node.node_id] = launch
     return messages
 

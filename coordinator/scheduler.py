@@ -253,6 +253,7 @@ class _Pool:
     `free[i]` lists node i's free eligible GPUs, best score first; `buckets[c]` holds
     (in an insertion-ordered dict) the unreserved nodes with exactly c of them;
     `held` the reserved nodes and their free counts, which later jobs may not use.
+    The lists are replaced, never changed in place, so pools may share them.
     """
 
     __slots__ = ("free", "exist", "exist_total", "buckets", "total_free", "held", "_exist_at_least")
@@ -319,7 +320,7 @@ class _Pass:
 
     def __init__(self, nodes: Sequence[NodeView], config: SchedulerConfig) -> None:
         self.node_ids: list[str] = []
-        self._healthy: list[list[GpuView]] = []
+        self._type_counts: list[dict[tuple[int, str], int]] = []
         free_lists: list[list[GpuView]] = []
         types: set[tuple[int, str]] = set()
         max_per_node = 0
@@ -332,10 +333,13 @@ class _Pass:
             if not healthy:
                 continue
             self.node_ids.append(node.node_id)
-            self._healthy.append(healthy)
             max_per_node = max(max_per_node, len(healthy))
+            counts: dict[tuple[int, str], int] = {}
             for g in healthy:
-                types.add((g.memory_total_bytes, g.model))
+                gpu_type = (g.memory_total_bytes, g.model)
+                counts[gpu_type] = counts.get(gpu_type, 0) + 1
+            self._type_counts.append(counts)
+            types.update(counts)
             free = [g for g in healthy if g.free]
             if len(free) > 1:
                 scored = []
@@ -357,37 +361,43 @@ class _Pass:
         self.max_per_node = max_per_node
         self._types = types
         self._held: frozenset[int] = frozenset()
-        self.plain = _Pool(free_lists, [len(h) for h in self._healthy], max_per_node, self._held)
+        self.plain = _Pool(free_lists, [sum(c.values()) for c in self._type_counts], max_per_node, self._held)
         self._pools: dict[frozenset | None, _Pool] = {None: self.plain}
-        self._class_of: dict[tuple[int, str], frozenset | None] = {(0, ""): None}
+        self._pool_of: dict[tuple[int, str], _Pool] = {(0, ""): self.plain}
 
     # pools
 
-    def pool_key(self, job: JobRequest) -> frozenset | None:
-        """The set of GPU types (memory, model) the job may use; None when it may use all."""
-        req = (job.min_memory_per_gpu_bytes, job.gpu_model.lower())
-        try:
-            return self._class_of[req]
-        except KeyError:
-            pass
-        min_memory, model = req
-        eligible = frozenset(t for t in self._types if t[0] >= min_memory and (not model or model in t[1].lower()))
-        key = None if eligible == self._types else eligible
-        self._class_of[req] = key
-        return key
+    def pool_for(self, job: JobRequest) -> _Pool:
+        """The capacity the job may use. Requirements that admit the same GPU types share a pool."""
+        req = (job.min_memory_per_gpu_bytes, job.gpu_model)
+        pool = self._pool_of.get(req)
+        if pool is None:
+            min_memory, model = req[0], req[1].lower()
+            eligible = frozenset(t for t in self._types if t[0] >= min_memory and (not model or model in t[1].lower()))
+            pool = self._pool_of[req] = self._pool(None if eligible == self._types else eligible)
+        return pool
 
-    def pool(self, key: frozenset | None) -> _Pool:
+    def _pool(self, key: frozenset | None) -> _Pool:
         pool = self._pools.get(key)
         if pool is None:
-            free = [[g for g in gpus if (g.memory_total_bytes, g.model) in key] for gpus in self.plain.free]
-            exist = [sum(1 for g in gpus if (g.memory_total_bytes, g.model) in key) for gpus in self._healthy]
+            free, exist = [], []
+            for counts, gpus in zip(self._type_counts, self.plain.free):
+                eligible = sum(n for gpu_type, n in counts.items() if gpu_type in key)
+                exist.append(eligible)
+                if eligible == 0 or not gpus:
+                    free.append([])
+                elif len(counts) == 1:  # a node of one type, all eligible: share the list
+                    free.append(gpus)
+                else:
+                    free.append([g for g in gpus if (g.memory_total_bytes, g.model) in key])
             pool = self._pools[key] = _Pool(free, exist, self.max_per_node, self._held)
         return pool
 
     def _take(self, i: int, gpus: list[GpuView]) -> NodeShare:
         taken = {g.uuid for g in gpus}
         for pool in self._pools.values():
-            pool.remove(i, taken)
+            if pool.free[i]:
+                pool.remove(i, taken)
         ordered = sorted(gpus, key=_by_index)
         return NodeShare(self.node_ids[i], tuple(g.uuid for g in ordered))
 
@@ -427,7 +437,7 @@ class _Pass:
         return 0
 
     def _place_packed(self, g: int, pool: _Pool) -> list[NodeShare]:
-        # Caller checked pool.total_free >= g, so this always succeeds.
+        # The caller checked pool.total_free >= g, so this always succeeds (the raise guards against a hang).
         i = self._best_fit(g, pool)
         if i is not None:
             return [self._take(i, pool.free[i][:g])]
@@ -435,6 +445,8 @@ class _Pass:
         remaining = g
         while remaining:
             c = self._largest(pool)
+            if not c:
+                raise RuntimeError(f"scheduler capacity accounting is inconsistent: {remaining} of {g} GPUs unplaced")
             if c >= remaining:
                 i = self._best_fit(remaining, pool)
                 shares.append(self._take(i, pool.free[i][:remaining]))
@@ -468,6 +480,8 @@ class _Pass:
             if len(chosen) == g:
                 break
         caps = [len(pool.free[i]) for i in chosen]
+        if sum(caps) < g:
+            raise RuntimeError(f"scheduler capacity accounting is inconsistent: {sum(caps)} GPUs on the top nodes, {g} needed")
         alloc = [0] * len(chosen)
         remaining = g
         while remaining:  # water-fill: one more GPU to each node that has room, round by round
@@ -582,7 +596,7 @@ def place(job: JobRequest, nodes: Sequence[NodeView], config: SchedulerConfig) -
     if _invalid(job):
         return None
     state = _Pass(nodes, config)
-    return state.place(job, state.pool(state.pool_key(job)))
+    return state.place(job, state.pool_for(job))
 
 
 def schedule(
@@ -620,10 +634,7 @@ def schedule(
         if g <= 0 or k < 0 or (k and g % k):
             reasons[job.job_id] = _invalid(job) or ""
             continue
-        if job.min_memory_per_gpu_bytes or job.gpu_model:
-            pool = state.pool(state.pool_key(job))
-        else:
-            pool = plain
+        pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model else plain
         if pool.total_free >= g:
             decision = state.place(job, pool)
             if decision is not None:

@@ -21,6 +21,7 @@ from coordinator.job_service import JobService
 from coordinator.scheduler import SchedulerConfig
 from coordinator.store import SqliteJobStore
 from coordinator.liveness import Liveness, LivenessPolicy
+from coordinator.recovery import RecoveryPolicy
 from coordinator.reflection import CommentedPool
 from coordinator.settings import CoordinatorSettings
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
@@ -76,6 +77,7 @@ class Coordinator:
             policy=LivenessPolicy(grace_period=settings.node_grace_period, missed_heartbeats=settings.missed_heartbeats),
             default_heartbeat_interval=settings.heartbeat_interval,
             history_length=settings.telemetry_history,
+            device_recovery_seconds=settings.device_recovery_seconds,
         )
         self.cluster.listeners.append(self._log_transition)
         self.epoch = 0
@@ -102,14 +104,17 @@ class Coordinator:
                 temperature_threshold_celsius=settings.score_temperature_threshold,
                 temperature_penalty_per_degree=settings.score_temperature_penalty,
             ),
+            recovery_policy=RecoveryPolicy(backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max),
             stop_grace_seconds=settings.stop_grace_period,
             node_grace_period=settings.node_grace_period,
+            checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
         )
         await self.jobs.start()
         self.agents = AgentService(self.cluster, self.epoch)
         self.agents.on_register.append(self.jobs.on_register)
         self.agents.on_task_status.append(self.jobs.on_task_status)
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
+        self.agents.on_progress.append(self.jobs.on_progress)
         self.server = grpc.aio.server(options=server_options(self.settings.max_message_bytes))
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(

@@ -33,6 +33,15 @@ class CoordinatorSettings:
     """Device selection: score penalty per degree above the threshold."""
     stop_grace_period: float = 10.0
     """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
+    restart_backoff_base: float = 1.0
+    """Seconds before a job's second restart (the first is immediate); doubles per restart."""
+    restart_backoff_max: float = 60.0
+    """Cap of the restart backoff in seconds."""
+    device_recovery_seconds: float = 300.0
+    """A GPU that was unhealthy gets work again only after being healthy this long (or gpuctl resume)."""
+    checkpoint_root: str = ""
+    """GPUORCH_CHECKPOINT_DIR of a job is <checkpoint_root>/<job id>: put it on storage every node
+    mounts. Empty = <state_dir>/checkpoints (enough for a single machine)."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""

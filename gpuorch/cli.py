@@ -162,7 +162,7 @@ def format_job(job) -> str:
         f"State:      {_job_state(job.state)}" + (f": {job.reason}" if job.reason else ""),
         f"Command:    {' '.join(spec.argv)}",
         f"GPUs:       {spec.gpus}" + (f", {spec.gpus_per_node} per node" if spec.gpus_per_node else "") + f", backend {spec.backend}",
-        f"Owner:      {spec.owner or '-'}   priority {spec.priority}   attempt {job.attempt}",
+        f"Owner:      {spec.owner or '-'}   priority {spec.priority}   attempt {job.attempt}   restarts {job.restarts} of {spec.max_restarts}",
         f"Submitted:  {_stamp(job.submit_time)}   started {_stamp(job.start_time)}   ended {_stamp(job.end_time)}",
     ]
     if job.placement.nodes:
@@ -172,6 +172,21 @@ def format_job(job) -> str:
             for node in job.placement.nodes
         ]
         lines.append(_table(("NODE RANK", "NODE", "RANKS", "GPU IDX", "GPU UUIDS"), rows))
+    if job.attempts:
+        rows = [
+            (
+                attempt.attempt,
+                attempt.placement.world_size,
+                ",".join(node.node_id for node in attempt.placement.nodes),
+                _stamp(attempt.start_time),
+                _stamp(attempt.end_time),
+                attempt.restart_reason or "-",
+                attempt.end_reason or "running",
+            )
+            for attempt in job.attempts
+        ]
+        lines.append("")
+        lines.append(_table(("ATTEMPT", "GPUS", "NODES", "STARTED", "ENDED", "STARTED BECAUSE", "ENDED BECAUSE"), rows))
     return "\n".join(lines)
 
 
@@ -210,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--gpu-model", default="", help="only GPUs whose name contains this, e.g. H100")
     submit.add_argument("--estimated-runtime", type=int, default=0, metavar="SECONDS", help="for the sjf policy")
     submit.add_argument("--spread", action="store_true", help="spread ranks over as many nodes as possible")
+    submit.add_argument("--max-restarts", type=int, default=0, help="restart a failed attempt up to this many times (default 0)")
+    submit.add_argument("--min-gpus", type=int, default=0, help="elastic floor: after a failure, restart on as few as this many GPUs")
+    submit.add_argument("--progress-timeout", type=int, default=0, metavar="SECONDS", help="restart when no rank reports progress this long")
     submit.add_argument("--watch", action="store_true", help="then follow it like `gpuctl watch`")
     submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
     jobs = commands.add_parser("jobs", help="list jobs, newest first")
@@ -280,6 +298,9 @@ def run(args: argparse.Namespace, client: Client) -> int:
             requirements={"min_memory_per_gpu_bytes": int(args.min_memory_gib * GIB), "gpu_model": args.gpu_model},
             estimated_runtime_seconds=args.estimated_runtime,
             spread=args.spread,
+            max_restarts=args.max_restarts,
+            min_gpus=args.min_gpus,
+            progress_timeout_seconds=args.progress_timeout,
         )
         job_id = client.submit_job(spec)
         print(json.dumps({"job_id": job_id}) if as_json else job_id, flush=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+from dataclasses import dataclass
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
@@ -74,3 +76,64 @@ def init_process_group(backend_name: str | None = None, timeout_seconds: float |
         options["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(backend=chosen, init_method="env://", timeout=datetime.timedelta(seconds=timeout), **options)
     return dist.get_rank(), dist.get_world_size()
+
+
+def checkpoint_dir() -> str:
+    """GPUORCH_CHECKPOINT_DIR: the same directory for every attempt of the job, to resume from."""
+    return os.environ.get("GPUORCH_CHECKPOINT_DIR", "")
+
+
+@dataclass(frozen=True)
+class RestartReason:
+    """Why this attempt was started, parsed from GPUORCH_RESTART_REASON.
+
+    kind is "" for a first attempt, else "rank_exit", "rank_start", "node_down", "gpu_unhealthy" or "hang".
+    """
+
+    kind: str = ""
+    rank: int | None = None
+    exit_code: int | None = None
+    """The failed rank's exit code (128+N for signal N), for rank_exit."""
+    node_id: str = ""
+    gpu_uuid: str = ""
+    raw: str = ""
+
+    @property
+    def is_restart(self) -> bool:
+        return bool(self.kind)
+
+
+def restart_reason() -> RestartReason:
+    """Why this attempt runs, so a workload can adapt (e.g. halve its batch size after an OOM exit)."""
+    raw = os.environ.get("GPUORCH_RESTART_REASON", "")
+    kind, _, rest = raw.partition(":")
+    if kind == "rank_exit":
+        rank, _, code = rest.partition(":")
+        return RestartReason(kind, rank=int(rank), exit_code=int(code), raw=raw)
+    if kind == "rank_start":
+        return RestartReason(kind, rank=int(rest), raw=raw)
+    if kind == "node_down":
+        return RestartReason(kind, node_id=rest, raw=raw)
+    if kind == "gpu_unhealthy":
+        return RestartReason(kind, gpu_uuid=rest, raw=raw)
+    return RestartReason(kind, raw=raw)
+
+
+_last_progress = 0.0
+
+
+def report_progress(min_interval_seconds: float = 1.0) -> None:
+    """Tells gpuorch this rank made progress (call it every step). Local and cheap: at most one
+    file timestamp update per `min_interval_seconds`; no network. A job with a progress timeout is
+    restarted (reason "hang") when no rank reported progress for that long."""
+    global _last_progress
+    path = os.environ.get("GPUORCH_PROGRESS_FILE")
+    now = time.monotonic()
+    if not path or now - _last_progress < min_interval_seconds:
+        return
+    _last_progress = now
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        with open(path, "a"):
+            pass

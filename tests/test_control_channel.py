@@ -155,7 +155,7 @@ def test_drain_and_resume_survive_an_agent_restart(cluster):
 
 
 def test_injected_faults_make_devices_unhealthy_with_a_reason(cluster):
-    cluster.start_coordinator()
+    cluster.start_coordinator("--device-recovery-seconds", "2")
     cluster.add_agent("n1", 4)
     cluster.wait_for_nodes(1)
     client = cluster.client()
@@ -168,7 +168,22 @@ def test_injected_faults_make_devices_unhealthy_with_a_reason(cluster):
     assert "lost" in devices[3].unhealthy_reason
     assert client.cluster_status().gpus_healthy == 1
     cluster.faults_file("n1").write_text("{}")
-    wait_for(lambda: all(d.healthy for d in client.get_node("n1").devices), what="devices healthy again")
+    wait_for(lambda: "recovering from xid 79" in client.get_node("n1").devices[0].unhealthy_reason, what="quarantine")
+    wait_for(lambda: all(d.healthy for d in client.get_node("n1").devices), timeout=10, what="healthy after 2s of recovery")
+
+
+def test_resume_clears_quarantined_gpus(cluster):
+    cluster.start_coordinator()  # default recovery: 300 s
+    cluster.add_agent("n1", 2)
+    cluster.wait_for_nodes(1)
+    client = cluster.client()
+    cluster.faults_file("n1").write_text(json.dumps({"1": {"ecc_uncorrected": 1}}))
+    wait_for(lambda: not client.get_node("n1").devices[1].healthy, what="unhealthy")
+    cluster.faults_file("n1").write_text("{}")
+    wait_for(lambda: "recovering" in client.get_node("n1").devices[1].unhealthy_reason, what="quarantine")
+    time.sleep(1.5)
+    assert not client.get_node("n1").devices[1].healthy, "still quarantined"
+    assert client.resume_node("n1").devices[1].healthy, "an operator's resume clears it"
 
 
 def _register(node_id: str, uuids=("GPU-x",)) -> agent_pb2.AgentMessage:

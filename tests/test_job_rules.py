@@ -72,6 +72,8 @@ def test_launch_messages_cover_every_rank_once():
     ranks = sorted(rank.rank for launch in launches.values() for rank in launch.ranks)
     assert ranks == [0, 1, 2, 3]
     assert [r.local_rank for r in launches["a"].ranks] == [0, 1]
+    merged = {**launches["b"].env, **launches["b"].ranks[1].env}
+    assert merged == jobs.rank_environment(placed_job(), placed_job().placement, placed_job().placement.nodes[1], 1)
     assert launches["b"].attempt == 2 and list(launches["b"].argv) == ["python", "train.py"]
 
 

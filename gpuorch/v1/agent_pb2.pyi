@@ -43,14 +43,28 @@ class Register(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[_cluster_pb2.DeviceInfo, _Mapping]]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sequence", "sent_time", "devices")
+    __slots__ = ("sequence", "sent_time", "devices", "progress")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SENT_TIME_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     sent_time: _timestamp_pb2.Timestamp
     devices: _containers.RepeatedCompositeFieldContainer[_cluster_pb2.DeviceTelemetry]
-    def __init__(self, sequence: _Optional[int] = ..., sent_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[_cluster_pb2.DeviceTelemetry, _Mapping]]] = ...) -> None: ...
+    progress: _containers.RepeatedCompositeFieldContainer[RankProgress]
+    def __init__(self, sequence: _Optional[int] = ..., sent_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[_cluster_pb2.DeviceTelemetry, _Mapping]]] = ..., progress: _Optional[_Iterable[_Union[RankProgress, _Mapping]]] = ...) -> None: ...
+
+class RankProgress(_message.Message):
+    __slots__ = ("job_id", "attempt", "rank", "last_progress_time")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROGRESS_TIME_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    rank: int
+    last_progress_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid")
@@ -111,20 +125,29 @@ class RegisterAck(_message.Message):
     def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ...) -> None: ...
 
 class LaunchTask(_message.Message):
-    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner")
+    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ARGV_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     argv: _containers.RepeatedScalarFieldContainer[str]
     working_dir: str
     ranks: _containers.RepeatedCompositeFieldContainer[RankLaunch]
     owner: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
+    env: _containers.ScalarMap[str, str]
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RankLaunch(_message.Message):
     __slots__ = ("rank", "local_rank", "env")

@@ -34,7 +34,7 @@ class JobRequirements(_message.Message):
     def __init__(self, min_memory_per_gpu_bytes: _Optional[int] = ..., gpu_model: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread")
+    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class JobSpec(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_RUNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SPREAD_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -70,7 +71,24 @@ class JobSpec(_message.Message):
     owner: str
     estimated_runtime_seconds: int
     spread: bool
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ...) -> None: ...
+    progress_timeout_seconds: int
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ...) -> None: ...
+
+class Attempt(_message.Message):
+    __slots__ = ("attempt", "placement", "start_time", "end_time", "restart_reason", "end_reason")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESTART_REASON_FIELD_NUMBER: _ClassVar[int]
+    END_REASON_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    placement: Placement
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    restart_reason: str
+    end_reason: str
+    def __init__(self, attempt: _Optional[int] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_reason: _Optional[str] = ..., end_reason: _Optional[str] = ...) -> None: ...
 
 class NodeAssignment(_message.Message):
     __slots__ = ("node_id", "node_rank", "device_uuids", "first_rank", "device_indexes")
@@ -99,7 +117,7 @@ class Placement(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeAssignment, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "attempt", "reason", "placement", "submit_time", "start_time", "end_time")
+    __slots__ = ("job_id", "spec", "state", "attempt", "reason", "placement", "submit_time", "start_time", "end_time", "attempts", "restarts", "restart_not_before")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +127,9 @@ class Job(_message.Message):
     SUBMIT_TIME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -118,7 +139,10 @@ class Job(_message.Message):
     submit_time: _timestamp_pb2.Timestamp
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
+    restarts: int
+    restart_not_before: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., restarts: _Optional[int] = ..., restart_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "client_request_id")

@@ -1,0 +1,90 @@
+"""What to do when an attempt fails, as pure functions over plain data.
+
+An attempt fails when a rank exits non-zero, is killed or cannot start, when its
+node goes DOWN, when one of its GPUs turns unhealthy, or when it hangs (no rank
+reported progress within the job's timeout). Then every rank of the attempt is
+stopped, and the job either restarts — a new attempt, placed anew, after a
+capped exponential backoff — or, past its restart budget, fails for good.
+
+Each restart carries a short machine-readable reason that ranks see as
+GPUORCH_RESTART_REASON:
+
+    rank_exit:<rank>:<code>     a rank exited with <code> (128+N when killed by signal N, as shells do)
+    rank_start:<rank>           a rank could not be started
+    node_down:<node>            the node holding ranks went DOWN
+    gpu_unhealthy:<uuid>        a GPU of the attempt turned unhealthy
+    hang                        no progress from any rank for the job's progress timeout
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpuorch.v1 import agent_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPolicy:
+    backoff_initial_seconds: float = 0.0
+    """Delay before the first restart: none, so a crashed rank costs seconds, not minutes."""
+    backoff_base_seconds: float = 1.0
+    """Delay before the second restart; doubles for each one after."""
+    backoff_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    delay_seconds: float
+    restart_number: int
+    """1 for the first restart."""
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    reason: str
+
+
+def rank_failure_code(status: agent_pb2.TaskStatus) -> str:
+    if status.state in (agent_pb2.TASK_STATE_FAILED_TO_START, agent_pb2.TASK_STATE_REJECTED):
+        return f"rank_start:{status.rank}"
+    code = 128 + status.signal if status.signal else status.exit_code
+    return f"rank_exit:{status.rank}:{code}"
+
+
+def restart_delay(restart_number: int, policy: RecoveryPolicy) -> float:
+    """Backoff before restart number `restart_number` (1-based)."""
+    if restart_number <= 1:
+        return policy.backoff_initial_seconds
+    return min(policy.backoff_max_seconds, policy.backoff_base_seconds * 2 ** (restart_number - 2))
+
+
+def decide(max_restarts: int, restarts_used: int, history: list[str], policy: RecoveryPolicy) -> Restart | GiveUp:
+    """Restart or give up after a failed attempt.
+
+    Args:
+        max_restarts: the job's restart budget.
+        restarts_used: restarts already made before this failure.
+        history: how each attempt so far ended, oldest first (the failed one last).
+    """
+    if restarts_used < max_restarts:
+        number = restarts_used + 1
+        return Restart(restart_delay(number, policy), number)
+    if max_restarts == 0:
+        return GiveUp(history[-1])
+    ends = "; ".join(f"attempt {n}: {end}" for n, end in enumerate(history, start=1))
+    return GiveUp(f"{history[-1]} (no restarts left of {max_restarts}; {ends})")
+
+
+def elastic_sizes(gpus: int, min_gpus: int, gpus_per_node: int) -> list[int]:
+    """World sizes to try, largest first: `gpus` down to `min_gpus`, multiples of gpus_per_node."""
+    floor = min_gpus or gpus
+    step = gpus_per_node or 1
+    return [size for size in range(gpus, floor - 1, -1) if size % step == 0]
+
+
+def hung(progress_timeout: float, attempt_started_at: float, last_progress_at: float, now: float) -> bool:
+    """True when no rank reported progress for `progress_timeout` seconds (counted from the start
+    of the attempt if none ever did). A timeout of 0 disables hang detection."""
+    if progress_timeout <= 0:
+        return False
+    return now - max(attempt_started_at, last_progress_at) >= progress_timeout
