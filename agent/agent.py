@@ -34,9 +34,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # Our own backoff decides when to retry; keep gRPC's short so it does not add to it.
+    # Our own backoff decides when to retry; keep gRPC's short so it does not add to it. (Not
+    # grpc.min_reconnect_backoff_ms: it is also the minimum connect timeout, and a short one makes
+    # a fleet of agents time out against a busy coordinator and thrash.)
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
@@ -82,6 +83,7 @@ class Agent:
         self.registered = asyncio.Event()
         self.connected = False
         self.reconnects = 0
+        self.heartbeats_sent = 0
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
 
     def send(self, message: agent_pb2.AgentMessage) -> bool:
@@ -185,7 +187,8 @@ class Agent:
             sent = Timestamp()
             sent.GetCurrentTime()
             heartbeat = agent_pb2.Heartbeat(sequence=sequence, sent_time=sent, devices=samples, progress=self.progress_snapshot())
-            self.send(agent_pb2.AgentMessage(heartbeat=heartbeat))
+            if self.send(agent_pb2.AgentMessage(heartbeat=heartbeat)):
+                self.heartbeats_sent += 1
             next_beat += interval
             delay = next_beat - time.monotonic()
             if delay < 0:  # fell behind (a stopped process, a slow driver): start a new schedule

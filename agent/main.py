@@ -7,14 +7,17 @@ import asyncio
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import structlog
 
 from agent.agent import Agent
+from agent.metrics import serve_metrics
 from agent.supervisor import Supervisor
 from agent.settings import AgentSettings
 from agent.telemetry import TelemetryUnavailable, open_source
+from gpuorch import sdnotify
 from gpuorch.backoff import Backoff
 from gpuorch.logs import configure_logging
 from gpuorch.settings import SettingsError, load_settings
@@ -35,12 +38,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--simulate-faults-file", metavar="FILE", help="JSON file of injected faults for simulated GPUs")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats (default: the coordinator's)")
     parser.add_argument("--advertise-address", help="address other nodes reach this one on")
+    parser.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9401 (default: off)"
+    )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
     return parser.parse_args(argv)
 
 
+READY_TIMEOUT_SECONDS = 2.0
+"""READY=1 comes at the latest this long after start-up, even if the first connection attempt still hangs."""
+
+
+async def notify_ready(agent: Agent) -> None:
+    """Tells systemd the agent is ready once its first connection attempt is over, either way.
+
+    Readiness never waits for the coordinator: a node must boot, and recover its
+    ranks, while the coordinator is down; an agent that retries is doing its job.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while not (agent.registered.is_set() or agent.reconnects) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    sdnotify.ready(f"node {agent.node_id}, coordinator {agent.coordinator}")
+
+
 async def serve(settings: AgentSettings) -> None:
+    sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
     node_id = settings.node_id or socket.gethostname()
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -61,12 +84,18 @@ async def serve(settings: AgentSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    metrics = serve_metrics(settings.metrics_listen, agent, supervisor) if settings.metrics_listen else None
+    readiness = loop.create_task(notify_ready(agent))
     try:
         await agent.run(stopping)
     finally:
+        sdnotify.stopping("stopping; ranks keep running")
+        readiness.cancel()
         # Ranks outlive the agent (a restart or upgrade must not kill a three-day job).
         await supervisor.close()
         source.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def attach_supervisor(agent: Agent, supervisor: Supervisor) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpuorch.metrics import parse_listen
+
 
 @dataclass
 class AgentSettings:
@@ -25,6 +27,8 @@ class AgentSettings:
     """First reconnect delay in seconds; doubles per failure."""
     reconnect_max: float = 3.0
     """Cap of the reconnect delay in seconds."""
+    metrics_listen: str = ""
+    """host:port to serve Prometheus /metrics on (e.g. 0.0.0.0:9401); empty = no metrics endpoint."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -39,3 +43,5 @@ class AgentSettings:
             raise ValueError("reconnect_initial must be > 0 and reconnect_max >= reconnect_initial")
         if ":" not in self.coordinator:
             raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen)

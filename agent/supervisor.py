@@ -64,6 +64,10 @@ ReportFn = Callable[[agent_pb2.TaskStatus], None]
 RankKey = tuple[str, int, int]
 
 
+AGENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "INVOCATION_ID")
+"""systemd's variables for the agent itself: a rank must not talk to systemd as if it were the agent."""
+
+
 def process_start_time(pid: int) -> int | None:
     """Start time of a process in clock ticks since boot (/proc/<pid>/stat field 22), None if it is gone.
 
@@ -400,6 +404,8 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
         env = os.environ.copy()
+        for name in AGENT_ONLY_ENV:
+            env.pop(name, None)
         env.update(launch.env)
         env.update(rank_launch.env)
         # gpuorch.worker.report_progress() touches this file; the agent reports its mtime in heartbeats.

@@ -8,12 +8,12 @@ keeps the records and turns them into wire messages.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import itertools
 import math
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,65 @@ NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 MAX_DEVICES_PER_NODE = 64
 MIN_HEARTBEAT_INTERVAL = 0.05
 MAX_HEARTBEAT_INTERVAL = 300.0
+
+
+# A device's latest telemetry is kept as a plain tuple of numbers, in this order, not as the
+# message it came in: the garbage collector stops tracking such tuples, so the samples of
+# 16,000 GPUs, replaced every second, neither lengthen nor trigger full collections (which
+# stall the event loop and with it heartbeat ingest).
+SAMPLE_FIELDS = (
+    "memory_used_bytes", "gpu_utilization_percent", "memory_utilization_percent", "temperature_celsius",
+    "power_watts", "ecc_corrected_errors", "ecc_uncorrected_errors", "xid_count", "last_xid", "lost",
+)  # fmt: skip
+MEMORY_USED, GPU_UTILIZATION, _, TEMPERATURE, POWER, _, ECC_UNCORRECTED, _, LAST_XID, LOST = range(len(SAMPLE_FIELDS))
+
+
+def sample_of(telemetry: cluster_pb2.DeviceTelemetry) -> tuple:
+    return (
+        telemetry.memory_used_bytes,
+        telemetry.gpu_utilization_percent,
+        telemetry.memory_utilization_percent,
+        telemetry.temperature_celsius,
+        telemetry.power_watts,
+        telemetry.ecc_corrected_errors,
+        telemetry.ecc_uncorrected_errors,
+        telemetry.xid_count,
+        telemetry.last_xid,
+        telemetry.lost,
+    )
+
+
+def telemetry_of(uuid: str, sample: tuple) -> cluster_pb2.DeviceTelemetry:
+    return cluster_pb2.DeviceTelemetry(uuid=uuid, **dict(zip(SAMPLE_FIELDS, sample)))
+
+
+class TelemetryHistory:
+    """The last `length` samples of (wall time, GPU utilisation, memory used, temperature, power),
+    in one preallocated array of doubles: constant memory, nothing for the garbage collector to walk."""
+
+    WIDTH = 5
+    __slots__ = ("length", "values", "count")
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.values = array.array("d", bytes(8 * self.WIDTH * length))
+        self.count = 0
+
+    def append(self, wall: float, utilization: float, memory_used: float, temperature: float, power: float) -> None:
+        start = (self.count % self.length) * self.WIDTH
+        self.values[start : start + self.WIDTH] = array.array("d", (wall, utilization, memory_used, temperature, power))
+        self.count += 1
+
+    def __len__(self) -> int:
+        return min(self.count, self.length)
+
+    def samples(self) -> list[tuple[float, ...]]:
+        """Oldest first."""
+        first = self.count - len(self)
+        return [
+            tuple(self.values[(i % self.length) * self.WIDTH : (i % self.length + 1) * self.WIDTH])
+            for i in range(first, self.count)
+        ]
 
 
 class InvalidMessage(ValueError):
@@ -91,19 +150,21 @@ class AgentSession:
             self.outbox.put_nowait(None)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DeviceRecord:
     info: cluster_pb2.DeviceInfo
-    telemetry: cluster_pb2.DeviceTelemetry | None = None
-    history: deque = field(default_factory=deque)
-    """(wall time, gpu utilisation, memory used, temperature, power) tuples, newest last."""
+    history: TelemetryHistory
+    memory_total: int = 0
+    """info.memory_total_bytes, read once (message fields are slow to read in loops over every GPU)."""
+    sample: tuple | None = None
+    """Latest telemetry as a tuple in SAMPLE_FIELDS order; None before the first heartbeat."""
     health: health.DeviceHealth = health.HEALTHY
     last_unhealthy_at: float | None = None
     """Monotonic time the device was last seen unhealthy; None once it has recovered or was cleared."""
     last_unhealthy_reason: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class NodeRecord:
     node_id: str
     hostname: str
@@ -142,24 +203,36 @@ class Transition:
 
 
 class HeartbeatStats:
-    """Ingest lag and rate over recent heartbeats, for GetClusterStatus and benchmarks."""
+    """Ingest lag and rate over recent heartbeats, for GetClusterStatus and benchmarks.
+
+    A ring of the last `max_samples` (received time, lag) pairs in arrays of doubles: the hot path
+    writes two numbers, and the garbage collector has nothing to walk."""
 
     def __init__(self, window_seconds: float = 10.0, max_samples: int = 1 << 16) -> None:
         self.window_seconds = window_seconds
-        self.samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self.max_samples = max_samples
+        self.received = array.array("d", bytes(8 * max_samples))
+        self.lags = array.array("d", bytes(8 * max_samples))
+        self.count = 0
 
     def record(self, received_wall: float, lag_seconds: float) -> None:
-        self.samples.append((received_wall, lag_seconds))
+        slot = self.count % self.max_samples
+        self.received[slot] = received_wall
+        self.lags[slot] = lag_seconds
+        self.count += 1
 
     def summary(self, now_wall: float) -> tuple[float, float, float]:
         """(heartbeats per second, p50 lag ms, p99 lag ms) over the window."""
+        held = min(self.count, self.max_samples)
+        if not held:
+            return 0.0, 0.0, 0.0
         cutoff = now_wall - self.window_seconds
-        recent = [lag for received, lag in self.samples if received >= cutoff]
+        received, lags = self.received[:held], self.lags[:held]
+        recent = sorted(lag for when, lag in zip(received, lags) if when >= cutoff)
         if not recent:
             return 0.0, 0.0, 0.0
-        oldest = self.samples[0][0]
+        oldest = min(received)
         span = self.window_seconds if oldest <= cutoff else max(now_wall - oldest, 1e-3)
-        recent.sort()
         return (
             len(recent) / span,
             1000 * recent[len(recent) // 2],
@@ -214,7 +287,7 @@ class ClusterView:
         devices = {}
         previous = self.nodes.get(register.node_id)
         for info in register.devices:
-            devices[info.uuid] = DeviceRecord(info=info, history=deque(maxlen=self.history_length))
+            devices[info.uuid] = DeviceRecord(info=info, history=TelemetryHistory(self.history_length), memory_total=info.memory_total_bytes)
         state = liveness.registered(now, interval)
         replaced = previous.session if previous is not None else None
         node = NodeRecord(
@@ -251,18 +324,16 @@ class ClusterView:
             record = devices.get(sample.uuid)
             if record is None:
                 raise InvalidMessage(f"heartbeat names device {sample.uuid!r}, which node {node.node_id!r} did not register")
-            previous = record.telemetry
-            record.telemetry = sample
-            record.history.append(
-                (wall, sample.gpu_utilization_percent, sample.memory_used_bytes, sample.temperature_celsius, sample.power_watts)
-            )
+            previous = record.sample
+            current = record.sample = sample_of(sample)
+            record.history.append(wall, current[GPU_UTILIZATION], current[MEMORY_USED], current[TEMPERATURE], current[POWER])
             if (
                 previous is None
                 or record.last_unhealthy_at is not None
-                or sample.lost
-                or sample.last_xid != previous.last_xid
-                or sample.ecc_uncorrected_errors != previous.ecc_uncorrected_errors
-                or sample.temperature_celsius != previous.temperature_celsius
+                or current[LOST]
+                or current[LAST_XID] != previous[LAST_XID]
+                or current[ECC_UNCORRECTED] != previous[ECC_UNCORRECTED]
+                or current[TEMPERATURE] != previous[TEMPERATURE]
             ):
                 self._judge(node, record, now)
         if heartbeat.HasField("sent_time"):
@@ -270,12 +341,12 @@ class ClusterView:
 
     def _judge(self, node: NodeRecord, record: DeviceRecord, now: float) -> None:
         """Re-assesses a device from its latest telemetry, keeping recently unhealthy ones quarantined."""
-        sample = record.telemetry
+        sample = record.sample
         assessed = health.assess_device(
-            lost=sample.lost,
-            last_xid=sample.last_xid,
-            ecc_uncorrected_errors=sample.ecc_uncorrected_errors,
-            temperature_celsius=sample.temperature_celsius,
+            lost=sample[LOST],
+            last_xid=sample[LAST_XID],
+            ecc_uncorrected_errors=sample[ECC_UNCORRECTED],
+            temperature_celsius=sample[TEMPERATURE],
             temperature_limit_celsius=record.info.temperature_limit_celsius,
         )
         if not assessed.healthy:
@@ -359,7 +430,7 @@ class ClusterView:
         # An operator's resume also clears quarantined GPUs; ones still failing turn unhealthy again.
         for record in node.devices.values():
             record.last_unhealthy_at = None
-            if record.telemetry is not None:
+            if record.sample is not None:
                 self._judge(node, record, self.clock())
         node.health_version += 1
         return node
@@ -404,8 +475,8 @@ class ClusterView:
                 allocated_job_id=job_id,
                 allocated_attempt=attempt,
             )
-            if record.telemetry is not None:
-                device.telemetry.CopyFrom(record.telemetry)
+            if record.sample is not None:
+                device.telemetry.CopyFrom(telemetry_of(record.info.uuid, record.sample))
         return message
 
     def list_nodes(self, states: Iterable[int] = ()) -> list[cluster_pb2.Node]:
@@ -417,28 +488,43 @@ class ClusterView:
         ]
 
     def status(self) -> cluster_pb2.ClusterStatus:
-        status = cluster_pb2.ClusterStatus()
-        for value in cluster_pb2.NodeState.values():
-            if value != cluster_pb2.NODE_STATE_UNSPECIFIED:
-                status.nodes_by_state[cluster_pb2.NodeState.Name(value)] = 0
+        """Totals for GetClusterStatus. Runs on the event loop over every GPU, so it adds up plain
+        locals and touches the message once at the end."""
+        by_state = {value: 0 for value in cluster_pb2.NodeState.values() if value != cluster_pb2.NODE_STATE_UNSPECIFIED}
+        gpus_total = gpus_healthy = gpus_free = memory_total = memory_used = 0
         utilization_sum, utilization_count = 0.0, 0
+        allocations = self.allocations
         for node in self.nodes.values():
-            status.nodes_by_state[cluster_pb2.NodeState.Name(self.state_of(node))] += 1
-            status.nodes_total += 1
-            status.gpus_total += len(node.devices)
-            if node.liveness.state is not Liveness.READY:
-                continue
-            for device in node.devices.values():
-                status.memory_total_bytes += device.info.memory_total_bytes
-                if device.telemetry is not None:
-                    status.memory_used_bytes += device.telemetry.memory_used_bytes
-                    utilization_sum += device.telemetry.gpu_utilization_percent
+            gpus_total += len(node.devices)
+            busy = False
+            ready = node.liveness.state is Liveness.READY
+            for uuid, device in node.devices.items():
+                allocated = uuid in allocations
+                busy = busy or allocated
+                if not ready:
+                    continue
+                memory_total += device.memory_total
+                sample = device.sample
+                if sample is not None:
+                    memory_used += sample[MEMORY_USED]
+                    utilization_sum += sample[GPU_UTILIZATION]
                     utilization_count += 1
                 if device.health.healthy:
-                    status.gpus_healthy += 1
-                    if device.info.uuid not in self.allocations and not node.drained:
-                        status.gpus_free += 1
-        status.mean_gpu_utilization_percent = utilization_sum / utilization_count if utilization_count else 0.0
+                    gpus_healthy += 1
+                    if not allocated and not node.drained:
+                        gpus_free += 1
+            by_state[public_state(node.liveness.state, node.drained, busy)] += 1
         rate, p50, p99 = self.heartbeats.summary(self.wall_clock())
-        status.heartbeats_per_second, status.heartbeat_lag_p50_ms, status.heartbeat_lag_p99_ms = rate, p50, p99
-        return status
+        return cluster_pb2.ClusterStatus(
+            nodes_by_state={cluster_pb2.NodeState.Name(state): count for state, count in by_state.items()},
+            nodes_total=len(self.nodes),
+            gpus_total=gpus_total,
+            gpus_healthy=gpus_healthy,
+            gpus_free=gpus_free,
+            memory_total_bytes=memory_total,
+            memory_used_bytes=memory_used,
+            mean_gpu_utilization_percent=utilization_sum / utilization_count if utilization_count else 0.0,
+            heartbeats_per_second=rate,
+            heartbeat_lag_p50_ms=p50,
+            heartbeat_lag_p99_ms=p99,
+        )

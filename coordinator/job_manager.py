@@ -28,7 +28,7 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coordinator import jobs, recovery, scheduler
-from coordinator.cluster import ClusterView, Transition
+from coordinator.cluster import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE, ClusterView, Transition
 from coordinator.liveness import Liveness
 from coordinator.store import JobStore, StoredJob
 from gpuorch.v1 import agent_pb2, job_pb2
@@ -43,6 +43,8 @@ trends, not every sample); allocation, health and drain changes rebuild it at on
 FAIR_SHARE_HALF_LIFE_SECONDS = 3600.0
 LOG_READ_TIMEOUT_SECONDS = 10.0
 LOG_CHUNK_BYTES = 64 * 1024
+IDLE_SAMPLE = (0,) * len(SAMPLE_FIELDS)
+"""What the scheduler assumes of a GPU that has not reported telemetry yet."""
 
 
 class JobNotFound(KeyError):
@@ -411,16 +413,16 @@ class JobManager:
         allocations = self.cluster.allocations
         gpus = []
         for record in node.devices.values():
-            telemetry = record.telemetry
+            sample = record.sample or IDLE_SAMPLE
             gpus.append(
                 scheduler.GpuView(
                     uuid=record.info.uuid,
                     index=record.info.index,
                     model=record.info.name,
                     memory_total_bytes=record.info.memory_total_bytes,
-                    memory_used_bytes=telemetry.memory_used_bytes if telemetry is not None else 0,
-                    utilization_percent=telemetry.gpu_utilization_percent if telemetry is not None else 0.0,
-                    temperature_celsius=telemetry.temperature_celsius if telemetry is not None else 0.0,
+                    memory_used_bytes=sample[MEMORY_USED],
+                    utilization_percent=sample[GPU_UTILIZATION],
+                    temperature_celsius=sample[TEMPERATURE],
                     healthy=record.health.healthy,
                     free=record.info.uuid not in allocations,
                 )

@@ -11,6 +11,7 @@ import structlog
 
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
+from gpuorch import sdnotify
 from gpuorch.logs import configure_logging
 from gpuorch.settings import SettingsError, load_settings
 
@@ -32,19 +33,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restart-backoff-base", type=float, help="seconds before a job's second restart; doubles after (default 1)")
     parser.add_argument("--device-recovery-seconds", type=float, help="seconds a GPU must be healthy again before it gets work (default 300)")
     parser.add_argument("--checkpoint-root", help="shared directory for GPUORCH_CHECKPOINT_DIR (default <state-dir>/checkpoints)")
+    parser.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9400 (default: off)"
+    )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
     return parser.parse_args(argv)
 
 
 async def serve(settings: CoordinatorSettings) -> None:
+    sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
     coordinator = Coordinator(settings)
     await coordinator.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    sdnotify.ready(f"serving on {settings.listen.rsplit(':', 1)[0]}:{coordinator.port}")
     await stopping.wait()
+    sdnotify.stopping("stopping: finishing in-flight calls")
     await coordinator.stop()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpuorch.metrics import parse_listen
+
 
 @dataclass
 class CoordinatorSettings:
@@ -42,6 +44,8 @@ class CoordinatorSettings:
     checkpoint_root: str = ""
     """GPUORCH_CHECKPOINT_DIR of a job is <checkpoint_root>/<job id>: put it on storage every node
     mounts. Empty = <state_dir>/checkpoints (enough for a single machine)."""
+    metrics_listen: str = ""
+    """host:port to serve Prometheus /metrics on (e.g. 0.0.0.0:9400); empty = no metrics endpoint."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -64,3 +68,5 @@ class CoordinatorSettings:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen)

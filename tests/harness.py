@@ -98,6 +98,7 @@ class Daemon:
 class LocalCluster:
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.coordinator: Daemon | None = None

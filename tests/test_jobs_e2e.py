@@ -309,3 +309,16 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] not in "ZX"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_following_logs_streams_output_until_the_job_ends(two_nodes):
+    client = two_nodes.client()
+    program = "import time\nfor i in range(6):\n    print('line', i, flush=True)\n    time.sleep(0.3)\n"
+    job_id = client.submit_job(argv=[sys.executable, "-c", program], gpus=1)
+    wait_state(client, job_id, RUNNING)
+    wait_for(lambda: logs(client, job_id, 0), what="first output")
+    followed = b"".join(client.job_logs(job_id, 0, follow=True)).decode()
+    assert [line for line in followed.splitlines()] == [f"line {i}" for i in range(6)]
+    assert client.get_job(job_id).state == SUCCEEDED, "the stream ended because the job did"
+    with pytest.raises(InvalidArgument, match="no rank 5"):
+        list(client.job_logs(job_id, 5))

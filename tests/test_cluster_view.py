@@ -1,0 +1,67 @@
+"""The cluster view's bookkeeping: telemetry history, ingest stats, and the garbage settler."""
+
+from __future__ import annotations
+
+import gc
+
+from coordinator.cluster import ClusterView, HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
+from coordinator.liveness import LivenessPolicy
+from coordinator.server import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
+from gpuorch.v1 import agent_pb2, cluster_pb2
+
+
+def test_history_keeps_the_last_samples_oldest_first():
+    history = TelemetryHistory(3)
+    assert history.samples() == [] and len(history) == 0
+    for second in range(5):
+        history.append(float(second), 10.0 * second, 1.0, 40.0, 300.0)
+    assert len(history) == 3
+    assert [sample[0] for sample in history.samples()] == [2.0, 3.0, 4.0]
+    assert history.samples()[-1] == (4.0, 40.0, 1.0, 40.0, 300.0)
+
+
+def test_heartbeat_stats_report_rate_and_percentiles_over_the_window():
+    stats = HeartbeatStats(window_seconds=10, max_samples=1000)
+    for i in range(100):
+        stats.record(1000.0 + i * 0.1, 0.001 if i < 98 else 0.5)
+    rate, p50, p99 = stats.summary(1010.0)
+    assert 9.5 < rate < 10.5
+    assert p50 == 1.0 and p99 == 500.0
+    assert stats.summary(2000.0) == (0.0, 0.0, 0.0), "nothing in the window"
+
+
+def test_samples_round_trip_between_tuple_and_message():
+    message = cluster_pb2.DeviceTelemetry(uuid="GPU-1", memory_used_bytes=5, temperature_celsius=61.5, last_xid=79, lost=True)
+    assert telemetry_of("GPU-1", sample_of(message)) == message
+
+
+def test_heartbeats_fill_the_history_and_device_health():
+    view = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, history_length=4)
+    register = agent_pb2.Register(node_id="n1")
+    register.devices.add(uuid="GPU-1", index=0, memory_total_bytes=80)
+    _, session, _ = view.register(register)
+    for temperature in (40, 50, 95):
+        heartbeat = agent_pb2.Heartbeat(sequence=1, devices=[cluster_pb2.DeviceTelemetry(uuid="GPU-1", temperature_celsius=temperature)])
+        view.heartbeat(session, heartbeat)
+    device = view.nodes["n1"].devices["GPU-1"]
+    assert [sample[3] for sample in device.history.samples()] == [40, 50, 95]
+    assert not device.health.healthy and "95C" in device.health.reason
+
+
+def test_garbage_settler_freezes_after_quiet_and_unfreezes_hourly():
+    now = [0.0]
+    settler = GarbageSettler(clock=lambda: now[0])
+    gc.unfreeze()
+    try:
+        settler.registered()
+        now[0] = SETTLE_SECONDS - 0.1
+        settler.tick()
+        assert gc.get_freeze_count() == 0, "not while registrations are recent"
+        now[0] = SETTLE_SECONDS
+        settler.tick()
+        assert gc.get_freeze_count() > 0
+        now[0] += UNFREEZE_SECONDS
+        settler.tick()
+        assert settler.frozen_at == now[0], "unfrozen and frozen again in the same quiet tick"
+    finally:
+        gc.unfreeze()
