@@ -19,8 +19,7 @@ from agent.settings import AgentSettings
 from agent.telemetry import TelemetryUnavailable, open_source
 from gpuorch import sdnotify
 from gpuorch.backoff import Backoff
-from gpuorch.logs import configure_logging
-from gpuorch.settings import SettingsError, load_settings
+from gpuorch.settings import daemon_settings
 from gpuorch.v1 import agent_pb2
 
 
@@ -137,15 +136,7 @@ def attach_supervisor(agent: Agent, supervisor: Supervisor) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    flags = {key: value for key, value in vars(args).items() if key != "config"}
-    try:
-        settings = load_settings(AgentSettings, config_file=args.config, overrides=flags)
-        settings.validate()
-        configure_logging(settings.log_level, settings.log_format)
-    except (SettingsError, ValueError) as error:
-        print(f"gpuorch-agent: {error}", file=sys.stderr)
-        return 2
+    settings = daemon_settings(AgentSettings, parse_args(argv), "gpuorch-agent")
     try:
         asyncio.run(serve(settings))
     except TelemetryUnavailable as error:

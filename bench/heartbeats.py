@@ -93,7 +93,7 @@ if str(REPO) not in sys.path:
 import grpc  # noqa: E402
 
 import gpuorch  # noqa: E402
-from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc  # noqa: E402
+from gpuorch.v1 import agent_pb2, cluster_pb2, cluster_pb2_grpc  # noqa: E402
 
 try:
     from agent.agent import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS

@@ -15,6 +15,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -105,11 +106,7 @@ def main() -> None:
             client.submit_job(argv=[DATE], gpus=4)  # warm-up: first launches pay for imports
             wait_for(lambda: client.list_jobs(["succeeded"])[0], timeout=30)
             latencies = launch_latencies(client, args.jobs)
-            torch_available = True
-            try:
-                import torch  # noqa: F401
-            except ImportError:
-                torch_available = False
+            torch_available = importlib.util.find_spec("torch") is not None
             gpuorch_times, torchrun_times = [], []
             if torch_available and args.allreduce_runs:
                 os.environ["OMP_NUM_THREADS"] = "1"

@@ -33,7 +33,7 @@ from coordinator.job_manager import JobManager  # noqa: E402
 from coordinator.liveness import LivenessPolicy  # noqa: E402
 from coordinator.scheduler import SchedulerConfig  # noqa: E402
 from coordinator.store import SqliteJobStore  # noqa: E402
-from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2  # noqa: E402
+from gpuorch.v1 import agent_pb2, job_pb2  # noqa: E402
 
 JOB_SIZES = (1, 1, 1, 2, 2, 4, 4, 8, 8, 16)
 """Mostly small jobs, some large: the mix seen on shared training clusters."""

@@ -12,8 +12,7 @@ import structlog
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from gpuorch import sdnotify
-from gpuorch.logs import configure_logging
-from gpuorch.settings import SettingsError, load_settings
+from gpuorch.settings import daemon_settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,15 +55,7 @@ async def serve(settings: CoordinatorSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    flags = {key: value for key, value in vars(args).items() if key != "config"}
-    try:
-        settings = load_settings(CoordinatorSettings, config_file=args.config, overrides=flags)
-        settings.validate()
-        configure_logging(settings.log_level, settings.log_format)
-    except (SettingsError, ValueError) as error:
-        print(f"gpuorch-coordinator: {error}", file=sys.stderr)
-        return 2
+    settings = daemon_settings(CoordinatorSettings, parse_args(argv), "gpuorch-coordinator")
     try:
         asyncio.run(serve(settings))
     except RuntimeError as error:

@@ -6,8 +6,10 @@ the layers and fails with an error that names the bad key and where it came from
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -103,3 +105,20 @@ def load_settings(
         if value is not None:
             values[name] = _convert(value, hints[name], f"--{name.replace('_', '-')}")
     return cls(**values)
+
+
+def daemon_settings(cls: type[T], args: argparse.Namespace, program: str) -> T:
+    """A daemon's settings from `args.config`, GPUORCH_* and the other flags, validated, with
+    logging set up. A bad setting ends the program with one line naming it and exit status 2
+    (systemd's units do not restart on 2: a bad config does not fix itself)."""
+    from gpuorch.logs import configure_logging
+
+    flags = {key: value for key, value in vars(args).items() if key != "config"}
+    try:
+        settings = load_settings(cls, config_file=args.config, overrides=flags)
+        settings.validate()  # type: ignore[attr-defined]
+        configure_logging(settings.log_level, settings.log_format)  # type: ignore[attr-defined]
+    except (SettingsError, ValueError) as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings

@@ -104,7 +104,7 @@ def test_two_jobs_share_the_cluster_on_disjoint_gpus(two_nodes, tmp_path):
 def test_a_job_larger_than_the_cluster_pends_with_its_reason(two_nodes):
     client = two_nodes.client()
     job_id = client.submit_job(argv=[sys.executable, RANK], gpus=5)
-    job = wait_for(lambda: (j := client.get_job(j_id := job_id)).reason.startswith("needs 5") and j, what="a reason")
+    job = wait_for(lambda: (j := client.get_job(job_id)).reason.startswith("needs 5") and j, what="a reason")
     assert job.state == PENDING
     assert "needs 5 GPUs" in job.reason and "4 exist" in job.reason, job.reason
     big_memory = client.submit_job(argv=[sys.executable, RANK], gpus=1, requirements={"min_memory_per_gpu_bytes": 100 * 1024**3})

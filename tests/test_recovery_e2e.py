@@ -9,8 +9,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 import gpuorch
 from gpuorch.errors import GpuorchError
 from gpuorch.v1 import job_pb2
