@@ -149,8 +149,8 @@ class JobManager:
         self._expected_nodes: dict[str, float] = {}
         """After a coordinator restart: node id -> wall time by which it must re-register."""
         self._rng = random.Random()
-        self._view_cache: dict[str, tuple[tuple, scheduler.NodeView]] = {}
-        """Node id -> (what the view was built from, the view)."""
+        self._view_cache: dict[str, tuple] = {}
+        """Node id -> (what its GPU views were built from, the GPU view pairs, allocation version, node view)."""
         self._allocation_versions: dict[str, int] = {}
         """Node id -> increases whenever a device on it is taken or given back."""
         self._ports_in_use: dict[str, set[int]] = {}
@@ -391,43 +391,49 @@ class JobManager:
         return max(0.01, min([PERIODIC_PASS_SECONDS, *waits]))
 
     def _node_views(self) -> list[scheduler.NodeView]:
-        """The scheduler's view of every node, rebuilt only for nodes whose facts changed."""
+        """The scheduler's view of every node. Each GPU's two possible views (free, taken) are built
+        once per telemetry refresh or health change; an allocation change only re-picks between them."""
         telemetry_epoch = int(time.monotonic() // TELEMETRY_REFRESH_SECONDS)
+        allocations = self.cluster.allocations
         views = []
         for node in self.cluster.nodes.values():
-            key = (
-                id(node),
-                node.schedulable,
-                node.health_version,
-                self._allocation_versions.get(node.node_id, 0),
-                telemetry_epoch if node.last_sequence else 0,
-            )
+            allocation_version = self._allocation_versions.get(node.node_id, 0)
+            key = (id(node), node.schedulable, node.health_version, telemetry_epoch if node.last_sequence else 0)
             cached = self._view_cache.get(node.node_id)
             if cached is None or cached[0] != key:
-                cached = (key, self._build_node_view(node))
-                self._view_cache[node.node_id] = cached
-            views.append(cached[1])
+                cached = (key, self._gpu_view_pairs(node), -1, None)
+            elif cached[2] == allocation_version:
+                views.append(cached[3])
+                continue
+            pairs = cached[1]
+            view = scheduler.NodeView(
+                node_id=node.node_id,
+                schedulable=node.schedulable,
+                gpus=tuple(taken if uuid in allocations else free for uuid, free, taken in pairs),
+            )
+            self._view_cache[node.node_id] = (key, pairs, allocation_version, view)
+            views.append(view)
         return views
 
-    def _build_node_view(self, node) -> scheduler.NodeView:
-        allocations = self.cluster.allocations
-        gpus = []
-        for record in node.devices.values():
+    @staticmethod
+    def _gpu_view_pairs(node) -> list[tuple[str, scheduler.GpuView, scheduler.GpuView]]:
+        """(uuid, view when free, view when taken) for every GPU of the node."""
+        pairs = []
+        for uuid, record in node.devices.items():
             sample = record.sample or IDLE_SAMPLE
-            gpus.append(
-                scheduler.GpuView(
-                    uuid=record.info.uuid,
-                    index=record.info.index,
-                    model=record.info.name,
-                    memory_total_bytes=record.info.memory_total_bytes,
-                    memory_used_bytes=sample[MEMORY_USED],
-                    utilization_percent=sample[GPU_UTILIZATION],
-                    temperature_celsius=sample[TEMPERATURE],
-                    healthy=record.health.healthy,
-                    free=record.info.uuid not in allocations,
-                )
+            free = scheduler.GpuView(
+                uuid=uuid,
+                index=record.info.index,
+                model=record.info.name,
+                memory_total_bytes=record.memory_total,
+                memory_used_bytes=sample[MEMORY_USED],
+                utilization_percent=sample[GPU_UTILIZATION],
+                temperature_celsius=sample[TEMPERATURE],
+                healthy=record.health.healthy,
+                free=True,
             )
-        return scheduler.NodeView(node_id=node.node_id, schedulable=node.schedulable, gpus=tuple(gpus))
+            pairs.append((uuid, free, replace(free, free=False)))
+        return pairs
 
     def _request(self, entry: JobEntry) -> scheduler.JobRequest:
         if entry.request is None:
@@ -518,11 +524,10 @@ class JobManager:
         job = entry.job
         job.attempt += 1
         first_node = self.cluster.nodes[decision.nodes[0].node_id]
-        placement = job_pb2.Placement(
-            master_addr=first_node.addresses[0] if first_node.addresses else first_node.hostname,
-            master_port=self._rendezvous_port(first_node.node_id),
-            world_size=sum(len(share.gpu_uuids) for share in decision.nodes),
-        )
+        placement = job.placement
+        placement.Clear()
+        placement.master_addr = first_node.addresses[0] if first_node.addresses else first_node.hostname
+        placement.master_port = self._rendezvous_port(first_node.node_id)
         rank = 0
         for node_rank, share in enumerate(decision.nodes):
             devices = self.cluster.nodes[share.node_id].devices
@@ -534,13 +539,15 @@ class JobManager:
                 device_indexes=[devices[uuid].info.index for uuid in share.gpu_uuids],
             )
             rank += len(share.gpu_uuids)
-        job.placement.CopyFrom(placement)
+        placement.world_size = rank
         job.state = job_pb2.JOB_STATE_RUNNING
         size = "" if placement.world_size == job.spec.gpus else f" on {placement.world_size} of {job.spec.gpus} GPUs (elastic)"
         job.reason = f"attempt {job.attempt} running{size} on {len(decision.nodes)} node(s)"
-        job.start_time.CopyFrom(_stamp(now))
+        started = _stamp(now)
+        job.start_time.CopyFrom(started)
         job.ClearField("restart_not_before")
-        job.attempts.add(attempt=job.attempt, placement=placement, start_time=_stamp(now), restart_reason=entry.restart_reason)
+        record = job.attempts.add(attempt=job.attempt, start_time=started, restart_reason=entry.restart_reason)
+        record.placement.CopyFrom(placement)
         ranks = self._take_devices(entry, placement, job.attempt)
         ranks.started_wall = now
         del self.pending[job.job_id]
