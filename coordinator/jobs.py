@@ -29,11 +29,6 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 
-LIMITS_DOC = (
-    f"argv: at most {MAX_ARGV_BYTES} bytes; env: at most {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes; "
-    f"gpus: 1 to {MAX_GPUS}; name: {MAX_NAME_LENGTH} characters; owner: {MAX_OWNER_LENGTH} characters"
-)
-
 
 class InvalidSpec(ValueError):
     """A JobSpec field is wrong; the message names it."""
