@@ -22,12 +22,13 @@ from coordinator.job_manager import JobManager
 from coordinator.job_service import JobService
 from coordinator.scheduler import SchedulerConfig
 from coordinator.store import SqliteJobStore
+from coordinator.strict import add_strict_service
 from coordinator.liveness import Liveness, LivenessPolicy
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.recovery import RecoveryPolicy
 from coordinator.reflection import CommentedPool
 from coordinator.settings import CoordinatorSettings
-from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
+from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, job_pb2
 
 log = structlog.get_logger("coordinator")
 
@@ -161,11 +162,12 @@ class Coordinator:
         interceptors = self.metrics.interceptors() if self.metrics is not None else None
         self.server = grpc.aio.server(options=server_options(self.settings.max_message_bytes), interceptors=interceptors)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
-        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
-            ClusterService(self.cluster, self.epoch, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain),
+        add_strict_service(
             self.server,
+            cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+            ClusterService(self.cluster, self.epoch, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain),
         )
-        job_pb2_grpc.add_JobServiceServicer_to_server(JobService(self.jobs), self.server)
+        add_strict_service(self.server, job_pb2.DESCRIPTOR.services_by_name["JobService"], JobService(self.jobs))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -229,9 +229,17 @@ async def test_bad_streams_get_invalid_argument_and_the_coordinator_lives_on(clu
     oversized = await _first_error(address, [_register("n9", uuids=[f"GPU-{'x' * 100_000}-{i}" for i in range(60)])])
     assert oversized.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     async with grpc.aio.insecure_channel(address) as channel:
-        garbage = channel.unary_unary("/gpuorch.v1.ClusterService/GetNode", request_serializer=None, response_deserializer=None)
-        with pytest.raises(grpc.aio.AioRpcError):
-            await garbage(b"\xff\xff\xff\xff garbage", timeout=5)
+        for method in ("/gpuorch.v1.ClusterService/GetNode", "/gpuorch.v1.JobService/SubmitJob"):
+            garbage = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await garbage(b"\xff\xff\xff\xff garbage", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "request is not a valid gpuorch.v1." in caught.value.details()
+        watch = channel.unary_stream("/gpuorch.v1.JobService/WatchJob", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in watch(b"\x0a\xff", timeout=5):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         nodes = await cluster_pb2_grpc.ClusterServiceStub(channel).ListNodes(cluster_pb2.ListNodesRequest(), timeout=5)
