@@ -177,6 +177,19 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+def cpu_snapshot(pid: int, generator_pids) -> dict[str, float]:
+    """CPU seconds used so far by the coordinator (all threads and its main thread), the generators,
+    this process and the whole machine, with the wall time: subtract two to get a window."""
+    return {
+        "coordinator": cpu_seconds(pid),
+        "coordinator_main_thread": thread_cpu_seconds(pid, pid),
+        "generators": proc_cpu(generator_pids),
+        "bench": proc_cpu([os.getpid()]),
+        "machine": machine_busy_seconds(),
+        "wall": time.time(),
+    }
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
     with open("/proc/stat") as handle:
@@ -656,14 +669,7 @@ def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -
         baseline = sample_status(coordinator, start_wall)
         step["status_baseline"] = baseline
         time.sleep(max(0.0, start_wall - time.time()))
-        before = {
-            "coordinator": cpu_seconds(pid),
-            "coordinator_main_thread": thread_cpu_seconds(pid, pid),
-            "generators": proc_cpu(generators.pids),
-            "bench": proc_cpu([os.getpid()]),
-            "machine": machine_busy_seconds(),
-            "wall": time.time(),
-        }
+        before = cpu_snapshot(pid, generators.pids)
         loadavg_start = os.getloadavg()
         samples = []
         next_sample = start_wall + args.sample_every
@@ -677,14 +683,7 @@ def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -
             samples.append(sample_status(coordinator, start_wall))
             log(f"[{agents} agents] {describe_sample(samples[-1])}")
             next_sample += args.sample_every
-        after = {
-            "coordinator": cpu_seconds(pid),
-            "coordinator_main_thread": thread_cpu_seconds(pid, pid),
-            "generators": proc_cpu(generators.pids),
-            "bench": proc_cpu([os.getpid()]),
-            "machine": machine_busy_seconds(),
-            "wall": time.time(),
-        }
+        after = cpu_snapshot(pid, generators.pids)
         samples.append(sample_status(coordinator, start_wall))  # after the CPU window; its 10 s end with it
         log(f"[{agents} agents] final: {describe_sample(samples[-1])}")
         window_s = after["wall"] - before["wall"]
