@@ -67,8 +67,11 @@ class Agent:
         heartbeat_interval: float = 0.0,
         advertise_address: str = "",
         backoff: Backoff | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self.credentials = credentials
+        """TLS (with this node's certificate, for mutual TLS); None = plaintext."""
         self.node_id = node_id
         self.source = source
         self.requested_interval = heartbeat_interval
@@ -130,7 +133,11 @@ class Agent:
                 await asyncio.wait_for(stopping.wait(), delay)
 
     async def _stream(self, stopping: asyncio.Event) -> None:
-        async with grpc.aio.insecure_channel(self.coordinator, options=CHANNEL_OPTIONS) as channel:
+        if self.credentials is not None:
+            channel = grpc.aio.secure_channel(self.coordinator, self.credentials, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.aio.insecure_channel(self.coordinator, options=CHANNEL_OPTIONS)
+        async with channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
             await call.write(self.registration())
             first = await call.read()

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import structlog
 
 from agent.agent import Agent
@@ -17,7 +18,7 @@ from agent.metrics import serve_metrics
 from agent.supervisor import Supervisor
 from agent.settings import AgentSettings
 from agent.telemetry import TelemetryUnavailable, open_source
-from gpuorch import sdnotify
+from gpuorch import sdnotify, tls
 from gpuorch.backoff import Backoff
 from gpuorch.settings import daemon_settings
 from gpuorch.v1 import agent_pb2
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--simulate-faults-file", metavar="FILE", help="JSON file of injected faults for simulated GPUs")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats (default: the coordinator's)")
     parser.add_argument("--advertise-address", help="address other nodes reach this one on")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA of the coordinator's certificate; turns TLS on")
+    parser.add_argument("--tls-cert", metavar="PEM", help="this node's client certificate (mutual TLS; node id must be one of its names)")
+    parser.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9401 (default: off)"
     )
@@ -61,7 +65,7 @@ async def notify_ready(agent: Agent) -> None:
     sdnotify.ready(f"node {agent.node_id}, coordinator {agent.coordinator}")
 
 
-async def serve(settings: AgentSettings) -> None:
+async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | None = None) -> None:
     sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
     node_id = settings.node_id or socket.gethostname()
     state_dir = Path(settings.state_dir)
@@ -75,6 +79,7 @@ async def serve(settings: AgentSettings) -> None:
         heartbeat_interval=settings.heartbeat_interval,
         advertise_address=settings.advertise_address,
         backoff=Backoff(initial=settings.reconnect_initial, cap=settings.reconnect_max),
+        credentials=credentials,
     )
     supervisor = Supervisor(state_dir, report=lambda status: agent.send(agent_pb2.AgentMessage(task_status=status)))
     attach_supervisor(agent, supervisor)
@@ -137,8 +142,15 @@ def attach_supervisor(agent: Agent, supervisor: Supervisor) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = daemon_settings(AgentSettings, parse_args(argv), "gpuorch-agent")
+    credentials = None
+    if settings.tls_ca or settings.tls_cert:
+        try:
+            credentials = tls.channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        except tls.TlsConfigError as error:
+            print(f"gpuorch-agent: {error}", file=sys.stderr)
+            return 2  # a bad config does not fix itself: the unit does not restart on 2
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, credentials))
     except TelemetryUnavailable as error:
         print(f"gpuorch-agent: {error}", file=sys.stderr)
         return 1

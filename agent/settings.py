@@ -29,6 +29,12 @@ class AgentSettings:
     """Cap of the reconnect delay in seconds."""
     metrics_listen: str = ""
     """host:port to serve Prometheus /metrics on (e.g. 0.0.0.0:9401); empty = no metrics endpoint."""
+    tls_ca: str = ""
+    """PEM CA that signed the coordinator's certificate; turns TLS on. Empty with tls_cert = the system's CAs."""
+    tls_cert: str = ""
+    """PEM client certificate of this node, for mutual TLS: node_id must be one of its names."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -45,3 +51,5 @@ class AgentSettings:
             raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")

@@ -14,6 +14,7 @@ import grpc
 import structlog
 
 from coordinator.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
+from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger("coordinator.agents")
@@ -38,6 +39,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.on_task_status: list[TaskStatusHandler] = []
         self.on_log_chunk: list[Callable[[str, agent_pb2.LogChunk], None]] = []
         self.on_progress: list[Callable[[str, agent_pb2.RankProgress], None]] = []
+        self.identity_problem: Callable[[str, list[str]], str | None] = lambda node_id, names: None
+        """(node id, names in the peer's verified certificate) -> why it may not register as that node, or None."""
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await context.read()
@@ -53,6 +56,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             validate_register(first.register)
         except InvalidMessage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        refusal = self.identity_problem(first.register.node_id, peer_identities(context.auth_context()))
+        if refusal is not None:
+            log.warning("registration refused", node=first.register.node_id, peer=context.peer(), reason=refusal)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         node, session, replaced = self.cluster.register(first.register)
         if replaced is not None:
             replaced.close("replaced by a newer stream of the same node (the agent restarted)")

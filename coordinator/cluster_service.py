@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from coordinator.auth import Action, Guard
 from coordinator.cluster import ClusterView
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc
 
@@ -11,9 +12,10 @@ MAX_REASON_LENGTH = 1024
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
-    def __init__(self, cluster: ClusterView, epoch: int, jobs_by_state=None, persist_drain=None) -> None:
+    def __init__(self, cluster: ClusterView, epoch: int, guard: Guard | None = None, jobs_by_state=None, persist_drain=None) -> None:
         self.cluster = cluster
         self.epoch = epoch
+        self.guard = guard or Guard()
         self.jobs_by_state = jobs_by_state
         """Optional callable returning {state name: count}, from the job manager."""
         self.persist_drain = persist_drain
@@ -28,16 +30,19 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, error.args[0])
 
     async def ListNodes(self, request: cluster_pb2.ListNodesRequest, context):
+        await self.guard.check(context, Action.READ)
         for state in request.states:
             if state not in cluster_pb2.NodeState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown NodeState {state}")
         return cluster_pb2.ListNodesResponse(nodes=self.cluster.list_nodes(request.states))
 
     async def GetNode(self, request: cluster_pb2.GetNodeRequest, context):
+        await self.guard.check(context, Action.READ)
         node = await self._node(request.node_id, context)
         return cluster_pb2.GetNodeResponse(node=self.cluster.node_proto(node))
 
     async def GetClusterStatus(self, request, context):
+        await self.guard.check(context, Action.READ)
         status = self.cluster.status()
         status.coordinator_epoch = self.epoch
         if self.jobs_by_state is not None:
@@ -46,6 +51,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
         return cluster_pb2.GetClusterStatusResponse(status=status)
 
     async def DrainNode(self, request: cluster_pb2.DrainNodeRequest, context):
+        await self.guard.check(context, Action.OPERATE)
         if len(request.reason) > MAX_REASON_LENGTH:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"reason is {len(request.reason)} characters; at most {MAX_REASON_LENGTH}"
@@ -57,6 +63,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
         return cluster_pb2.DrainNodeResponse(node=self.cluster.node_proto(node))
 
     async def ResumeNode(self, request: cluster_pb2.ResumeNodeRequest, context):
+        await self.guard.check(context, Action.OPERATE)
         await self._node(request.node_id, context)
         node = self.cluster.resume(request.node_id)
         if self.persist_drain is not None:

@@ -51,6 +51,10 @@ class JobNotFound(KeyError):
     pass
 
 
+class QuotaExceeded(Exception):
+    """A limit on what one user may queue was reached; the message names the limit."""
+
+
 class JobFinished(ValueError):
     """The job is already final."""
 
@@ -127,6 +131,7 @@ class JobManager:
         node_grace_period: float = 10.0,
         checkpoint_root: str = "",
         rendezvous_ports: tuple[int, int] = (20000, 30000),
+        max_pending_jobs_per_user: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
@@ -141,6 +146,9 @@ class JobManager:
         self.jobs: dict[str, JobEntry] = {}
         self.pending: dict[str, JobEntry] = {}
         """Jobs waiting for placement (new, or restarting), in submission order."""
+        self.pending_by_owner: dict[str, int] = {}
+        """Owner -> how many of `pending` are theirs, for max_pending_jobs_per_user."""
+        self.max_pending_jobs_per_user = max_pending_jobs_per_user
         self.by_request_id: dict[str, JobEntry] = {}
         self._sequence = itertools.count(1)
         self._wake = asyncio.Event()
@@ -201,7 +209,7 @@ class JobManager:
         if entry.client_request_id:
             self.by_request_id[entry.client_request_id] = entry
         if entry.job.state == job_pb2.JOB_STATE_PENDING:
-            self.pending[entry.job.job_id] = entry
+            self._enqueue(entry)
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -234,11 +242,33 @@ class JobManager:
 
     # -- the API -----------------------------------------------------------------------------
 
+    def _enqueue(self, entry: JobEntry) -> None:
+        if entry.job.job_id not in self.pending:
+            owner = entry.job.spec.owner
+            self.pending_by_owner[owner] = self.pending_by_owner.get(owner, 0) + 1
+        self.pending[entry.job.job_id] = entry
+
+    def _dequeue(self, job_id: str) -> None:
+        entry = self.pending.pop(job_id, None)
+        if entry is not None:
+            owner = entry.job.spec.owner
+            left = self.pending_by_owner.get(owner, 0) - 1
+            if left > 0:
+                self.pending_by_owner[owner] = left
+            else:
+                self.pending_by_owner.pop(owner, None)
+
     async def submit(self, spec: job_pb2.JobSpec, client_request_id: str = "") -> str:
-        """Validates, stores durably, queues; returns the job id. Raises jobs.InvalidSpec."""
+        """Validates, stores durably, queues; returns the job id. Raises jobs.InvalidSpec, QuotaExceeded."""
         if client_request_id and client_request_id in self.by_request_id:
             return self.by_request_id[client_request_id].job.job_id
         jobs.validate_spec(spec)
+        queued = self.pending_by_owner.get(spec.owner, 0)
+        if self.max_pending_jobs_per_user and queued >= self.max_pending_jobs_per_user:
+            raise QuotaExceeded(
+                f"{spec.owner or 'the anonymous owner'} already has {queued} pending jobs; "
+                f"the limit is max_pending_jobs_per_user={self.max_pending_jobs_per_user}"
+            )
         sequence = next(self._sequence)
         job = job_pb2.Job(
             job_id=f"j-{sequence:06d}",
@@ -550,7 +580,7 @@ class JobManager:
         record.placement.CopyFrom(placement)
         ranks = self._take_devices(entry, placement, job.attempt)
         ranks.started_wall = now
-        del self.pending[job.job_id]
+        self._dequeue(job.job_id)
         log.info("job placed", job=job.job_id, attempt=job.attempt, nodes=[share.node_id for share in decision.nodes], gpus=placement.world_size)
         return entry
 
@@ -661,7 +691,7 @@ class JobManager:
         entry.not_before = now + decision.delay_seconds
         if decision.delay_seconds:
             job.restart_not_before.CopyFrom(_stamp(entry.not_before))
-        self.pending[job.job_id] = entry
+        self._enqueue(entry)
         self.restarts_by_reason[code.split(":")[0]] = self.restarts_by_reason.get(code.split(":")[0], 0) + 1
         self._notify(entry)
         self.store.save([entry.stored()])
@@ -738,7 +768,7 @@ class JobManager:
         entry.job.reason = reason
         entry.job.end_time.CopyFrom(_stamp(self.clock()))
         entry.job.ClearField("restart_not_before")
-        self.pending.pop(entry.job.job_id, None)
+        self._dequeue(entry.job.job_id)
         log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
         self._wake.set()
         self._notify(entry)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 
-from coordinator.job_manager import JobFinished, JobManager, JobNotFound
+from coordinator.auth import Action, Guard, StreamQuota
+from coordinator.job_manager import JobFinished, JobManager, JobNotFound, QuotaExceeded
 from coordinator.jobs import InvalidSpec
 from gpuorch.v1 import job_pb2, job_pb2_grpc
 
@@ -15,8 +17,22 @@ FOLLOW_POLL_SECONDS = 0.5
 
 
 class JobService(job_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, guard: Guard | None = None, streams: StreamQuota | None = None) -> None:
         self.manager = manager
+        self.guard = guard or Guard()
+        self.streams = streams or StreamQuota(0)
+
+    @contextlib.asynccontextmanager
+    async def _stream_slot(self, context):
+        """Counts an open stream against its client's max_streams_per_client; RESOURCE_EXHAUSTED beyond it."""
+        client = self.guard.client_key(context)
+        refusal = self.streams.try_open(client)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            yield
+        finally:
+            self.streams.close(client)
 
     async def _entry(self, job_id: str, context):
         if not job_id:
@@ -27,22 +43,29 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, error.args[0])
 
     async def SubmitJob(self, request: job_pb2.SubmitJobRequest, context):
+        caller = await self.guard.check(context, Action.SUBMIT)
         if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"client_request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
         if not request.HasField("spec"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec is missing")
+        if caller.authenticated:
+            request.spec.owner = caller.user  # with tokens on, a job belongs to whoever submitted it
         try:
             job_id = await self.manager.submit(request.spec, request.client_request_id)
         except InvalidSpec as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except QuotaExceeded as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except RuntimeError as error:  # the store could not write it: not acknowledged
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return job_pb2.SubmitJobResponse(job_id=job_id)
 
     async def GetJob(self, request: job_pb2.GetJobRequest, context):
+        await self.guard.check(context, Action.READ)
         return job_pb2.GetJobResponse(job=(await self._entry(request.job_id, context)).job)
 
     async def ListJobs(self, request: job_pb2.ListJobsRequest, context):
+        await self.guard.check(context, Action.READ)
         for state in request.states:
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
@@ -53,7 +76,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         return job_pb2.ListJobsResponse(jobs=found, next_page_token=token)
 
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context):
-        await self._entry(request.job_id, context)
+        caller = await self.guard.authenticate(context)
+        entry = await self._entry(request.job_id, context)
+        await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
         try:
             job = await self.manager.cancel(request.job_id)
         except JobFinished as error:
@@ -61,7 +86,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         return job_pb2.CancelJobResponse(job=job)
 
     async def SetJobPriority(self, request: job_pb2.SetJobPriorityRequest, context):
-        await self._entry(request.job_id, context)
+        caller = await self.guard.authenticate(context)
+        entry = await self._entry(request.job_id, context)
+        await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
         try:
             job = await self.manager.set_priority(request.job_id, request.priority)
         except JobFinished as error:
@@ -69,12 +96,24 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         return job_pb2.SetJobPriorityResponse(job=job)
 
     async def WatchJob(self, request: job_pb2.WatchJobRequest, context):
+        await self.guard.check(context, Action.READ)
         await self._entry(request.job_id, context)
-        async for job in self.manager.watch(request.job_id):
-            yield job_pb2.WatchJobResponse(job=job)
+        async with self._stream_slot(context):
+            async for job in self.manager.watch(request.job_id):
+                yield job_pb2.WatchJobResponse(job=job)
 
     async def GetJobLogs(self, request: job_pb2.GetJobLogsRequest, context):
+        await self.guard.check(context, Action.READ)
         entry = await self._entry(request.job_id, context)
+        if not request.follow:
+            async for response in self._read_logs(request, entry, context):
+                yield response
+            return
+        async with self._stream_slot(context):
+            async for response in self._read_logs(request, entry, context):
+                yield response
+
+    async def _read_logs(self, request: job_pb2.GetJobLogsRequest, entry, context):
         offset = -int(request.tail_bytes) if request.tail_bytes else 0
         attempt = request.attempt or entry.job.attempt
         while True:

@@ -35,6 +35,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9400 (default: off)"
     )
+    parser.add_argument("--tls-cert", metavar="PEM", help="certificate of the gRPC port; with --tls-key turns TLS on")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="PEM", help="CA of the agents' client certificates: mutual TLS for agents")
+    parser.add_argument("--agent-listen", metavar="HOST:PORT", help="separate mutual-TLS port for agents (needs --tls-client-ca)")
+    parser.add_argument("--tokens-file", metavar="TOML", help="[[tokens]] file: clients must send a bearer token")
+    parser.add_argument(
+        "--insecure", action="store_true", default=None, help="allow plaintext on a non-loopback address (no TLS: avoid)"
+    )
+    parser.add_argument("--max-pending-jobs-per-user", type=int, help="pending jobs one owner may queue (default 1000; 0 = no limit)")
+    parser.add_argument("--max-streams-per-client", type=int, help="open watches and followed logs per client (default 64; 0 = no limit)")
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
     return parser.parse_args(argv)
@@ -58,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = daemon_settings(CoordinatorSettings, parse_args(argv), "gpuorch-coordinator")
     try:
         asyncio.run(serve(settings))
+    except ValueError as error:  # a bad tokens file or certificate: the config must change
+        structlog.get_logger("coordinator").error("cannot start", error=str(error))
+        print(f"gpuorch-coordinator: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         structlog.get_logger("coordinator").error("cannot start", error=str(error))
         print(f"gpuorch-coordinator: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import time
@@ -16,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from coordinator.agent_service import AgentService
+from coordinator.auth import Guard, StreamQuota, node_identity_problem
 from coordinator.cluster import ClusterView
 from coordinator.cluster_service import ClusterService
 from coordinator.job_manager import JobManager
@@ -28,6 +30,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.recovery import RecoveryPolicy
 from coordinator.reflection import CommentedPool
 from coordinator.settings import CoordinatorSettings
+from gpuorch import tls
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, job_pb2
 
 log = structlog.get_logger("coordinator")
@@ -128,6 +131,8 @@ class Coordinator:
         self.garbage = GarbageSettler()
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
+        self.guard = Guard(settings.tokens_file)  # a bad tokens file stops the start, naming the entry
+        self.agent_port = 0
 
     async def start(self) -> None:
         try:
@@ -151,9 +156,13 @@ class Coordinator:
             stop_grace_seconds=settings.stop_grace_period,
             node_grace_period=settings.node_grace_period,
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
+            max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
         )
         await self.jobs.start()
         self.agents = AgentService(self.cluster, self.epoch)
+        self.agents.identity_problem = functools.partial(
+            node_identity_problem, mutual_tls=bool(settings.tls_client_ca), agent_listen=settings.agent_listen
+        )
         self.agents.on_register.append(self.jobs.on_register)
         self.agents.on_task_status.append(self.jobs.on_task_status)
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
@@ -165,19 +174,18 @@ class Coordinator:
         add_strict_service(
             self.server,
             cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
-            ClusterService(self.cluster, self.epoch, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain),
+            ClusterService(
+                self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
+            ),
         )
-        add_strict_service(self.server, job_pb2.DESCRIPTOR.services_by_name["JobService"], JobService(self.jobs))
+        add_strict_service(self.server, job_pb2.DESCRIPTOR.services_by_name["JobService"], JobService(self.jobs, self.guard, StreamQuota(settings.max_streams_per_client)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
             pool=CommentedPool(),
         )
-        try:
-            self.port = self.server.add_insecure_port(self.settings.listen)
-        except RuntimeError as error:
-            raise RuntimeError(f"cannot listen on {self.settings.listen}: {error}") from None
+        self.port, self.agent_port = self._add_ports()
         if self.metrics is not None:
             self.metrics.serve(self.settings.metrics_listen)
         await self.server.start()
@@ -185,7 +193,48 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", self._liveness_loop)))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
-        log.info("coordinator serving", listen=self.settings.listen, port=self.port, epoch=self.epoch, state_dir=str(self.state_dir))
+        log.info(
+            "coordinator serving",
+            listen=self.settings.listen,
+            port=self.port,
+            agent_port=self.agent_port,
+            epoch=self.epoch,
+            state_dir=str(self.state_dir),
+            tls=bool(self.settings.tls_cert),
+            agent_mutual_tls=bool(self.settings.tls_client_ca),
+            tokens=self.guard.enabled,
+        )
+        self._warn_about_exposure()
+
+    def _add_ports(self) -> tuple[int, int]:
+        """Binds `listen` (and `agent_listen`); returns both ports (the same one when agents share it)."""
+        settings = self.settings
+        agents_share_listen = not settings.agent_listen
+
+        def bind(address: str, client_ca: str) -> int:
+            try:
+                if not settings.tls_cert:
+                    return self.server.add_insecure_port(address)
+                return self.server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key, client_ca))
+            except RuntimeError as error:
+                raise RuntimeError(f"cannot listen on {address}: {error}") from None
+
+        port = bind(settings.listen, settings.tls_client_ca if agents_share_listen else "")
+        agent_port = port if agents_share_listen else bind(settings.agent_listen, settings.tls_client_ca)
+        return port, agent_port
+
+    def _warn_about_exposure(self) -> None:
+        """Says in the log what the network can do to this coordinator, whenever that is more than it should."""
+        settings = self.settings
+        if not settings.tls_cert:
+            if settings.insecure:
+                log.warning("TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted", listen=settings.listen)
+            else:
+                log.warning("TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines", listen=settings.listen)
+        if not self.guard.enabled:
+            log.warning("tokens_file is not set: every client may act as any user, and as admin")
+        if not settings.tls_client_ca:
+            log.warning("tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node")
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gpuorch.metrics import parse_listen
+from gpuorch.tls import is_loopback_host
 
 
 @dataclass
@@ -46,6 +47,25 @@ class CoordinatorSettings:
     mounts. Empty = <state_dir>/checkpoints (enough for a single machine)."""
     metrics_listen: str = ""
     """host:port to serve Prometheus /metrics on (e.g. 0.0.0.0:9400); empty = no metrics endpoint."""
+    tls_cert: str = ""
+    """PEM certificate (chain) of the gRPC port; with tls_key, turns TLS on."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_client_ca: str = ""
+    """PEM CA that signs agents' client certificates; turns on mutual TLS for agents, whose node id
+    must then be a name in their certificate. Agents connect to agent_listen (if set), else to listen,
+    which then asks every client for a certificate."""
+    agent_listen: str = ""
+    """host:port where agents connect with mutual TLS (needs tls_client_ca); people keep using listen
+    with TLS and tokens. Empty = agents use listen."""
+    tokens_file: str = ""
+    """TOML file of [[tokens]] (user, role, sha256): clients must send a bearer token; empty = no tokens."""
+    insecure: bool = False
+    """Allow plaintext (no TLS) on an address other than loopback. Without it, no-TLS means loopback only."""
+    max_pending_jobs_per_user: int = 1000
+    """Pending jobs one owner may have queued; a submission beyond it gets RESOURCE_EXHAUSTED. 0 = no limit."""
+    max_streams_per_client: int = 64
+    """Open watch and followed-log streams per client (user, or peer host without tokens). 0 = no limit."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -70,3 +90,19 @@ class CoordinatorSettings:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS with client certificates")
+        if self.agent_listen and not self.tls_client_ca:
+            raise ValueError("agent_listen is the mutual-TLS port for agents: it needs tls_client_ca (and tls_cert, tls_key)")
+        if self.agent_listen and ":" not in self.agent_listen:
+            raise ValueError(f"agent_listen must be HOST:PORT, got {self.agent_listen!r}")
+        if not self.tls_cert and not self.insecure and not is_loopback_host(self.listen.rsplit(":", 1)[0]):
+            raise ValueError(
+                f"listen {self.listen!r} is not a loopback address and TLS is off: set tls_cert and tls_key, "
+                "or listen on 127.0.0.1, or pass --insecure to serve plaintext on the network anyway"
+            )
+        for name in ("max_pending_jobs_per_user", "max_streams_per_client"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")

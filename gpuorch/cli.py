@@ -12,16 +12,20 @@
     gpuctl watch ID              follow a job until it ends (exit 0 only if it succeeded)
     gpuctl logs ID [--rank R] [--tail N] [-f]     a rank's output
     gpuctl priority ID P         change a pending or running job's priority
+    gpuctl token --user U [--role R]              make a new token and its [[tokens]] entry
 
 Add `-o json` for machine-readable output. The coordinator address comes from
---coordinator, else $GPUORCH_COORDINATOR, else 127.0.0.1:50051.
+--coordinator, else $GPUORCH_COORDINATOR, else 127.0.0.1:50051. A coordinator with
+tokens wants --token (or $GPUORCH_TOKEN); one with TLS wants --tls-ca (or $GPUORCH_TLS_CA).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -202,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coordinator", default=None, help=f"host:port (default $GPUORCH_COORDINATOR or {default_address()})")
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    parser.add_argument("--token", default=None, help="bearer token (default $GPUORCH_TOKEN); prefer the variable: flags show in ps")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CA that signed the coordinator's certificate; turns TLS on (default $GPUORCH_TLS_CA)")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate, for a coordinator that asks every client for one")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     nodes = commands.add_parser("nodes", help="list nodes")
     nodes.add_argument("--state", action="append", default=[], help="only nodes in this state (repeatable)")
@@ -243,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--attempt", type=int, default=0, help="attempt (default: the latest)")
     logs.add_argument("--tail", type=int, default=0, metavar="BYTES", help="only the last BYTES bytes")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the job ends")
+    token = commands.add_parser("token", help="make a new token: prints it, and the [[tokens]] entry for the coordinator's tokens file")
+    token.add_argument("--user", required=True, help="who the token authenticates as (jobs run as this local user)")
+    token.add_argument("--role", choices=("user", "admin"), default="user", help="admin may drain nodes and act on every job (default user)")
     priority = commands.add_parser("priority", help="change a job's priority")
     priority.add_argument("job_id")
     priority.add_argument("priority", type=int)
@@ -327,10 +338,26 @@ def run(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def new_token(user: str, role: str) -> tuple[str, str]:
+    """A fresh random token and the tokens-file entry that admits it (which holds only its SHA-256)."""
+    token = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    entry = f'[[tokens]]\nuser = {json.dumps(user)}\nrole = "{role}"\nsha256 = "{digest}"\n'
+    return token, entry
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        token, entry = new_token(args.user, args.role)
+        if args.output == "json":
+            print(json.dumps({"token": token, "tokens_file_entry": entry}))
+        else:
+            print(f"token (give it to {args.user}; it is shown only now):\n  {token}\n")
+            print(f"add to the coordinator's tokens file (it holds no secret):\n{entry}")
+        return 0
     try:
-        with Client(args.coordinator, timeout=args.timeout) as client:
+        with Client(args.coordinator, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             return run(args, client)
     except GpuorchError as error:
         print(f"gpuctl: {error.details}", file=sys.stderr)

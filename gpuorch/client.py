@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from gpuorch import tls
 from gpuorch.errors import from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
 
@@ -126,23 +127,50 @@ def _stubs(channel) -> dict[str, Any]:
     return {"cluster": cluster_pb2_grpc.ClusterServiceStub(channel), "job": job_pb2_grpc.JobServiceStub(channel)}
 
 
-class Client(_Api):
-    """Blocking client. Use as a context manager, or call close()."""
+class _Channel:
+    """Opens the channel of a Client or AsyncClient: address, TLS and token, with the environment's defaults."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = 10.0, options: list | None = None) -> None:
+    def _connect(self, channel_module, address, timeout, options, token, tls_ca, tls_cert, tls_key) -> None:
         self.address = address or default_address()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=options or [])
+        token = os.environ.get("GPUORCH_TOKEN", "") if token is None else token
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        tls_ca = os.environ.get("GPUORCH_TLS_CA", "") if tls_ca is None else tls_ca
+        # TLS when a CA (or a client certificate) is given; otherwise plaintext, which the
+        # coordinator allows only on loopback unless it runs with insecure.
+        if tls_ca or tls_cert:
+            credentials = tls.channel_credentials(tls_ca, tls_cert or "", tls_key or "")
+            self._channel = channel_module.secure_channel(self.address, credentials, options=options or [])
+        else:
+            self._channel = channel_module.insecure_channel(self.address, options=options or [])
         self._stubs = _stubs(self._channel)
+
+
+class Client(_Api, _Channel):
+    """Blocking client. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = 10.0,
+        options: list | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """`token` defaults to $GPUORCH_TOKEN and `tls_ca` (a PEM file; TLS on) to $GPUORCH_TLS_CA."""
+        self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key)
 
     def _unary(self, service, method, request, extract):
         try:
-            return extract(getattr(self._stubs[service], method)(request, timeout=self.timeout))
+            return extract(getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata))
         except grpc.RpcError as error:
             raise from_rpc_error(error, self.address) from None
 
     def _stream(self, service, method, request, extract):
-        call = getattr(self._stubs[service], method)(request)
+        call = getattr(self._stubs[service], method)(request, metadata=self._metadata)
         try:
             for response in call:
                 yield extract(response)
@@ -161,26 +189,34 @@ class Client(_Api):
         self.close()
 
 
-class AsyncClient(_Api):
+class AsyncClient(_Api, _Channel):
     """asyncio client: every method returns an awaitable (streams: an async iterator)."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = 10.0, options: list | None = None) -> None:
-        self.address = address or default_address()
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.address, options=options or [])
-        self._stubs = _stubs(self._channel)
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = 10.0,
+        options: list | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """`token` defaults to $GPUORCH_TOKEN and `tls_ca` (a PEM file; TLS on) to $GPUORCH_TLS_CA."""
+        self._connect(grpc.aio, address, timeout, options, token, tls_ca, tls_cert, tls_key)
 
     def _unary(self, service, method, request, extract):
         async def call():
             try:
-                return extract(await getattr(self._stubs[service], method)(request, timeout=self.timeout))
+                return extract(await getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata))
             except grpc.RpcError as error:
                 raise from_rpc_error(error, self.address) from None
 
         return call()
 
     async def _stream(self, service, method, request, extract):
-        call = getattr(self._stubs[service], method)(request)
+        call = getattr(self._stubs[service], method)(request, metadata=self._metadata)
         try:
             async for response in call:
                 yield extract(response)

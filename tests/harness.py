@@ -96,8 +96,10 @@ class Daemon:
 
 
 class LocalCluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **client_options) -> None:
         self.root = root
+        self.client_options = client_options
+        """Keyword arguments of gpuorch.Client for the cluster's own client (token, tls_ca, ...)."""
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -125,10 +127,10 @@ class LocalCluster:
             wait_for(serving, timeout=15, what="coordinator to serve")
         return self.coordinator
 
-    def add_agent(self, node_id: str, gpus: int = 2, *extra: str) -> Daemon:
+    def add_agent(self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "") -> Daemon:
         argv = [
             sys.executable, "-m", "agent.main",
-            "--coordinator", self.address,
+            "--coordinator", coordinator or self.address,
             "--node-id", node_id,
             "--simulate-gpus", str(gpus),
             "--state-dir", str(self.root / f"agent-{node_id}"),
@@ -144,7 +146,7 @@ class LocalCluster:
 
     def client(self) -> gpuorch.Client:
         if self._client is None:
-            self._client = gpuorch.Client(self.address, timeout=5)
+            self._client = gpuorch.Client(self.address, timeout=5, **self.client_options)
         return self._client
 
     def node_state(self, node_id: str) -> int:
