@@ -439,7 +439,7 @@ def test_gpuctl_over_tls(tls_cluster, certificates):
     base = [sys.executable, "-m", "gpuorch.cli", "--coordinator", tls_cluster.address, "-o", "json"]
     trusted = subprocess.run([*base, "--tls-ca", str(certificates / "ca.crt"), "status"], capture_output=True, text=True, env=environment, timeout=30)
     assert trusted.returncode == 0, trusted.stderr
-    assert json.loads(trusted.stdout)["coordinator_epoch"] >= 1
+    assert int(json.loads(trusted.stdout)["coordinator_epoch"]) >= 1
     missing = subprocess.run([*base, "--tls-ca", str(certificates / "nope.crt"), "status"], capture_output=True, text=True, env=environment, timeout=30)
     assert missing.returncode == 2
     assert "tls_ca" in missing.stderr and "nope.crt" in missing.stderr
