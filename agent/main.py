@@ -68,7 +68,7 @@ async def notify_ready(agent: Agent) -> None:
 async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | None = None) -> None:
     sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
     node_id = settings.node_id or socket.gethostname()
-    state_dir = Path(settings.state_dir)
+    state_dir = Path(settings.state_dir).absolute()  # ranks run elsewhere (their working dir); their shim writes here
     state_dir.mkdir(parents=True, exist_ok=True)
     faults_file = settings.simulate_faults_file or str(state_dir / "simulated-faults.json")
     source = open_source(simulate_gpus=settings.simulate_gpus, node_id=node_id, faults_file=faults_file)

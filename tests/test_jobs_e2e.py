@@ -322,3 +322,17 @@ def test_following_logs_streams_output_until_the_job_ends(two_nodes):
     assert client.get_job(job_id).state == SUCCEEDED, "the stream ended because the job did"
     with pytest.raises(InvalidArgument, match="no rank 5"):
         list(client.job_logs(job_id, 5))
+
+
+def test_an_agent_with_a_relative_state_dir_runs_ranks_in_another_working_dir(cluster, tmp_path):
+    cluster.start_coordinator()
+    state_dir = os.path.relpath(tmp_path / "relative-agent-state", REPO)  # agents run with cwd = REPO
+    agent = cluster.add_agent("rel", 1)
+    agent.stop()
+    agent.argv[agent.argv.index("--state-dir") + 1] = state_dir
+    agent.start()
+    cluster.wait_for_nodes(1)
+    client = cluster.client()
+    job_id = client.submit_job(argv=[sys.executable, "-c", "print('ran')"], gpus=1, working_dir=str(tmp_path))
+    wait_state(client, job_id, job_pb2.JOB_STATE_SUCCEEDED)
+    assert logs(client, job_id, 0).strip() == "ran"
