@@ -14,6 +14,7 @@ import grpc
 import structlog
 
 from agent.agent import Agent
+from agent.identity import IdentityPolicy
 from agent.metrics import serve_metrics
 from agent.supervisor import Supervisor
 from agent.settings import AgentSettings
@@ -36,13 +37,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", help="directory for rank logs and state (default /var/lib/gpuorch/agent)")
     parser.add_argument("--simulate-gpus", type=int, metavar="N", help="simulate N GPUs instead of reading NVML")
     parser.add_argument("--simulate-faults-file", metavar="FILE", help="JSON file of injected faults for simulated GPUs")
-    parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats (default: the coordinator's)")
+    parser.add_argument(
+        "--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats (default: the coordinator's)"
+    )
     parser.add_argument("--advertise-address", help="address other nodes reach this one on")
     parser.add_argument("--tls-ca", metavar="PEM", help="CA of the coordinator's certificate; turns TLS on")
-    parser.add_argument("--tls-cert", metavar="PEM", help="this node's client certificate (mutual TLS; node id must be one of its names)")
+    parser.add_argument(
+        "--tls-cert", metavar="PEM", help="this node's client certificate (mutual TLS; node id must be one of its names)"
+    )
     parser.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9401 (default: off)"
+    )
+    parser.add_argument(
+        "--allowed-users", metavar="U,@G,...", help="owners whose jobs may run here (names or @groups; default: any)"
+    )
+    parser.add_argument(
+        "--allow-root-ranks",
+        action="store_true",
+        default=None,
+        help="when running as root, also start ranks as root (jobs of root or without owner); default: refused",
     )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
@@ -81,7 +95,11 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         backoff=Backoff(initial=settings.reconnect_initial, cap=settings.reconnect_max),
         credentials=credentials,
     )
-    supervisor = Supervisor(state_dir, report=lambda status: agent.send(agent_pb2.AgentMessage(task_status=status)))
+    supervisor = Supervisor(
+        state_dir,
+        report=lambda status: agent.send(agent_pb2.AgentMessage(task_status=status)),
+        identity_policy=IdentityPolicy(tuple(settings.allowed_users), settings.allow_root_ranks),
+    )
     attach_supervisor(agent, supervisor)
     await supervisor.recover()
     stopping = asyncio.Event()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpuorch.metrics import parse_listen
 
@@ -35,6 +35,10 @@ class AgentSettings:
     """PEM client certificate of this node, for mutual TLS: node_id must be one of its names."""
     tls_key: str = ""
     """PEM private key of tls_cert."""
+    allowed_users: list[str] = field(default_factory=list)
+    """Owners whose jobs may run on this node: user names, or @group for a group's members; empty = any user."""
+    allow_root_ranks: bool = False
+    """When the agent runs as root: also start ranks as root (jobs owned by root or by no one). Off = refused."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -51,5 +55,8 @@ class AgentSettings:
             raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
+        for entry in self.allowed_users:
+            if not entry.lstrip("@"):
+                raise ValueError(f"allowed_users: {entry!r} names no user or group")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: give both or neither")

@@ -7,10 +7,13 @@ writes its exit status to a file any later agent can read.
 
 Run by the supervisor as
 
-    python -I -S shim.py --notify-fd 3 --pid-file P --exit-file E --cwd DIR -- ARGV...
+    python -I -S shim.py --notify-fd 3 --pid-file P --exit-file E --cwd DIR [--uid U --gid G --groups G,...] -- ARGV...
 
 with stdin on /dev/null and stdout/stderr on the rank's log (the supervisor opens
 them when it spawns the shim, so even a crash of the shim lands in the log).
+
+With --uid, the shim keeps the agent's identity (root), so the records it writes stay out
+of the rank's reach, and starts the rank as that uid, gid and groups.
 
 It is on the launch latency path: it imports only modules that are built into the
 interpreter or already loaded at start-up (`-S` skips site; `_signal` instead of
@@ -72,6 +75,65 @@ def one_line(text: str) -> str:
     return text.replace("\n", " ").strip()
 
 
+def parse_identity(options: dict[str, str]) -> tuple[int, int, list[int]] | None:
+    """(uid, gid, supplementary gids) to run the rank as, from --uid/--gid/--groups; None = as the shim."""
+    if "uid" not in options:
+        return None
+    return int(options["uid"]), int(options["gid"]), [int(gid) for gid in options.get("groups", "").split(",") if gid]
+
+
+def start_rank(argv: list[str], cwd: str, identity: tuple[int, int, list[int]] | None) -> tuple[int, str]:
+    """Forks and execs the rank in a process group of its own; returns (pid, "") or (0, why it failed).
+
+    The child drops to the owner's identity before it enters the working directory and
+    execs, so both are checked with the owner's permissions, not root's. A failure in the
+    child comes back over a close-on-exec pipe: end of file without a word means exec worked.
+    """
+    error_read, error_write = os.pipe()  # close-on-exec, as every descriptor Python makes
+    pid = os.fork()
+    if pid == 0:
+        step = "cannot start the rank"
+        try:
+            os.close(error_read)
+            os.setpgid(0, 0)
+            for signum in SIGNALS_RESET_FOR_RANK:
+                _signal.signal(signum, _signal.SIG_DFL)
+            if identity is not None:
+                uid, gid, groups = identity
+                step = f"cannot switch to uid {uid} gid {gid}"
+                os.setgroups(groups)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            step = f"cannot enter working directory {cwd!r}"
+            os.chdir(cwd)
+            step = f"cannot execute {argv[0]!r}"
+            os.execvpe(argv[0], argv, os.environ)
+        except BaseException as error:  # noqa: BLE001 - whatever it was, the parent must hear of it
+            why = getattr(error, "strerror", None) or str(error)
+            try:
+                os.write(error_write, f"{step}: {why}".encode("utf-8", "surrogateescape"))
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            os._exit(127)
+    os.close(error_write)
+    try:
+        os.setpgid(pid, pid)  # also from this side, so the group exists before anyone signals it
+    except OSError:
+        pass  # the child already did it, or already exec'd
+    report = b""
+    while True:
+        data = os.read(error_read, 4096)
+        if not data:
+            break
+        report += data
+    os.close(error_read)
+    if not report:
+        return pid, ""
+    os.waitpid(pid, 0)  # the child has exited (127); reap it
+    return 0, report.decode("utf-8", "replace")
+
+
 def main() -> int:
     options, argv = parse_args(sys.argv[1:])
     notify_fd = int(options.get("notify-fd", "-1"))
@@ -90,24 +152,7 @@ def main() -> int:
     if not argv:
         failure = "empty argv: nothing to execute"
     else:
-        try:
-            os.chdir(options.get("cwd") or ".")
-        except OSError as error:
-            failure = f"cannot enter working directory {options.get('cwd')!r}: {error.strerror}"
-    if not failure:
-        try:
-            rank_pid = os.posix_spawnp(
-                argv[0],
-                argv,
-                os.environ,
-                setpgroup=0,
-                setsigmask=(),
-                setsigdef=SIGNALS_RESET_FOR_RANK,
-            )
-        except OSError as error:
-            failure = f"cannot execute {argv[0]!r}: {error.strerror}"
-        except ValueError as error:  # e.g. an embedded NUL byte in argv or env
-            failure = f"cannot execute {argv[0]!r}: {error}"
+        rank_pid, failure = start_rank(argv, options.get("cwd") or ".", parse_identity(options))
     if failure:
         write_atomically(exit_file, f"failed_to_start={one_line(failure)}\n")
         notify(notify_fd, f"failed {one_line(failure)}\n")

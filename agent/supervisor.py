@@ -42,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.identity import IdentityPolicy, RankIdentity, decide_rank_identity, lookup_account
 from gpuorch.v1 import agent_pb2
 
 log = structlog.get_logger("agent.supervisor")
@@ -64,8 +65,11 @@ ReportFn = Callable[[agent_pb2.TaskStatus], None]
 RankKey = tuple[str, int, int]
 
 
-AGENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "INVOCATION_ID")
-"""systemd's variables for the agent itself: a rank must not talk to systemd as if it were the agent."""
+AGENT_ONLY_ENV = (
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "INVOCATION_ID", "CREDENTIALS_DIRECTORY",
+)  # fmt: skip
+"""systemd's variables for the agent itself: a rank must not talk to systemd as if it were the agent,
+nor look for the agent's credentials."""
 
 
 def process_start_time(pid: int) -> int | None:
@@ -95,6 +99,12 @@ def invalid_job_id(job_id: str) -> str:
     if job_id in (".", "..") or "/" in job_id or "\0" in job_id or len(job_id) > 200:
         return f"job id {job_id!r} cannot be used as a directory name"
     return ""
+
+
+def give_to_owner(path: str, identity: RankIdentity) -> None:
+    """Makes a file or directory the agent created for a rank belong to the rank's user."""
+    if identity.switch:
+        os.chown(path, identity.uid, identity.gid, follow_symlinks=False)
 
 
 def read_exit_file(path: Path) -> dict[str, str] | None:
@@ -154,9 +164,17 @@ class Rank:
 class Supervisor:
     """Starts, watches and stops this node's rank processes; see the module docstring."""
 
-    def __init__(self, state_dir: Path, report: ReportFn, *, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        report: ReportFn,
+        *,
+        identity_policy: IdentityPolicy = IdentityPolicy(),
+        python: str = sys.executable,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.report_fn = report
+        self.identity_policy = identity_policy
         self.python = python
         self.ranks: dict[RankKey, Rank] = {}
         self.jobs: dict[str, dict] = {}
@@ -243,19 +261,20 @@ class Supervisor:
         # Recorded before anything starts: a rank is started at most once, even across an agent crash.
         job["launched_ranks"].extend(rank_launch.rank for rank_launch in new_ranks)
         working_dir = launch.working_dir or str(self.state_dir / "jobs" / job_id / "work")
+        identity = decide_rank_identity(launch.owner, self.identity_policy, agent_uid=os.geteuid(), lookup=lookup_account)
         try:
             self._save_job(job_id)
         except OSError as error:
             problem = f"cannot record the launch in the agent's state dir: {error}"
         else:
-            problem = self._launch_problem(launch, working_dir)
+            problem = identity if isinstance(identity, str) else self._launch_problem(launch, working_dir, identity)
         started = []
         for rank_launch in new_ranks:
             if problem:
                 self._fail_before_start(launch, rank_launch, problem)
                 continue
             try:
-                started.append(self._spawn(launch, rank_launch, working_dir))
+                started.append(self._spawn(launch, rank_launch, working_dir, identity))
             except OSError as error:
                 self._fail_before_start(launch, rank_launch, f"cannot start the rank's shim: {error}")
         await asyncio.gather(*(self._await_start(rank, notify_fd) for rank, notify_fd in started))
@@ -324,6 +343,8 @@ class Supervisor:
                 mtime_ns = os.stat(Path(rank.record.pid_path).with_suffix(".progress")).st_mtime_ns
             except OSError:
                 continue
+            if mtime_ns == 0:
+                continue  # created at launch, not touched by the rank yet
             report = agent_pb2.RankProgress(job_id=rank.record.job_id, attempt=rank.record.attempt, rank=rank.record.rank)
             report.last_progress_time.FromNanoseconds(mtime_ns)
             reports.append(report)
@@ -349,7 +370,7 @@ class Supervisor:
             return f"attempt {attempt} of {job_id} is older than attempt {highest} already seen"
         return ""
 
-    def _launch_problem(self, launch: agent_pb2.LaunchTask, working_dir: str) -> str:
+    def _launch_problem(self, launch: agent_pb2.LaunchTask, working_dir: str, identity: RankIdentity) -> str:
         """Why the ranks cannot be started at all, found before spawning anything; empty if none."""
         if not launch.argv:
             return "empty argv: nothing to execute"
@@ -359,6 +380,8 @@ class Supervisor:
         else:
             try:
                 os.makedirs(working_dir, exist_ok=True)
+                # The default working dir is the owner's, like a home: it lies in our state dir, so no one else made it.
+                give_to_owner(working_dir, identity)
             except OSError as error:
                 return f"cannot create working directory {working_dir!r}: {error.strerror}"
         return ""
@@ -394,7 +417,9 @@ class Supervisor:
         self.ranks[rank.key] = rank
         self._report(status)
 
-    def _spawn(self, launch: agent_pb2.LaunchTask, rank_launch: agent_pb2.RankLaunch, working_dir: str) -> tuple[Rank, int]:
+    def _spawn(
+        self, launch: agent_pb2.LaunchTask, rank_launch: agent_pb2.RankLaunch, working_dir: str, identity: RankIdentity
+    ) -> tuple[Rank, int]:
         """Starts the shim of one rank; returns the rank and the read end of its start notification."""
         attempt_dir = self._attempt_dir(launch.job_id, launch.attempt)
         attempt_dir.mkdir(parents=True, exist_ok=True)
@@ -406,21 +431,36 @@ class Supervisor:
         env = os.environ.copy()
         for name in AGENT_ONLY_ENV:
             env.pop(name, None)
+        env.update(identity.env)
         env.update(launch.env)
         env.update(rank_launch.env)
         # gpuorch.worker.report_progress() touches this file; the agent reports its mtime in heartbeats.
+        # It starts out dated 0 (= no progress yet) and belongs to the rank's user, who may touch
+        # it but, the directory being the agent's, neither replace nor remove it.
         env["GPUORCH_PROGRESS_FILE"] = str(base.with_suffix(".progress"))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(env["GPUORCH_PROGRESS_FILE"])
+        os.close(os.open(env["GPUORCH_PROGRESS_FILE"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+        os.utime(env["GPUORCH_PROGRESS_FILE"], ns=(0, 0))
+        give_to_owner(env["GPUORCH_PROGRESS_FILE"], identity)
         if env.get("GPUORCH_CHECKPOINT_DIR"):
+            checkpoint_dir = env["GPUORCH_CHECKPOINT_DIR"]
             with contextlib.suppress(OSError):  # on shared storage it may exist, or be read-only here
-                os.makedirs(env["GPUORCH_CHECKPOINT_DIR"], exist_ok=True)
+                if not os.path.lexists(checkpoint_dir):
+                    os.makedirs(checkpoint_dir)
+                    give_to_owner(checkpoint_dir, identity)  # only one we made: an existing path may be anyone's
+        switch_user = (
+            ["--uid", str(identity.uid), "--gid", str(identity.gid), "--groups", ",".join(map(str, identity.groups))]
+            if identity.switch
+            else []
+        )
         argv = [
             self.python, "-I", "-S", SHIM,
             "--notify-fd", str(NOTIFY_FD),
             "--pid-file", pid_path,
             "--exit-file", exit_path,
             "--cwd", working_dir,
+            *switch_user,
             "--", *launch.argv,
         ]  # fmt: skip
         notify_read, notify_write = os.pipe()

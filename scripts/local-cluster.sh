@@ -34,7 +34,8 @@ gpuorch-coordinator --listen "127.0.0.1:$PORT" --state-dir "$STATE/coordinator" 
   >"$STATE/coordinator.log" 2>&1 &
 echo $! >"$STATE/coordinator.pid"
 for node in node-a node-b; do
-  gpuorch-agent --coordinator "127.0.0.1:$PORT" --node-id "$node" --simulate-gpus 4 \
+  # --allow-root-ranks: run as root (a container, a VM), the agent would otherwise refuse root's jobs.
+  gpuorch-agent --coordinator "127.0.0.1:$PORT" --node-id "$node" --simulate-gpus 4 --allow-root-ranks \
     --state-dir "$STATE/$node" --log-format json >"$STATE/$node.log" 2>&1 &
   echo $! >"$STATE/$node.pid"
 done

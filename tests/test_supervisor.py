@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.identity import IdentityPolicy
 from agent.supervisor import Supervisor, process_start_time
 from gpuorch.v1 import agent_pb2
 
@@ -20,6 +21,8 @@ RUNNING = agent_pb2.TASK_STATE_RUNNING
 EXITED = agent_pb2.TASK_STATE_EXITED
 FAILED_TO_START = agent_pb2.TASK_STATE_FAILED_TO_START
 REJECTED = agent_pb2.TASK_STATE_REJECTED
+ROOT_RANKS_ALLOWED = IdentityPolicy(allow_root_ranks=True)
+"""These tests may run as root and launch jobs without an owner: run them as the agent's user."""
 
 
 class Reports:
@@ -90,7 +93,7 @@ def process_gone(pid: int) -> bool:
 @pytest.fixture
 async def supervisor(tmp_path: Path):
     reports = Reports()
-    supervisor = Supervisor(tmp_path, reports)
+    supervisor = Supervisor(tmp_path, reports, identity_policy=ROOT_RANKS_ALLOWED)
     supervisor.reports = reports  # type: ignore[attr-defined]
     await supervisor.recover()
     yield supervisor
@@ -209,7 +212,7 @@ async def test_stale_attempt_is_rejected_even_after_a_restart(supervisor: Superv
     assert rejected.message == "attempt 2 of j-5 is older than attempt 3 already seen"
 
     later_reports = Reports()
-    restarted = Supervisor(tmp_path, later_reports)
+    restarted = Supervisor(tmp_path, later_reports, identity_policy=ROOT_RANKS_ALLOWED)
     await restarted.recover()
     await restarted.launch(launch_task("j-5", 1, python_rank("pass")))
     assert (
@@ -259,7 +262,7 @@ async def test_exit_stays_in_snapshot_until_acknowledged(supervisor: Supervisor,
     supervisor.acknowledge("j-ack", 1)
     assert supervisor.snapshot() == []
     later_reports = Reports()
-    restarted = Supervisor(tmp_path, later_reports)
+    restarted = Supervisor(tmp_path, later_reports, identity_policy=ROOT_RANKS_ALLOWED)
     await restarted.recover()
     assert later_reports.statuses == [] and restarted.snapshot() == []  # acknowledged exits are not re-reported
     await restarted.close()
@@ -267,7 +270,7 @@ async def test_exit_stays_in_snapshot_until_acknowledged(supervisor: Supervisor,
 
 async def test_ranks_survive_an_agent_restart_and_their_exit_code_is_learned(tmp_path: Path) -> None:
     first_reports = Reports()
-    first = Supervisor(tmp_path, first_reports)
+    first = Supervisor(tmp_path, first_reports, identity_policy=ROOT_RANKS_ALLOWED)
     await first.recover()
     go_file = tmp_path / "go"
     code = f"import os, sys, time\nwhile not os.path.exists({str(go_file)!r}): time.sleep(0.01)\nsys.exit(7)"
@@ -276,7 +279,7 @@ async def test_ranks_survive_an_agent_restart_and_their_exit_code_is_learned(tmp
     await first.close()  # the agent dies; the rank must not
 
     second_reports = Reports()
-    second = Supervisor(tmp_path, second_reports)
+    second = Supervisor(tmp_path, second_reports, identity_policy=ROOT_RANKS_ALLOWED)
     await second.recover()
     assert second.running_count() == 1
     assert [(s.state, s.pid) for s in second.snapshot()] == [(RUNNING, pid)]
@@ -290,7 +293,7 @@ async def test_ranks_survive_an_agent_restart_and_their_exit_code_is_learned(tmp
 
 
 async def test_rank_that_ended_while_no_agent_ran_is_reported_on_recover(tmp_path: Path) -> None:
-    first = Supervisor(tmp_path, Reports())
+    first = Supervisor(tmp_path, Reports(), identity_policy=ROOT_RANKS_ALLOWED)
     await first.recover()
     go_file = tmp_path / "go"
     code = f"import os, sys, time\nwhile not os.path.exists({str(go_file)!r}): time.sleep(0.01)\nsys.exit(5)"
@@ -301,7 +304,7 @@ async def test_rank_that_ended_while_no_agent_ran_is_reported_on_recover(tmp_pat
     await wait_until(exit_file.exists)
 
     reports = Reports()
-    second = Supervisor(tmp_path, reports)
+    second = Supervisor(tmp_path, reports, identity_policy=ROOT_RANKS_ALLOWED)
     await second.recover()
     assert [(s.state, s.exit_code) for s in reports.statuses] == [(EXITED, 5)]
     assert second.running_count() == 0
@@ -336,11 +339,16 @@ async def test_processes_left_behind_by_a_rank_are_killed_when_it_exits(supervis
 AGENT_THAT_LAUNCHES_AND_HANGS = """
 import asyncio, sys
 from pathlib import Path
+from agent.identity import IdentityPolicy
 from agent.supervisor import Supervisor
 from gpuorch.v1 import agent_pb2
 
 async def main():
-    supervisor = Supervisor(Path(sys.argv[1]), lambda status: print("status", status.state, status.pid, flush=True))
+    supervisor = Supervisor(
+        Path(sys.argv[1]),
+        lambda status: print("status", status.state, status.pid, flush=True),
+        identity_policy=IdentityPolicy(allow_root_ranks=True),
+    )
     await supervisor.recover()
     code = "import os, sys, time\\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\\nsys.exit(7)"
     rank = agent_pb2.RankLaunch(rank=0)
@@ -373,7 +381,7 @@ async def test_ranks_survive_a_sigkill_of_the_agent_process(tmp_path: Path) -> N
     try:
         assert process_start_time(pid) is not None  # the rank outlived its agent
         reports = Reports()
-        restarted = Supervisor(tmp_path, reports)
+        restarted = Supervisor(tmp_path, reports, identity_policy=ROOT_RANKS_ALLOWED)
         await restarted.recover()
         assert [(s.state, s.pid) for s in restarted.snapshot()] == [(RUNNING, pid)]
     finally:
