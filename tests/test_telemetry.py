@@ -13,7 +13,8 @@ from agent.telemetry.nvml import NvmlSource
 from agent.telemetry.simulated import SimulatedSource
 from coordinator.health import assess_device
 from tests.fake_nvml import FakeGpu, FakeNvml
-from tests.harness import REPO
+from tests.harness import ON_A_GPU_NODE, REPO
+
 
 
 def healthy(info, sample) -> bool:
@@ -122,6 +123,7 @@ def test_open_source_picks_simulation_when_asked():
     assert isinstance(open_source(simulate_gpus=3, node_id="x"), SimulatedSource)
 
 
+@pytest.mark.skipif(ON_A_GPU_NODE, reason="this machine has an NVIDIA driver: the agent would read its GPUs")
 def test_agent_without_nvml_or_simulation_exits_with_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "agent.main", "--coordinator", "127.0.0.1:1", "--state-dir", str(tmp_path)],
@@ -134,3 +136,23 @@ def test_agent_without_nvml_or_simulation_exits_with_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("gpuorch-agent: ") and "--simulate-gpus N" in lines[0]
+
+
+@pytest.mark.skipif(not ON_A_GPU_NODE, reason="needs an NVIDIA driver and GPU")
+def test_nvml_source_reads_a_real_driver():
+    source = NvmlSource()
+    try:
+        infos = source.devices()
+        assert infos, "a GPU node has at least one GPU"
+        first_sample = source.sample()
+    finally:
+        source.close()
+    for info, sample in zip(infos, first_sample, strict=True):
+        assert info.uuid.startswith("GPU-") and sample.uuid == info.uuid
+        assert info.name.startswith("NVIDIA") and info.pci_bus_id
+        assert info.memory_total_bytes >= 1024**3
+        assert 0 < sample.memory_used_bytes < info.memory_total_bytes
+        assert 0 <= sample.gpu_utilization_percent <= 100
+        assert 5 <= sample.temperature_celsius <= 110
+        assert sample.power_watts > 0 and not sample.lost
+        assert healthy(info, sample), (info, sample)
