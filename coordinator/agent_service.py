@@ -3,6 +3,9 @@
 The handler reads in one task and writes from the session's outbox in the
 handler itself, so the rest of the coordinator talks to a node by putting
 messages in `session.outbox` and never touches gRPC.
+
+The service is registered through coordinator.strict: `context.read()` returns
+parsed AgentMessages and raises MalformedRequest for a frame that is not one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import grpc
 import structlog
 
 from coordinator.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
+from coordinator.strict import MalformedRequest
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
@@ -126,7 +130,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     raise InvalidMessage("register may only be the first message of a stream")
                 else:
                     raise InvalidMessage("empty AgentMessage: set one of register, heartbeat, task_status, log_chunk")
-        except InvalidMessage as error:
+        except (InvalidMessage, MalformedRequest) as error:
             session.close(str(error))
             raise StreamEnded(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         except StreamEnded:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from coordinator.agent_service import AgentService
 from coordinator.auth import Guard, StreamQuota, node_identity_problem
@@ -31,7 +31,7 @@ from coordinator.recovery import RecoveryPolicy
 from coordinator.reflection import CommentedPool
 from coordinator.settings import CoordinatorSettings
 from gpuorch import tls
-from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, job_pb2
+from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
 
 log = structlog.get_logger("coordinator")
 
@@ -43,11 +43,37 @@ UNFREEZE_SECONDS = 3600.0
 """How often frozen objects are handed back to the collector, so cyclic garbage among them is freed."""
 
 
-SERVICE_NAMES = (
-    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
-    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
-    job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-)
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+CLUSTER_SERVICE = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"]
+JOB_SERVICE = job_pb2.DESCRIPTOR.services_by_name["JobService"]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+SERVICE_NAMES = (AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE.full_name)
+
+
+class ServiceHealth(HealthServicer):
+    """grpc.health.v1.Health, except that a Check of an unknown service says which one was asked for.
+
+    The stock servicer answers NOT_FOUND with an empty message, which leaves a probe with a
+    typo in its service name guessing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.services = {""}
+        """Every service name that has a status (the stock servicer starts with "" SERVING)."""
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        self.services.add(service)
+        await super().set(service, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context):
+        if request.service not in self.services:
+            known = ", ".join(repr(name) for name in sorted(self.services))
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service[:200]!r}; known services: {known}"
+            )
+        return await super().Check(request, context)
 
 
 class GarbageSettler:
@@ -127,7 +153,7 @@ class Coordinator:
         self.epoch = 0
         self.port = 0
         self.server: grpc.aio.Server | None = None
-        self.health = HealthServicer()
+        self.health = ServiceHealth()
         self.garbage = GarbageSettler()
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
@@ -170,20 +196,24 @@ class Coordinator:
         self.agents.on_register.append(lambda node_id, register: self.garbage.registered())
         interceptors = self.metrics.interceptors() if self.metrics is not None else None
         self.server = grpc.aio.server(options=server_options(self.settings.max_message_bytes), interceptors=interceptors)
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
+        # Every service, the stock health and reflection ones included, parses its own requests
+        # (coordinator/strict.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
+        add_strict_service(self.server, AGENT_SERVICE, self.agents)
         add_strict_service(
             self.server,
-            cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+            CLUSTER_SERVICE,
             ClusterService(
                 self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
             ),
         )
-        add_strict_service(self.server, job_pb2.DESCRIPTOR.services_by_name["JobService"], JobService(self.jobs, self.guard, StreamQuota(settings.max_streams_per_client)))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        add_strict_service(self.server, JOB_SERVICE, JobService(self.jobs, self.guard, StreamQuota(settings.max_streams_per_client)))
+        add_strict_service(self.server, HEALTH_SERVICE, self.health)
+        add_strict_service(
             self.server,
-            pool=CommentedPool(),
+            REFLECTION_SERVICE,
+            reflection.aio.ReflectionServicer(
+                (*SERVICE_NAMES, HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name), pool=CommentedPool()
+            ),
         )
         self.port, self.agent_port = self._add_ports()
         if self.metrics is not None:
