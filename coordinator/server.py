@@ -52,28 +52,27 @@ SERVICE_NAMES = (AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE
 
 
 class ServiceHealth(HealthServicer):
-    """grpc.health.v1.Health, except that a Check of an unknown service says which one was asked for.
+    """grpc.health.v1.Health with every method answered, and every refusal saying why.
 
-    The stock servicer answers NOT_FOUND with an empty message, which leaves a probe with a
-    typo in its service name guessing.
+    The stock servicer answers a Check of an unknown service NOT_FOUND with an empty
+    message, which leaves a probe with a typo in its service name guessing, and does not
+    implement List at all (UNIMPLEMENTED). Statuses are the stock servicer's own
+    `_server_status`, so graceful shutdown (which sets them directly) shows in both.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.services = {""}
-        """Every service name that has a status (the stock servicer starts with "" SERVING)."""
-
-    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        self.services.add(service)
-        await super().set(service, status)
-
     async def Check(self, request: health_pb2.HealthCheckRequest, context):
-        if request.service not in self.services:
-            known = ", ".join(repr(name) for name in sorted(self.services))
+        if request.service not in self._server_status:
+            known = ", ".join(repr(name) for name in sorted(self._server_status))
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service[:200]!r}; known services: {known}"
             )
         return await super().Check(request, context)
+
+    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for service, status in self._server_status.items():
+            response.statuses[service].status = status
+        return response
 
 
 class GarbageSettler:

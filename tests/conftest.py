@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import LocalCluster
+from tests.harness import SUMMARY_LINES, LocalCluster
 
 
 @pytest.fixture
@@ -26,3 +26,8 @@ def pytest_runtest_makereport(item, call):
             except OSError:
                 continue
             report.sections.append((f"{daemon.name} log (tail)", tail))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)

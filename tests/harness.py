@@ -19,12 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 import gpuorch
 from gpuorch.v1 import cluster_pb2
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
+
+SUMMARY_LINES = pytest.StashKey[list[str]]()
+"""Lines a test leaves in `config.stash` for the end of pytest's report (conftest prints them), e.g. the fuzzing's counts."""
 
 
 def real_nvml_available() -> bool:

@@ -84,6 +84,13 @@ def test_grpcurl_lists_services_describes_and_calls_list_nodes(cluster):
     assert missing.returncode != 0 and "NotFound" in missing.stderr and "ghost" in missing.stderr
     health = grpcurl("-plaintext", cluster.address, "grpc.health.v1.Health/Check")
     assert '"SERVING"' in health.stdout
+    typo = grpcurl("-plaintext", "-d", '{"service": "gpuorch.v1.JobServce"}', cluster.address, "grpc.health.v1.Health/Check")
+    assert typo.returncode != 0 and "NotFound" in typo.stderr
+    assert "'gpuorch.v1.JobServce'" in typo.stderr and "'gpuorch.v1.JobService'" in typo.stderr, "names what was asked and what exists"
+    every_status = grpcurl("-plaintext", cluster.address, "grpc.health.v1.Health/List")
+    assert every_status.returncode == 0, every_status.stderr
+    statuses = json.loads(every_status.stdout)["statuses"]
+    assert statuses[""]["status"] == "SERVING" and statuses["gpuorch.v1.JobService"]["status"] == "SERVING"
 
 
 def test_killed_agent_is_suspect_at_once_and_down_after_grace(cluster):

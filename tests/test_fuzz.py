@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 
 import gpuorch
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
-from tests.harness import LocalCluster, wait_for
+from tests.harness import SUMMARY_LINES, LocalCluster, wait_for
 
 ADMIN_TOKEN = "fuzz-admin-token-5f1c0e"
 USER_TOKEN = "fuzz-user-token-9a7b22"
@@ -430,6 +430,7 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
     assert fuzz.cluster.coordinator.process.poll() is None, f"the coordinator died; the last call was to {name}"
     assert outcome.code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), f"an error escaped a handler: {said}"
     assert outcome.code is not grpc.StatusCode.DEADLINE_EXCEEDED, f"a handler hung: {said}"
+    assert outcome.code is not grpc.StatusCode.UNIMPLEMENTED, f"every method of a served service is implemented: {said}"
     if outcome.code not in (None, grpc.StatusCode.OK):
         assert outcome.details.strip(), f"a rejection must say what was wrong: {said}"
     request_class = message_factory.GetMessageClass(method.input_type)
@@ -488,7 +489,7 @@ def target(tmp_path_factory, pytestconfig):
     yield cluster, fuzz, kept, before
     fuzz.close()
     summary = json.dumps(fuzz.summary())
-    pytestconfig.pluginmanager.get_plugin("terminalreporter").write_line(f"\nfuzz summary: {summary}")
+    pytestconfig.stash.setdefault(SUMMARY_LINES, []).append(f"fuzz summary: {summary}")
     if os.environ.get("GPUORCH_FUZZ_SUMMARY"):
         with open(os.environ["GPUORCH_FUZZ_SUMMARY"], "w") as handle:
             handle.write(summary + "\n")
@@ -533,18 +534,23 @@ def _method_id(method: descriptor.MethodDescriptor) -> str:
     return f"{method.containing_service.name}.{method.name}"
 
 
+def fuzz_method(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: st.SearchStrategy[Frames], metadata: st.SearchStrategy[tuple]) -> None:
+    """Calls `method` with what the strategies draw, checking every outcome; hypothesis shrinks any failure."""
+
+    @FUZZ_SETTINGS
+    @given(frames=frames, metadata=metadata)
+    def run(frames, metadata):
+        check(fuzz, method, frames, metadata, fuzz.call(method, frames, metadata))
+
+    run()
+
+
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_random_and_corrupted_bytes(target, method):
     cluster, fuzz, kept, _ = target
     garbage = garbage_bytes(method.input_type, kept, method.name)
     first = st.one_of(garbage, _registration(kept)) if method.name == "Connect" else st.one_of(garbage, _encoded(method, kept))
-
-    @FUZZ_SETTINGS
-    @given(frames=_frames(method, garbage, first=first if method.client_streaming else None), metadata=VALID_TOKENS)
-    def run(frames, metadata):
-        check(fuzz, method, frames, metadata, fuzz.call(method, frames, metadata))
-
-    run()
+    fuzz_method(fuzz, method, _frames(method, garbage, first=first if method.client_streaming else None), VALID_TOKENS)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
@@ -552,26 +558,13 @@ def test_well_formed_hostile_messages(target, method):
     cluster, fuzz, kept, _ = target
     encoded = _encoded(method, kept)
     first = st.one_of(_registration(kept), encoded) if method.name == "Connect" else None
-
-    @FUZZ_SETTINGS
-    @given(frames=_frames(method, encoded, first=first), metadata=VALID_TOKENS)
-    def run(frames, metadata):
-        check(fuzz, method, frames, metadata, fuzz.call(method, frames, metadata))
-
-    run()
+    fuzz_method(fuzz, method, _frames(method, encoded, first=first), VALID_TOKENS)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_random_metadata(target, method):
     cluster, fuzz, kept, _ = target
-    request = st.one_of(st.just(b""), _encoded(method, kept))
-
-    @FUZZ_SETTINGS
-    @given(frames=_frames(method, request), metadata=METADATA)
-    def run(frames, metadata):
-        check(fuzz, method, frames, metadata, fuzz.call(method, frames, metadata))
-
-    run()
+    fuzz_method(fuzz, method, _frames(method, st.one_of(st.just(b""), _encoded(method, kept))), METADATA)
 
 
 def test_every_served_service_is_fuzzed(target):
