@@ -7,10 +7,13 @@ writes its exit status to a file any later agent can read.
 
 Run by the supervisor as
 
-    python -I -S shim.py --notify-fd 3 --pid-file P --exit-file E --cwd DIR [--uid U --gid G --groups G,...] -- ARGV...
+    python -I -S shim.py --notify-fd 3 --env-fd 4 --pid-file P --exit-file E --cwd DIR [--uid U --gid G --groups G,...] -- ARGV...
 
 with stdin on /dev/null and stdout/stderr on the rank's log (the supervisor opens
-them when it spawns the shim, so even a crash of the shim lands in the log).
+them when it spawns the shim, so even a crash of the shim lands in the log), an
+empty environment of its own, and the rank's environment on --env-fd as
+NUL-separated NAME=VALUE entries: only the rank's exec gets it, after the switch of
+user, so a job's LD_PRELOAD never reaches a process that runs as root.
 
 With --uid, the shim keeps the agent's identity (root), so the records it writes stay out
 of the rank's reach, and starts the rank as that uid, gid and groups.
@@ -82,7 +85,26 @@ def parse_identity(options: dict[str, str]) -> tuple[int, int, list[int]] | None
     return int(options["uid"]), int(options["gid"]), [int(gid) for gid in options.get("groups", "").split(",") if gid]
 
 
-def start_rank(argv: list[str], cwd: str, identity: tuple[int, int, list[int]] | None) -> tuple[int, str]:
+def read_environment(fd: int) -> dict[str, str]:
+    """The rank's environment from `fd` (then closed); empty when there is no such descriptor."""
+    if fd < 0:
+        return {}
+    data = b""
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    env = {}
+    for entry in data.split(b"\0"):
+        name, equals, value = entry.partition(b"=")
+        if equals:
+            env[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+    return env
+
+
+def start_rank(argv: list[str], cwd: str, identity: tuple[int, int, list[int]] | None, env: dict[str, str]) -> tuple[int, str]:
     """Forks and execs the rank in a process group of its own; returns (pid, "") or (0, why it failed).
 
     The child drops to the owner's identity before it enters the working directory and
@@ -107,7 +129,7 @@ def start_rank(argv: list[str], cwd: str, identity: tuple[int, int, list[int]] |
             step = f"cannot enter working directory {cwd!r}"
             os.chdir(cwd)
             step = f"cannot execute {argv[0]!r}"
-            os.execvpe(argv[0], argv, os.environ)
+            os.execvpe(argv[0], argv, env)
         except BaseException as error:  # noqa: BLE001 - whatever it was, the parent must hear of it
             why = getattr(error, "strerror", None) or str(error)
             try:
@@ -137,10 +159,12 @@ def start_rank(argv: list[str], cwd: str, identity: tuple[int, int, list[int]] |
 def main() -> int:
     options, argv = parse_args(sys.argv[1:])
     notify_fd = int(options.get("notify-fd", "-1"))
+    env_fd = int(options.get("env-fd", "-1"))
     pid_file = options["pid-file"]
     exit_file = options["exit-file"]
     if notify_fd >= 0:
         os.set_inheritable(notify_fd, False)
+    rank_env = read_environment(env_fd)
     # Descriptors the agent leaked without close-on-exec (a listening socket would keep
     # the agent's port busy after a restart) must not reach the rank.
     os.closerange(max(notify_fd, 2) + 1, 1 << 16)
@@ -152,7 +176,7 @@ def main() -> int:
     if not argv:
         failure = "empty argv: nothing to execute"
     else:
-        rank_pid, failure = start_rank(argv, options.get("cwd") or ".", parse_identity(options))
+        rank_pid, failure = start_rank(argv, options.get("cwd") or ".", parse_identity(options), rank_env)
     if failure:
         write_atomically(exit_file, f"failed_to_start={one_line(failure)}\n")
         notify(notify_fd, f"failed {one_line(failure)}\n")

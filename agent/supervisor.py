@@ -50,6 +50,8 @@ log = structlog.get_logger("agent.supervisor")
 SHIM = str(Path(__file__).with_name("shim.py"))
 NOTIFY_FD = 3
 """Descriptor number on which the shim tells the agent that the rank started (or why not)."""
+ENV_FD = 4
+"""Descriptor number from which the shim reads the rank's environment (see environment_file)."""
 
 DEFAULT_LOG_CHUNK = 64 * 1024
 MAX_LOG_CHUNK = 1024 * 1024
@@ -70,6 +72,25 @@ AGENT_ONLY_ENV = (
 )  # fmt: skip
 """systemd's variables for the agent itself: a rank must not talk to systemd as if it were the agent,
 nor look for the agent's credentials."""
+
+
+def environment_file(env: dict[str, str]) -> int:
+    """A memory-backed file holding `env` as NUL-separated NAME=VALUE entries, read from its start.
+
+    The rank's environment reaches the shim this way, never as the shim's own: the shim
+    runs as the agent (root), and a job's LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT or
+    GCONV_PATH in the environment of a root process would run the owner's code as root.
+    A file rather than a pipe, because 128 KiB of environment would fill a pipe before
+    the shim reads it; in memory, because it may hold the job's secrets.
+    """
+    fd = os.memfd_create("gpuorch-rank-env", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, b"".join(f"{name}={value}".encode("utf-8", "surrogateescape") + b"\0" for name, value in env.items()))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def process_start_time(pid: int) -> int | None:
@@ -457,23 +478,26 @@ class Supervisor:
         argv = [
             self.python, "-I", "-S", SHIM,
             "--notify-fd", str(NOTIFY_FD),
+            "--env-fd", str(ENV_FD),
             "--pid-file", pid_path,
             "--exit-file", exit_path,
             "--cwd", working_dir,
             *switch_user,
             "--", *launch.argv,
         ]  # fmt: skip
+        env_fd = environment_file(env)
         notify_read, notify_write = os.pipe()
         try:
             shim_pid = os.posix_spawn(
                 self.python,
                 argv,
-                env,
+                {},  # nothing of the job's reaches the shim's own environment (see environment_file)
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 1, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                     (os.POSIX_SPAWN_DUP2, notify_write, NOTIFY_FD),
+                    (os.POSIX_SPAWN_DUP2, env_fd, ENV_FD),
                 ],
                 setsid=True,  # the shim leads a session of its own, away from the agent's signals and terminal
                 setsigmask=(),
@@ -483,6 +507,7 @@ class Supervisor:
             raise
         finally:
             os.close(notify_write)
+            os.close(env_fd)
         record = RankRecord(
             job_id=launch.job_id,
             attempt=launch.attempt,

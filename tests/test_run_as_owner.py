@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -215,3 +216,46 @@ def test_a_working_dir_the_owner_may_not_enter_fails_the_start_with_the_owners_p
     job = wait_final(cluster, job_id)
     assert job.state == job_pb2.JOB_STATE_FAILED
     assert f"cannot enter working directory {str(private)!r}: Permission denied" in job.reason, job.reason
+
+
+@needs_root
+def test_the_jobs_environment_reaches_only_the_rank_never_the_shim_that_runs_as_root(cluster):
+    """A job's LD_PRELOAD (or any loader variable) in the environment of the root shim would run the owner's code as root."""
+    cluster.start_coordinator()
+    cluster.add_agent("n1", 1, allow_root_ranks=False)
+    cluster.wait_for_nodes(1)
+    env = {"GPUORCH_TEST_SECRET": "s3cret", "LD_LIBRARY_PATH": "/nonexistent/owner-libs"}
+    probe = 'echo "shim=$PPID secret=$GPUORCH_TEST_SECRET ld=$LD_LIBRARY_PATH"; sleep 30'
+    job_id = cluster.client().submit_job(argv=["/bin/sh", "-c", probe], gpus=1, owner="nobody", max_restarts=0, env=env)
+    line = wait_for(lambda: next((line for line in rank_log(cluster, job_id).splitlines() if line.startswith("shim=")), None), timeout=30, what="the rank's line")
+    shim_pid = int(line.split()[0].removeprefix("shim="))
+    assert "secret=s3cret ld=/nonexistent/owner-libs" in line, "the rank gets the job's environment"
+    shim_env = Path(f"/proc/{shim_pid}/environ").read_bytes()
+    assert Path(f"/proc/{shim_pid}/status").read_text().count("Uid:\t0\t") == 1, "the shim is the root process"
+    assert b"GPUORCH_TEST_SECRET" not in shim_env and b"LD_LIBRARY_PATH" not in shim_env, shim_env
+    cluster.client().cancel_job(job_id)
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to build the preloaded library")
+def test_a_jobs_ld_preload_runs_only_as_the_owner(cluster):
+    """The attack itself: a library a user preloads records every uid it was loaded into."""
+    witness_dir = cluster.root / "witness"
+    witness_dir.mkdir(parents=True)
+    os.chmod(witness_dir, 0o777)
+    source = cluster.root / "witness.c"
+    source.write_text(
+        '#include <stdio.h>\n#include <unistd.h>\n'
+        f'__attribute__((constructor)) static void witness(void) {{ FILE *f = fopen("{witness_dir}/uids", "a");'
+        ' if (f) { fprintf(f, "%d\\n", (int)getuid()); fclose(f); } }\n'
+    )
+    library = cluster.root / "witness.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    os.chmod(cluster.root, 0o755)
+    cluster.start_coordinator()
+    cluster.add_agent("n1", 1, allow_root_ranks=False)
+    cluster.wait_for_nodes(1)
+    job_id = cluster.client().submit_job(argv=["/bin/true"], gpus=1, owner="nobody", max_restarts=0, env={"LD_PRELOAD": str(library)})
+    assert wait_final(cluster, job_id).state == job_pb2.JOB_STATE_SUCCEEDED
+    loaded_as = set((witness_dir / "uids").read_text().split())
+    assert loaded_as == {str(pwd.getpwnam("nobody").pw_uid)}, f"the preloaded library ran as uids {loaded_as}"
