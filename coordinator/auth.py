@@ -272,10 +272,13 @@ def node_identity_problem(node_id: str, certificate_names: list[str], mutual_tls
         return None
     if not certificate_names:
         where = f"connect to agent_listen ({agent_listen}) " if agent_listen else ""
-        return f"node {node_id!r} presented no client certificate; agents must {where}with a certificate signed by tls_client_ca"
+        return (
+            f"node {node_id!r} presented no client certificate with a DNS name; agents must {where}with a certificate "
+            "signed by tls_client_ca that names their node id as a DNS subjectAltName"
+        )
     if node_id not in certificate_names:
         return (
-            f"node id {node_id!r} is not a name in the client certificate ({', '.join(certificate_names)}); "
+            f"node id {node_id!r} is not a DNS name in the client certificate ({', '.join(certificate_names)}); "
             "a node may only register as itself"
         )
     return None

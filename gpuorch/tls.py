@@ -57,11 +57,15 @@ def is_loopback_host(host: str) -> bool:
 
 
 def peer_identities(auth_context: dict[str, list[bytes]]) -> list[str]:
-    """The names a verified client certificate vouches for: its subject alternative names and common name."""
+    """The node ids a verified client certificate vouches for: its DNS subjectAltNames, and nothing else.
+
+    The common name, and email, URI and IP entries, are left out: a certificate issued for
+    one of those roles (a person's, a service's) must not make its holder a node of that
+    name, nor may one certificate speak for a node through a second kind of entry.
+    """
     names: list[str] = []
-    for key in ("x509_subject_alternative_name", "x509_common_name"):
-        for value in auth_context.get(key, ()):
-            name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            if name and name not in names:
-                names.append(name)
+    for value in auth_context.get("peer_dns", ()):
+        name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if name and name not in names:
+            names.append(name)
     return names

@@ -130,7 +130,7 @@ def test_stream_quota_counts_per_client():
 def test_a_node_may_register_only_as_a_name_in_its_certificate():
     assert node_identity_problem("n1", [], mutual_tls=False) is None
     assert node_identity_problem("n1", ["n1", "n1.example"], mutual_tls=True) is None
-    assert "not a name in the client certificate (n2)" in node_identity_problem("n1", ["n2"], mutual_tls=True)
+    assert "not a DNS name in the client certificate (n2)" in node_identity_problem("n1", ["n2"], mutual_tls=True)
     assert "no client certificate" in node_identity_problem("n1", [], mutual_tls=True, agent_listen="0.0.0.0:50052")
 
 
@@ -455,11 +455,30 @@ def test_a_node_cannot_register_as_another(tls_cluster, certificates):
     impostor = start_agent(tls_cluster, "node-9", "--tls-ca", str(certificates / "ca.crt"),
                            "--tls-cert", str(certificates / "nodes" / "node-2.crt"), "--tls-key", str(certificates / "nodes" / "node-2.key"))  # fmt: skip
     wait_for(lambda: "registration refused" in tls_cluster.coordinator.output(), timeout=10, what="the refusal to be logged")
-    assert "node id 'node-9' is not a name in the client certificate (node-2" in tls_cluster.coordinator.output()
+    assert "node id 'node-9' is not a DNS name in the client certificate (node-2" in tls_cluster.coordinator.output()
     assert "PERMISSION_DENIED" in impostor.output()
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("node-9")
     impostor.stop()
+
+
+def test_only_a_certificates_dns_names_are_node_ids(tls_cluster, certificates, tmp_path):
+    """Its common name, email, URI and IP entries are not: a person's certificate made out to "CN=alice" must
+    not make its holder node "alice", nor may one certificate speak for several nodes through other entries."""
+    extensions = tmp_path / "extensions"
+    extensions.write_text("subjectAltName=DNS:node-5,email:node-6,URI:node-7,IP:10.9.9.9\nextendedKeyUsage=clientAuth\n")
+    key, request, certificate = (tmp_path / name for name in ("mixed.key", "mixed.csr", "mixed.crt"))
+    openssl = dict(check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=node-8",
+                    "-keyout", str(key), "-out", str(request)], **openssl)  # fmt: skip
+    subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
+                    "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], **openssl)  # fmt: skip
+    by_common_name = start_agent(tls_cluster, "node-8", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key))
+    wait_for(lambda: "node id 'node-8' is not a DNS name" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
+    assert "in the client certificate (node-5);" in tls_cluster.coordinator.output(), "the email, URI and IP entries are no node ids"
+    by_common_name.stop()
+    with pytest.raises(NotFound):
+        tls_cluster.client().get_node("node-8")
 
 
 def test_an_agent_without_a_certificate_is_refused(tls_cluster, certificates):
