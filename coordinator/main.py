@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--agent-listen", metavar="HOST:PORT", help="separate mutual-TLS port for agents (needs --tls-client-ca)")
     parser.add_argument("--tokens-file", metavar="TOML", help="[[tokens]] file: clients must send a bearer token")
     parser.add_argument(
-        "--insecure", action="store_true", default=None, help="allow plaintext on a non-loopback address (no TLS: avoid)"
+        "--insecure", action="store_true", default=None, help="serve a non-loopback address without TLS, tokens or agent certificates (avoid)"
     )
     parser.add_argument("--max-pending-jobs-per-user", type=int, help="pending jobs one owner may queue (default 1000; 0 = no limit)")
     parser.add_argument("--max-streams-per-client", type=int, help="open watches and followed logs per client (default 64; 0 = no limit)")

@@ -61,7 +61,8 @@ class CoordinatorSettings:
     tokens_file: str = ""
     """TOML file of [[tokens]] (user, role, sha256): clients must send a bearer token; empty = no tokens."""
     insecure: bool = False
-    """Allow plaintext (no TLS) on an address other than loopback. Without it, no-TLS means loopback only."""
+    """Serve an address other than loopback without all of TLS, tokens and agent certificates. Without it,
+    a coordinator that lacks any of the three listens on loopback only."""
     max_pending_jobs_per_user: int = 1000
     """Pending jobs one owner may have queued; a submission beyond it gets RESOURCE_EXHAUSTED. 0 = no limit."""
     max_streams_per_client: int = 64
@@ -69,6 +70,22 @@ class CoordinatorSettings:
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
+
+    def missing_protections(self) -> list[str]:
+        """What a port open to other machines needs and these settings lack, each saying what it exposes.
+
+        Any one of them lets whoever reaches the port act as someone else: without TLS, read
+        tokens off the wire; without tokens, submit jobs as any user (ranks run as that user);
+        without agent certificates, register as a node and receive its jobs.
+        """
+        missing = []
+        if not self.tls_cert:
+            missing.append("TLS is off (tls_cert, tls_key)")
+        if not self.tokens_file:
+            missing.append("clients are not authenticated (tokens_file)")
+        if not self.tls_client_ca:
+            missing.append("agents are not authenticated (tls_client_ca)")
+        return missing
 
     def validate(self) -> None:
         """Raises ValueError naming the first setting out of range."""
@@ -98,10 +115,11 @@ class CoordinatorSettings:
             raise ValueError("agent_listen is the mutual-TLS port for agents: it needs tls_client_ca (and tls_cert, tls_key)")
         if self.agent_listen and ":" not in self.agent_listen:
             raise ValueError(f"agent_listen must be HOST:PORT, got {self.agent_listen!r}")
-        if not self.tls_cert and not self.insecure and not is_loopback_host(self.listen.rsplit(":", 1)[0]):
+        missing = self.missing_protections()
+        if missing and not self.insecure and not is_loopback_host(self.listen.rsplit(":", 1)[0]):
             raise ValueError(
-                f"listen {self.listen!r} is not a loopback address and TLS is off: set tls_cert and tls_key, "
-                "or listen on 127.0.0.1, or pass --insecure to serve plaintext on the network anyway"
+                f"listen {self.listen!r} is not a loopback address and {' and '.join(missing)}: set them, "
+                "or listen on 127.0.0.1, or pass --insecure to serve the network anyway"
             )
         for name in ("max_pending_jobs_per_user", "max_streams_per_client"):
             if getattr(self, name) < 0:

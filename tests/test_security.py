@@ -154,9 +154,28 @@ def test_unsafe_or_incomplete_security_settings_are_refused(settings, message):
         CoordinatorSettings(**settings).validate()
 
 
-def test_plaintext_on_the_network_needs_insecure_and_tls_needs_nothing_more():
+SECURED = dict(tls_cert="c", tls_key="k", tokens_file="tokens.toml", tls_client_ca="ca.pem")
+
+
+@pytest.mark.parametrize(
+    "left_out, message",
+    [
+        (("tls_cert", "tls_key", "tls_client_ca"), "TLS is off [(]tls_cert, tls_key[)] and agents are not authenticated"),
+        (("tokens_file",), "clients are not authenticated [(]tokens_file[)]"),
+        (("tls_client_ca",), "agents are not authenticated [(]tls_client_ca[)]"),
+    ],
+)
+def test_serving_the_network_needs_tls_tokens_and_agent_certificates_or_insecure(left_out, message):
+    lacking = {name: value for name, value in SECURED.items() if name not in left_out}
+    with pytest.raises(ValueError, match=f"listen '0.0.0.0:50051' is not a loopback address and {message}.*--insecure"):
+        CoordinatorSettings(listen="0.0.0.0:50051", **lacking).validate()
+    CoordinatorSettings(listen="0.0.0.0:50051", insecure=True, **lacking).validate()
+    CoordinatorSettings(listen="127.0.0.1:50051", **lacking).validate()
+
+
+def test_plaintext_on_the_network_needs_insecure_and_full_security_needs_nothing_more():
     CoordinatorSettings(listen="0.0.0.0:50051", insecure=True).validate()
-    CoordinatorSettings(listen="0.0.0.0:50051", tls_cert="c", tls_key="k").validate()
+    CoordinatorSettings(listen="0.0.0.0:50051", **SECURED).validate()
     with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
         AgentSettings(tls_key="k").validate()
 
