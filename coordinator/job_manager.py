@@ -47,6 +47,10 @@ IDLE_SAMPLE = (0,) * len(SAMPLE_FIELDS)
 """What the scheduler assumes of a GPU that has not reported telemetry yet."""
 
 
+LIST_ENTRY_OVERHEAD_BYTES = 8
+"""What one job adds to a ListJobsResponse beyond its own encoding: the field's tag and length."""
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -149,10 +153,12 @@ class JobManager:
         self.pending_by_owner: dict[str, int] = {}
         """Owner -> how many of `pending` are theirs, for max_pending_jobs_per_user."""
         self.max_pending_jobs_per_user = max_pending_jobs_per_user
-        self.by_request_id: dict[str, JobEntry] = {}
+        self.by_request_id: dict[tuple[str, str], JobEntry] = {}
+        """(owner, client_request_id) -> the job that submission made: one user's ids never name another's jobs."""
         self._sequence = itertools.count(1)
         self._wake = asyncio.Event()
-        self._log_requests: dict[int, asyncio.Future] = {}
+        self._log_requests: dict[int, tuple[str, asyncio.Future]] = {}
+        """Log reads awaiting their chunk: request id -> (the node asked, the answer)."""
         self._log_request_ids = itertools.count(1)
         self._expected_nodes: dict[str, float] = {}
         """After a coordinator restart: node id -> wall time by which it must re-register."""
@@ -207,7 +213,7 @@ class JobManager:
     def _index(self, entry: JobEntry) -> None:
         self.jobs[entry.job.job_id] = entry
         if entry.client_request_id:
-            self.by_request_id[entry.client_request_id] = entry
+            self.by_request_id[(entry.job.spec.owner, entry.client_request_id)] = entry
         if entry.job.state == job_pb2.JOB_STATE_PENDING:
             self._enqueue(entry)
 
@@ -260,8 +266,9 @@ class JobManager:
 
     async def submit(self, spec: job_pb2.JobSpec, client_request_id: str = "") -> str:
         """Validates, stores durably, queues; returns the job id. Raises jobs.InvalidSpec, QuotaExceeded."""
-        if client_request_id and client_request_id in self.by_request_id:
-            return self.by_request_id[client_request_id].job.job_id
+        if client_request_id and (spec.owner, client_request_id) in self.by_request_id:
+            return self.by_request_id[(spec.owner, client_request_id)].job.job_id
+        spec = jobs.normalized(spec)
         jobs.validate_spec(spec)
         queued = self.pending_by_owner.get(spec.owner, 0)
         if self.max_pending_jobs_per_user and queued >= self.max_pending_jobs_per_user:
@@ -272,7 +279,7 @@ class JobManager:
         sequence = next(self._sequence)
         job = job_pb2.Job(
             job_id=f"j-{sequence:06d}",
-            spec=jobs.normalized(spec),
+            spec=spec,
             state=job_pb2.JOB_STATE_PENDING,
             reason="queued; waiting for the scheduler",
             submit_time=_stamp(self.clock()),
@@ -290,15 +297,21 @@ class JobManager:
             raise JobNotFound(f"job {job_id!r} does not exist")
         return entry
 
-    def list(self, states=(), owner: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[job_pb2.Job], str]:
-        """Newest first. The page token is the sequence number to continue below."""
+    def list(
+        self, states=(), owner: str = "", page_size: int = 0, page_token: str = "", max_bytes: int = 0
+    ) -> tuple[list[job_pb2.Job], str]:
+        """Newest first: at most `page_size` jobs (default 100, at most 1000) and, with `max_bytes`,
+        at most that many bytes encoded (but always one job), so that a page fits in one message
+        however large its jobs are. The page token is the sequence number to continue below."""
         limit = min(page_size or 100, 1000)
         try:
             below = int(page_token) if page_token else math.inf
         except ValueError:
             raise ValueError(f"page_token {page_token[:32]!r} is not one this coordinator gave out") from None
         wanted = set(states)
-        result: list[JobEntry] = []
+        page: list[JobEntry] = []
+        page_bytes = 0
+        more = False
         for entry in reversed(self.jobs.values()):  # dicts keep insertion (= sequence) order
             if entry.sequence >= below:
                 continue
@@ -306,11 +319,12 @@ class JobManager:
                 continue
             if owner and entry.job.spec.owner != owner:
                 continue
-            result.append(entry)
-            if len(result) > limit:
+            job_bytes = entry.job.ByteSize() + LIST_ENTRY_OVERHEAD_BYTES if max_bytes else 0
+            if len(page) == limit or (page and page_bytes + job_bytes > max_bytes > 0):
+                more = True
                 break
-        more = len(result) > limit
-        page = result[:limit]
+            page.append(entry)
+            page_bytes += job_bytes
         return [entry.job for entry in page], (str(page[-1].sequence) if more else "")
 
     async def cancel(self, job_id: str) -> job_pb2.Job:
@@ -372,7 +386,7 @@ class JobManager:
             raise ConnectionError(f"node {node_id}, which holds the log of rank {rank}, is not connected")
         request_id = next(self._log_request_ids)
         answer = asyncio.get_running_loop().create_future()
-        self._log_requests[request_id] = answer
+        self._log_requests[request_id] = (node_id, answer)
         node.session.send(
             agent_pb2.CoordinatorMessage(
                 read_logs=agent_pb2.ReadLogs(
@@ -396,8 +410,8 @@ class JobManager:
         return None
 
     def on_log_chunk(self, node_id: str, chunk: agent_pb2.LogChunk) -> None:
-        answer = self._log_requests.get(chunk.request_id)
-        if answer is not None and not answer.done():
+        asked, answer = self._log_requests.get(chunk.request_id, ("", None))
+        if answer is not None and asked == node_id and not answer.done():  # only the node asked may answer
             answer.set_result(chunk)
 
     # -- scheduling --------------------------------------------------------------------------

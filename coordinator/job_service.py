@@ -14,13 +14,21 @@ from gpuorch.v1 import job_pb2, job_pb2_grpc
 
 MAX_CLIENT_REQUEST_ID = 128
 FOLLOW_POLL_SECONDS = 0.5
+LIST_RESPONSE_HEADROOM_BYTES = 1024
+"""Room in a ListJobsResponse for what is not jobs (the next page token)."""
+MAX_TAIL_BYTES = 2**62
+"""tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
 
 
 class JobService(job_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager, guard: Guard | None = None, streams: StreamQuota | None = None) -> None:
+    def __init__(
+        self, manager: JobManager, guard: Guard | None = None, streams: StreamQuota | None = None, max_message_bytes: int = 0
+    ) -> None:
         self.manager = manager
         self.guard = guard or Guard()
         self.streams = streams or StreamQuota(0)
+        self.max_list_bytes = max(max_message_bytes - LIST_RESPONSE_HEADROOM_BYTES, 0)
+        """A ListJobs page is cut to this many bytes of jobs, so it fits in a message (0 = no cut)."""
 
     @contextlib.asynccontextmanager
     async def _stream_slot(self, context):
@@ -70,7 +78,7 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
         try:
-            found, token = self.manager.list(request.states, request.owner, request.page_size, request.page_token)
+            found, token = self.manager.list(request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return job_pb2.ListJobsResponse(jobs=found, next_page_token=token)
@@ -114,7 +122,7 @@ class JobService(job_pb2_grpc.JobServiceServicer):
                 yield response
 
     async def _read_logs(self, request: job_pb2.GetJobLogsRequest, entry, context):
-        offset = -int(request.tail_bytes) if request.tail_bytes else 0
+        offset = -min(request.tail_bytes, MAX_TAIL_BYTES) if request.tail_bytes else 0
         attempt = request.attempt or entry.job.attempt
         while True:
             try:

@@ -25,6 +25,10 @@ MAX_ENV_BYTES = 128 * 1024
 MAX_ENV_VARS = 512
 MAX_NAME_LENGTH = 256
 MAX_OWNER_LENGTH = 128
+MAX_WORKING_DIR_BYTES = 4096
+"""Linux's PATH_MAX."""
+MAX_SPEC_BYTES = 512 * 1024
+"""A whole spec, encoded: argv and env at their limits fit, and every field without a limit of its own is bounded."""
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
@@ -71,14 +75,22 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidSpec(f"spec.owner is {len(spec.owner)} characters; the limit is {MAX_OWNER_LENGTH}")
     if spec.working_dir and not os.path.isabs(spec.working_dir):
         raise InvalidSpec(f"spec.working_dir {spec.working_dir[:128]!r} must be an absolute path")
+    if len(spec.working_dir.encode()) > MAX_WORKING_DIR_BYTES:
+        raise InvalidSpec(f"spec.working_dir is {len(spec.working_dir.encode())} bytes; the limit is {MAX_WORKING_DIR_BYTES}")
+    if "\0" in spec.working_dir:
+        raise InvalidSpec("spec.working_dir contains a NUL character")
     if len(spec.requirements.gpu_model) > MAX_NAME_LENGTH:
-        raise InvalidSpec("spec.requirements.gpu_model is too long")
+        raise InvalidSpec(f"spec.requirements.gpu_model is {len(spec.requirements.gpu_model)} characters; the limit is {MAX_NAME_LENGTH}")
+    if spec.ByteSize() > MAX_SPEC_BYTES:
+        raise InvalidSpec(f"spec is {spec.ByteSize()} bytes encoded; the limit is {MAX_SPEC_BYTES}")
 
 
 def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
-    """The spec with defaults made explicit, so users see what gpuorch will do."""
+    """The spec with defaults made explicit, so users see what gpuorch will do, and fields this
+    coordinator does not know (from a newer client, or junk) dropped rather than stored."""
     result = job_pb2.JobSpec()
     result.CopyFrom(spec)
+    result.DiscardUnknownFields()
     result.backend = spec.backend or "nccl"
     result.min_gpus = spec.min_gpus or spec.gpus
     return result

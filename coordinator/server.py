@@ -205,7 +205,7 @@ class Coordinator:
                 self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
             ),
         )
-        add_strict_service(self.server, JOB_SERVICE, JobService(self.jobs, self.guard, StreamQuota(settings.max_streams_per_client)))
+        add_strict_service(self.server, JOB_SERVICE, JobService(self.jobs, self.guard, StreamQuota(settings.max_streams_per_client), settings.max_message_bytes))
         add_strict_service(self.server, HEALTH_SERVICE, self.health)
         add_strict_service(
             self.server,

@@ -63,7 +63,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     client_request_id TEXT,
     data BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request ON jobs(client_request_id) WHERE client_request_id != '';
+-- A request id is unique per owner: one user's retried submission never finds another user's job.
+-- (Stores made before this was so have the index on the id alone; each open replaces it.)
+DROP INDEX IF EXISTS jobs_by_request;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_owner_and_request ON jobs(owner, client_request_id) WHERE client_request_id != '';
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 

@@ -29,6 +29,8 @@ def spec(**fields) -> job_pb2.JobSpec:
         ({"env": {f"V{i}": "x" for i in range(600)}}, "spec.env has 600 variables; the limit is 512"),
         ({"env": {"BIG": "x" * 200_000}}, "spec.env is 200005 bytes; the limit is 131072"),
         ({"working_dir": "relative/dir"}, "must be an absolute path"),
+        ({"working_dir": "/" + "d" * 5000}, "spec.working_dir is 5001 bytes; the limit is 4096"),
+        ({"working_dir": "/tmp/\0x"}, "spec.working_dir contains a NUL character"),
         ({"name": "n" * 300}, "spec.name is 300 characters"),
     ],
 )
@@ -36,6 +38,32 @@ def test_invalid_specs_name_the_field(fields, message):
     with pytest.raises(jobs.InvalidSpec) as caught:
         jobs.validate_spec(spec(**fields))
     assert message in str(caught.value)
+
+
+def with_unknown_field(base: job_pb2.JobSpec, size: int) -> job_pb2.JobSpec:
+    """`base` carrying a field this coordinator does not know (number 999, `size` bytes), as a newer client might send."""
+    tag_and_length = bytes([0xBA, 0x3E]) + _varint(size)  # field 999, length-delimited
+    result = job_pb2.JobSpec()
+    result.ParseFromString(base.SerializeToString() + tag_and_length + b"u" * size)
+    return result
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def test_a_spec_is_bounded_as_a_whole_and_unknown_fields_are_not_kept():
+    large = with_unknown_field(spec(), 600_000)
+    with pytest.raises(jobs.InvalidSpec, match=r"spec is 6000\d\d bytes encoded; the limit is 524288"):
+        jobs.validate_spec(large)
+    kept = jobs.normalized(large)
+    assert kept.ByteSize() < 100 and list(kept.argv) == ["python", "train.py"]
+    jobs.validate_spec(kept)
 
 
 def test_valid_spec_passes_and_defaults_are_made_explicit():

@@ -11,9 +11,11 @@ import time
 
 import pytest
 
+from gpuorch.client import build_job_spec
 from gpuorch.errors import FailedPrecondition, InvalidArgument, NotFound
 from gpuorch.v1 import job_pb2
 from tests.harness import ON_A_GPU_NODE, REPO, grpcurl_binary, wait_for
+from tests.test_job_rules import with_unknown_field
 
 RANK = str(REPO / "tests" / "workloads" / "rank.py")
 ALLREDUCE = str(REPO / "examples" / "allreduce.py")
@@ -222,6 +224,26 @@ def test_list_jobs_filters_and_pages(two_nodes):
     assert len(client.list_jobs(["pending"])[0]) == 5 and client.list_jobs(["running"])[0] == []
     retried = client.submit_job(argv=["x"], gpus=64, client_request_id="req-1")
     assert client.submit_job(argv=["x"], gpus=64, client_request_id="req-1") == retried, "idempotent retry"
+    others = client.submit_job(argv=["x"], gpus=64, owner="carol", client_request_id="req-1")
+    assert others != retried, "one user's request id never names another user's job"
+    assert client.submit_job(argv=["x"], gpus=64, owner="carol", client_request_id="req-1") == others
+
+
+def test_pages_of_large_jobs_fit_in_a_message_and_unknown_fields_are_not_stored(two_nodes):
+    client = two_nodes.client()
+    big_env = {"BIG": "e" * 120_000}  # within the 128 KiB limit; 40 of them are more than one 4 MiB message
+    ids = [client.submit_job(argv=["x"], gpus=64, env=big_env) for _ in range(40)]
+    first, token = client.list_jobs(page_size=100)
+    assert 0 < len(first) < 40 and token, "the page is cut by size, not by count"
+    listed = [job.job_id for job in first]
+    while token:
+        page, token = client.list_jobs(page_size=100, page_token=token)
+        listed += [job.job_id for job in page]
+    assert listed == ids[::-1]
+    padded = with_unknown_field(build_job_spec(argv=["x"], gpus=64, name="padded"), 3_000_000)
+    job_id = client.submit_job(padded)
+    stored = client.get_job(job_id)
+    assert stored.spec.name == "padded" and stored.spec.ByteSize() < 200, "the unknown 3 MB are not kept"
 
 
 def test_a_submitted_job_survives_a_coordinator_kill(two_nodes):
@@ -319,6 +341,8 @@ def test_following_logs_streams_output_until_the_job_ends(two_nodes):
     followed = b"".join(client.job_logs(job_id, 0, follow=True)).decode()
     assert [line for line in followed.splitlines()] == [f"line {i}" for i in range(6)]
     assert client.get_job(job_id).state == SUCCEEDED, "the stream ended because the job did"
+    assert b"".join(client.job_logs(job_id, 0, tail_bytes=7)).decode() == "line 5\n"
+    assert b"".join(client.job_logs(job_id, 0, tail_bytes=2**64 - 1)).decode() == followed, "a tail longer than the log is all of it"
     with pytest.raises(InvalidArgument, match="no rank 5"):
         list(client.job_logs(job_id, 5))
 

@@ -43,3 +43,27 @@ async def test_client_request_ids_are_kept(tmp_path):
     reopened = SqliteJobStore(tmp_path / "jobs.db")
     assert (await reopened.open()).jobs[0].client_request_id == "req-1"
     await reopened.close()
+
+
+def owned(sequence: int, owner: str) -> job_pb2.Job:
+    return job_pb2.Job(job_id=f"j-{sequence:06d}", spec=job_pb2.JobSpec(argv=["x"], gpus=1, owner=owner))
+
+
+async def test_a_request_id_is_unique_per_owner_also_in_a_store_made_when_it_was_unique_overall(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (sequence INTEGER PRIMARY KEY, job_id TEXT NOT NULL UNIQUE, state INTEGER NOT NULL,"
+        " owner TEXT NOT NULL, client_request_id TEXT, data BLOB NOT NULL);"
+        "CREATE UNIQUE INDEX jobs_by_request ON jobs(client_request_id) WHERE client_request_id != '';"
+    )
+    old.close()
+    store = SqliteJobStore(path)
+    await store.open()
+    await store.save([StoredJob(1, owned(1, "alice"), "req-1"), StoredJob(2, owned(2, "bob"), "req-1")])
+    await store.close()
+    reopened = SqliteJobStore(path)
+    assert [(stored.job.spec.owner, stored.client_request_id) for stored in (await reopened.open()).jobs] == [("alice", "req-1"), ("bob", "req-1")]
+    await reopened.close()

@@ -1,0 +1,55 @@
+"""The JobManager in-process, with a real cluster view and store and no network: what agents
+would receive is read from their sessions' outboxes, and what they would answer is fed back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from coordinator.cluster import ClusterView
+from coordinator.job_manager import JobManager
+from coordinator.liveness import LivenessPolicy
+from coordinator.store import SqliteJobStore
+from gpuorch.v1 import agent_pb2, job_pb2
+
+
+def register(cluster: ClusterView, node_id: str, gpus: int = 1):
+    message = agent_pb2.Register(node_id=node_id, addresses=["127.0.0.1"])
+    for index in range(gpus):
+        message.devices.add(uuid=f"GPU-{node_id}-{index}", index=index, name="H100 80GB", memory_total_bytes=80 * 2**30)
+    _, session, _ = cluster.register(message)
+    return session
+
+
+def sent(session, kind: str) -> list:
+    """What the coordinator queued for one agent, of one kind, taken out of its outbox."""
+    found = []
+    while not session.outbox.empty():
+        message = session.outbox.get_nowait()
+        if message is not None and message.WhichOneof("payload") == kind:
+            found.append(getattr(message, kind))
+    return found
+
+
+async def test_only_the_node_asked_for_a_log_may_answer_it(tmp_path):
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    holder, other = register(cluster, "holder"), register(cluster, "other")
+    manager = JobManager(cluster, SqliteJobStore(tmp_path / "jobs.db"))
+    await manager.start()
+    try:
+        job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, requirements=job_pb2.JobRequirements(gpu_model="H100")))
+        assert await manager.schedule_pass() == [job_id]
+        node_id = manager.get(job_id).job.placement.nodes[0].node_id
+        asked, bystander = (holder, other) if node_id == "holder" else (other, holder)
+        sent(asked, "launch_task")
+        reading = asyncio.create_task(manager.read_log(job_id, rank=0, attempt=0, offset=0))
+        await asyncio.sleep(0)
+        (request,) = sent(asked, "read_logs")
+        assert sent(bystander, "read_logs") == []
+        forged = agent_pb2.LogChunk(request_id=request.request_id, data=b"forged output\n", file_size=14)
+        manager.on_log_chunk("other" if node_id == "holder" else "holder", forged)
+        await asyncio.sleep(0)
+        assert not reading.done(), "a chunk from a node that was not asked is ignored"
+        manager.on_log_chunk(node_id, agent_pb2.LogChunk(request_id=request.request_id, data=b"real output\n", file_size=12))
+        assert (await asyncio.wait_for(reading, 5)).data == b"real output\n"
+    finally:
+        await manager.store.close()
