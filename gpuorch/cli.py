@@ -16,7 +16,9 @@
 
 Add `-o json` for machine-readable output. The coordinator address comes from
 --coordinator, else $GPUORCH_COORDINATOR, else 127.0.0.1:50051. A coordinator with
-tokens wants --token (or $GPUORCH_TOKEN); one with TLS wants --tls-ca (or $GPUORCH_TLS_CA).
+tokens wants --token (or $GPUORCH_TOKEN). To any address but loopback gpuctl speaks
+TLS, trusting --tls-ca (or $GPUORCH_TLS_CA), else the system's CAs; --insecure (or
+$GPUORCH_INSECURE=1) is for a coordinator that serves plaintext on the network.
 """
 
 from __future__ import annotations
@@ -207,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
     parser.add_argument("--token", default=None, help="bearer token (default $GPUORCH_TOKEN); prefer the variable: flags show in ps")
-    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CA that signed the coordinator's certificate; turns TLS on (default $GPUORCH_TLS_CA)")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CA that signed the coordinator's certificate (default $GPUORCH_TLS_CA, else the system's CAs)")
+    parser.add_argument(
+        "--insecure", action="store_true", default=None, help="plaintext to a coordinator off this machine that serves it (default $GPUORCH_INSECURE)"
+    )
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate, for a coordinator that asks every client for one")
     parser.add_argument("--tls-key", default=None, metavar="PEM", help="key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"add to the coordinator's tokens file (it holds no secret):\n{entry}")
         return 0
     try:
-        with Client(args.coordinator, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+        with Client(args.coordinator, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure) as client:
             return run(args, client)
     except GpuorchError as error:
         print(f"gpuctl: {error.details}", file=sys.stderr)

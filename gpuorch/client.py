@@ -127,18 +127,28 @@ def _stubs(channel) -> dict[str, Any]:
     return {"cluster": cluster_pb2_grpc.ClusterServiceStub(channel), "job": job_pb2_grpc.JobServiceStub(channel)}
 
 
+def is_local_address(address: str) -> bool:
+    """True for a unix socket or a loopback HOST:PORT: where plaintext stays on this machine."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rsplit(":", 1)[0]
+    return tls.is_loopback_host(host)
+
+
 class _Channel:
     """Opens the channel of a Client or AsyncClient: address, TLS and token, with the environment's defaults."""
 
-    def _connect(self, channel_module, address, timeout, options, token, tls_ca, tls_cert, tls_key) -> None:
+    def _connect(self, channel_module, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure) -> None:
         self.address = address or default_address()
         self.timeout = timeout
         token = os.environ.get("GPUORCH_TOKEN", "") if token is None else token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         tls_ca = os.environ.get("GPUORCH_TLS_CA", "") if tls_ca is None else tls_ca
-        # TLS when a CA (or a client certificate) is given; otherwise plaintext, which the
-        # coordinator allows only on loopback unless it runs with insecure.
-        if tls_ca or tls_cert:
+        insecure = os.environ.get("GPUORCH_INSECURE", "") not in ("", "0", "false") if insecure is None else insecure
+        # Plaintext only to this machine, the same rule the coordinator follows, so a token never
+        # crosses the network in the clear: elsewhere TLS, trusting tls_ca or else the system's
+        # roots, unless `insecure` says the coordinator serves plaintext on purpose.
+        if tls_ca or tls_cert or not (insecure or is_local_address(self.address)):
             credentials = tls.channel_credentials(tls_ca, tls_cert or "", tls_key or "")
             self._channel = channel_module.secure_channel(self.address, credentials, options=options or [])
         else:
@@ -159,9 +169,11 @@ class Client(_Api, _Channel):
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        insecure: bool | None = None,
     ) -> None:
-        """`token` defaults to $GPUORCH_TOKEN and `tls_ca` (a PEM file; TLS on) to $GPUORCH_TLS_CA."""
-        self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key)
+        """`token` defaults to $GPUORCH_TOKEN, `tls_ca` (a PEM file) to $GPUORCH_TLS_CA and `insecure` to
+        $GPUORCH_INSECURE. The channel is TLS unless the address is loopback (or `insecure` is set)."""
+        self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
     def _unary(self, service, method, request, extract):
         try:
@@ -202,9 +214,10 @@ class AsyncClient(_Api, _Channel):
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        insecure: bool | None = None,
     ) -> None:
-        """`token` defaults to $GPUORCH_TOKEN and `tls_ca` (a PEM file; TLS on) to $GPUORCH_TLS_CA."""
-        self._connect(grpc.aio, address, timeout, options, token, tls_ca, tls_cert, tls_key)
+        """The same arguments as Client's."""
+        self._connect(grpc.aio, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
     def _unary(self, service, method, request, extract):
         async def call():

@@ -31,6 +31,7 @@ from coordinator.auth import (
     parse_tokens,
 )
 from coordinator.settings import CoordinatorSettings
+from gpuorch.client import is_local_address
 from gpuorch.cli import new_token
 from gpuorch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from gpuorch.tls import is_loopback_host
@@ -399,8 +400,32 @@ def test_insecure_allows_plaintext_on_the_network_and_says_so(tmp_path):
         with gpuorch.Client(f"127.0.0.1:{port}", timeout=5) as reaching:
             wait_for(reaching.cluster_status, timeout=15, what="coordinator to serve")
         assert "TLS is off and insecure is set" in cluster.coordinator.output()
+        # 0.0.0.0 is no loopback address (though Linux delivers it to this machine): clients speak
+        # TLS to it, so a token is never sent in the clear, unless told the coordinator is insecure.
+        with pytest.raises(Unavailable):
+            gpuorch.Client(f"0.0.0.0:{port}", timeout=3, token="never-in-plaintext").cluster_status()
+        with gpuorch.Client(f"0.0.0.0:{port}", timeout=5, insecure=True) as told:
+            assert told.cluster_status().coordinator_epoch >= 1
+        environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+        gpuctl = [sys.executable, "-m", "gpuorch.cli", "--coordinator", f"0.0.0.0:{port}", "--timeout", "3", "status"]
+        refused = subprocess.run(gpuctl, capture_output=True, text=True, env=environment, timeout=30)
+        assert refused.returncode != 0
+        served = subprocess.run([*gpuctl[:-1], "--insecure", "status"], capture_output=True, text=True, env=environment, timeout=30)
+        assert served.returncode == 0, served.stderr
+        served = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_INSECURE": "1"}, timeout=30)
+        assert served.returncode == 0, served.stderr
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize(
+    "address, local",
+    [("127.0.0.1:50051", True), ("localhost:50051", True), ("[::1]:50051", True), ("unix:/run/gpuorch.sock", True),
+     ("ipv4:127.0.0.1:1", True), ("0.0.0.0:50051", False), ("10.0.0.5:50051", False), ("coord.example:50051", False),
+     ("dns:///coord.example:50051", False)],
+)  # fmt: skip
+def test_clients_send_plaintext_only_to_this_machine(address, local):
+    assert is_local_address(address) is local
 
 
 def test_on_loopback_without_tls_the_log_says_so(token_cluster):
