@@ -400,8 +400,10 @@ class Supervisor:
                 return f"working_dir {launch.working_dir!r} does not exist or is not a directory"
         else:
             try:
-                os.makedirs(working_dir, exist_ok=True)
-                # The default working dir is the owner's, like a home: it lies in our state dir, so no one else made it.
+                os.makedirs(working_dir, mode=0o700, exist_ok=True)
+                # The default working dir is the owner's alone, like a home: it lies in our state dir, so no
+                # one else made it, and other users of the node must not read what the job writes there.
+                os.chmod(working_dir, 0o700)
                 give_to_owner(working_dir, identity)
             except OSError as error:
                 return f"cannot create working directory {working_dir!r}: {error.strerror}"
@@ -468,7 +470,7 @@ class Supervisor:
             checkpoint_dir = env["GPUORCH_CHECKPOINT_DIR"]
             with contextlib.suppress(OSError):  # on shared storage it may exist, or be read-only here
                 if not os.path.lexists(checkpoint_dir):
-                    os.makedirs(checkpoint_dir)
+                    os.makedirs(checkpoint_dir, mode=0o700)
                     give_to_owner(checkpoint_dir, identity)  # only one we made: an existing path may be anyone's
         switch_user = (
             ["--uid", str(identity.uid), "--gid", str(identity.gid), "--groups", ",".join(map(str, identity.groups))]
@@ -494,7 +496,8 @@ class Supervisor:
                 {},  # nothing of the job's reaches the shim's own environment (see environment_file)
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                    # The owner's alone to read (a job's output may hold its secrets); in the agent's directory, so not theirs to replace.
+                    (os.POSIX_SPAWN_OPEN, 1, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                     (os.POSIX_SPAWN_DUP2, notify_write, NOTIFY_FD),
                     (os.POSIX_SPAWN_DUP2, env_fd, ENV_FD),
@@ -508,6 +511,7 @@ class Supervisor:
         finally:
             os.close(notify_write)
             os.close(env_fd)
+        give_to_owner(log_path, identity)
         record = RankRecord(
             job_id=launch.job_id,
             attempt=launch.attempt,

@@ -157,6 +157,9 @@ def test_a_root_agent_starts_ranks_as_their_owner_and_keeps_its_records_out_of_t
     assert "records=protected" in output and "attempt_dir=protected" in output, output
     made = next((cluster.root / "agent-n1" / "jobs" / job_id).glob("work/made-by-rank"))
     assert made.stat().st_uid == nobody.pw_uid
+    work_dir, log = made.parent.stat(), next((cluster.root / "agent-n1" / "jobs" / job_id).glob("attempt-1/rank-0.log")).stat()
+    assert (work_dir.st_uid, stat.S_IMODE(work_dir.st_mode)) == (nobody.pw_uid, 0o700), "other users of the node cannot look in"
+    assert (log.st_uid, stat.S_IMODE(log.st_mode)) == (nobody.pw_uid, 0o600), "the owner, and only the owner, reads the log on the node"
 
 
 @needs_root
