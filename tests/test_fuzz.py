@@ -434,11 +434,12 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
     if outcome.code not in (None, grpc.StatusCode.OK):
         assert outcome.details.strip(), f"a rejection must say what was wrong: {said}"
     request_class = message_factory.GetMessageClass(method.input_type)
+    if outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and _metadata_bytes(metadata) > METADATA_SOFT_LIMIT_BYTES:
+        assert "metadata" in outcome.details, said
+        return  # the transport refused the metadata before anything read the request
     if any(len(frame) > MAX_MESSAGE_BYTES for frame in frames[:1]):
         assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in outcome.details, said
         return
-    if outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and _metadata_bytes(metadata) > METADATA_SOFT_LIMIT_BYTES:
-        return  # the transport refused the metadata before any handler saw the call
     if not _parses(request_class, frames[0]):
         assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, f"a request that is not valid protobuf must be INVALID_ARGUMENT: {said}"
         assert f"not a valid {method.input_type.full_name}" in outcome.details, said
