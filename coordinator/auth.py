@@ -7,6 +7,7 @@ thin layer that reads a call's metadata and aborts it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -264,6 +265,17 @@ class StreamQuota:
             self.open[client] = count
         else:
             self.open.pop(client, None)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, context: grpc.aio.ServicerContext, client: str):
+        """Holds one of `client`'s streams while the body runs; one beyond the limit ends RESOURCE_EXHAUSTED."""
+        refusal = self.try_open(client)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            yield
+        finally:
+            self.close(client)
 
 
 def node_identity_problem(node_id: str, certificate_names: list[str], mutual_tls: bool, agent_listen: str = "") -> str | None:

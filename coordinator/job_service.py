@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 
@@ -30,17 +29,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         self.max_list_bytes = max(max_message_bytes - LIST_RESPONSE_HEADROOM_BYTES, 0)
         """A ListJobs page is cut to this many bytes of jobs, so it fits in a message (0 = no cut)."""
 
-    @contextlib.asynccontextmanager
-    async def _stream_slot(self, context):
+    def _stream_slot(self, context):
         """Counts an open stream against its client's max_streams_per_client; RESOURCE_EXHAUSTED beyond it."""
-        client = self.guard.client_key(context)
-        refusal = self.streams.try_open(client)
-        if refusal is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-        try:
-            yield
-        finally:
-            self.streams.close(client)
+        return self.streams.slot(context, self.guard.client_key(context))
 
     async def _entry(self, job_id: str, context):
         if not job_id:

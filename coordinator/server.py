@@ -52,13 +52,20 @@ SERVICE_NAMES = (AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE
 
 
 class ServiceHealth(HealthServicer):
-    """grpc.health.v1.Health with every method answered, and every refusal saying why.
+    """grpc.health.v1.Health with every method answered, every refusal saying why, and watches counted.
 
     The stock servicer answers a Check of an unknown service NOT_FOUND with an empty
     message, which leaves a probe with a typo in its service name guessing, and does not
     implement List at all (UNIMPLEMENTED). Statuses are the stock servicer's own
     `_server_status`, so graceful shutdown (which sets them directly) shows in both.
+    Health needs no token, so its open-ended Watch streams count against their client's
+    max_streams_per_client like any other stream: probes cannot be used to hold memory.
     """
+
+    def __init__(self, streams: StreamQuota, client_key) -> None:
+        super().__init__()
+        self.streams = streams
+        self.client_key = client_key
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context):
         if request.service not in self._server_status:
@@ -73,6 +80,24 @@ class ServiceHealth(HealthServicer):
         for service, status in self._server_status.items():
             response.statuses[service].status = status
         return response
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        async with self.streams.slot(context, self.client_key(context)):
+            await super().Watch(request, context)
+
+
+class CountedReflection(reflection.aio.ReflectionServicer):
+    """Server reflection whose streams (open as long as the client likes, and tokenless) count like Health's watches."""
+
+    def __init__(self, service_names, pool, streams: StreamQuota, client_key) -> None:
+        super().__init__(service_names, pool=pool)
+        self.streams = streams
+        self.client_key = client_key
+
+    async def ServerReflectionInfo(self, request_iterator, context):
+        async with self.streams.slot(context, self.client_key(context)):
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response
 
 
 class GarbageSettler:
@@ -152,11 +177,13 @@ class Coordinator:
         self.epoch = 0
         self.port = 0
         self.server: grpc.aio.Server | None = None
-        self.health = ServiceHealth()
+        self.guard = Guard(settings.tokens_file)  # a bad tokens file stops the start, naming the entry
+        self.streams = StreamQuota(settings.max_streams_per_client)
+        """Every client's open streams, of every service, against one max_streams_per_client."""
+        self.health = ServiceHealth(self.streams, self.guard.client_key)
         self.garbage = GarbageSettler()
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
-        self.guard = Guard(settings.tokens_file)  # a bad tokens file stops the start, naming the entry
         self.agent_port = 0
 
     async def start(self) -> None:
@@ -205,13 +232,16 @@ class Coordinator:
                 self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
             ),
         )
-        add_strict_service(self.server, JOB_SERVICE, JobService(self.jobs, self.guard, StreamQuota(settings.max_streams_per_client), settings.max_message_bytes))
+        add_strict_service(self.server, JOB_SERVICE, JobService(self.jobs, self.guard, self.streams, settings.max_message_bytes))
         add_strict_service(self.server, HEALTH_SERVICE, self.health)
         add_strict_service(
             self.server,
             REFLECTION_SERVICE,
-            reflection.aio.ReflectionServicer(
-                (*SERVICE_NAMES, HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name), pool=CommentedPool()
+            CountedReflection(
+                (*SERVICE_NAMES, HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name),
+                CommentedPool(),
+                self.streams,
+                self.guard.client_key,
             ),
         )
         self.port, self.agent_port = self._add_ports()

@@ -15,6 +15,7 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gpuorch
 from agent.settings import AgentSettings
@@ -307,6 +308,31 @@ def test_open_streams_per_client_are_limited(token_cluster):
         wait_for(lambda: next(alice.watch_job(job_id)), timeout=5, what="a stream slot to be given back")
         second.close()
         alice.cancel_job(job_id)
+
+
+def test_tokenless_health_watches_and_reflection_streams_count_per_host(token_cluster):
+    """Health and reflection need no token, so they would otherwise let anyone hold streams open without end."""
+    with grpc.insecure_channel(token_cluster.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        first, second = health.Watch(health_pb2.HealthCheckRequest()), health.Watch(health_pb2.HealthCheckRequest())
+        assert next(first).status == next(second).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "peer ipv4:127.0.0.1 already has 2 open streams; the limit is max_streams_per_client=2" in refused.value.details()
+        reflection_stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="*")]), timeout=5
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(reflection_stream)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+        wait_for(lambda: next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5)), timeout=5, what="a slot to be given back")
+        second.cancel()
+        listing = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="*")]), timeout=5
+        )
+        assert "grpc.health.v1.Health" in {service.name for service in next(listing).list_services_response.service}
 
 
 def test_gpuctl_uses_the_token_from_the_environment(token_cluster):
