@@ -10,8 +10,8 @@ Run by the supervisor as
     python -I -S shim.py --notify-fd 3 --env-fd 4 --pid-file P --exit-file E --cwd DIR [--uid U --gid G --groups G,...] -- ARGV...
 
 with stdin on /dev/null and stdout/stderr on the rank's log (the supervisor opens
-them when it spawns the shim, so even a crash of the shim lands in the log), an
-empty environment of its own, and the rank's environment on --env-fd as
+them when it spawns the shim, so even a crash of the shim lands in the log), little
+of the agent's environment and nothing of the job's, and the rank's environment on --env-fd as
 NUL-separated NAME=VALUE entries: only the rank's exec gets it, after the switch of
 user, so a job's LD_PRELOAD never reaches a process that runs as root.
 
@@ -86,9 +86,12 @@ def parse_identity(options: dict[str, str]) -> tuple[int, int, list[int]] | None
 
 
 def read_environment(fd: int) -> dict[str, str]:
-    """The rank's environment from `fd` (then closed); empty when there is no such descriptor."""
+    """The rank's environment from `fd` (then closed).
+
+    Without --env-fd, the shim's own: an agent from before the environment moved to a descriptor,
+    still running after an upgrade installed this shim, passes it that way."""
     if fd < 0:
-        return {}
+        return dict(os.environ)
     data = b""
     while True:
         chunk = os.read(fd, 1 << 16)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -72,6 +73,37 @@ AGENT_ONLY_ENV = (
 )  # fmt: skip
 """systemd's variables for the agent itself: a rank must not talk to systemd as if it were the agent,
 nor look for the agent's credentials."""
+
+
+SHIM_ENV = ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL")
+"""What the shim keeps of the agent's own environment, never of the job's: an interpreter that finds
+libpython through LD_LIBRARY_PATH (a module-loaded or Software Collections Python) must still start."""
+
+
+def above_standard_descriptors(fd: int) -> int:
+    """`fd` moved to a number of 10 or more (the original closed), so that handing descriptors to the
+    shim with DUP2 onto 1 to 4 can never overwrite one that is still to be handed over."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    finally:
+        os.close(fd)
+
+
+def open_rank_log(path: str, identity: RankIdentity) -> int:
+    """The rank's log, for the shim to inherit as its stdout and stderr.
+
+    The owner's alone to read (a job's output may hold its secrets), and made so before anything
+    runs, a re-run's existing log included; in the agent's directory, so not the owner's to replace.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        if identity.switch:
+            os.fchown(fd, identity.uid, identity.gid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def environment_file(env: dict[str, str]) -> int:
@@ -487,18 +519,24 @@ class Supervisor:
             *switch_user,
             "--", *launch.argv,
         ]  # fmt: skip
-        env_fd = environment_file(env)
-        notify_read, notify_write = os.pipe()
+        handed_over: list[int] = []  # the agent's copies of the shim's descriptors, closed once it has them
+        notify_read = -1
         try:
+            log_fd = above_standard_descriptors(open_rank_log(log_path, identity))
+            handed_over.append(log_fd)
+            env_fd = above_standard_descriptors(environment_file(env))
+            handed_over.append(env_fd)
+            notify_read, notify_write = os.pipe()
+            notify_write = above_standard_descriptors(notify_write)
+            handed_over.append(notify_write)
             shim_pid = os.posix_spawn(
                 self.python,
                 argv,
-                {},  # nothing of the job's reaches the shim's own environment (see environment_file)
+                {name: os.environ[name] for name in SHIM_ENV if name in os.environ},  # nothing of the job's (see environment_file)
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    # The owner's alone to read (a job's output may hold its secrets); in the agent's directory, so not theirs to replace.
-                    (os.POSIX_SPAWN_OPEN, 1, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
                     (os.POSIX_SPAWN_DUP2, notify_write, NOTIFY_FD),
                     (os.POSIX_SPAWN_DUP2, env_fd, ENV_FD),
                 ],
@@ -506,12 +544,12 @@ class Supervisor:
                 setsigmask=(),
             )
         except BaseException:
-            os.close(notify_read)
+            if notify_read >= 0:
+                os.close(notify_read)
             raise
         finally:
-            os.close(notify_write)
-            os.close(env_fd)
-        give_to_owner(log_path, identity)
+            for fd in handed_over:
+                os.close(fd)
         record = RankRecord(
             job_id=launch.job_id,
             attempt=launch.attempt,

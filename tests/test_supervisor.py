@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.identity import IdentityPolicy
-from agent.supervisor import Supervisor, process_start_time
+from agent.supervisor import Supervisor, above_standard_descriptors, process_start_time
 from gpuorch.v1 import agent_pb2
 
 RUNNING = agent_pb2.TASK_STATE_RUNNING
@@ -389,3 +390,53 @@ async def test_ranks_survive_a_sigkill_of_the_agent_process(tmp_path: Path) -> N
     exited = await reports.wait_for(reports.of(0, EXITED))
     assert (exited.exit_code, exited.pid) == (7, pid)
     await restarted.close()
+
+
+def test_descriptors_for_the_shim_are_moved_out_of_the_numbers_they_are_handed_over_as():
+    read_end, write_end = os.pipe()
+    moved = above_standard_descriptors(write_end)
+    try:
+        assert moved >= 10 and not os.get_inheritable(moved)
+        with pytest.raises(OSError):
+            os.fstat(write_end)  # the original is closed
+        os.write(moved, b"x")
+        assert os.read(read_end, 1) == b"x", "the same pipe"
+    finally:
+        os.close(moved)
+        os.close(read_end)
+
+
+def test_a_shim_started_without_env_fd_gives_the_rank_its_own_environment(tmp_path: Path) -> None:
+    """What an agent from before the memfd handover does, still running after an upgrade."""
+    shim = Path(__file__).resolve().parent.parent / "agent" / "shim.py"
+    exit_file = tmp_path / "rank.exit"
+    finished = subprocess.run(
+        [sys.executable, "-I", "-S", str(shim), "--pid-file", str(tmp_path / "rank.pid"), "--exit-file", str(exit_file),
+         "--cwd", str(tmp_path), "--", "/bin/sh", "-c", 'echo "rank=$RANK"'],
+        env={"RANK": "3", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == "rank=3\n" and "exit_code=0" in exit_file.read_text()
+
+
+async def test_a_rerun_log_is_made_private_and_the_shim_keeps_only_the_agents_loader_path(
+    supervisor: Supervisor, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/agent-python/lib")  # the agent's own: its interpreter may need it
+    monkeypatch.setenv("GPUORCH_AGENT_ONLY_SECRET", "x")
+    code = "import os; print(os.environ.get('LD_LIBRARY_PATH'), os.environ.get('JOB_VAR'), flush=True); import time; time.sleep(30)"
+    earlier_log = tmp_path / "jobs" / "j-env" / "attempt-1" / "rank-0.log"  # left by an earlier run of the same attempt
+    earlier_log.parent.mkdir(parents=True)
+    earlier_log.write_text("")
+    earlier_log.chmod(0o644)
+    await supervisor.launch(launch_task("j-env", 1, python_rank(code), env={"JOB_VAR": "from-the-job", "LD_LIBRARY_PATH": "/home/u/libs"}))
+    rank = await supervisor.reports.wait_for(supervisor.reports.of(0, RUNNING))
+    record = supervisor.ranks[("j-env", 1, 0)].record
+    shim_env = Path(f"/proc/{record.shim_pid}/environ").read_bytes().split(b"\0")
+    assert b"LD_LIBRARY_PATH=/opt/agent-python/lib" in shim_env, shim_env
+    assert not any(b"from-the-job" in entry or b"/home/u/libs" in entry or b"AGENT_ONLY_SECRET" in entry for entry in shim_env)
+    await wait_until(lambda: "from-the-job" in Path(record.log_path).read_text())
+    assert record.log_path == str(earlier_log)
+    assert Path(record.log_path).read_text().startswith("/home/u/libs from-the-job"), "the rank gets the job's"
+    assert (Path(record.log_path).stat().st_mode & 0o777) == 0o600
+    assert rank.job_id == "j-env"
