@@ -116,11 +116,13 @@ class CoordinatorSettings:
         if self.agent_listen and ":" not in self.agent_listen:
             raise ValueError(f"agent_listen must be HOST:PORT, got {self.agent_listen!r}")
         missing = self.missing_protections()
-        if missing and not self.insecure and not is_loopback_host(self.listen.rsplit(":", 1)[0]):
-            raise ValueError(
-                f"listen {self.listen!r} is not a loopback address and {' and '.join(missing)}: set them, "
-                "or listen on 127.0.0.1, or pass --insecure to serve the network anyway"
-            )
+        # agent_listen is a port of the same server: every service answers there too.
+        for name, address in (("listen", self.listen), ("agent_listen", self.agent_listen)):
+            if address and missing and not self.insecure and not is_loopback_host(address.rsplit(":", 1)[0]):
+                raise ValueError(
+                    f"{name} {address!r} is not a loopback address and {' and '.join(missing)}: set them, "
+                    f"or {name} on 127.0.0.1, or pass --insecure to serve the network anyway"
+                )
         for name in ("max_pending_jobs_per_user", "max_streams_per_client"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")

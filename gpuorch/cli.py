@@ -18,7 +18,7 @@ Add `-o json` for machine-readable output. The coordinator address comes from
 --coordinator, else $GPUORCH_COORDINATOR, else 127.0.0.1:50051. A coordinator with
 tokens wants --token (or $GPUORCH_TOKEN). To any address but loopback gpuctl speaks
 TLS, trusting --tls-ca (or $GPUORCH_TLS_CA), else the system's CAs; --insecure (or
-$GPUORCH_INSECURE=1) is for a coordinator that serves plaintext on the network.
+$GPUORCH_CLIENT_INSECURE=1) is for a coordinator that serves plaintext on the network.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=None, help="bearer token (default $GPUORCH_TOKEN); prefer the variable: flags show in ps")
     parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CA that signed the coordinator's certificate (default $GPUORCH_TLS_CA, else the system's CAs)")
     parser.add_argument(
-        "--insecure", action="store_true", default=None, help="plaintext to a coordinator off this machine that serves it (default $GPUORCH_INSECURE)"
+        "--insecure", action="store_true", default=None, help="plaintext to a coordinator off this machine that serves it (default $GPUORCH_CLIENT_INSECURE)"
     )
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate, for a coordinator that asks every client for one")
     parser.add_argument("--tls-key", default=None, metavar="PEM", help="key of --tls-cert")

@@ -127,6 +127,21 @@ def _stubs(channel) -> dict[str, Any]:
     return {"cluster": cluster_pb2_grpc.ClusterServiceStub(channel), "job": job_pb2_grpc.JobServiceStub(channel)}
 
 
+CLIENT_INSECURE_VARIABLE = "GPUORCH_CLIENT_INSECURE"
+"""Says a client may speak plaintext off this machine. Not GPUORCH_INSECURE: that is the coordinator's
+own `insecure` setting, and one exported for gpuctl must not open a coordinator started from the same shell."""
+
+
+def insecure_from_environment() -> bool:
+    """$GPUORCH_CLIENT_INSECURE read as the daemons read booleans; anything else is an error, never "yes"."""
+    value = os.environ.get(CLIENT_INSECURE_VARIABLE, "")
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"${CLIENT_INSECURE_VARIABLE}: expected true or false, got {value!r}")
+
+
 def is_local_address(address: str) -> bool:
     """True for a unix socket or a loopback HOST:PORT: where plaintext stays on this machine."""
     if address.startswith(("unix:", "unix-abstract:")):
@@ -144,7 +159,7 @@ class _Channel:
         token = os.environ.get("GPUORCH_TOKEN", "") if token is None else token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         tls_ca = os.environ.get("GPUORCH_TLS_CA", "") if tls_ca is None else tls_ca
-        insecure = os.environ.get("GPUORCH_INSECURE", "") not in ("", "0", "false") if insecure is None else insecure
+        insecure = insecure_from_environment() if insecure is None else insecure
         # Plaintext only to this machine, the same rule the coordinator follows, so a token never
         # crosses the network in the clear: elsewhere TLS, trusting tls_ca or else the system's
         # roots, unless `insecure` says the coordinator serves plaintext on purpose.
@@ -172,7 +187,7 @@ class Client(_Api, _Channel):
         insecure: bool | None = None,
     ) -> None:
         """`token` defaults to $GPUORCH_TOKEN, `tls_ca` (a PEM file) to $GPUORCH_TLS_CA and `insecure` to
-        $GPUORCH_INSECURE. The channel is TLS unless the address is loopback (or `insecure` is set)."""
+        $GPUORCH_CLIENT_INSECURE. The channel is TLS unless the address is loopback (or `insecure` is set)."""
         self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
     def _unary(self, service, method, request, extract):

@@ -54,6 +54,8 @@ def from_rpc_error(error: grpc.RpcError, address: str) -> GpuorchError:
     details = error.details() if hasattr(error, "details") else str(error)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"coordinator at {address} is not reachable ({details})"
+        if "WRONG_VERSION_NUMBER" in details:  # our TLS hello was answered in plaintext
+            details += "; it seems to serve plaintext: if it runs with insecure on purpose, pass --insecure (insecure=True)"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"coordinator at {address} did not answer in time"
     cls = _BY_CODE.get(code, GpuorchError)

@@ -175,6 +175,15 @@ def test_serving_the_network_needs_tls_tokens_and_agent_certificates_or_insecure
     CoordinatorSettings(listen="127.0.0.1:50051", **lacking).validate()
 
 
+def test_the_agents_port_is_held_to_the_same_rule():
+    """It is a port of the same server: a node's certificate there must not let anyone submit as any user."""
+    no_tokens = {name: value for name, value in SECURED.items() if name != "tokens_file"}
+    with pytest.raises(ValueError, match="agent_listen '0.0.0.0:50052' is not a loopback address and clients are not authenticated"):
+        CoordinatorSettings(listen="127.0.0.1:50051", agent_listen="0.0.0.0:50052", **no_tokens).validate()
+    CoordinatorSettings(listen="127.0.0.1:50051", agent_listen="127.0.0.1:50052", **no_tokens).validate()
+    CoordinatorSettings(listen="0.0.0.0:50051", agent_listen="0.0.0.0:50052", **SECURED).validate()
+
+
 def test_plaintext_on_the_network_needs_insecure_and_full_security_needs_nothing_more():
     CoordinatorSettings(listen="0.0.0.0:50051", insecure=True).validate()
     CoordinatorSettings(listen="0.0.0.0:50051", **SECURED).validate()
@@ -438,8 +447,13 @@ def test_insecure_allows_plaintext_on_the_network_and_says_so(tmp_path):
         assert refused.returncode != 0
         served = subprocess.run([*gpuctl[:-1], "--insecure", "status"], capture_output=True, text=True, env=environment, timeout=30)
         assert served.returncode == 0, served.stderr
-        served = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_INSECURE": "1"}, timeout=30)
+        served = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": "yes"}, timeout=30)
         assert served.returncode == 0, served.stderr
+        for value in ("no", "False", "0", "off"):  # a "no" of any spelling never means plaintext
+            refused = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": value}, timeout=30)
+            assert refused.returncode != 0 and "--insecure" in refused.stderr, (value, refused.stderr)
+        typo = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": "nope"}, timeout=30)
+        assert typo.returncode == 2 and "$GPUORCH_CLIENT_INSECURE: expected true or false, got 'nope'" in typo.stderr, typo.stderr
     finally:
         cluster.stop()
 
