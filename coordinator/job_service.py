@@ -14,6 +14,8 @@ from gpuorch.v1 import job_pb2, job_pb2_grpc
 MAX_CLIENT_REQUEST_ID = 128
 FOLLOW_POLL_SECONDS = 0.5
 LIST_RESPONSE_HEADROOM_BYTES = 1024
+CLIENT_RECEIVE_LIMIT_BYTES = 4 * 1024 * 1024
+"""grpc's default limit on a message a client receives: gpuctl's and most tools' (grpcurl's too)."""
 """Room in a ListJobsResponse for what is not jobs (the next page token)."""
 MAX_TAIL_BYTES = 2**62
 """tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
@@ -26,8 +28,8 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         self.manager = manager
         self.guard = guard or Guard()
         self.streams = streams or StreamQuota(0)
-        self.max_list_bytes = max(max_message_bytes - LIST_RESPONSE_HEADROOM_BYTES, 0)
-        """A ListJobs page is cut to this many bytes of jobs, so it fits in a message (0 = no cut)."""
+        self.max_list_bytes = max(min(max_message_bytes, CLIENT_RECEIVE_LIMIT_BYTES) - LIST_RESPONSE_HEADROOM_BYTES, 0)
+        """A ListJobs page is cut to this many bytes of jobs, so it fits in a message both ends accept (0 = no cut)."""
 
     def _stream_slot(self, context):
         """Counts an open stream against its client's max_streams_per_client; RESOURCE_EXHAUSTED beyond it."""

@@ -27,8 +27,6 @@ MAX_NAME_LENGTH = 256
 MAX_OWNER_LENGTH = 128
 MAX_WORKING_DIR_BYTES = 4096
 """Linux's PATH_MAX."""
-MAX_SPEC_BYTES = 512 * 1024
-"""A whole spec, encoded: argv and env at their limits fit, and every field without a limit of its own is bounded."""
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
@@ -81,8 +79,6 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidSpec("spec.working_dir contains a NUL character")
     if len(spec.requirements.gpu_model) > MAX_NAME_LENGTH:
         raise InvalidSpec(f"spec.requirements.gpu_model is {len(spec.requirements.gpu_model)} characters; the limit is {MAX_NAME_LENGTH}")
-    if spec.ByteSize() > MAX_SPEC_BYTES:
-        raise InvalidSpec(f"spec is {spec.ByteSize()} bytes encoded; the limit is {MAX_SPEC_BYTES}")
 
 
 def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:

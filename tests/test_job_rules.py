@@ -57,10 +57,9 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def test_a_spec_is_bounded_as_a_whole_and_unknown_fields_are_not_kept():
+def test_unknown_fields_are_not_kept():
+    """Every field a spec has is bounded; one it does not have could carry anything, so it is dropped."""
     large = with_unknown_field(spec(), 600_000)
-    with pytest.raises(jobs.InvalidSpec, match=r"spec is 6000\d\d bytes encoded; the limit is 524288"):
-        jobs.validate_spec(large)
     kept = jobs.normalized(large)
     assert kept.ByteSize() < 100 and list(kept.argv) == ["python", "train.py"]
     jobs.validate_spec(kept)
