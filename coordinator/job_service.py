@@ -14,9 +14,9 @@ from gpuorch.v1 import job_pb2, job_pb2_grpc
 MAX_CLIENT_REQUEST_ID = 128
 FOLLOW_POLL_SECONDS = 0.5
 LIST_RESPONSE_HEADROOM_BYTES = 1024
+"""Room in a ListJobsResponse for what is not jobs (the next page token)."""
 CLIENT_RECEIVE_LIMIT_BYTES = 4 * 1024 * 1024
 """grpc's default limit on a message a client receives: gpuctl's and most tools' (grpcurl's too)."""
-"""Room in a ListJobsResponse for what is not jobs (the next page token)."""
 MAX_TAIL_BYTES = 2**62
 """tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
 

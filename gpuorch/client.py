@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from gpuorch import tls
+from gpuorch import settings, tls
 from gpuorch.errors import from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
 
@@ -133,13 +133,9 @@ own `insecure` setting, and one exported for gpuctl must not open a coordinator 
 
 
 def insecure_from_environment() -> bool:
-    """$GPUORCH_CLIENT_INSECURE read as the daemons read booleans; anything else is an error, never "yes"."""
+    """$GPUORCH_CLIENT_INSECURE, read as the daemons read a boolean setting: a value that is neither is an error."""
     value = os.environ.get(CLIENT_INSECURE_VARIABLE, "")
-    if value.lower() in ("", "0", "false", "no", "off"):
-        return False
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"${CLIENT_INSECURE_VARIABLE}: expected true or false, got {value!r}")
+    return bool(value) and settings.convert(value, bool, f"${CLIENT_INSECURE_VARIABLE}")
 
 
 def is_local_address(address: str) -> bool:

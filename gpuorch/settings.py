@@ -26,21 +26,21 @@ class SettingsError(ValueError):
     """A setting is unknown or has a value of the wrong kind."""
 
 
-def _convert(value: Any, kind: Any, where: str) -> Any:
+def convert(value: Any, kind: Any, where: str) -> Any:
     """Converts a TOML or environment value to a field's declared type."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(kind) if arg is not type(None)]
         if value is None or value == "":
             return None
-        return _convert(value, options[0], where)
+        return convert(value, options[0], where)
     if origin is list:
         (item_kind,) = typing.get_args(kind)
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise SettingsError(f"{where}: expected a list, got {value!r}")
-        return [_convert(item, item_kind, where) for item in value]
+        return [convert(item, item_kind, where) for item in value]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -95,15 +95,15 @@ def load_settings(
             name = key.replace("-", "_")
             if name not in fields:
                 raise SettingsError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
-            values[name] = _convert(value, hints[name], f"config file {path}: {key}")
+            values[name] = convert(value, hints[name], f"config file {path}: {key}")
     environment = os.environ if env is None else env
     for name in fields:
         variable = ENV_PREFIX + name.upper()
         if variable in environment:
-            values[name] = _convert(environment[variable], hints[name], f"environment variable {variable}")
+            values[name] = convert(environment[variable], hints[name], f"environment variable {variable}")
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = _convert(value, hints[name], f"--{name.replace('_', '-')}")
+            values[name] = convert(value, hints[name], f"--{name.replace('_', '-')}")
     return cls(**values)
 
 
