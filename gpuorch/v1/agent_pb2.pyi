@@ -67,7 +67,7 @@ class RankProgress(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid")
+    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class TaskStatus(_message.Message):
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -84,7 +85,8 @@ class TaskStatus(_message.Message):
     signal: int
     message: str
     pid: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    working_dir: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ...) -> None: ...
 
 class LogChunk(_message.Message):
     __slots__ = ("request_id", "data", "offset", "file_size", "error", "running")
@@ -115,17 +117,19 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., task_status: _Optional[_Union[TaskStatus, _Mapping]] = ..., log_chunk: _Optional[_Union[LogChunk, _Mapping]] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "coordinator_epoch", "drained")
+    __slots__ = ("heartbeat_interval_seconds", "coordinator_epoch", "drained", "owners_authenticated")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_AUTHENTICATED_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     coordinator_epoch: int
     drained: bool
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ...) -> None: ...
+    owners_authenticated: bool
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ..., owners_authenticated: _Optional[bool] = ...) -> None: ...
 
 class LaunchTask(_message.Message):
-    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env")
+    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +144,9 @@ class LaunchTask(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_DIR_FIELD_NUMBER: _ClassVar[int]
+    PIDS_MAX_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -147,7 +154,10 @@ class LaunchTask(_message.Message):
     ranks: _containers.RepeatedCompositeFieldContainer[RankLaunch]
     owner: str
     env: _containers.ScalarMap[str, str]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    submit_dir: str
+    pids_max: int
+    memory_max_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ...) -> None: ...
 
 class RankLaunch(_message.Message):
     __slots__ = ("rank", "local_rank", "env")
