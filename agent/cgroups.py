@@ -145,8 +145,13 @@ def kill(cgroup: Path) -> None:
     except FileNotFoundError:
         if not cgroup.is_dir():
             return  # gone: nothing left to kill
-    # Before Linux 5.14: freeze, so nothing forks while we kill, then kill every pid, then thaw
-    # (a frozen process dies once thawed). Repeated in case a fork slipped in before the freeze.
+    kill_listed(cgroup)
+
+
+def kill_listed(cgroup: Path) -> None:
+    """What kill() does before Linux 5.14 (no cgroup.kill): freeze, so nothing forks meanwhile, kill
+    every pid in cgroup.procs, thaw (a frozen process dies once thawed); again while any is left, in
+    case a fork slipped in before the freeze."""
     for _ in range(FALLBACK_KILL_ROUNDS):
         pids = procs(cgroup)
         if not pids:
