@@ -274,3 +274,11 @@ def test_a_delegated_agent_moves_itself_into_a_leaf_and_puts_ranks_beside_it(cgr
     said = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith(("ranks=", "own=")))
     assert said["ranks"] == str(cgroup_root / "ranks")
     assert said["own"] == f"{own}/agent", "the agent left the unit's cgroup for its leaf"
+
+
+def test_the_agent_unit_delegates_its_cgroup_subtree_and_leaves_it_writable():
+    from tests.test_systemd import UNITS, unit_directives
+
+    agent = unit_directives(UNITS["agent"])
+    assert agent["Delegate"] == ["yes"]
+    assert "ProtectControlGroups" not in agent, "ProtectControlGroups= makes the delegated subtree read-only too"
