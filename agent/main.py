@@ -17,8 +17,8 @@ from agent.agent import Agent
 from agent.cgroups import RankLimits, open_rank_cgroups
 from agent.identity import IdentityPolicy
 from agent.metrics import serve_metrics
-from agent.supervisor import Supervisor
 from agent.settings import AgentSettings
+from agent.supervisor import Supervisor
 from agent.telemetry import TelemetryUnavailable, open_source
 from gpuorch import sdnotify, tls
 from gpuorch.backoff import Backoff

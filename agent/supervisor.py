@@ -279,9 +279,7 @@ class Supervisor:
                     self.cgroups.apply_limits(Path(record.cgroup), RankLimits(record.pids_max, record.memory_max_bytes))
             exit_status = read_exit_file(Path(record.exit_path))
             if exit_status is not None:
-                ended_at = os.stat(record.exit_path).st_mtime
-                await self._empty_cgroup(rank)
-                self._finish(rank, exit_status, ended_at=ended_at)
+                self._finish_once_empty(rank, exit_status, ended_at=os.stat(record.exit_path).st_mtime)
             elif self._watch(rank, record.shim_pid, record.shim_start_time):
                 log.info("rank re-attached", job=record.job_id, attempt=record.attempt, rank=record.rank, pid=record.rank_pid)
             elif record.rank_pid and self._watch(rank, record.rank_pid, record.rank_start_time):
@@ -294,8 +292,7 @@ class Supervisor:
                     pid=record.rank_pid,
                 )
             else:
-                await self._empty_cgroup(rank)
-                self._finish(rank, None)
+                self._finish_once_empty(rank, None)
         self._expire_old_exits()
 
     async def launch(self, launch: agent_pb2.LaunchTask) -> None:
@@ -738,6 +735,24 @@ class Supervisor:
         if self._closed:
             return
         self._finish(rank, exit_status)
+
+    def _finish_once_empty(self, rank: Rank, exit_status: dict[str, str] | None, *, ended_at: float | None = None) -> None:
+        """_finish() for a rank that ended while no agent ran: at once if its cgroup is empty, else once it
+        is (until then the rank counts as running: what it started still holds its GPUs)."""
+        if not rank.record.cgroup or cgroups.is_empty(Path(rank.record.cgroup)):
+            if rank.record.cgroup:
+                cgroups.remove(Path(rank.record.cgroup))
+            self._finish(rank, exit_status, ended_at=ended_at)
+            return
+
+        async def finish() -> None:
+            await self._empty_cgroup(rank)
+            if not self._closed:
+                self._finish(rank, exit_status, ended_at=ended_at)
+
+        task = asyncio.ensure_future(finish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _empty_cgroup(self, rank: Rank) -> None:
         """Kills what is left in the rank's cgroup and waits until none of it lives, then removes the

@@ -150,6 +150,43 @@ def test_an_allowed_users_entry_that_names_nothing_is_refused():
         AgentSettings(allowed_users=["alice", "@"]).validate()
 
 
+# ---- the agent learns it from the coordinator ---------------------------------------------------
+
+
+@pytest.mark.parametrize("vouches", [True, False])
+async def test_the_agent_takes_owners_authenticated_from_the_register_ack(tmp_path, vouches):
+    import grpc
+
+    from agent.agent import Agent
+    from agent.telemetry import open_source
+    from gpuorch.v1 import agent_pb2_grpc
+
+    class Coordinator(agent_pb2_grpc.AgentServiceServicer):
+        async def Connect(self, request_iterator, context):
+            async for message in request_iterator:
+                if message.WhichOneof("payload") == "register":
+                    ack = agent_pb2.RegisterAck(heartbeat_interval_seconds=1, owners_authenticated=vouches)
+                    yield agent_pb2.CoordinatorMessage(register_ack=ack)
+
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(Coordinator(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    source = open_source(simulate_gpus=1, node_id="n1", faults_file=str(tmp_path / "faults.json"))
+    agent = Agent(coordinator=f"127.0.0.1:{port}", node_id="n1", source=source)
+    agent.owners_authenticated = not vouches  # what it believed before this coordinator told it
+    stopping = asyncio.Event()
+    running = asyncio.create_task(agent.run(stopping))
+    try:
+        await asyncio.wait_for(agent.registered.wait(), 10)
+        assert agent.owners_authenticated is vouches
+    finally:
+        stopping.set()
+        await running
+        await server.stop(0)
+        source.close()
+
+
 # ---- real ranks through the real supervisor and shim (needs root, and the `nobody` account) ------
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs the agent to run as root")
