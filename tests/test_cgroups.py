@@ -282,3 +282,29 @@ def test_the_agent_unit_delegates_its_cgroup_subtree_and_leaves_it_writable():
     agent = unit_directives(UNITS["agent"])
     assert agent["Delegate"] == ["yes"]
     assert "ProtectControlGroups" not in agent, "ProtectControlGroups= makes the delegated subtree read-only too"
+
+
+@needs_cgroup2
+def test_cancel_through_a_real_cluster_kills_the_escaped_grandchild_and_only_then_frees_the_gpu(tmp_path, cgroup_root):
+    from tests.harness import LocalCluster, wait_for
+
+    cluster = LocalCluster(tmp_path / "cluster")
+    try:
+        cluster.start_coordinator("--stop-grace-period", "0.5")
+        cluster.add_agent("n1", 1, "--cgroup-root", str(cgroup_root))
+        cluster.wait_for_nodes(1)
+        client = cluster.client()
+        pid_file = tmp_path / "grandchild.pid"
+        job_id = client.submit_job(argv=[sys.executable, "-c", ESCAPING_RANK, str(pid_file), "stay"], gpus=1, max_restarts=0)
+        wait_for(pid_file.exists, timeout=20, what="the grandchild to start")
+        grandchild = int(pid_file.read_text())
+        assert (cgroup_root / f"{job_id}@1@0").is_dir()
+        client.cancel_job(job_id)
+        wait_for(
+            lambda: not any(True for node in client.list_nodes() for device in node.devices if device.allocated_job_id),
+            timeout=15,
+            what="the GPU freed",
+        )
+        assert not alive(grandchild), "the GPU was reported free while the escaped grandchild still ran"
+    finally:
+        cluster.stop()
