@@ -1,5 +1,9 @@
 """The worker supervisor: starts a job's rank processes on this node, watches them, stops them.
 
+Each rank runs in a cgroup of its own when the node has a cgroup v2 subtree for the agent
+(agent/cgroups.py): stopping it kills everything it started, and its end is reported only
+once its cgroup is empty.
+
 Ranks outlive the agent. Each rank is started through `agent/shim.py`, which stays
 the rank's parent, waits for it and writes its exit status to a file; the agent
 watches the shim with a pidfd, which works whether or not the shim is its child.
@@ -21,7 +25,7 @@ State dir layout:
 
     jobs/<job_id>/job.json                 highest attempt seen, and the ranks launched for it
     jobs/<job_id>/work/                    default working directory
-    jobs/<job_id>/attempt-<n>/rank-<r>.log stdout + stderr of the rank
+    jobs/<job_id>/attempt-<n>/rank-<r>.log stdout + stderr of the rank (rotated to rank-<r>.log.1 past max_log_bytes)
     jobs/<job_id>/attempt-<n>/rank-<r>.pid rank pid, written by the shim
     jobs/<job_id>/attempt-<n>/rank-<r>.exit exit status, written by the shim
     ranks/<job_id>@<n>@<r>.json            record of a rank not yet acknowledged (what recover() reads)
@@ -605,6 +609,8 @@ class Supervisor:
         except BaseException:
             if notify_read >= 0:
                 os.close(notify_read)
+            if cgroup:
+                cgroups.remove(Path(cgroup))  # nothing joined it
             raise
         finally:
             for fd in handed_over:
