@@ -308,3 +308,18 @@ def test_cancel_through_a_real_cluster_kills_the_escaped_grandchild_and_only_the
         assert not alive(grandchild), "the GPU was reported free while the escaped grandchild still ran"
     finally:
         cluster.stop()
+
+
+def test_limits_go_to_their_files_and_a_stopping_agent_turns_its_controllers_off_again(tmp_path):
+    """The writes themselves, on plain files standing in for a cgroup with both controllers (this test
+    machine may have none in cgroup v2): what the kernel would receive."""
+    unit, ranks, rank = tmp_path / "unit", tmp_path / "unit" / "ranks", tmp_path / "unit" / "ranks" / "j@1@0"
+    rank.mkdir(parents=True)
+    for path in (unit / "cgroup.subtree_control", ranks / "cgroup.subtree_control", rank / "pids.max", rank / "memory.max"):
+        path.write_text("")
+    subtree = cgroups.RankCgroups(ranks, frozenset({"pids", "memory"}), release_dirs=(ranks, unit))
+    subtree.apply_limits(rank, RankLimits(pids_max=512, memory_max_bytes=8 << 30))
+    assert ((rank / "pids.max").read_text(), (rank / "memory.max").read_text()) == ("512", str(8 << 30))
+    subtree.release_controllers()
+    released = {(unit / "cgroup.subtree_control").read_text(), (ranks / "cgroup.subtree_control").read_text()}
+    assert released in ({"-memory -pids"}, {"-pids -memory"})
