@@ -84,6 +84,8 @@ class Agent:
         self.progress_snapshot: Callable[[], list[agent_pb2.RankProgress]] = list
         """Returns when running ranks last reported progress, for heartbeats."""
         self.registered = asyncio.Event()
+        self.owners_authenticated = False
+        """What the last RegisterAck said: the coordinator vouches for every LaunchTask.owner."""
         self.connected = False
         self.reconnects = 0
         self.heartbeats_sent = 0
@@ -146,6 +148,7 @@ class Agent:
             if first.WhichOneof("payload") != "register_ack":
                 raise ConnectionError(f"coordinator answered the registration with {first.WhichOneof('payload')}")
             ack = first.register_ack
+            self.owners_authenticated = ack.owners_authenticated
             interval = ack.heartbeat_interval_seconds or self.requested_interval or 1.0
             self.backoff.reset()
             self.connected = True

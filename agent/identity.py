@@ -2,8 +2,13 @@
 
 An agent running as root starts every rank as the job's owner (the owner's uid, primary
 gid and supplementary groups), so jobs of different users cannot touch each other's
-files or processes. It refuses, with a reason that ends up on the job:
+files or processes. It does so only when the owner can be believed: the coordinator
+authenticated it (RegisterAck.owners_authenticated: bearer tokens are on, or the owner
+came from the kernel over a local socket). With tokens off, the owner is whatever the
+submitter typed, and switching to it would let any local user run code as any other
+(or as root). It refuses, with a reason that ends up on the job:
 
+- every job, while owners are not authenticated, unless the node is single-user;
 - a job without an owner, or an owner that is root (uid 0 under any name), unless the
   node's operator set `allow_root_ranks`;
 - an owner with no account on this node;
@@ -11,7 +16,9 @@ files or processes. It refuses, with a reason that ends up on the job:
   names, or `@group` for the members of a group).
 
 An agent that does not run as root cannot switch users: ranks run as the agent's own
-user, and only `allowed_users` is enforced.
+user, and only `allowed_users` is enforced. So does an agent on a node its operator
+declared single-user (`single_user`), root or not: the owner is only a label there, and
+every rank runs as the agent's user, because the node and everything on it is theirs.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ class Account:
 
 @dataclass(frozen=True)
 class IdentityPolicy:
-    """The node operator's rules (agent settings `allowed_users`, `allow_root_ranks`)."""
+    """The node operator's rules (agent settings `allowed_users`, `allow_root_ranks`, `single_user`)."""
 
     allowed_users: tuple[str, ...] = ()
     """Owners whose jobs may run here (names, or @group); empty = every user of the node."""
     allow_root_ranks: bool = False
     """Let an agent running as root start ranks as root: for jobs without an owner or owned by root."""
+    single_user: bool = False
+    """The node is one user's: every rank runs as the agent's own user whatever owner the job names."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +100,27 @@ def allowed(account: Account, allowed_users: Sequence[str]) -> bool:
     return False
 
 
-def decide_rank_identity(owner: str, policy: IdentityPolicy, *, agent_uid: int, lookup: AccountLookup) -> RankIdentity | str:
-    """Whom a job owned by `owner` runs as on this node, or why it may not run here (a sentence)."""
+UNAUTHENTICATED_OWNERS = (
+    "the coordinator does not authenticate job owners (bearer tokens are off), and this node's agent runs as root: "
+    "it will not let an unauthenticated owner choose whom the rank runs as. Turn tokens on at the coordinator, "
+    "or declare the node single-user (agent setting single_user = true, --single-user: every rank runs as the agent's user)"
+)
+
+
+def decide_rank_identity(
+    owner: str, policy: IdentityPolicy, *, agent_uid: int, lookup: AccountLookup, owners_authenticated: bool = False
+) -> RankIdentity | str:
+    """Whom a job owned by `owner` runs as on this node, or why it may not run here (a sentence).
+
+    `owners_authenticated`: the coordinator vouches for `owner` (what its RegisterAck said)."""
     not_allowed = f"owner {owner!r} is not in this node's allowed_users"
     account = lookup(owner) if owner else None
-    if agent_uid != 0:
+    if agent_uid != 0 or policy.single_user:
         if policy.allowed_users and (account is None or not allowed(account, policy.allowed_users)):
             return not_allowed
         return AS_AGENT
+    if not owners_authenticated:
+        return UNAUTHENTICATED_OWNERS
     if not owner:
         if not policy.allow_root_ranks:
             return "the job has no owner, and this node's agent runs as root: it starts ranks only as the job's owner (allow_root_ranks is off)"

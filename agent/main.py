@@ -14,10 +14,11 @@ import grpc
 import structlog
 
 from agent.agent import Agent
+from agent.cgroups import RankLimits, open_rank_cgroups
 from agent.identity import IdentityPolicy
 from agent.metrics import serve_metrics
-from agent.supervisor import Supervisor
 from agent.settings import AgentSettings
+from agent.supervisor import Supervisor
 from agent.telemetry import TelemetryUnavailable, open_source
 from gpuorch import sdnotify, tls
 from gpuorch.backoff import Backoff
@@ -57,6 +58,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         default=None,
         help="when running as root, also start ranks as root (jobs of root or without owner); default: refused",
+    )
+    parser.add_argument(
+        "--single-user",
+        action="store_true",
+        default=None,
+        help="this node is one user's: every rank runs as the agent's own user (even root), whatever owner the job names",
+    )
+    parser.add_argument(
+        "--cgroup-root",
+        metavar="DIR",
+        help="cgroup v2 directory for the ranks' cgroups (default: the agent's own cgroup when delegated; \"off\": none)",
+    )
+    parser.add_argument("--default-pids-max", type=int, metavar="N", help="pids.max of a rank's cgroup when its job sets none")
+    parser.add_argument(
+        "--default-memory-max-bytes", type=int, metavar="B", help="memory.max of a rank's cgroup when its job sets none"
+    )
+    parser.add_argument(
+        "--max-log-bytes",
+        type=int,
+        metavar="B",
+        help="rotate a rank's log to rank-N.log.1 past this size (default 1 GiB; 0: never)",
     )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
@@ -98,7 +120,11 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
     supervisor = Supervisor(
         state_dir,
         report=lambda status: agent.send(agent_pb2.AgentMessage(task_status=status)),
-        identity_policy=IdentityPolicy(tuple(settings.allowed_users), settings.allow_root_ranks),
+        identity_policy=IdentityPolicy(tuple(settings.allowed_users), settings.allow_root_ranks, settings.single_user),
+        owners_authenticated=lambda: agent.owners_authenticated,
+        cgroups=open_rank_cgroups(settings.cgroup_root),
+        default_limits=RankLimits(settings.default_pids_max, settings.default_memory_max_bytes),
+        max_log_bytes=settings.max_log_bytes,
     )
     attach_supervisor(agent, supervisor)
     await supervisor.recover()

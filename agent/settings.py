@@ -39,6 +39,17 @@ class AgentSettings:
     """Owners whose jobs may run on this node: user names, or @group for a group's members; empty = any user."""
     allow_root_ranks: bool = False
     """When the agent runs as root: also start ranks as root (jobs owned by root or by no one). Off = refused."""
+    single_user: bool = False
+    """The node is one user's: every rank runs as the agent's own user (root too), whatever owner the job names."""
+    cgroup_root: str = ""
+    """cgroup v2 directory the agent puts each rank's cgroup in, the agent's alone; empty = the agent's own
+    cgroup when systemd delegated it (Delegate=yes), else none; "off" = no cgroups."""
+    default_pids_max: int = 0
+    """pids.max of a rank's cgroup when its job sets none; 0 = no limit."""
+    default_memory_max_bytes: int = 0
+    """memory.max of a rank's cgroup, in bytes, when its job sets none; 0 = no limit."""
+    max_log_bytes: int = 1 << 30
+    """A rank's log is rotated to rank-N.log.1 (one kept) when it grows past this; 0 = never."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -58,5 +69,11 @@ class AgentSettings:
         for entry in self.allowed_users:
             if not entry.lstrip("@"):
                 raise ValueError(f"allowed_users: {entry!r} names no user or group")
+        if self.default_pids_max < 0 or self.default_memory_max_bytes < 0:
+            raise ValueError("default_pids_max and default_memory_max_bytes must be >= 0 (0 = no limit)")
+        if self.max_log_bytes != 0 and self.max_log_bytes < 4096:
+            raise ValueError(f"max_log_bytes must be 0 (no cap) or at least 4096, got {self.max_log_bytes}")
+        if self.cgroup_root not in ("", "off") and not self.cgroup_root.startswith("/"):
+            raise ValueError(f'cgroup_root must be empty, "off" or an absolute path, got {self.cgroup_root!r}')
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: give both or neither")

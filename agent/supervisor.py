@@ -1,5 +1,9 @@
 """The worker supervisor: starts a job's rank processes on this node, watches them, stops them.
 
+Each rank runs in a cgroup of its own when the node has a cgroup v2 subtree for the agent
+(agent/cgroups.py): stopping it kills everything it started, and its end is reported only
+once its cgroup is empty.
+
 Ranks outlive the agent. Each rank is started through `agent/shim.py`, which stays
 the rank's parent, waits for it and writes its exit status to a file; the agent
 watches the shim with a pidfd, which works whether or not the shim is its child.
@@ -21,7 +25,7 @@ State dir layout:
 
     jobs/<job_id>/job.json                 highest attempt seen, and the ranks launched for it
     jobs/<job_id>/work/                    default working directory
-    jobs/<job_id>/attempt-<n>/rank-<r>.log stdout + stderr of the rank
+    jobs/<job_id>/attempt-<n>/rank-<r>.log stdout + stderr of the rank (rotated to rank-<r>.log.1 past max_log_bytes)
     jobs/<job_id>/attempt-<n>/rank-<r>.pid rank pid, written by the shim
     jobs/<job_id>/attempt-<n>/rank-<r>.exit exit status, written by the shim
     ranks/<job_id>@<n>@<r>.json            record of a rank not yet acknowledged (what recover() reads)
@@ -43,7 +47,10 @@ from pathlib import Path
 
 import structlog
 
+from agent import cgroups
+from agent.cgroups import NO_LIMITS, RankCgroups, RankLimits, effective_limits
 from agent.identity import IdentityPolicy, RankIdentity, decide_rank_identity, lookup_account
+from agent.owned_dirs import UnsafeDirectory, ensure_owned_directory
 from gpuorch.v1 import agent_pb2
 
 log = structlog.get_logger("agent.supervisor")
@@ -183,6 +190,13 @@ class RankRecord:
     log_path: str
     pid_path: str
     exit_path: str
+    cgroup: str = ""
+    """The rank's cgroup directory; empty = none (no cgroups on this node, or a record of an older agent)."""
+    pids_max: int = 0
+    memory_max_bytes: int = 0
+    """The limits of its cgroup, re-applied by a restarted agent (see cgroups.RankCgroups.release_controllers)."""
+    working_dir: str = ""
+    """The directory the rank runs in, as the shim reported it."""
 
 
 @dataclass
@@ -223,11 +237,20 @@ class Supervisor:
         report: ReportFn,
         *,
         identity_policy: IdentityPolicy = IdentityPolicy(),
+        owners_authenticated: Callable[[], bool] = lambda: False,
+        cgroups: RankCgroups | None = None,
+        default_limits: RankLimits = NO_LIMITS,
+        max_log_bytes: int = 0,
         python: str = sys.executable,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.report_fn = report
         self.identity_policy = identity_policy
+        self.owners_authenticated = owners_authenticated
+        """Whether the coordinator vouches for LaunchTask.owner now (its last RegisterAck)."""
+        self.cgroups = cgroups
+        self.default_limits = default_limits
+        self.max_log_bytes = max_log_bytes
         self.python = python
         self.ranks: dict[RankKey, Rank] = {}
         self.jobs: dict[str, dict] = {}
@@ -255,10 +278,12 @@ class Supervisor:
             self.ranks[rank.key] = rank
             if not record.rank_pid:
                 record.rank_pid = self._read_pid_file(record)
+            if record.cgroup and self.cgroups is not None and os.path.isdir(record.cgroup):
+                with contextlib.suppress(OSError):
+                    self.cgroups.apply_limits(Path(record.cgroup), RankLimits(record.pids_max, record.memory_max_bytes))
             exit_status = read_exit_file(Path(record.exit_path))
             if exit_status is not None:
-                ended_at = os.stat(record.exit_path).st_mtime
-                self._finish(rank, exit_status, ended_at=ended_at)
+                self._finish_once_empty(rank, exit_status, ended_at=os.stat(record.exit_path).st_mtime)
             elif self._watch(rank, record.shim_pid, record.shim_start_time):
                 log.info("rank re-attached", job=record.job_id, attempt=record.attempt, rank=record.rank, pid=record.rank_pid)
             elif record.rank_pid and self._watch(rank, record.rank_pid, record.rank_start_time):
@@ -271,7 +296,7 @@ class Supervisor:
                     pid=record.rank_pid,
                 )
             else:
-                self._finish(rank, None)
+                self._finish_once_empty(rank, None)
         self._expire_old_exits()
 
     async def launch(self, launch: agent_pb2.LaunchTask) -> None:
@@ -313,21 +338,36 @@ class Supervisor:
             return
         # Recorded before anything starts: a rank is started at most once, even across an agent crash.
         job["launched_ranks"].extend(rank_launch.rank for rank_launch in new_ranks)
-        working_dir = launch.working_dir or str(self.state_dir / "jobs" / job_id / "work")
-        identity = decide_rank_identity(launch.owner, self.identity_policy, agent_uid=os.geteuid(), lookup=lookup_account)
+        default_dir = str(self.state_dir / "jobs" / job_id / "work")
+        # Where the ranks run: the job's working_dir; else the directory it was submitted from, if the
+        # owner can enter it on this node; else the job's own directory here. Whether a directory
+        # exists is learnt only by the shim, after it became the owner (never with root's eyes).
+        if launch.working_dir:
+            working_dir, fallback_dir = launch.working_dir, ""
+        elif launch.submit_dir:
+            working_dir, fallback_dir = launch.submit_dir, default_dir
+        else:
+            working_dir, fallback_dir = default_dir, ""
+        identity = decide_rank_identity(
+            launch.owner,
+            self.identity_policy,
+            agent_uid=os.geteuid(),
+            lookup=lookup_account,
+            owners_authenticated=self.owners_authenticated(),
+        )
         try:
             self._save_job(job_id)
         except OSError as error:
             problem = f"cannot record the launch in the agent's state dir: {error}"
         else:
-            problem = identity if isinstance(identity, str) else self._launch_problem(launch, working_dir, identity)
+            problem = identity if isinstance(identity, str) else self._launch_problem(launch, default_dir, identity)
         started = []
         for rank_launch in new_ranks:
             if problem:
                 self._fail_before_start(launch, rank_launch, problem)
                 continue
             try:
-                started.append(self._spawn(launch, rank_launch, working_dir, identity))
+                started.append(self._spawn(launch, rank_launch, working_dir, fallback_dir, identity))
             except OSError as error:
                 self._fail_before_start(launch, rank_launch, f"cannot start the rank's shim: {error}")
         await asyncio.gather(*(self._await_start(rank, notify_fd) for rank, notify_fd in started))
@@ -411,6 +451,8 @@ class Supervisor:
         self._closed = True
         for rank in self.ranks.values():
             self._unwatch(rank)
+        if self.cgroups is not None:
+            self.cgroups.release_controllers()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -423,22 +465,35 @@ class Supervisor:
             return f"attempt {attempt} of {job_id} is older than attempt {highest} already seen"
         return ""
 
-    def _launch_problem(self, launch: agent_pb2.LaunchTask, working_dir: str, identity: RankIdentity) -> str:
-        """Why the ranks cannot be started at all, found before spawning anything; empty if none."""
+    def _launch_problem(self, launch: agent_pb2.LaunchTask, default_dir: str, identity: RankIdentity) -> str:
+        """Why the ranks cannot be started at all, found before spawning anything; empty if none.
+
+        The job's own directories are made here, as the owner's alone: the default working dir
+        (like a home: other users of the node must not read what the job writes there), needed
+        whenever the job names no working_dir, and the checkpoint dir. An existing one must be a
+        real directory of the owner's that no one else may write (see owned_dirs)."""
         if not launch.argv:
             return "empty argv: nothing to execute"
-        if launch.working_dir:
-            if not os.path.isdir(launch.working_dir):
-                return f"working_dir {launch.working_dir!r} does not exist or is not a directory"
-        else:
+        uid, gid = (identity.uid, identity.gid) if identity.switch else (os.geteuid(), os.getegid())
+        if not launch.working_dir:
             try:
-                os.makedirs(working_dir, mode=0o700, exist_ok=True)
-                # The default working dir is the owner's alone, like a home: it lies in our state dir, so no
-                # one else made it, and other users of the node must not read what the job writes there.
-                os.chmod(working_dir, 0o700)
-                give_to_owner(working_dir, identity)
+                ensure_owned_directory(default_dir, uid, gid)
+            except UnsafeDirectory as error:
+                return f"unsafe working directory: {error}"
             except OSError as error:
-                return f"cannot create working directory {working_dir!r}: {error.strerror}"
+                return f"cannot create working directory {default_dir!r}: {error.strerror}"
+        checkpoint_dir = launch.env.get("GPUORCH_CHECKPOINT_DIR", "")
+        if checkpoint_dir:
+            try:
+                ensure_owned_directory(checkpoint_dir, uid, gid)
+            except UnsafeDirectory as error:
+                return f"unsafe checkpoint directory: {error}"
+            except OSError as error:
+                # On shared storage it may be read-only here, or its root missing on this node: the rank
+                # runs, and learns it when it saves.
+                log.warning(
+                    "cannot create the checkpoint directory", job=launch.job_id, path=checkpoint_dir, error=error.strerror
+                )
         return ""
 
     def _fail_before_start(self, launch: agent_pb2.LaunchTask, rank_launch: agent_pb2.RankLaunch, why: str) -> None:
@@ -473,7 +528,12 @@ class Supervisor:
         self._report(status)
 
     def _spawn(
-        self, launch: agent_pb2.LaunchTask, rank_launch: agent_pb2.RankLaunch, working_dir: str, identity: RankIdentity
+        self,
+        launch: agent_pb2.LaunchTask,
+        rank_launch: agent_pb2.RankLaunch,
+        working_dir: str,
+        fallback_dir: str,
+        identity: RankIdentity,
     ) -> tuple[Rank, int]:
         """Starts the shim of one rank; returns the rank and the read end of its start notification."""
         attempt_dir = self._attempt_dir(launch.job_id, launch.attempt)
@@ -498,12 +558,10 @@ class Supervisor:
         os.close(os.open(env["GPUORCH_PROGRESS_FILE"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
         os.utime(env["GPUORCH_PROGRESS_FILE"], ns=(0, 0))
         give_to_owner(env["GPUORCH_PROGRESS_FILE"], identity)
-        if env.get("GPUORCH_CHECKPOINT_DIR"):
-            checkpoint_dir = env["GPUORCH_CHECKPOINT_DIR"]
-            with contextlib.suppress(OSError):  # on shared storage it may exist, or be read-only here
-                if not os.path.lexists(checkpoint_dir):
-                    os.makedirs(checkpoint_dir, mode=0o700)
-                    give_to_owner(checkpoint_dir, identity)  # only one we made: an existing path may be anyone's
+        limits = effective_limits(RankLimits(launch.pids_max, launch.memory_max_bytes), self.default_limits)
+        cgroup = ""
+        if self.cgroups is not None:
+            cgroup = str(self.cgroups.create(launch.job_id, launch.attempt, rank_launch.rank, limits))
         switch_user = (
             ["--uid", str(identity.uid), "--gid", str(identity.gid), "--groups", ",".join(map(str, identity.groups))]
             if identity.switch
@@ -516,7 +574,10 @@ class Supervisor:
             "--pid-file", pid_path,
             "--exit-file", exit_path,
             "--cwd", working_dir,
+            *(["--cwd-fallback", fallback_dir] if fallback_dir else []),
             *switch_user,
+            *(["--cgroup", cgroup] if cgroup else []),
+            *(["--log-file", log_path, "--max-log-bytes", str(self.max_log_bytes)] if self.max_log_bytes else []),
             "--", *launch.argv,
         ]  # fmt: skip
         handed_over: list[int] = []  # the agent's copies of the shim's descriptors, closed once it has them
@@ -532,7 +593,9 @@ class Supervisor:
             shim_pid = os.posix_spawn(
                 self.python,
                 argv,
-                {name: os.environ[name] for name in SHIM_ENV if name in os.environ},  # nothing of the job's (see environment_file)
+                {
+                    name: os.environ[name] for name in SHIM_ENV if name in os.environ
+                },  # nothing of the job's (see environment_file)
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, log_fd, 1),
@@ -546,6 +609,8 @@ class Supervisor:
         except BaseException:
             if notify_read >= 0:
                 os.close(notify_read)
+            if cgroup:
+                cgroups.remove(Path(cgroup))  # nothing joined it
             raise
         finally:
             for fd in handed_over:
@@ -562,6 +627,9 @@ class Supervisor:
             log_path=log_path,
             pid_path=pid_path,
             exit_path=exit_path,
+            cgroup=cgroup,
+            pids_max=limits.pids_max,
+            memory_max_bytes=limits.memory_max_bytes,
         )
         rank = Rank(record=record, record_path=self.records_dir / f"{launch.job_id}@{launch.attempt}@{rank_launch.rank}.json")
         self.ranks[rank.key] = rank
@@ -575,7 +643,10 @@ class Supervisor:
         try:
             notice = await self._read_notice(notify_fd)
             if notice.startswith("started "):
-                record.rank_pid = int(notice.split()[1])
+                words = notice.split()
+                record.rank_pid = int(words[1])
+                if len(words) > 2:
+                    record.working_dir = bytes.fromhex(words[2]).decode("utf-8", "surrogateescape")
                 record.rank_start_time = process_start_time(record.rank_pid)
                 self._save_record(rank)
                 log.info("rank started", job=record.job_id, attempt=record.attempt, rank=record.rank, pid=record.rank_pid)
@@ -666,7 +737,45 @@ class Supervisor:
                 "rank lost its shim; its exit status will be lost", job=record.job_id, rank=record.rank, pid=record.rank_pid
             )
             return
+        await self._empty_cgroup(rank)
+        if self._closed:
+            return
         self._finish(rank, exit_status)
+
+    def _finish_once_empty(self, rank: Rank, exit_status: dict[str, str] | None, *, ended_at: float | None = None) -> None:
+        """_finish() for a rank that ended while no agent ran: at once if its cgroup is empty, else once it
+        is (until then the rank counts as running: what it started still holds its GPUs)."""
+        if not rank.record.cgroup or cgroups.is_empty(Path(rank.record.cgroup)):
+            if rank.record.cgroup:
+                cgroups.remove(Path(rank.record.cgroup))
+            self._finish(rank, exit_status, ended_at=ended_at)
+            return
+
+        async def finish() -> None:
+            await self._empty_cgroup(rank)
+            if not self._closed:
+                self._finish(rank, exit_status, ended_at=ended_at)
+
+        task = asyncio.ensure_future(finish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _empty_cgroup(self, rank: Rank) -> None:
+        """Kills what is left in the rank's cgroup and waits until none of it lives, then removes the
+        cgroup: the rank's end, which frees its GPUs, is reported only after this."""
+        if not rank.record.cgroup:
+            return
+        cgroup = Path(rank.record.cgroup)
+        waited = 0.0
+        while not cgroups.is_empty(cgroup):
+            cgroups.kill(cgroup)
+            await asyncio.sleep(0.02)
+            waited += 0.02
+            if waited >= KILL_WAIT:
+                record = rank.record
+                log.error("rank's cgroup still not empty after SIGKILL", job=record.job_id, rank=record.rank, cgroup=str(cgroup))
+                waited = 0.0
+        cgroups.remove(cgroup)
 
     def _finish(self, rank: Rank, exit_status: dict[str, str] | None, *, ended_at: float | None = None) -> None:
         """Records how the rank ended and reports it (unless its failed start was already reported)."""
@@ -735,6 +844,8 @@ class Supervisor:
             "rank outlived its grace period; killing it", job=record.job_id, attempt=record.attempt, rank=record.rank, grace=grace
         )
         self._signal_group(rank, signal.SIGKILL)
+        if record.cgroup:
+            cgroups.kill(Path(record.cgroup))  # and whatever left the process group
         try:
             await asyncio.wait_for(rank.ended.wait(), KILL_WAIT)
         except TimeoutError:
@@ -805,7 +916,7 @@ class Supervisor:
     # ---- reporting --------------------------------------------------------------------------
 
     def _running_status(self, rank: Rank) -> agent_pb2.TaskStatus:
-        return rank.status(agent_pb2.TASK_STATE_RUNNING, pid=rank.record.rank_pid)
+        return rank.status(agent_pb2.TASK_STATE_RUNNING, pid=rank.record.rank_pid, working_dir=rank.record.working_dir)
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         try:

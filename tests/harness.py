@@ -157,10 +157,11 @@ class LocalCluster:
         return self.coordinator
 
     def add_agent(
-        self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "", allow_root_ranks: bool = True
+        self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "", single_user: bool = True
     ) -> Daemon:
-        """Starts an agent. With `allow_root_ranks` (tests run as root here, and submit jobs without an
-        owner) an agent running as root runs such jobs as root instead of refusing them."""
+        """Starts an agent. With `single_user` (tests run as root here, submit jobs without an owner, and
+        the coordinator runs without tokens) the agent runs every rank as its own user instead of refusing
+        jobs whose owner nobody authenticated."""
         argv = [
             sys.executable, "-m", "agent.main",
             "--coordinator", coordinator or self.address,
@@ -168,7 +169,7 @@ class LocalCluster:
             "--simulate-gpus", str(gpus),
             "--state-dir", str(self.root / f"agent-{node_id}"),
             "--log-format", "json",
-            *(["--allow-root-ranks"] if allow_root_ranks else []),
+            *(["--single-user"] if single_user else []),
             *extra,
         ]  # fmt: skip
         agent = Daemon(node_id, argv, self.root / f"agent-{node_id}.log").start()

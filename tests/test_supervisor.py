@@ -22,8 +22,8 @@ RUNNING = agent_pb2.TASK_STATE_RUNNING
 EXITED = agent_pb2.TASK_STATE_EXITED
 FAILED_TO_START = agent_pb2.TASK_STATE_FAILED_TO_START
 REJECTED = agent_pb2.TASK_STATE_REJECTED
-ROOT_RANKS_ALLOWED = IdentityPolicy(allow_root_ranks=True)
-"""These tests may run as root and launch jobs without an owner: run them as the agent's user."""
+ROOT_RANKS_ALLOWED = IdentityPolicy(single_user=True)
+"""These tests may run as root and launch jobs without an owner: the node is single-user, ranks run as the agent's user."""
 
 
 class Reports:
@@ -154,10 +154,11 @@ async def test_missing_program_fails_to_start_with_a_clear_message(supervisor: S
 
 
 async def test_missing_working_dir_fails_to_start(supervisor: Supervisor, tmp_path: Path) -> None:
+    """Found by the shim, as the rank's user, when it enters the directory (the agent does not look as root)."""
     reports = supervisor.reports
     await supervisor.launch(launch_task("j-wd", 1, python_rank("pass"), working_dir=str(tmp_path / "absent")))
     failed = await reports.wait_for(reports.of(0, FAILED_TO_START))
-    assert "absent" in failed.message and "does not exist" in failed.message
+    assert failed.message == f"cannot enter working directory {str(tmp_path / 'absent')!r}: No such file or directory"
 
 
 async def test_stop_sends_sigterm_then_sigkill_after_grace(supervisor: Supervisor, tmp_path: Path) -> None:
@@ -348,7 +349,7 @@ async def main():
     supervisor = Supervisor(
         Path(sys.argv[1]),
         lambda status: print("status", status.state, status.pid, flush=True),
-        identity_policy=IdentityPolicy(allow_root_ranks=True),
+        identity_policy=IdentityPolicy(single_user=True),
     )
     await supervisor.recover()
     code = "import os, sys, time\\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\\nsys.exit(7)"
