@@ -569,6 +569,47 @@ def test_only_a_certificates_node_uri_names_a_node(tls_cluster, certificates, tm
         tls_cluster.client().get_node("node-8")
 
 
+def test_a_persons_certificate_from_the_same_ca_is_refused_as_a_node(tls_cluster, certificates, tmp_path):
+    """A certificate a person got from the cluster's CA, naming their laptop as a DNS name, registered as that
+    node and was sent other users' jobs; only a node certificate (URI SAN spiffe://gpuorch/node/<id>) names a node."""
+    subprocess.run(["bash", str(REPO / "scripts" / "make-certs.sh"), str(certificates), "localhost,127.0.0.1", "user:alice"],
+                   check=True, capture_output=True)  # fmt: skip
+    person = subprocess.run(["openssl", "x509", "-in", str(certificates / "users" / "alice.crt"), "-noout", "-ext", "subjectAltName"],
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "spiffe://gpuorch/node/" not in person, "make-certs.sh issues people's certificates without a node URI"
+    extensions = tmp_path / "extensions"
+    extensions.write_text("subjectAltName=DNS:alice-laptop.corp\nextendedKeyUsage=clientAuth\n")
+    key, request, certificate = (tmp_path / name for name in ("laptop.key", "laptop.csr", "laptop.crt"))
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=alice",
+                    "-keyout", str(key), "-out", str(request)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
+                    "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], check=True, capture_output=True)  # fmt: skip
+    laptop = start_agent(tls_cluster, "alice-laptop.corp", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key))
+    wait_for(lambda: "node 'alice-laptop.corp' presented no node certificate" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
+    assert "PERMISSION_DENIED" in laptop.output()
+    with pytest.raises(NotFound):
+        tls_cluster.client().get_node("alice-laptop.corp")
+    laptop.stop()
+
+
+def test_connections_that_never_finish_the_tls_handshake_are_closed(tls_cluster):
+    """grpc keeps them 120 s by default: a few hundred such connections used up the coordinator's fds."""
+    import socket
+    import time
+
+    started = time.monotonic()
+    idle = [socket.create_connection(("127.0.0.1", tls_cluster.port), timeout=15) for _ in range(5)]
+    try:
+        for connection in idle:
+            assert connection.recv(1) == b"", "the coordinator closes the connection without a word"
+    finally:
+        for connection in idle:
+            connection.close()
+    closed_after = time.monotonic() - started
+    assert closed_after < CoordinatorSettings.handshake_timeout + 3, f"closed after {closed_after:.1f}s"
+    assert tls_cluster.client().cluster_status().coordinator_epoch >= 1
+
+
 def test_an_agent_without_a_certificate_is_refused(tls_cluster, certificates):
     # On the clients' port TLS works without a client certificate, but registering needs one.
     anonymous = start_agent(tls_cluster, "node-2", "--tls-ca", str(certificates / "ca.crt"), port=tls_cluster.port)
