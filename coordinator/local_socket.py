@@ -35,8 +35,18 @@ MAX_UNIX_PATH = 107
 RELAY_BUFFER_BYTES = 256 * 1024
 
 
+OVERFLOW_UID = 65534
+"""What the kernel reports for a uid it cannot map into the coordinator's user namespace: nobody in particular."""
+
+
+class UnknownPeer(Exception):
+    """The kernel cannot say who is at the other end."""
+
+
 def caller_for_uid(uid: int, admins: list[str]) -> Caller:
     """The caller a uid is: its user name (the uid in decimal if it has none), admin if named in `admins`."""
+    if uid == OVERFLOW_UID:
+        raise UnknownPeer("the peer's uid does not map into the coordinator's user namespace (it reads as 65534)")
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -135,9 +145,9 @@ class LocalSocketRelay:
             finally:
                 for each in pumps:
                     each.cancel()
-        except (OSError, asyncio.CancelledError) as error:
+        except (OSError, UnknownPeer, asyncio.CancelledError) as error:
             if not isinstance(error, asyncio.CancelledError):
-                log.warning("local connection failed", error=str(error))
+                log.warning("local connection refused or failed", error=str(error))
         finally:
             self.local_peers.pop(f"unix:{bound}", None)
             for end in (writer, upstream_writer):
