@@ -43,9 +43,30 @@ class UnknownPeer(Exception):
     """The kernel cannot say who is at the other end."""
 
 
-def caller_for_uid(uid: int, admins: list[str]) -> Caller:
-    """The caller a uid is: its user name (the uid in decimal if it has none), admin if named in `admins`."""
-    if uid == OVERFLOW_UID:
+def uid_is_mapped(uid: int, uid_map: str) -> bool:
+    """True if `uid` is inside one of the ranges of a /proc/<pid>/uid_map ("inside outside count" lines)."""
+    for line in uid_map.splitlines():
+        inside, _outside, count = (int(field) for field in line.split())
+        if inside <= uid < inside + count:
+            return True
+    return False
+
+
+def read_uid_map() -> str:
+    try:
+        with open("/proc/self/uid_map") as handle:
+            return handle.read()
+    except OSError:
+        return "0 0 4294967295"  # no user namespaces: every uid is itself
+
+
+def caller_for_uid(uid: int, admins: list[str], uid_map: str = "0 0 4294967295") -> Caller:
+    """The caller a uid is: its user name (the uid in decimal if it has none), admin if named in `admins`.
+
+    In a user namespace that does not map the peer's uid (systemd's PrivateUsers=), the kernel reports
+    the overflow uid for every such peer: nobody in particular, so refused.
+    """
+    if uid == OVERFLOW_UID and not uid_is_mapped(uid, uid_map):
         raise UnknownPeer("the peer's uid does not map into the coordinator's user namespace (it reads as 65534)")
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -80,6 +101,7 @@ class LocalSocketRelay:
         self.local_peers = local_peers
         self.admins = admins
         self.group = group
+        self.uid_map = read_uid_map()
         self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[asyncio.Task] = set()
@@ -131,7 +153,7 @@ class LocalSocketRelay:
         bound = str(self.private_dir / f"c{next(self._numbers)}")
         upstream_writer: asyncio.StreamWriter | None = None
         try:
-            caller = caller_for_uid(peer_uid(writer.get_extra_info("socket")), self.admins)
+            caller = caller_for_uid(peer_uid(writer.get_extra_info("socket")), self.admins, self.uid_map)
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             upstream.bind(bound)
             upstream.setblocking(False)

@@ -21,6 +21,7 @@ import pytest
 
 import gpuorch
 from coordinator.auth import Caller, StreamQuota, priority_problem, redact_env
+from coordinator.local_socket import UnknownPeer, caller_for_uid
 from gpuorch.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, job_pb2
 from tests.harness import REPO, LocalCluster, wait_for
@@ -72,6 +73,14 @@ def test_streams_are_capped_in_all_as_well_as_per_client():
     assert quota.try_open("user c") is None
     quota.close("nobody who opened one")  # a close without an open does not free a slot
     assert "max_streams=3" in quota.try_open("user d")
+
+
+def test_a_peer_the_kernel_cannot_name_is_refused_on_the_local_socket():
+    private_users = "0 1000 1\n"  # systemd's PrivateUsers=: only the service's own uid is mapped
+    with pytest.raises(UnknownPeer, match="does not map"):
+        caller_for_uid(65534, ["root"], private_users)
+    assert caller_for_uid(0, ["root"]) == Caller("root", "admin")
+    assert caller_for_uid(65534, ["root"], "0 0 4294967295").role == "user", "a real nobody is a user like any other"
 
 
 # --- owners: tokens, the local socket, RegisterAck -----------------------------------------------------
