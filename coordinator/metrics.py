@@ -82,7 +82,12 @@ def _outcome(error: BaseException | None, context) -> str:
     return "UNKNOWN"  # what grpc answers for an exception that escapes a handler
 
 
-GRPC_TYPES = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream", (True, True): "bidi_stream"}
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
 """(request streaming, response streaming) -> grpc_type, as go-grpc-prometheus names them."""
 GO_CODE_NAMES = {
     "OK": "OK", "CANCELLED": "Canceled", "UNKNOWN": "Unknown", "INVALID_ARGUMENT": "InvalidArgument",

@@ -351,7 +351,9 @@ class Coordinator:
         if not path:
             return None
         try:
-            return LocalSocketRelay(path, self.state_dir / "relay", self.guard.local_peers, settings.local_admins, settings.local_socket_group)
+            return LocalSocketRelay(
+                path, self.state_dir / "relay", self.guard.local_peers, settings.local_admins, settings.local_socket_group
+            )
         except ValueError as error:
             if settings.local_socket != CoordinatorSettings.local_socket:
                 raise

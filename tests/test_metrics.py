@@ -243,7 +243,9 @@ def test_agents_report_their_connection_heartbeats_and_running_ranks(cluster):
     for node_id, port in ports.items():
         wait_scrape(port, lambda page: page.value("gpuorch_agent_running_ranks") == 0, f"ranks on {node_id} to stop")
     page = wait_scrape(
-        cluster.metrics_port, lambda page: all(value == 0 for _, value in page.series("gpuorch_gpu_allocated")), "the GPUs to be free"
+        cluster.metrics_port,
+        lambda page: all(value == 0 for _, value in page.series("gpuorch_gpu_allocated")),
+        "the GPUs to be free",
     )
     free = [labels for labels, _ in page.series("gpuorch_gpu_allocated")]
     assert len(free) == 4 and all("job" not in labels and "owner" not in labels for labels in free), "a free GPU carries no job"

@@ -584,8 +584,11 @@ def test_a_persons_certificate_from_the_same_ca_is_refused_as_a_node(tls_cluster
                     "-keyout", str(key), "-out", str(request)], check=True, capture_output=True)  # fmt: skip
     subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
                     "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], check=True, capture_output=True)  # fmt: skip
-    laptop = start_agent(tls_cluster, "alice-laptop.corp", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key))
-    wait_for(lambda: "node 'alice-laptop.corp' presented no node certificate" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
+    laptop = start_agent(
+        tls_cluster, "alice-laptop.corp", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key)
+    )
+    refusal = "node 'alice-laptop.corp' presented no node certificate"
+    wait_for(lambda: refusal in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
     assert "PERMISSION_DENIED" in laptop.output()
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("alice-laptop.corp")
