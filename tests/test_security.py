@@ -542,7 +542,7 @@ def test_a_node_cannot_register_as_another(tls_cluster, certificates):
                            "--tls-cert", str(certificates / "nodes" / "node-2.crt"), "--tls-key", str(certificates / "nodes" / "node-2.key"))  # fmt: skip
     wait_for(lambda: "registration refused" in tls_cluster.coordinator.output(), timeout=10, what="the refusal to be logged")
     assert "node id 'node-9' is not the node named in the client certificate (node-2)" in tls_cluster.coordinator.output()
-    assert "PERMISSION_DENIED" in impostor.output()
+    wait_for(lambda: "PERMISSION_DENIED" in impostor.output(), timeout=10, what="the agent to log the refusal")
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("node-9")
     impostor.stop()
@@ -589,7 +589,7 @@ def test_a_persons_certificate_from_the_same_ca_is_refused_as_a_node(tls_cluster
     )
     refusal = "node 'alice-laptop.corp' presented no node certificate"
     wait_for(lambda: refusal in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
-    assert "PERMISSION_DENIED" in laptop.output()
+    wait_for(lambda: "PERMISSION_DENIED" in laptop.output(), timeout=10, what="the agent to log the refusal")
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("alice-laptop.corp")
     laptop.stop()

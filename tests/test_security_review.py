@@ -256,3 +256,20 @@ def test_state_dir_and_job_store_are_private_whatever_the_umask(cluster):
     wait_for(lambda: (state_dir / "jobs.db-wal").exists(), what="the WAL")
     for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm", "epoch"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o600, name
+
+
+def test_connections_beyond_max_connections_are_closed_at_once(cluster):
+    """grpcio has no cap per peer; the cap over all connections keeps the fds the store and the log need."""
+    import socket
+
+    cluster.start_coordinator("--max-connections", "3", "--local-socket", "", wait=False)
+    wait_for(lambda: "coordinator serving" in cluster.coordinator.output(), timeout=15, what="the coordinator to serve")
+    port = int(cluster.address.rsplit(":", 1)[1])
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+    try:
+        first_bytes = [connection.recv(64) for connection in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+    assert all(first_bytes[:3]), "the first three get the server's HTTP/2 settings"
+    assert first_bytes[3:] == [b"", b""], "the ones beyond the cap are closed"
