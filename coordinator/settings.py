@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 from dataclasses import dataclass
 
 from gpuorch.metrics import parse_listen
@@ -152,6 +153,11 @@ class CoordinatorSettings:
                     f"{name} {address!r} is not a loopback address and {' and '.join(missing)}: set them, "
                     f"or {name} on 127.0.0.1, or pass --insecure to serve the network anyway"
                 )
+        if self.local_socket_group:
+            try:
+                grp.getgrnam(self.local_socket_group)
+            except KeyError:
+                raise ValueError(f"local_socket_group {self.local_socket_group!r} is not a group on this machine") from None
         if self.handshake_timeout <= 0:
             raise ValueError(f"handshake_timeout must be > 0 seconds, got {self.handshake_timeout}")
         if self.max_connections < 0:

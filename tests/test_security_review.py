@@ -22,6 +22,7 @@ import pytest
 import gpuorch
 from coordinator.auth import Caller, StreamQuota, priority_problem, redact_env
 from coordinator.local_socket import UnknownPeer, caller_for_uid
+from coordinator.settings import CoordinatorSettings
 from gpuorch.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, job_pb2
 from tests.harness import REPO, LocalCluster, wait_for
@@ -81,6 +82,15 @@ def test_a_peer_the_kernel_cannot_name_is_refused_on_the_local_socket():
         caller_for_uid(65534, ["root"], private_users)
     assert caller_for_uid(0, ["root"]) == Caller("root", "admin")
     assert caller_for_uid(65534, ["root"], "0 0 4294967295").role == "user", "a real nobody is a user like any other"
+
+
+def test_bad_local_socket_settings_are_refused_naming_them():
+    with pytest.raises(ValueError, match="local_socket_group 'no-such-group-x' is not a group"):
+        CoordinatorSettings(local_socket_group="no-such-group-x").validate()
+    with pytest.raises(ValueError, match="handshake_timeout must be > 0"):
+        CoordinatorSettings(handshake_timeout=0).validate()
+    with pytest.raises(ValueError, match="max_streams must be >= 0"):
+        CoordinatorSettings(max_streams=-1).validate()
 
 
 # --- owners: tokens, the local socket, RegisterAck -----------------------------------------------------
