@@ -283,3 +283,17 @@ def test_connections_beyond_max_connections_are_closed_at_once(cluster):
             connection.close()
     assert all(first_bytes[:3]), "the first three get the server's HTTP/2 settings"
     assert first_bytes[3:] == [b"", b""], "the ones beyond the cap are closed"
+
+
+def test_streams_and_large_answers_pass_through_the_local_socket(cluster, socket_dir):
+    socket_path = os.path.join(socket_dir, "c.sock")  # short: a Unix socket's path has at most 107 bytes
+    cluster.start_coordinator("--local-socket", socket_path)
+    with gpuorch.Client(f"unix:{socket_path}", timeout=10) as local, cluster.client() as tcp:
+        big_env = {f"VARIABLE_{index}": "x" * 200 for index in range(500)}  # ~100 KiB a job
+        job_ids = [local.submit_job(argv=["true"], gpus=1, env=big_env) for _ in range(20)]
+        watch = local.watch_job(job_ids[0])
+        assert next(watch).state == job_pb2.JOB_STATE_PENDING
+        tcp.cancel_job(job_ids[0])
+        assert next(watch).state == job_pb2.JOB_STATE_CANCELLED, "updates reach a watch through the relay"
+        jobs, _ = local.list_jobs(page_size=20)
+        assert sum(len(job.SerializeToString()) for job in jobs) > 1_000_000 and len(jobs) == 20
