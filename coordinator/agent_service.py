@@ -45,6 +45,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.on_progress: list[Callable[[str, agent_pb2.RankProgress], None]] = []
         self.identity_problem: Callable[[str, list[str]], str | None] = lambda node_id, names: None
         """(node id, names in the peer's verified certificate) -> why it may not register as that node, or None."""
+        self.owners_authenticated = False
+        """Told to agents in RegisterAck: every job's owner was authenticated (set from the Guard)."""
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await context.read()
@@ -80,6 +82,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     heartbeat_interval_seconds=node.liveness.heartbeat_interval,
                     coordinator_epoch=self.epoch,
                     drained=node.drained,
+                    owners_authenticated=self.owners_authenticated,
                 )
             )
         )

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from gpuorch.tls import NODE_URI_PREFIX
+
 log = structlog.get_logger("coordinator.auth")
 
 ROLES = ("admin", "user")
@@ -42,6 +44,8 @@ class Action(enum.Enum):
     """Queue a job (it will be owned by the caller)."""
     CHANGE_JOB = "change a job"
     """Cancel or re-prioritise a job: its owner or an admin."""
+    READ_PRIVATE = "read a job's logs and env values"
+    """A job's logs and the values of its env (often secrets): its owner or an admin."""
     OPERATE = "operate nodes"
     """Drain and resume nodes: admins only."""
 
@@ -59,7 +63,7 @@ class Caller:
 
 
 OPEN_ACCESS = Caller(user="", role="admin", authenticated=False)
-"""Tokens off: every caller may do everything, and a job's owner is what its spec says."""
+"""Tokens off, over TCP: every caller may do everything, and a job's owner is what its spec says."""
 
 
 @dataclass(frozen=True)
@@ -156,19 +160,43 @@ def authorize(caller: Caller, action: Action, job_owner: str | None = None) -> s
     """None if `caller` may do `action` (on a job owned by `job_owner`), else why not."""
     if caller.role == "admin" or action in (Action.READ, Action.SUBMIT):
         return None
-    if action is Action.CHANGE_JOB:
+    if action in (Action.CHANGE_JOB, Action.READ_PRIVATE):
         if job_owner == caller.user:
             return None
-        return f"{caller.user} may only change their own jobs; this job belongs to {job_owner or 'nobody'} (needs role admin)"
+        what = "change their own jobs" if action is Action.CHANGE_JOB else "read the logs of their own jobs"
+        return f"{caller.user} may only {what}; this job belongs to {job_owner or 'nobody'} (needs role admin)"
     return f"{caller.user} has role {caller.role}; to {action.value} needs role admin"
+
+
+def priority_problem(caller: Caller, priority: int, max_user_priority: int) -> str | None:
+    """None if `caller` may give a job `priority`, else why not: above max_user_priority needs an admin."""
+    if caller.role == "admin" or priority <= max_user_priority:
+        return None
+    return f"priority {priority} is above max_user_priority={max_user_priority}; {caller.user} has role {caller.role}, and higher needs role admin"
+
+
+def redact_env(job, caller: Caller):
+    """The job as `caller` may see it: env values only for its owner and admins, else names with empty values."""
+    if caller.role == "admin" or caller.user == job.spec.owner or not job.spec.env:
+        return job
+    hidden = type(job)()
+    hidden.CopyFrom(job)
+    for name in hidden.spec.env:
+        hidden.spec.env[name] = ""
+    hidden.env_redacted = True
+    return hidden
 
 
 class Guard:
     """Authenticates and authorizes calls for the services; with no tokens file, lets everything through."""
 
-    def __init__(self, tokens_file: str = "", clock=time.monotonic) -> None:
+    def __init__(self, tokens_file: str = "", clock=time.monotonic, tokenless_tcp_clients: bool = True) -> None:
         self.tokens_file = tokens_file
         self.clock = clock
+        self.tokenless_tcp_clients = tokenless_tcp_clients
+        """With tokens off: serve callers over TCP as OPEN_ACCESS (True), or refuse them (only the local socket serves)."""
+        self.local_peers: dict[str, Caller] = {}
+        """grpc peer string ("unix:<path>") of each connection relayed from the local socket -> the kernel's word on its user."""
         self.entries: tuple[TokenEntry, ...] = ()
         self._loaded_mtime: float | None = None
         self._checked_at = float("-inf")
@@ -179,6 +207,15 @@ class Guard:
     @property
     def enabled(self) -> bool:
         return bool(self.tokens_file)
+
+    @property
+    def owners_authenticated(self) -> bool:
+        """True when every path that can submit a job names its owner from a proof: a token, or the kernel.
+
+        The local socket always does (SO_PEERCRED); TCP does with tokens on, or when tokenless
+        TCP clients are refused. Agents trust a job's owner (switch to that user) only then.
+        """
+        return self.enabled or not self.tokenless_tcp_clients
 
     def _maybe_reload(self) -> None:
         """Re-reads the tokens file when it changed; a broken edit keeps the tokens that were loaded."""
@@ -201,9 +238,20 @@ class Guard:
             log.info("tokens file reloaded", file=self.tokens_file, tokens=len(self.entries))
         self._loaded_mtime = mtime
 
-    def identify(self, metadata) -> tuple[Caller | None, str]:
-        """The caller of a call with this metadata, or (None, why not)."""
+    def identify(self, metadata, peer: str = "") -> tuple[Caller | None, str]:
+        """The caller of a call with this metadata from this peer, or (None, why not).
+
+        A connection relayed from the local socket is its kernel-reported user, whatever it sends.
+        """
+        local = self.local_peers.get(peer) if peer else None
+        if local is not None:
+            return local, ""
         if not self.enabled:
+            if not self.tokenless_tcp_clients:
+                return None, (
+                    "tokens are off and tokenless_tcp_clients is false: connect through the coordinator's local socket "
+                    "(gpuctl --coordinator unix:PATH), where the kernel says who you are"
+                )
             return OPEN_ACCESS, ""
         self._maybe_reload()
         token, problem = bearer_token(metadata)
@@ -216,7 +264,7 @@ class Guard:
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
         """The caller; a call without a valid token ends UNAUTHENTICATED."""
-        caller, problem = self.identify(context.invocation_metadata())
+        caller, problem = self.identify(context.invocation_metadata(), context.peer())
         if caller is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
         return caller
@@ -236,7 +284,7 @@ class Guard:
 
     def client_key(self, context: grpc.aio.ServicerContext) -> str:
         """Whom a stream counts against: the authenticated user, else the peer's host (without the port)."""
-        caller, _ = self.identify(context.invocation_metadata())
+        caller, _ = self.identify(context.invocation_metadata(), context.peer())
         if caller is not None and caller.authenticated:
             return f"user {caller.user}"
         peer = context.peer() or "unknown"
@@ -245,21 +293,29 @@ class Guard:
 
 
 class StreamQuota:
-    """Caps the open streams (watches, followed logs) of each client, so one cannot hold the server's memory."""
+    """Caps the open server streams (watches, log reads, health watches, reflection) of each client and of
+    all clients together, so neither one client nor many can hold the server's memory."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, total_limit: int = 0) -> None:
         self.limit = limit
+        self.total_limit = total_limit
         self.open: dict[str, int] = {}
+        self.total = 0
 
     def try_open(self, client: str) -> str | None:
         """None and the stream counted, or why it is refused."""
         count = self.open.get(client, 0)
         if self.limit and count >= self.limit:
             return f"{client} already has {count} open streams; the limit is max_streams_per_client={self.limit}"
+        if self.total_limit and self.total >= self.total_limit:
+            return f"the coordinator already has {self.total} open streams; the limit is max_streams={self.total_limit}"
         self.open[client] = count + 1
+        self.total += 1
         return None
 
     def close(self, client: str) -> None:
+        if client in self.open:
+            self.total -= 1
         count = self.open.get(client, 0) - 1
         if count > 0:
             self.open[client] = count
@@ -278,19 +334,29 @@ class StreamQuota:
             self.close(client)
 
 
-def node_identity_problem(node_id: str, certificate_names: list[str], mutual_tls: bool, agent_listen: str = "") -> str | None:
-    """None if a stream may register as `node_id`, else why not (mutual TLS: the id must be a name in its certificate)."""
+def node_identity_problem(
+    node_id: str, certificate_node_ids: list[str], mutual_tls: bool, agent_listen: str = "", allowed_nodes: Iterable[str] = ()
+) -> str | None:
+    """None if a stream may register as `node_id`, else why not.
+
+    With mutual TLS the id must be one the certificate vouches for as a node (its URI SAN
+    spiffe://gpuorch/node/<id>; see gpuorch.tls.peer_identities): a person's certificate from
+    the same CA names no node, whatever its DNS names. A non-empty `allowed_nodes` admits only those ids.
+    """
+    allowed = list(allowed_nodes)
+    if allowed and node_id not in allowed:
+        return f"node id {node_id!r} is not in allowed_nodes; add it there to let it register"
     if not mutual_tls:
         return None
-    if not certificate_names:
+    if not certificate_node_ids:
         where = f"connect to agent_listen ({agent_listen}) " if agent_listen else ""
         return (
-            f"node {node_id!r} presented no client certificate with a DNS name; agents must {where}with a certificate "
-            "signed by tls_client_ca that names their node id as a DNS subjectAltName"
+            f"node {node_id!r} presented no node certificate; agents must {where}with a certificate signed by tls_client_ca "
+            f"that names their node id as the URI subjectAltName {NODE_URI_PREFIX}<node id> (scripts/make-certs.sh issues them)"
         )
-    if node_id not in certificate_names:
+    if node_id not in certificate_node_ids:
         return (
-            f"node id {node_id!r} is not a DNS name in the client certificate ({', '.join(certificate_names)}); "
+            f"node id {node_id!r} is not the node named in the client certificate ({', '.join(certificate_node_ids)}); "
             "a node may only register as itself"
         )
     return None

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from coordinator.auth import Action, Guard, StreamQuota
+from coordinator.auth import Action, Guard, StreamQuota, priority_problem, redact_env
 from coordinator.job_manager import JobFinished, JobManager, JobNotFound, QuotaExceeded
 from coordinator.jobs import InvalidSpec
 from gpuorch.v1 import job_pb2, job_pb2_grpc
@@ -23,11 +23,17 @@ MAX_TAIL_BYTES = 2**62
 
 class JobService(job_pb2_grpc.JobServiceServicer):
     def __init__(
-        self, manager: JobManager, guard: Guard | None = None, streams: StreamQuota | None = None, max_message_bytes: int = 0
+        self,
+        manager: JobManager,
+        guard: Guard | None = None,
+        streams: StreamQuota | None = None,
+        max_message_bytes: int = 0,
+        max_user_priority: int = 100,
     ) -> None:
         self.manager = manager
         self.guard = guard or Guard()
         self.streams = streams or StreamQuota(0)
+        self.max_user_priority = max_user_priority
         self.max_list_bytes = max(min(max_message_bytes, CLIENT_RECEIVE_LIMIT_BYTES) - LIST_RESPONSE_HEADROOM_BYTES, 0)
         """A ListJobs page is cut to this many bytes of jobs, so it fits in a message both ends accept (0 = no cut)."""
 
@@ -51,6 +57,7 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec is missing")
         if caller.authenticated:
             request.spec.owner = caller.user  # with tokens on, a job belongs to whoever submitted it
+        await self._permit_priority(context, caller, request.spec.priority)
         try:
             job_id = await self.manager.submit(request.spec, request.client_request_id)
         except InvalidSpec as error:
@@ -61,12 +68,17 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return job_pb2.SubmitJobResponse(job_id=job_id)
 
+    async def _permit_priority(self, context, caller, priority: int) -> None:
+        problem = priority_problem(caller, priority, self.max_user_priority)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+
     async def GetJob(self, request: job_pb2.GetJobRequest, context):
-        await self.guard.check(context, Action.READ)
-        return job_pb2.GetJobResponse(job=(await self._entry(request.job_id, context)).job)
+        caller = await self.guard.check(context, Action.READ)
+        return job_pb2.GetJobResponse(job=redact_env((await self._entry(request.job_id, context)).job, caller))
 
     async def ListJobs(self, request: job_pb2.ListJobsRequest, context):
-        await self.guard.check(context, Action.READ)
+        caller = await self.guard.check(context, Action.READ)
         for state in request.states:
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
@@ -74,7 +86,7 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             found, token = self.manager.list(request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return job_pb2.ListJobsResponse(jobs=found, next_page_token=token)
+        return job_pb2.ListJobsResponse(jobs=[redact_env(job, caller) for job in found], next_page_token=token)
 
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context):
         caller = await self.guard.authenticate(context)
@@ -90,6 +102,7 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         caller = await self.guard.authenticate(context)
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
+        await self._permit_priority(context, caller, request.priority)
         try:
             job = await self.manager.set_priority(request.job_id, request.priority)
         except JobFinished as error:
@@ -97,19 +110,17 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         return job_pb2.SetJobPriorityResponse(job=job)
 
     async def WatchJob(self, request: job_pb2.WatchJobRequest, context):
-        await self.guard.check(context, Action.READ)
+        caller = await self.guard.check(context, Action.READ)
         await self._entry(request.job_id, context)
         async with self._stream_slot(context):
             async for job in self.manager.watch(request.job_id):
-                yield job_pb2.WatchJobResponse(job=job)
+                yield job_pb2.WatchJobResponse(job=redact_env(job, caller))
 
     async def GetJobLogs(self, request: job_pb2.GetJobLogsRequest, context):
-        await self.guard.check(context, Action.READ)
+        caller = await self.guard.authenticate(context)
         entry = await self._entry(request.job_id, context)
-        if not request.follow:
-            async for response in self._read_logs(request, entry, context):
-                yield response
-            return
+        await self.guard.permit(context, caller, Action.READ_PRIVATE, entry.job.spec.owner)
+        # Every read counts, not only followed ones: a one-shot read of a large log holds memory as long.
         async with self._stream_slot(context):
             async for response in self._read_logs(request, entry, context):
                 yield response

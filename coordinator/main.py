@@ -44,7 +44,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--insecure", action="store_true", default=None, help="serve a non-loopback address without TLS, tokens or agent certificates (avoid)"
     )
     parser.add_argument("--max-pending-jobs-per-user", type=int, help="pending jobs one owner may queue (default 1000; 0 = no limit)")
-    parser.add_argument("--max-streams-per-client", type=int, help="open watches and followed logs per client (default 64; 0 = no limit)")
+    parser.add_argument("--max-streams-per-client", type=int, help="open server streams per client (default 64; 0 = no limit)")
+    parser.add_argument("--max-streams", type=int, help="open server streams of all clients together (default 1000; 0 = no limit)")
+    parser.add_argument("--max-user-priority", type=int, help="highest job priority a non-admin may set (default 100)")
+    parser.add_argument(
+        "--local-socket", metavar="PATH", help="Unix socket for local clients, owner from the kernel (default <state_dir>/gpuorch.sock; '' = none)"
+    )
+    parser.add_argument(
+        "--tokenless-tcp-clients", metavar="BOOL", help="with no tokens file, serve clients over TCP as anyone (default true) or refuse them"
+    )
+    parser.add_argument("--allowed-nodes", metavar="ID,ID", help="node ids that may register (default: any)")
+    parser.add_argument("--handshake-timeout", type=float, help="seconds a connection has to finish its TLS handshake (default 5)")
+    parser.add_argument("--max-connections", type=int, help="open connections of the gRPC ports in all (default 0: from the open-file limit)")
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
     return parser.parse_args(argv)

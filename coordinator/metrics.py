@@ -82,6 +82,30 @@ def _outcome(error: BaseException | None, context) -> str:
     return "UNKNOWN"  # what grpc answers for an exception that escapes a handler
 
 
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+"""(request streaming, response streaming) -> grpc_type, as go-grpc-prometheus names them."""
+GO_CODE_NAMES = {
+    "OK": "OK", "CANCELLED": "Canceled", "UNKNOWN": "Unknown", "INVALID_ARGUMENT": "InvalidArgument",
+    "DEADLINE_EXCEEDED": "DeadlineExceeded", "NOT_FOUND": "NotFound", "ALREADY_EXISTS": "AlreadyExists",
+    "PERMISSION_DENIED": "PermissionDenied", "RESOURCE_EXHAUSTED": "ResourceExhausted", "FAILED_PRECONDITION": "FailedPrecondition",
+    "ABORTED": "Aborted", "OUT_OF_RANGE": "OutOfRange", "UNIMPLEMENTED": "Unimplemented", "INTERNAL": "Internal",
+    "UNAVAILABLE": "Unavailable", "DATA_LOSS": "DataLoss", "UNAUTHENTICATED": "Unauthenticated",
+}  # fmt: skip
+"""grpc_code values as the Prometheus gRPC ecosystem writes them (Go's codes.Code.String()), so its dashboards and
+alerts (grpc_code!="OK", grpc_code="Unavailable") work on gpuorch's series unchanged."""
+
+
+def rpc_labels(method: str, types: dict[str, str]) -> list[str]:
+    """[grpc_type, grpc_service, grpc_method] of a full method name ("/gpuorch.v1.JobService/SubmitJob")."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return [types.get(method, "unary"), service or "unknown", name]
+
+
 class RpcMetrics(grpc.aio.ServerInterceptor):
     """Counts RPCs started per method and handled per (method, final status code).
 
@@ -93,6 +117,8 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         self.started: dict[str, int] = {}
         self.handled: dict[tuple[str, str], int] = {}
+        self.types: dict[str, str] = {"unknown": "unary"}
+        """Full method name -> grpc_type (unary, client_stream, server_stream, bidi_stream)."""
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -114,6 +140,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         self.handled[key] = self.handled.get(key, 0) + 1
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        self.types[method] = GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
         if handler.request_streaming and handler.response_streaming:
             behaviour, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
         elif handler.request_streaming:
@@ -199,6 +226,9 @@ class Snapshot:
     launch_latencies: list[float] = field(default_factory=list)
     rpc_started: dict[str, int] = field(default_factory=dict)
     rpc_handled: dict[tuple[str, str], int] = field(default_factory=dict)
+    rpc_types: dict[str, str] = field(default_factory=dict)
+    job_owners: dict[str, str] = field(default_factory=dict)
+    """Job id -> owner of each job holding a GPU; set by Snapshot.resolve."""
     held_seconds: float = 0.0
     """How long taking this snapshot held the event loop."""
 
@@ -225,6 +255,8 @@ class Snapshot:
         for chunk in _slices(self.job_entries, 10 * SLICE_ROWS):
             job_states.update([entry.job.state for entry in chunk])
         self.job_states = dict(job_states)
+        holding = {job_id for job_id, _attempt in allocations.values()}
+        self.job_owners = {entry.job.job_id: entry.job.spec.owner for entry in self.job_entries if entry.job.job_id in holding}
         return self
 
 
@@ -267,6 +299,7 @@ def snapshot(coordinator, rpc: RpcMetrics | None) -> Snapshot:
     if rpc is not None:
         result.rpc_started = dict(rpc.started)
         result.rpc_handled = dict(rpc.handled)
+        result.rpc_types = dict(rpc.types)
     result.held_seconds = time.perf_counter() - started
     return result
 
@@ -377,15 +410,20 @@ def families(state: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamil
     yield GaugeMetricFamily("gpuorch_heartbeats_per_second", "Heartbeats applied per second over the last 10 s.", value=rate)
 
     # RPCs
-    started = CounterMetricFamily("gpuorch_grpc_server_started_total", "RPCs started, by full method name.", labels=["method"])
+    # RPCs, with go-grpc-prometheus's names and labels, so the gRPC ecosystem's dashboards and alerts apply.
+    started = CounterMetricFamily(
+        "grpc_server_started_total", "RPCs started on the server.", labels=["grpc_type", "grpc_service", "grpc_method"]
+    )
     for method, count in sorted(state.rpc_started.items()):
-        started.add_metric([method], count)
+        started.add_metric(rpc_labels(method, state.rpc_types), count)
     yield started
     handled = CounterMetricFamily(
-        "gpuorch_grpc_server_handled_total", "RPCs ended, by full method name and gRPC status code.", labels=["method", "code"]
+        "grpc_server_handled_total",
+        "RPCs completed on the server, whatever their status code.",
+        labels=["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
     )
     for (method, code), count in sorted(state.rpc_handled.items()):
-        handled.add_metric([method, code], count)
+        handled.add_metric([*rpc_labels(method, state.rpc_types), GO_CODE_NAMES.get(code, code)], count)
     yield handled
     yield GaugeMetricFamily(
         "gpuorch_metrics_snapshot_seconds",
@@ -523,6 +561,7 @@ class FleetSeries:
 
         previous, current = self._labels, {}
         everyone: list[tuple[str, int, bool, bool]] = []  # (labels, memory total MiB, healthy, allocated)
+        everyone_by_uuid: list[tuple[str, str, bool]] = []  # (uuid, labels, allocated)
         reporting: list[tuple[str, int, tuple]] = []  # (labels, memory total MiB, sample) of GPUs with a current reading
         done = 0
         for node in state.nodes:
@@ -540,6 +579,7 @@ class FleetSeries:
                 current[uuid] = cached
                 labels, total = cached[3], cached[4]
                 everyone.append((labels, total, healthy, allocated))
+                everyone_by_uuid.append((uuid, labels, allocated))
                 if live and sample is not None and not sample[LOST]:
                     reporting.append((labels, total, sample))
             done += len(node.gpus)
@@ -552,11 +592,22 @@ class FleetSeries:
             out.append(
                 "".join([f"gpuorch_gpu_healthy{{{labels}}} {1 if healthy else 0}\n" for labels, _, healthy, _ in chunk]).encode()
             )
-        header("gpuorch_gpu_allocated", "gauge", "1 if an attempt holds the GPU.")
-        for chunk in _slices(everyone):
+        header(
+            "gpuorch_gpu_allocated",
+            "gauge",
+            "1 with the job and its owner as labels if an attempt holds the GPU, else 0 without them (one series per GPU).",
+        )
+        # Only a held GPU carries job and owner: as many such series as GPUs, however many jobs have run.
+        holders = {job_id: f',job="{_escape(job_id)}",owner="{_escape(owner)}"' for job_id, owner in state.job_owners.items()}
+        for chunk in _slices(everyone_by_uuid):
             out.append(
                 "".join(
-                    [f"gpuorch_gpu_allocated{{{labels}}} {1 if allocated else 0}\n" for labels, _, _, allocated in chunk]
+                    [
+                        f"gpuorch_gpu_allocated{{{labels}{holders.get(state.allocations[uuid][0], '')}}} 1\n"
+                        if allocated
+                        else f"gpuorch_gpu_allocated{{{labels}}} 0\n"
+                        for uuid, labels, allocated in chunk
+                    ]
                 ).encode()
             )
         header("DCGM_FI_DEV_FB_TOTAL", "gauge", "Framebuffer memory total (in MiB).")

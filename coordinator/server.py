@@ -7,6 +7,8 @@ import contextlib
 import functools
 import gc
 import os
+import resource
+import stat
 import time
 from pathlib import Path
 
@@ -22,14 +24,15 @@ from coordinator.cluster import ClusterView
 from coordinator.cluster_service import ClusterService
 from coordinator.job_manager import JobManager
 from coordinator.job_service import JobService
-from coordinator.scheduler import SchedulerConfig
-from coordinator.store import SqliteJobStore
-from coordinator.strict import add_strict_service
 from coordinator.liveness import Liveness, LivenessPolicy
+from coordinator.local_socket import LocalSocketRelay
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.recovery import RecoveryPolicy
 from coordinator.reflection import CommentedPool
+from coordinator.scheduler import SchedulerConfig
 from coordinator.settings import CoordinatorSettings
+from coordinator.store import SqliteJobStore
+from coordinator.strict import add_strict_service
 from gpuorch import tls
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
 
@@ -139,7 +142,7 @@ def next_epoch(state_dir: Path) -> int:
     except FileNotFoundError:
         epoch = 1
     temporary = path.with_suffix(".tmp")
-    with open(temporary, "w") as handle:
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
         handle.write(f"{epoch}\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -147,8 +150,21 @@ def next_epoch(state_dir: Path) -> int:
     return epoch
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
+STATE_DIR_MODE = 0o711
+"""Nobody else may list or change the state dir; they may pass through it, to the local socket and the default
+checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store.py)."""
+FILE_DESCRIPTOR_HEADROOM = 256
+"""File descriptors kept for what is not a connection: the job store, logs, the metrics port."""
+DEFAULT_FILE_LIMIT = 65536
+"""The open-file limit asked for when max_connections is 0 (the unit's LimitNOFILE=)."""
+MIN_CONNECTIONS = 64
+
+
+def server_options(max_message_bytes: int, handshake_timeout: float = 5.0, max_connections: int = 0) -> list[tuple[str, int]]:
+    options = [
+        # A connection that never finishes its handshake (TLS, or HTTP/2's preface) is closed after this,
+        # not after grpc's default of 120 s: idle half-open connections would otherwise use up the fds.
+        ("grpc.server_handshake_timeout_ms", int(handshake_timeout * 1000)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Agents ping to find a dead coordinator fast; let them.
@@ -157,6 +173,39 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 0),
     ]
+    if max_connections:
+        # grpcio has no cap per peer; this caps all of a server's connections together, below the fd limit.
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
+    return options
+
+
+def raise_file_limit(wanted: int) -> int:
+    """Raises the soft fd limit towards `wanted` (at most the hard limit); returns the limit now in force.
+
+    Outside systemd (LimitNOFILE=) the soft limit is often 1024: a few hundred agents and
+    clients would exhaust it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-file limit", soft=soft, hard=hard, wanted=target, error=str(error))
+    return soft
+
+
+def make_state_dir(path: Path) -> None:
+    """Creates the state dir with STATE_DIR_MODE; an existing one is left as the operator made it, with a warning if
+    others may read or change it."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=STATE_DIR_MODE)
+        os.chmod(path, STATE_DIR_MODE)  # mkdir's mode passes through the umask
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o066:
+        log.warning("state dir is readable or writable by others; chmod it 0711 or 0700", state_dir=str(path), mode=oct(mode))
 
 
 
@@ -177,9 +226,11 @@ class Coordinator:
         self.epoch = 0
         self.port = 0
         self.server: grpc.aio.Server | None = None
-        self.guard = Guard(settings.tokens_file)  # a bad tokens file stops the start, naming the entry
-        self.streams = StreamQuota(settings.max_streams_per_client)
-        """Every client's open streams, of every service, against one max_streams_per_client."""
+        # A bad tokens file stops the start, naming the entry.
+        self.guard = Guard(settings.tokens_file, tokenless_tcp_clients=settings.tokenless_tcp_clients)
+        self.streams = StreamQuota(settings.max_streams_per_client, settings.max_streams)
+        """Every client's open streams, of every service, against one max_streams_per_client and all against max_streams."""
+        self.local_socket: LocalSocketRelay | None = self._local_socket_relay()
         self.health = ServiceHealth(self.streams, self.guard.client_key)
         self.garbage = GarbageSettler()
         self._tasks: list[asyncio.Task] = []
@@ -188,7 +239,7 @@ class Coordinator:
 
     async def start(self) -> None:
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            make_state_dir(self.state_dir)
             self.epoch = next_epoch(self.state_dir)
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
@@ -213,15 +264,23 @@ class Coordinator:
         await self.jobs.start()
         self.agents = AgentService(self.cluster, self.epoch)
         self.agents.identity_problem = functools.partial(
-            node_identity_problem, mutual_tls=bool(settings.tls_client_ca), agent_listen=settings.agent_listen
+            node_identity_problem,
+            mutual_tls=bool(settings.tls_client_ca),
+            agent_listen=settings.agent_listen,
+            allowed_nodes=settings.allowed_nodes,
         )
+        self.agents.owners_authenticated = self.guard.owners_authenticated
         self.agents.on_register.append(self.jobs.on_register)
         self.agents.on_task_status.append(self.jobs.on_task_status)
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
         self.agents.on_progress.append(self.jobs.on_progress)
         self.agents.on_register.append(lambda node_id, register: self.garbage.registered())
         interceptors = self.metrics.interceptors() if self.metrics is not None else None
-        self.server = grpc.aio.server(options=server_options(self.settings.max_message_bytes), interceptors=interceptors)
+        max_connections = self._connection_cap()
+        self.server = grpc.aio.server(
+            options=server_options(settings.max_message_bytes, settings.handshake_timeout, max_connections),
+            interceptors=interceptors,
+        )
         # Every service, the stock health and reflection ones included, parses its own requests
         # (coordinator/strict.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
         add_strict_service(self.server, AGENT_SERVICE, self.agents)
@@ -232,7 +291,10 @@ class Coordinator:
                 self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
             ),
         )
-        add_strict_service(self.server, JOB_SERVICE, JobService(self.jobs, self.guard, self.streams, settings.max_message_bytes))
+        job_service = JobService(
+            self.jobs, self.guard, self.streams, settings.max_message_bytes, max_user_priority=settings.max_user_priority
+        )
+        add_strict_service(self.server, JOB_SERVICE, job_service)
         add_strict_service(self.server, HEALTH_SERVICE, self.health)
         add_strict_service(
             self.server,
@@ -245,9 +307,14 @@ class Coordinator:
             ),
         )
         self.port, self.agent_port = self._add_ports()
+        if self.local_socket is not None:
+            self.local_socket.prepare()
+            self.server.add_insecure_port(self.local_socket.grpc_address)
         if self.metrics is not None:
             self.metrics.serve(self.settings.metrics_listen)
         await self.server.start()
+        if self.local_socket is not None:
+            await self.local_socket.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", self._liveness_loop)))
@@ -262,8 +329,36 @@ class Coordinator:
             tls=bool(self.settings.tls_cert),
             agent_mutual_tls=bool(self.settings.tls_client_ca),
             tokens=self.guard.enabled,
+            local_socket=self.local_socket.public_path if self.local_socket is not None else "",
+            owners_authenticated=self.guard.owners_authenticated,
         )
         self._warn_about_exposure()
+
+    def _connection_cap(self) -> int:
+        """max_connections, or (0) what the open-file limit allows once raised: connections must not take the fds
+        the job store and the log need."""
+        wanted = self.settings.max_connections
+        file_limit = raise_file_limit((wanted or DEFAULT_FILE_LIMIT) + FILE_DESCRIPTOR_HEADROOM)
+        allowed = max(file_limit - FILE_DESCRIPTOR_HEADROOM, MIN_CONNECTIONS)
+        if wanted > allowed:
+            log.warning("max_connections is above what the open-file limit allows; raise LimitNOFILE (ulimit -n)",
+                        max_connections=wanted, open_file_limit=file_limit)  # fmt: skip
+        return wanted or allowed
+
+    def _local_socket_relay(self) -> LocalSocketRelay | None:
+        settings = self.settings
+        path = settings.local_socket_path
+        if not path:
+            return None
+        try:
+            return LocalSocketRelay(
+                path, self.state_dir / "relay", self.guard.local_peers, settings.local_admins, settings.local_socket_group
+            )
+        except ValueError as error:
+            if settings.local_socket != CoordinatorSettings.local_socket:
+                raise
+            log.warning("no local socket: the default path is too long; set local_socket", error=str(error))
+            return None
 
     def _add_ports(self) -> tuple[int, int]:
         """Binds `listen` (and `agent_listen`); returns both ports (the same one when agents share it)."""
@@ -290,8 +385,11 @@ class Coordinator:
                 log.warning("TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted", listen=settings.listen)
             else:
                 log.warning("TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines", listen=settings.listen)
-        if not self.guard.enabled:
-            log.warning("tokens_file is not set: every client may act as any user, and as admin")
+        if not self.guard.enabled and settings.tokenless_tcp_clients:
+            log.warning(
+                "tokens_file is not set: every TCP client may act as any user, and as admin; agents are told owners are not "
+                "authenticated (set tokenless_tcp_clients = false to serve clients on the local socket only)"
+            )
         if not settings.tls_client_ca:
             log.warning("tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node")
 
@@ -306,6 +404,8 @@ class Coordinator:
         for node in self.cluster.nodes.values():
             if node.session is not None:
                 node.session.close("coordinator shutting down")
+        if self.local_socket is not None:
+            await self.local_socket.close()
         if self.server is not None:
             await self.server.stop(grace)
         await self.store.close()

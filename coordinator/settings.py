@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 from dataclasses import dataclass
 
 from gpuorch.metrics import parse_listen
@@ -60,16 +62,44 @@ class CoordinatorSettings:
     with TLS and tokens. Empty = agents use listen."""
     tokens_file: str = ""
     """TOML file of [[tokens]] (user, role, sha256): clients must send a bearer token; empty = no tokens."""
+    local_socket: str = "<state_dir>/gpuorch.sock"
+    """Unix socket for clients on this machine (gpuctl --coordinator unix:PATH): the owner of what they submit is
+    the user the kernel says they run as (SO_PEERCRED), with or without tokens. Empty = none."""
+    local_socket_group: str = ""
+    """Group of local_socket (mode 0660); empty = mode 0666, every local user may connect."""
+    local_admins: list[str] = dataclasses.field(default_factory=lambda: ["root"])
+    """Users who are admins when they connect through local_socket."""
+    tokenless_tcp_clients: bool = True
+    """With tokens_file empty: serve clients over TCP anyway, each of whom may act as any user and as admin (true),
+    or refuse them so that only local_socket serves clients and every job's owner is authenticated (false).
+    Agents and health checks connect over TCP either way."""
+    allowed_nodes: list[str] = dataclasses.field(default_factory=list)
+    """Node ids that may register; empty = any node (with mutual TLS: any with a node certificate of tls_client_ca)."""
     insecure: bool = False
     """Serve an address other than loopback without all of TLS, tokens and agent certificates. Without it,
     a coordinator that lacks any of the three listens on loopback only."""
     max_pending_jobs_per_user: int = 1000
     """Pending jobs one owner may have queued; a submission beyond it gets RESOURCE_EXHAUSTED. 0 = no limit."""
     max_streams_per_client: int = 64
-    """Open watch and followed-log streams per client (user, or peer host without tokens). 0 = no limit."""
+    """Open server streams (watches, log reads, health watches, reflection) per client (user, or peer host
+    without tokens). 0 = no limit."""
+    max_streams: int = 1000
+    """Open server streams of all clients together. 0 = no limit."""
+    max_user_priority: int = 100
+    """Highest priority a user (not an admin) may give a job, at submit or later."""
+    handshake_timeout: float = 5.0
+    """Seconds a new connection has to finish its TLS (and HTTP/2) handshake before it is closed."""
+    max_connections: int = 0
+    """Open connections the gRPC ports accept in all (grpcio has no cap per peer). 0 = the open-file limit
+    (raised to its hard limit, up to 65536) less 256 kept for the job store, logs and metrics."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
+
+    @property
+    def local_socket_path(self) -> str:
+        """local_socket with <state_dir> filled in; empty = no local socket."""
+        return self.local_socket.replace("<state_dir>", self.state_dir.rstrip("/") or "/")
 
     def missing_protections(self) -> list[str]:
         """What a port open to other machines needs and these settings lack, each saying what it exposes.
@@ -123,6 +153,15 @@ class CoordinatorSettings:
                     f"{name} {address!r} is not a loopback address and {' and '.join(missing)}: set them, "
                     f"or {name} on 127.0.0.1, or pass --insecure to serve the network anyway"
                 )
-        for name in ("max_pending_jobs_per_user", "max_streams_per_client"):
+        if self.local_socket_group:
+            try:
+                grp.getgrnam(self.local_socket_group)
+            except KeyError:
+                raise ValueError(f"local_socket_group {self.local_socket_group!r} is not a group on this machine") from None
+        if self.handshake_timeout <= 0:
+            raise ValueError(f"handshake_timeout must be > 0 seconds, got {self.handshake_timeout}")
+        if self.max_connections < 0:
+            raise ValueError(f"max_connections must be >= 0 (0 = from the open-file limit), got {self.max_connections}")
+        for name in ("max_pending_jobs_per_user", "max_streams_per_client", "max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import os
 import queue
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -54,6 +57,23 @@ class JobStore(abc.ABC):
         """Finishes queued writes, then closes."""
 
 
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_private(database: Path) -> None:
+    """Creates the database file 0600 if it is new, and makes it and its journals 0600 if not.
+
+    SQLite creates the -wal and -shm files with the database file's permissions, so a
+    database made 0600 here keeps every job spec (env included) from other users, whatever
+    the umask of whoever started the coordinator.
+    """
+    os.close(os.open(database, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for path in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(os.stat(path).st_mode) != PRIVATE_FILE_MODE:
+                os.chmod(path, PRIVATE_FILE_MODE)
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     sequence INTEGER PRIMARY KEY,
@@ -83,6 +103,7 @@ class SqliteJobStore(JobStore):
         """Transactions committed: fewer than save() calls when writes are grouped."""
 
     def _connect(self) -> sqlite3.Connection:
+        make_private(self.path)
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss too, not only a crash of the coordinator.

@@ -153,13 +153,15 @@ class _Channel:
         self.address = address or default_address()
         self.timeout = timeout
         token = os.environ.get("GPUORCH_TOKEN", "") if token is None else token
+        if self.address.startswith("unix:"):
+            token = ""  # the coordinator's local socket knows the caller from the kernel: no token, no TLS
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         tls_ca = os.environ.get("GPUORCH_TLS_CA", "") if tls_ca is None else tls_ca
         insecure = insecure_from_environment() if insecure is None else insecure
         # Plaintext only to this machine, the same rule the coordinator follows, so a token never
         # crosses the network in the clear: elsewhere TLS, trusting tls_ca or else the system's
         # roots, unless `insecure` says the coordinator serves plaintext on purpose.
-        if tls_ca or tls_cert or not (insecure or is_local_address(self.address)):
+        if not self.address.startswith("unix:") and (tls_ca or tls_cert or not (insecure or is_local_address(self.address))):
             credentials = tls.channel_credentials(tls_ca, tls_cert or "", tls_key or "")
             self._channel = channel_module.secure_channel(self.address, credentials, options=options or [])
         else:

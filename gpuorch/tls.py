@@ -56,16 +56,21 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def peer_identities(auth_context: dict[str, list[bytes]]) -> list[str]:
-    """The node ids a verified client certificate vouches for: its DNS subjectAltNames, and nothing else.
+NODE_URI_PREFIX = "spiffe://gpuorch/node/"
 
-    The common name, and email, URI and IP entries, are left out: a certificate issued for
-    one of those roles (a person's, a service's) must not make its holder a node of that
-    name, nor may one certificate speak for a node through a second kind of entry.
+
+def peer_identities(auth_context: dict[str, list[bytes]]) -> list[str]:
+    """The node ids a verified client certificate vouches for: the <id> of each URI subjectAltName
+    spiffe://gpuorch/node/<id>, and nothing else.
+
+    DNS names, the common name, email and IP entries are left out: the same CA may issue
+    certificates to people and services (alice-laptop.corp), and holding one must not make
+    its holder a node of that name. Only a certificate issued as a node's carries the URI.
     """
     names: list[str] = []
-    for value in auth_context.get("peer_dns", ()):
-        name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-        if name and name not in names:
-            names.append(name)
+    for value in auth_context.get("peer_uri", ()):
+        uri = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        node_id = uri.removeprefix(NODE_URI_PREFIX) if uri.startswith(NODE_URI_PREFIX) else ""
+        if node_id and "/" not in node_id and node_id not in names:
+            names.append(node_id)
     return names

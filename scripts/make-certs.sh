@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # Makes the certificates of a gpuorch cluster with openssl: a CA, the coordinator's
-# server certificate, and one client certificate per node (its name = the node id).
+# server certificate, one client certificate per node, and optionally people's.
 #
-#   scripts/make-certs.sh DIR COORDINATOR_NAMES [NODE_ID...]
+#   scripts/make-certs.sh DIR COORDINATOR_NAMES [NODE_ID...] [user:NAME...]
 #   scripts/make-certs.sh /tmp/gpuorch-tls coordinator.example.internal,10.0.0.5 gpu-node-01 gpu-node-02
 #
 # COORDINATOR_NAMES: comma-separated DNS names and IP addresses that clients and agents
-# use to reach the coordinator (each becomes a subjectAltName). An existing DIR/ca.key is
-# reused, so run it again with new node ids to add nodes. Keys are written 0600.
+# use to reach the coordinator (each becomes a subjectAltName). A node's certificate names
+# it as the URI spiffe://gpuorch/node/<id>: only that makes a certificate a node's (a DNS
+# name does not, so a person's certificate from the same CA cannot register as a node).
+# user:NAME makes DIR/users/NAME.crt, a person's, with no node URI. An existing DIR/ca.key
+# is reused, so run it again with new node ids to add nodes. Keys are written 0600.
 # An organisation with its own PKI issues the same certificates there instead: the
-# coordinator's needs serverAuth, a node's needs clientAuth and the node id as a DNS name.
+# coordinator's needs serverAuth, a node's needs clientAuth and the URI SAN above.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 dir=$1
 coordinator_names=$2
 shift 2
 days=${GPUORCH_CERT_DAYS:-825}
-mkdir -p "$dir/nodes"
+mkdir -p "$dir/nodes" "$dir/users"
 umask 077
 
 if [[ ! -f "$dir/ca.key" ]]; then
@@ -52,6 +55,11 @@ for name in ${coordinator_names//,/ }; do
 done
 issue "${coordinator_names%%,*}" "$alt_names" serverAuth "$dir/coordinator"
 
-for node in "$@"; do
-    issue "$node" "DNS:$node" clientAuth "$dir/nodes/$node"
+for name in "$@"; do
+    if [[ $name == user:* ]]; then
+        user=${name#user:}
+        issue "$user" "URI:spiffe://gpuorch/user/$user" clientAuth "$dir/users/$user"
+    else
+        issue "$name" "DNS:$name,URI:spiffe://gpuorch/node/$name" clientAuth "$dir/nodes/$name"
+    fi
 done

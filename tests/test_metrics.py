@@ -29,9 +29,10 @@ from gpuorch.errors import NotFound
 from gpuorch.v1 import job_pb2
 from tests.harness import REPO, LocalCluster, free_port, wait_for
 
-SUBMIT = "/gpuorch.v1.JobService/SubmitJob"
-GET_JOB = "/gpuorch.v1.JobService/GetJob"
-CONNECT = "/gpuorch.v1.AgentService/Connect"
+JOB_SERVICE = "gpuorch.v1.JobService"
+SUBMIT = {"grpc_type": "unary", "grpc_service": JOB_SERVICE, "grpc_method": "SubmitJob"}
+GET_JOB = {"grpc_type": "unary", "grpc_service": JOB_SERVICE, "grpc_method": "GetJob"}
+CONNECT = {"grpc_type": "bidi_stream", "grpc_service": "gpuorch.v1.AgentService", "grpc_method": "Connect"}
 MIB = 1024 * 1024
 
 
@@ -166,25 +167,27 @@ def test_a_succeeded_job_shows_in_jobs_placements_and_latencies(cluster):
     for quantile in ("0.5", "0.99"):
         assert 0 < page.value("gpuorch_scheduling_decision_seconds", quantile=quantile) < 5
         assert 0 < page.value("gpuorch_launch_latency_seconds", quantile=quantile) < 30
-    submitted = page.value("gpuorch_grpc_server_handled_total", method=SUBMIT, code="OK")
-    assert submitted == before.value("gpuorch_grpc_server_handled_total", 0, method=SUBMIT, code="OK") + 1
+    submitted = page.value("grpc_server_handled_total", **SUBMIT, grpc_code="OK")
+    assert submitted == before.value("grpc_server_handled_total", 0, **SUBMIT, grpc_code="OK") + 1
 
 
 def test_rpcs_are_counted_by_method_and_status_code_once_per_rpc(cluster):
+    """With go-grpc-prometheus's names, labels and code spellings, so the gRPC ecosystem's dashboards and alerts apply."""
     client = cluster.client()
     before = scrape(cluster.metrics_port)
     with pytest.raises(NotFound):
         client.get_job("j-does-not-exist")
     page = scrape(cluster.metrics_port)
-    not_found = page.value("gpuorch_grpc_server_handled_total", method=GET_JOB, code="NOT_FOUND")
-    assert not_found == before.value("gpuorch_grpc_server_handled_total", 0, method=GET_JOB, code="NOT_FOUND") + 1
-    assert page.value("gpuorch_grpc_server_started_total", method=GET_JOB) == (
-        before.value("gpuorch_grpc_server_started_total", 0, method=GET_JOB) + 1
-    )
-    assert page.types["gpuorch_grpc_server_handled"] == "counter"
+    not_found = page.value("grpc_server_handled_total", **GET_JOB, grpc_code="NotFound")
+    assert not_found == before.value("grpc_server_handled_total", 0, **GET_JOB, grpc_code="NotFound") + 1
+    assert page.value("grpc_server_started_total", **GET_JOB) == before.value("grpc_server_started_total", 0, **GET_JOB) + 1
+    assert page.types["grpc_server_handled"] == "counter"
+    assert {label for labels, _ in page.series("grpc_server_handled_total") for label in labels} == {
+        "grpc_type", "grpc_service", "grpc_method", "grpc_code"
+    }  # fmt: skip
     # Each agent's stream is one RPC, however many heartbeats it carried; it has not ended yet.
-    assert page.value("gpuorch_grpc_server_started_total", method=CONNECT) == 2
-    assert page.series("gpuorch_grpc_server_handled_total", method=CONNECT) == []
+    assert page.value("grpc_server_started_total", **CONNECT) == 2
+    assert page.series("grpc_server_handled_total", **CONNECT) == []
 
 
 def test_a_job_that_does_not_fit_shows_in_the_queue(cluster):
@@ -233,10 +236,19 @@ def test_agents_report_their_connection_heartbeats_and_running_ranks(cluster):
         wait_scrape(port, lambda page: page.value("gpuorch_agent_running_ranks") == 2, f"2 ranks running on {node_id}")
     page = scrape(cluster.metrics_port)
     assert page.value("gpuorch_gpus", node_state="READY", healthy="true", allocated="true") == 4
-    assert {labels["node"] for labels, value in page.series("gpuorch_gpu_allocated") if value == 1} == {"n1", "n2"}
+    held = [labels for labels, value in page.series("gpuorch_gpu_allocated") if value == 1]
+    assert {labels["node"] for labels in held} == {"n1", "n2"} and len(held) == 4
+    assert all(labels["job"] == job_id and labels["owner"] == client.get_job(job_id).spec.owner for labels in held), held
     client.cancel_job(job_id)
     for node_id, port in ports.items():
         wait_scrape(port, lambda page: page.value("gpuorch_agent_running_ranks") == 0, f"ranks on {node_id} to stop")
+    page = wait_scrape(
+        cluster.metrics_port,
+        lambda page: all(value == 0 for _, value in page.series("gpuorch_gpu_allocated")),
+        "the GPUs to be free",
+    )
+    free = [labels for labels, _ in page.series("gpuorch_gpu_allocated")]
+    assert len(free) == 4 and all("job" not in labels and "owner" not in labels for labels in free), "a free GPU carries no job"
 
 
 def test_the_page_is_gzipped_when_asked_and_served_only_at_metrics(cluster):
@@ -284,9 +296,10 @@ def promql_metric_names(expr: str) -> set[str]:
 
 def test_promql_metric_names_finds_only_metrics():
     expr = (
-        'sum by (method, code) (rate(gpuorch_grpc_server_handled_total{code!="OK",method=~"a|b"}[5m])) and on (instance) up > 0.5'
+        'sum by (grpc_method, grpc_code) (rate(grpc_server_handled_total{grpc_code!="OK",grpc_method=~"a|b"}[5m])) '
+        "and on (instance) up > 0.5"
     )
-    assert promql_metric_names(expr) == {"gpuorch_grpc_server_handled_total", "up"}
+    assert promql_metric_names(expr) == {"grpc_server_handled_total", "up"}
 
 
 def test_dashboard_queries_only_metrics_the_coordinator_exports(cluster):
@@ -294,7 +307,8 @@ def test_dashboard_queries_only_metrics_the_coordinator_exports(cluster):
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     panels = [panel for top in dashboard["panels"] for panel in [top, *top.get("panels", [])] if panel["type"] != "row"]
-    exported = scrape(cluster.metrics_port).names
+    page = scrape(cluster.metrics_port)
+    exported = page.names
     used = set()
     for panel in panels:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
@@ -303,6 +317,11 @@ def test_dashboard_queries_only_metrics_the_coordinator_exports(cluster):
             names = promql_metric_names(target["expr"])
             assert names, f"{panel['title']}: {target['expr']!r} selects no metric"
             assert names <= exported, f"{panel['title']}: {sorted(names - exported)} are not exported by the coordinator"
+            labels = {label for name in names for have, _ in page.series(name) for label in have} | {"instance", "job"}
+            wanted = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", target["expr"]))
+            for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", target["expr"]):
+                wanted |= {label.strip() for label in group.split(",") if label.strip()}
+            assert wanted <= labels, f"{panel['title']}: {target['expr']!r} uses labels {sorted(wanted - labels)} no series has"
             used |= names
     node_query = variables["node"]["query"]["query"]
     assert re.fullmatch(r"label_values\((\w+), node\)", node_query).group(1) in exported
@@ -312,6 +331,19 @@ def test_dashboard_queries_only_metrics_the_coordinator_exports(cluster):
         "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_FB_USED",
     }  # fmt: skip
     assert required <= used, f"the dashboard has no panel for {sorted(required - used)}"
+
+
+def test_the_readme_names_the_metrics_and_labels_that_are_exported(cluster):
+    readme = (REPO / "README.md").read_text()
+    named = re.findall(r"`((?:gpuorch|grpc)_\w+)\{([\w,]+)\}`", readme)
+    assert ("grpc_server_handled_total", "grpc_type,grpc_service,grpc_method,grpc_code") in named
+    page = scrape(cluster.metrics_port)
+    for name, labels in named:
+        assert name in page.names, f"the README names {name}, which is not exported"
+        found = page.series(name)
+        if found:  # a counter with nothing counted yet (restarts) has no series to look at
+            have = {label for series_labels, _ in found for label in series_labels}
+            assert set(labels.split(",")) <= have, f"the README gives {name} labels {labels}; its series have {sorted(have)}"
 
 
 def test_a_lost_node_changes_state_counts_and_its_telemetry_disappears(cluster):

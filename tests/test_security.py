@@ -129,11 +129,13 @@ def test_stream_quota_counts_per_client():
     assert StreamQuota(0).try_open("anyone") is None  # 0 = no limit
 
 
-def test_a_node_may_register_only_as_a_name_in_its_certificate():
+def test_a_node_may_register_only_as_the_node_its_certificate_names():
     assert node_identity_problem("n1", [], mutual_tls=False) is None
     assert node_identity_problem("n1", ["n1", "n1.example"], mutual_tls=True) is None
-    assert "not a DNS name in the client certificate (n2)" in node_identity_problem("n1", ["n2"], mutual_tls=True)
-    assert "no client certificate" in node_identity_problem("n1", [], mutual_tls=True, agent_listen="0.0.0.0:50052")
+    assert "not the node named in the client certificate (n2)" in node_identity_problem("n1", ["n2"], mutual_tls=True)
+    assert "no node certificate" in node_identity_problem("n1", [], mutual_tls=True, agent_listen="0.0.0.0:50052")
+    assert "not in allowed_nodes" in node_identity_problem("n3", ["n3"], mutual_tls=True, allowed_nodes=["n1", "n2"])
+    assert node_identity_problem("n1", ["n1"], mutual_tls=True, allowed_nodes=["n1"]) is None
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.0.1", True), ("localhost", True), ("[::1]", True), ("0.0.0.0", False), ("10.0.0.5", False), ("coord.example", False)])
@@ -539,18 +541,20 @@ def test_a_node_cannot_register_as_another(tls_cluster, certificates):
     impostor = start_agent(tls_cluster, "node-9", "--tls-ca", str(certificates / "ca.crt"),
                            "--tls-cert", str(certificates / "nodes" / "node-2.crt"), "--tls-key", str(certificates / "nodes" / "node-2.key"))  # fmt: skip
     wait_for(lambda: "registration refused" in tls_cluster.coordinator.output(), timeout=10, what="the refusal to be logged")
-    assert "node id 'node-9' is not a DNS name in the client certificate (node-2" in tls_cluster.coordinator.output()
-    assert "PERMISSION_DENIED" in impostor.output()
+    assert "node id 'node-9' is not the node named in the client certificate (node-2)" in tls_cluster.coordinator.output()
+    wait_for(lambda: "PERMISSION_DENIED" in impostor.output(), timeout=10, what="the agent to log the refusal")
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("node-9")
     impostor.stop()
 
 
-def test_only_a_certificates_dns_names_are_node_ids(tls_cluster, certificates, tmp_path):
-    """Its common name, email, URI and IP entries are not: a person's certificate made out to "CN=alice" must
-    not make its holder node "alice", nor may one certificate speak for several nodes through other entries."""
+def test_only_a_certificates_node_uri_names_a_node(tls_cluster, certificates, tmp_path):
+    """Its common name, DNS, email, other URI and IP entries do not: a person's certificate made out to "CN=alice"
+    must not make its holder node "alice", nor may one certificate speak for several nodes through other entries."""
     extensions = tmp_path / "extensions"
-    extensions.write_text("subjectAltName=DNS:node-5,email:node-6,URI:node-7,IP:10.9.9.9\nextendedKeyUsage=clientAuth\n")
+    extensions.write_text(
+        "subjectAltName=URI:spiffe://gpuorch/node/node-5,DNS:node-8,email:node-6,URI:node-7,IP:10.9.9.9\nextendedKeyUsage=clientAuth\n"
+    )
     key, request, certificate = (tmp_path / name for name in ("mixed.key", "mixed.csr", "mixed.crt"))
     openssl = dict(check=True, capture_output=True)
     subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=node-8",
@@ -558,17 +562,61 @@ def test_only_a_certificates_dns_names_are_node_ids(tls_cluster, certificates, t
     subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
                     "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], **openssl)  # fmt: skip
     by_common_name = start_agent(tls_cluster, "node-8", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key))
-    wait_for(lambda: "node id 'node-8' is not a DNS name" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
-    assert "in the client certificate (node-5);" in tls_cluster.coordinator.output(), "the email, URI and IP entries are no node ids"
+    wait_for(lambda: "node id 'node-8' is not the node named" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
+    assert "in the client certificate (node-5);" in tls_cluster.coordinator.output(), "the DNS, email, URI and IP entries are no node ids"
     by_common_name.stop()
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("node-8")
 
 
+def test_a_persons_certificate_from_the_same_ca_is_refused_as_a_node(tls_cluster, certificates, tmp_path):
+    """A certificate a person got from the cluster's CA, naming their laptop as a DNS name, registered as that
+    node and was sent other users' jobs; only a node certificate (URI SAN spiffe://gpuorch/node/<id>) names a node."""
+    subprocess.run(["bash", str(REPO / "scripts" / "make-certs.sh"), str(certificates), "localhost,127.0.0.1", "user:alice"],
+                   check=True, capture_output=True)  # fmt: skip
+    person = subprocess.run(["openssl", "x509", "-in", str(certificates / "users" / "alice.crt"), "-noout", "-ext", "subjectAltName"],
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "spiffe://gpuorch/node/" not in person, "make-certs.sh issues people's certificates without a node URI"
+    extensions = tmp_path / "extensions"
+    extensions.write_text("subjectAltName=DNS:alice-laptop.corp\nextendedKeyUsage=clientAuth\n")
+    key, request, certificate = (tmp_path / name for name in ("laptop.key", "laptop.csr", "laptop.crt"))
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=alice",
+                    "-keyout", str(key), "-out", str(request)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
+                    "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], check=True, capture_output=True)  # fmt: skip
+    laptop = start_agent(
+        tls_cluster, "alice-laptop.corp", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key)
+    )
+    refusal = "node 'alice-laptop.corp' presented no node certificate"
+    wait_for(lambda: refusal in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
+    wait_for(lambda: "PERMISSION_DENIED" in laptop.output(), timeout=10, what="the agent to log the refusal")
+    with pytest.raises(NotFound):
+        tls_cluster.client().get_node("alice-laptop.corp")
+    laptop.stop()
+
+
+def test_connections_that_never_finish_the_tls_handshake_are_closed(tls_cluster):
+    """grpc keeps them 120 s by default: a few hundred such connections used up the coordinator's fds."""
+    import socket
+    import time
+
+    started = time.monotonic()
+    idle = [socket.create_connection(("127.0.0.1", tls_cluster.port), timeout=15) for _ in range(5)]
+    try:
+        for connection in idle:
+            assert connection.recv(1) == b"", "the coordinator closes the connection without a word"
+    finally:
+        for connection in idle:
+            connection.close()
+    closed_after = time.monotonic() - started
+    assert closed_after < CoordinatorSettings.handshake_timeout + 3, f"closed after {closed_after:.1f}s"
+    assert tls_cluster.client().cluster_status().coordinator_epoch >= 1
+
+
 def test_an_agent_without_a_certificate_is_refused(tls_cluster, certificates):
     # On the clients' port TLS works without a client certificate, but registering needs one.
     anonymous = start_agent(tls_cluster, "node-2", "--tls-ca", str(certificates / "ca.crt"), port=tls_cluster.port)
-    wait_for(lambda: "presented no client certificate" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
+    wait_for(lambda: "presented no node certificate" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("node-2")
     anonymous.stop()
