@@ -128,7 +128,7 @@ class Agent:
                 # grpc.aio raises this from call.write once the coordinator has ended the call, e.g. a
                 # stream closed while this process was stopped (SIGSTOP) and found closed on SIGCONT.
                 log.warning("coordinator stream ended while writing", error=str(error) or "RPC already finished")
-            except Exception as error:  # noqa: BLE001 - whatever breaks one stream, the agent reconnects; its ranks need it
+            except Exception as error:  # whatever breaks one stream, the agent reconnects: its ranks need it
                 log.exception("coordinator stream failed unexpectedly; reconnecting", error=f"{type(error).__name__}: {error}")
             finally:
                 self.connected = False
