@@ -216,7 +216,7 @@ class JobManager:
                 self.cluster.drained[key.removeprefix("drain:")] = value
         highest = 0
         now = self.clock()
-        running = []
+        running, restarting = [], []
         for stored in state.jobs:
             entry = JobEntry(stored.sequence, stored.job, stored.client_request_id)
             highest = max(highest, stored.sequence)
@@ -224,11 +224,20 @@ class JobManager:
             if stored.job.state == job_pb2.JOB_STATE_PENDING and stored.job.attempts:
                 entry.restart_reason = stored.job.attempts[-1].restart_reason
                 entry.not_before = stored.job.restart_not_before.ToNanoseconds() / 1e9
+                restarting.append(entry)
             if stored.job.state == job_pb2.JOB_STATE_RUNNING:
                 running.append(entry)
         # Keep running attempts' GPUs until their agents say otherwise (they re-register with what
         # they run). Single rank ends are not stored, so two stored attempts may name one GPU: the
         # later one got it after the earlier one's rank there ended, so the later one owns it.
+        # A restarting job's last attempt may still have ranks in their stop grace: its restart waits
+        # until the agents report them ended, or their nodes stay away past the grace. Restored first,
+        # so that a running attempt on the same GPUs (placed after those ranks ended) owns them.
+        for entry in restarting:
+            last = entry.job.attempts[-1]
+            self._take_devices(entry, last.placement, last.attempt, restoring=True)
+            for node in last.placement.nodes:
+                self._expected_nodes.setdefault(node.node_id, now + self.node_grace_period)
         running.sort(key=lambda entry: entry.job.start_time.ToNanoseconds())
         for entry in running:
             self._take_devices(entry, entry.job.placement, entry.job.attempt, restoring=True)

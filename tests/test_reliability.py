@@ -266,6 +266,33 @@ def test_a_restart_waits_for_every_rank_of_the_previous_attempt_to_end(cluster):
     )
 
 
+async def test_after_a_coordinator_restart_a_restart_still_waits_for_the_old_ranks(tmp_path):
+    """The coordinator dies while a failed attempt's ranks are in their stop grace; the one that
+    starts next learns of them only from the agents' registrations, and waits for their ends."""
+    cluster, manager = await manager_on(tmp_path)
+    cluster.register(registration("n1", gpus=4))
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=2, max_restarts=1))
+    assert await manager.schedule_pass() == [job_id]
+    manager.on_task_status("n1", running(job_id, 1, 0))
+    manager.on_task_status("n1", running(job_id, 1, 1))
+    manager.on_task_status("n1", exited(job_id, 1, 1, code=1))  # rank 0 is stopped, and takes its time
+    assert manager.get(job_id).job.state == PENDING
+    await manager.store.close()
+
+    cluster, manager = await manager_on(tmp_path)  # a new coordinator on the same store
+    try:
+        register = registration("n1", gpus=4, tasks=(running(job_id, 1, 0), exited(job_id, 1, 1, code=1)))
+        cluster.register(register)
+        manager.on_register("n1", register)
+        assert await manager.schedule_pass() == [], "attempt 2 placed while attempt 1's rank 0 still runs"
+        assert "waiting for 1 rank(s) of attempt 1 to end" in manager.get(job_id).job.reason
+        manager.on_task_status("n1", exited(job_id, 1, 0, signum=15))
+        assert await manager.schedule_pass() == [job_id]
+        assert manager.get(job_id).job.attempt == 2
+    finally:
+        await manager.store.close()
+
+
 # -- 4. the fence of a returning node ------------------------------------------------------------------
 
 
