@@ -211,17 +211,17 @@ async def test_any_error_of_a_stream_leads_to_a_reconnect():
 
 
 def test_an_agent_stopped_past_its_down_deadline_comes_back_on_sigcont(cluster):
+    """SIGSTOP an agent with a running job until its node is DOWN and its stream closed, then SIGCONT:
+    the agent lives on, registers again, and the node is READY, its stale ranks fenced (three times,
+    as the end of the old stream may reach the agent's reader or its writer first)."""
     cluster.start_coordinator("--node-grace-period", "30", "--stop-grace-period", "1")
     agent = cluster.add_agent("n1", 2, "--heartbeat-interval", "0.2")
     cluster.wait_for_nodes(1)
     client = cluster.client()
-    release = cluster.root / "release"
-    job_id = client.submit_job(
-        argv=[sys.executable, str(REPO / "tests" / "workloads" / "rank.py"), "--wait-for", str(release)], gpus=2
-    )
-    wait_for(lambda: client.get_job(job_id).state == RUNNING, what="the job running")
+    argv = [sys.executable, str(REPO / "tests" / "workloads" / "rank.py"), "--sleep", "60"]
     for _ in range(3):
-        wait_for(lambda: client.get_node("n1").state == cluster_pb2.NODE_STATE_READY, timeout=10, what="n1 READY")
+        job_id = client.submit_job(argv=argv, gpus=2)
+        wait_for(lambda: client.get_job(job_id).state == RUNNING, what="the job running")  # noqa: B023
         wait_for(lambda: client.get_node("n1").last_heartbeat_sequence >= 2, what="heartbeats")
         agent.signal(signal.SIGSTOP)
         wait_for(lambda: client.get_node("n1").state == cluster_pb2.NODE_STATE_DOWN, timeout=5, what="n1 DOWN")
@@ -229,8 +229,11 @@ def test_an_agent_stopped_past_its_down_deadline_comes_back_on_sigcont(cluster):
         agent.signal(signal.SIGCONT)
         cluster.wait_node_state("n1", cluster_pb2.NODE_STATE_READY, timeout=10)
         assert agent.process.poll() is None, f"the agent exited after SIGCONT:\n{agent.output()[-3000:]}"
+        assert client.get_job(job_id).state == FAILED  # its node went DOWN, and it had no restarts
+        wait_for(
+            lambda: not any(device.allocated_job_id for device in client.get_node("n1").devices), what="the stale ranks fenced"
+        )
     assert "Traceback" not in agent.output(), agent.output()[-3000:]
-    release.touch()
 
 
 # -- 3. one attempt at a time -------------------------------------------------------------------------
