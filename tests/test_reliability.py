@@ -212,20 +212,22 @@ async def test_any_error_of_a_stream_leads_to_a_reconnect():
 
 def test_an_agent_stopped_past_its_down_deadline_comes_back_on_sigcont(cluster):
     """SIGSTOP an agent with a running job until its node is DOWN and its stream closed, then SIGCONT:
-    the agent lives on, registers again, and the node is READY, its stale ranks fenced (three times,
-    as the end of the old stream may reach the agent's reader or its writer first)."""
-    cluster.start_coordinator("--node-grace-period", "30", "--stop-grace-period", "1")
-    agent = cluster.add_agent("n1", 2, "--heartbeat-interval", "0.2")
+    the agent lives on, registers again, and the node is READY, its stale ranks fenced. Several times,
+    with frequent heartbeats: the end of the old stream may reach the agent's reader first, or a write
+    of its writer (asyncio.InvalidStateError, which the agent once died of; rare in any one cycle, so
+    test_any_error_of_a_stream_leads_to_a_reconnect raises it deterministically)."""
+    cluster.start_coordinator("--node-grace-period", "30", "--stop-grace-period", "1", "--missed-heartbeats", "8")
+    agent = cluster.add_agent("n1", 2, "--heartbeat-interval", "0.05")
     cluster.wait_for_nodes(1)
     client = cluster.client()
     argv = [sys.executable, str(REPO / "tests" / "workloads" / "rank.py"), "--sleep", "60"]
-    for _ in range(3):
+    for _ in range(6):
         job_id = client.submit_job(argv=argv, gpus=2)
         wait_for(lambda: client.get_job(job_id).state == RUNNING, what="the job running")  # noqa: B023
-        wait_for(lambda: client.get_node("n1").last_heartbeat_sequence >= 2, what="heartbeats")
+        wait_for(lambda: client.get_node("n1").last_heartbeat_sequence >= 4, what="heartbeats")
         agent.signal(signal.SIGSTOP)
         wait_for(lambda: client.get_node("n1").state == cluster_pb2.NODE_STATE_DOWN, timeout=5, what="n1 DOWN")
-        time.sleep(0.5)  # the coordinator ends the stream while the agent cannot see it
+        time.sleep(0.3)  # the coordinator ends the stream while the agent cannot see it
         agent.signal(signal.SIGCONT)
         cluster.wait_node_state("n1", cluster_pb2.NODE_STATE_READY, timeout=10)
         assert agent.process.poll() is None, f"the agent exited after SIGCONT:\n{agent.output()[-3000:]}"
