@@ -3,7 +3,10 @@
 One stream at a time. Everything the agent sends goes through one writer task
 (gRPC allows one write in flight per call). When the stream breaks, the agent
 reconnects with capped exponential backoff and jitter, reset after every
-successful registration, and registers again with what it still runs.
+successful registration, and registers again with what it still runs. Whatever
+ends a stream (an RPC error, a closed connection, a write on a call the
+coordinator already ended, a bug) leads to a reconnect, never to an exit: the
+agent is what supervises the node's ranks.
 """
 
 from __future__ import annotations
@@ -123,6 +126,12 @@ class Agent:
                 log.warning("coordinator stream ended", code=error.code().name, details=error.details())
             except (ConnectionError, OSError) as error:
                 log.warning("coordinator connection failed", error=str(error))
+            except asyncio.InvalidStateError as error:
+                # grpc.aio raises this from call.write once the coordinator has ended the call, e.g. a
+                # stream closed while this process was stopped (SIGSTOP) and found closed on SIGCONT.
+                log.warning("coordinator stream ended while writing", error=str(error) or "RPC already finished")
+            except Exception as error:  # whatever breaks one stream, the agent reconnects: its ranks need it
+                log.exception("coordinator stream failed unexpectedly; reconnecting", error=f"{type(error).__name__}: {error}")
             finally:
                 self.connected = False
                 self._outbox = None

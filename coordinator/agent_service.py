@@ -69,6 +69,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         node, session, replaced = self.cluster.register(first.register)
         if replaced is not None:
             replaced.close("replaced by a newer stream of the same node (the agent restarted)")
+        # The node is READY from here on. Its reconciliation (what the agent runs against what the
+        # coordinator expects, fencing stale ranks) runs in this same step, before the first await:
+        # no scheduling pass can place work on the node before it is reconciled.
+        try:
+            for callback in self.on_register:
+                callback(node.node_id, first.register)
+        except Exception as error:  # a bug must cost one stream, never the daemon; the agent re-registers
+            log.exception("error reconciling a registration", node=node.node_id)
+            session.close(f"internal error reconciling the registration: {error}")
+            self.cluster.stream_closed(session)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "internal error reconciling the registration; reconnect")
         log.info(
             "node registered",
             node=node.node_id,
@@ -76,18 +87,21 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             heartbeat_interval=node.liveness.heartbeat_interval,
             peer=context.peer(),
         )
-        await context.write(
-            agent_pb2.CoordinatorMessage(
-                register_ack=agent_pb2.RegisterAck(
-                    heartbeat_interval_seconds=node.liveness.heartbeat_interval,
-                    coordinator_epoch=self.epoch,
-                    drained=node.drained,
-                    owners_authenticated=self.owners_authenticated,
+        try:
+            await context.write(
+                agent_pb2.CoordinatorMessage(
+                    register_ack=agent_pb2.RegisterAck(
+                        heartbeat_interval_seconds=node.liveness.heartbeat_interval,
+                        coordinator_epoch=self.epoch,
+                        drained=node.drained,
+                        owners_authenticated=self.owners_authenticated,
+                    )
                 )
             )
-        )
-        for callback in self.on_register:
-            callback(node.node_id, first.register)
+        except BaseException:
+            session.close("stream broken before the registration was acknowledged")
+            self.cluster.stream_closed(session)  # SUSPECT now, not DOWN after missed heartbeats
+            raise
         ending: StreamEnded | None = None
         reader = asyncio.create_task(self._read(context, session))
         try:

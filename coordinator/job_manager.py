@@ -10,7 +10,12 @@ attempt)). A device is taken when an attempt is placed and given back when the
 rank on it reports its end, or its node is declared DOWN; no device is ever
 given to two attempts. Every launch and stop carries (job id, attempt), and a
 rank of an attempt the coordinator no longer runs is stopped wherever it shows
-up (fencing).
+up (fencing); until its end is confirmed (its end reported, or a registration
+of its node without it), the GPU it ran on stays held in `cluster.allocations`
+under that stale attempt, so nothing new starts beside it.
+
+A job runs one attempt at a time: a restart is placed only once every rank of
+the previous attempt has reported its end, or was given up with its DOWN node.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import itertools
 import math
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -49,6 +55,22 @@ IDLE_SAMPLE = (0,) * len(SAMPLE_FIELDS)
 
 LIST_ENTRY_OVERHEAD_BYTES = 8
 """What one job adds to a ListJobsResponse beyond its own encoding: the field's tag and length."""
+
+JOB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+JOB_ID_RANDOM_CHARACTERS = 6
+"""30 random bits in every job id, so that no one can name (and plant a checkpoint directory for) the next job."""
+
+DEFAULT_SCHEDULER_CONFIG = scheduler.SchedulerConfig()
+DEFAULT_RECOVERY_POLICY = recovery.RecoveryPolicy()
+
+RankKey = tuple[str, int, int]
+"""(job id, attempt, rank)."""
+
+
+def new_job_id(sequence: int) -> str:
+    """`j-<sequence>-<random>`, e.g. j-000123-k7f3q2: ordered and readable by its sequence, unguessable by the rest."""
+    suffix = "".join(secrets.choice(JOB_ID_ALPHABET) for _ in range(JOB_ID_RANDOM_CHARACTERS))
+    return f"j-{sequence:06d}-{suffix}"
 
 
 class JobNotFound(KeyError):
@@ -86,6 +108,9 @@ class AttemptRanks:
     """Ranks that ended, and how."""
     launched_at: float = 0.0
     """Monotonic time the attempt was launched."""
+    node_sessions: dict[str, int] = field(default_factory=dict)
+    """Node id -> the id of the node's stream when the attempt was placed (0: none). A registration
+    judges only ranks placed before it began, on older streams: the agent's Register cannot know of others."""
     started_wall: float = 0.0
     last_progress_wall: float = 0.0
     """Latest progress any rank reported (wall clock), 0 if none."""
@@ -129,8 +154,8 @@ class JobManager:
         cluster: ClusterView,
         store: JobStore,
         *,
-        config: scheduler.SchedulerConfig = scheduler.SchedulerConfig(),
-        recovery_policy: recovery.RecoveryPolicy = recovery.RecoveryPolicy(),
+        config: scheduler.SchedulerConfig = DEFAULT_SCHEDULER_CONFIG,
+        recovery_policy: recovery.RecoveryPolicy = DEFAULT_RECOVERY_POLICY,
         stop_grace_seconds: float = 10.0,
         node_grace_period: float = 10.0,
         checkpoint_root: str = "",
@@ -169,6 +194,10 @@ class JobManager:
         """Node id -> increases whenever a device on it is taken or given back."""
         self._ports_in_use: dict[str, set[int]] = {}
         """Node id -> MASTER_PORTs of running attempts whose rank 0 is on that node."""
+        self._fence_holds: dict[RankKey, tuple[str, tuple[str, ...]]] = {}
+        """Fenced rank not yet confirmed gone -> (its node, the devices held for it in cluster.allocations)."""
+        self._fence_holders: dict[str, set[RankKey]] = {}
+        """Device uuid -> the fenced ranks it is held for; the device is given back when none is left."""
         self.placements = 0
         self.restarts_by_reason: dict[str, int] = {}
         self.decision_seconds: list[float] = []
@@ -187,7 +216,7 @@ class JobManager:
                 self.cluster.drained[key.removeprefix("drain:")] = value
         highest = 0
         now = self.clock()
-        running = []
+        running, restarting = [], []
         for stored in state.jobs:
             entry = JobEntry(stored.sequence, stored.job, stored.client_request_id)
             highest = max(highest, stored.sequence)
@@ -195,11 +224,20 @@ class JobManager:
             if stored.job.state == job_pb2.JOB_STATE_PENDING and stored.job.attempts:
                 entry.restart_reason = stored.job.attempts[-1].restart_reason
                 entry.not_before = stored.job.restart_not_before.ToNanoseconds() / 1e9
+                restarting.append(entry)
             if stored.job.state == job_pb2.JOB_STATE_RUNNING:
                 running.append(entry)
         # Keep running attempts' GPUs until their agents say otherwise (they re-register with what
         # they run). Single rank ends are not stored, so two stored attempts may name one GPU: the
         # later one got it after the earlier one's rank there ended, so the later one owns it.
+        # A restarting job's last attempt may still have ranks in their stop grace: its restart waits
+        # until the agents report them ended, or their nodes stay away past the grace. Restored first,
+        # so that a running attempt on the same GPUs (placed after those ranks ended) owns them.
+        for entry in restarting:
+            last = entry.job.attempts[-1]
+            self._take_devices(entry, last.placement, last.attempt, restoring=True)
+            for node in last.placement.nodes:
+                self._expected_nodes.setdefault(node.node_id, now + self.node_grace_period)
         running.sort(key=lambda entry: entry.job.start_time.ToNanoseconds())
         for entry in running:
             self._take_devices(entry, entry.job.placement, entry.job.attempt, restoring=True)
@@ -222,6 +260,10 @@ class JobManager:
     def _take_devices(self, entry: JobEntry, placement: job_pb2.Placement, attempt: int, restoring: bool = False) -> AttemptRanks:
         ranks = AttemptRanks(attempt, launched_at=time.monotonic())
         for node in placement.nodes:
+            record = self.cluster.nodes.get(node.node_id)
+            ranks.node_sessions[node.node_id] = (
+                record.session.session_id if record is not None and record.session is not None else 0
+            )
             for local_rank, uuid in enumerate(node.device_uuids):
                 rank = node.first_rank + local_rank
                 ranks.rank_node[rank] = node.node_id
@@ -278,7 +320,7 @@ class JobManager:
             )
         sequence = next(self._sequence)
         job = job_pb2.Job(
-            job_id=f"j-{sequence:06d}",
+            job_id=new_job_id(sequence),
             spec=spec,
             state=job_pb2.JOB_STATE_PENDING,
             reason="queued; waiting for the scheduler",
@@ -365,14 +407,16 @@ class JobManager:
             entry.watchers.discard(updates)
 
     def jobs_by_state(self) -> dict[str, int]:
-        counts = {name: 0 for name in job_pb2.JobState.keys() if not name.endswith("UNSPECIFIED")}
+        counts = {name: 0 for name in job_pb2.JobState.keys() if not name.endswith("UNSPECIFIED")}  # noqa: SIM118 - an enum wrapper, not a dict
         for entry in self.jobs.values():
             counts[job_pb2.JobState.Name(entry.job.state)] += 1
         return counts
 
     # -- logs --------------------------------------------------------------------------------
 
-    async def read_log(self, job_id: str, rank: int, attempt: int, offset: int, max_bytes: int = LOG_CHUNK_BYTES) -> agent_pb2.LogChunk:
+    async def read_log(
+        self, job_id: str, rank: int, attempt: int, offset: int, max_bytes: int = LOG_CHUNK_BYTES
+    ) -> agent_pb2.LogChunk:
         """Reads part of a rank's log from its node. Raises LookupError / ConnectionError with a reason."""
         entry = self.get(job_id)
         attempt = attempt or entry.job.attempt
@@ -396,7 +440,7 @@ class JobManager:
         )
         try:
             return await asyncio.wait_for(answer, LOG_READ_TIMEOUT_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionError(f"node {node_id} did not answer a log read within {LOG_READ_TIMEOUT_SECONDS:g}s") from None
         finally:
             self._log_requests.pop(request_id, None)
@@ -421,7 +465,7 @@ class JobManager:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._next_timer())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             self._expire_expected_nodes()
@@ -511,7 +555,7 @@ class JobManager:
     async def schedule_pass(self) -> list[str]:
         """One scheduling pass; returns the ids of the jobs it placed."""
         now = self.clock()
-        ready = [entry for entry in self.pending.values() if entry.not_before <= now]
+        ready = [entry for entry in self.pending.values() if entry.not_before <= now and self._previous_attempt_over(entry)]
         if not ready:
             return []
         started = time.perf_counter()
@@ -539,6 +583,19 @@ class JobManager:
                 self._send(node_id, agent_pb2.CoordinatorMessage(launch_task=launch))
             self._notify(entry)
         return [entry.job.job_id for entry in placed]
+
+    @staticmethod
+    def _previous_attempt_over(entry: JobEntry) -> bool:
+        """Whether every rank of the job's earlier attempts has ended (an attempt leaves `entry.attempts`
+        once all its ranks reported their end or were given up with their DOWN node). Until then a
+        restart waits: two attempts of one job never run at once, nor share a checkpoint directory."""
+        if not entry.attempts:
+            return True
+        left = sum(ranks.world_size - len(ranks.ended) for ranks in entry.attempts.values())
+        waiting = f"waiting for {left} rank(s) of attempt {max(entry.attempts)} to end"
+        if not entry.job.reason.endswith(waiting):
+            entry.job.reason = f"{entry.job.reason.split(';')[0]}; {waiting}"
+        return False
 
     def _place_elastic(self, ready: list[JobEntry], result: scheduler.SchedulingResult, now: float) -> list[JobEntry]:
         """Restarting elastic jobs that did not fit at full size try smaller sizes, down to min_gpus."""
@@ -595,7 +652,13 @@ class JobManager:
         ranks = self._take_devices(entry, placement, job.attempt)
         ranks.started_wall = now
         self._dequeue(job.job_id)
-        log.info("job placed", job=job.job_id, attempt=job.attempt, nodes=[share.node_id for share in decision.nodes], gpus=placement.world_size)
+        log.info(
+            "job placed",
+            job=job.job_id,
+            attempt=job.attempt,
+            nodes=[share.node_id for share in decision.nodes],
+            gpus=placement.world_size,
+        )
         return entry
 
     def _rendezvous_port(self, node_id: str) -> int:
@@ -610,16 +673,31 @@ class JobManager:
     # -- what agents report ------------------------------------------------------------------
 
     def on_register(self, node_id: str, register: agent_pb2.Register) -> None:
-        """Reconciles what a (re-)registered agent runs with what the coordinator expects."""
+        """Reconciles what a (re-)registered agent runs with what the coordinator expects.
+
+        Called in the step that registered the node, before anything can be placed there. It judges
+        only ranks placed before this registration began (on an older stream of the node): a rank
+        placed since is one the agent could not list in its Register."""
         self._expected_nodes.pop(node_id, None)
-        reported = set()
+        node = self.cluster.nodes.get(node_id)
+        registration = node.session.session_id if node is not None and node.session is not None else 0
+        reported: set[RankKey] = set()
         for status in register.tasks:
             reported.add((status.job_id, status.attempt, status.rank))
             self.on_task_status(node_id, status)
+        for key, (held_on, _) in list(self._fence_holds.items()):
+            if held_on == node_id and key not in reported:
+                self._fence_confirmed(node_id, key)  # the agent no longer runs it
         for entry in list(self.jobs.values()):
             for ranks in list(entry.attempts.values()):
+                if ranks.node_sessions.get(node_id, 0) >= registration > 0:
+                    continue
                 for rank, rank_node in ranks.rank_node.items():
-                    if rank_node == node_id and rank not in ranks.ended and (entry.job.job_id, ranks.attempt, rank) not in reported:
+                    if (
+                        rank_node == node_id
+                        and rank not in ranks.ended
+                        and (entry.job.job_id, ranks.attempt, rank) not in reported
+                    ):
                         lost = agent_pb2.TaskStatus(
                             job_id=entry.job.job_id,
                             attempt=ranks.attempt,
@@ -638,18 +716,22 @@ class JobManager:
             ranks.last_progress_wall = max(ranks.last_progress_wall, progress.last_progress_time.ToNanoseconds() / 1e9)
 
     def on_task_status(self, node_id: str, status: agent_pb2.TaskStatus) -> None:
+        if status.state != agent_pb2.TASK_STATE_RUNNING and self._fence_holds:
+            self._fence_confirmed(node_id, (status.job_id, status.attempt, status.rank))
         entry = self.jobs.get(status.job_id)
         ranks = entry.attempts.get(status.attempt) if entry is not None else None
-        if ranks is None or ranks.rank_node.get(status.rank) != node_id:
+        if entry is None or ranks is None or ranks.rank_node.get(status.rank) != node_id:
             if status.state == agent_pb2.TASK_STATE_RUNNING:
                 # A rank the coordinator does not run (an old attempt, a forgotten job): fence it.
-                self._send(node_id, _stop(status.job_id, status.attempt, 0.0, "fenced: attempt not run by the coordinator"))
+                self._fence(node_id, entry, status, "fenced: attempt not run by the coordinator")
             return
         live = entry.job.state == job_pb2.JOB_STATE_RUNNING and status.attempt == entry.job.attempt
         if status.state == agent_pb2.TASK_STATE_RUNNING:
             if not live:
-                self._send(node_id, _stop(status.job_id, status.attempt, 0.0, "fenced: attempt superseded"))
+                self._fence(node_id, entry, status, "fenced: attempt superseded")
                 return
+            if status.working_dir:
+                self._record_working_dir(entry, status.attempt, node_id, status.working_dir)
             ranks.running.add(status.rank)
             if len(ranks.running) == ranks.world_size and not ranks.all_started_at:
                 ranks.all_started_at = time.monotonic()
@@ -678,9 +760,93 @@ class JobManager:
             for node_id in nodes:
                 self._send(node_id, _stop(entry.job.job_id, ranks.attempt, 0.0, "attempt over"))
             del entry.attempts[ranks.attempt]
+            self._wake.set()  # a restart waiting for this attempt's end may go now
             for record in entry.job.attempts:
                 if record.attempt == ranks.attempt and record.placement.nodes:
                     self._ports_in_use.get(record.placement.nodes[0].node_id, set()).discard(record.placement.master_port)
+
+    @staticmethod
+    def _record_working_dir(entry: JobEntry, attempt: int, node_id: str, working_dir: str) -> None:
+        """Where the attempt's ranks on `node_id` run, for GetJob (`gpuctl job` says where it ran)."""
+        for record in reversed(entry.job.attempts):
+            if record.attempt == attempt:
+                if record.working_dirs.get(node_id) != working_dir:
+                    record.working_dirs[node_id] = working_dir
+                return
+
+    # -- fencing -----------------------------------------------------------------------------
+
+    def _fence(self, node_id: str, entry: JobEntry | None, status: agent_pb2.TaskStatus, reason: str) -> None:
+        """Stops a running rank the coordinator does not run, and keeps its GPU from being placed until
+        its end is confirmed: the rank holds the device until then, whatever the coordinator thought."""
+        self._send(node_id, _stop(status.job_id, status.attempt, 0.0, reason))
+        key = (status.job_id, status.attempt, status.rank)
+        if key in self._fence_holds:
+            return
+        node = self.cluster.nodes.get(node_id)
+        if node is None:
+            return
+        uuid = self._device_of_rank(entry, status.attempt, status.rank, node_id) if entry is not None else None
+        # A rank whose GPU is not known (a job this coordinator forgot) may be on any of the node's GPUs.
+        candidates = (uuid,) if uuid is not None and uuid in node.devices else tuple(node.devices)
+        held = []
+        allocations = self.cluster.allocations
+        for candidate in candidates:
+            holder = allocations.get(candidate)
+            if holder is None:
+                allocations[candidate] = (status.job_id, status.attempt)
+            elif candidate not in self._fence_holders:
+                if holder != (status.job_id, status.attempt) and uuid is not None:
+                    log.error(
+                        "stale rank runs on a GPU given to another attempt",
+                        job=status.job_id,
+                        attempt=status.attempt,
+                        rank=status.rank,
+                        node=node_id,
+                        gpu=candidate,
+                        holder=f"{holder[0]} attempt {holder[1]}",
+                    )
+                continue  # held by a running attempt, which gives it back only when its own rank there ends
+            self._fence_holders.setdefault(candidate, set()).add(key)
+            held.append(candidate)
+        if held:
+            self._fence_holds[key] = (node_id, tuple(held))
+            self._allocation_changed(node_id)
+            log.info(
+                "GPUs held until a fenced rank is gone",
+                job=status.job_id,
+                attempt=status.attempt,
+                rank=status.rank,
+                node=node_id,
+                gpus=held,
+            )
+
+    def _fence_confirmed(self, node_id: str, key: RankKey) -> None:
+        """A fenced rank is gone (its end reported, or its agent no longer lists it): give back what it held."""
+        hold = self._fence_holds.get(key)
+        if hold is None or hold[0] != node_id:
+            return
+        del self._fence_holds[key]
+        for uuid in hold[1]:
+            holders = self._fence_holders.get(uuid)
+            if holders is None:
+                continue
+            holders.discard(key)
+            if not holders:
+                del self._fence_holders[uuid]
+                self.cluster.allocations.pop(uuid, None)
+        self._allocation_changed(node_id)
+        self._wake.set()
+
+    @staticmethod
+    def _device_of_rank(entry: JobEntry, attempt: int, rank: int, node_id: str) -> str | None:
+        """The GPU the rank of an attempt was placed on, from the job's attempt history."""
+        for record in entry.job.attempts:
+            if record.attempt == attempt:
+                for node in record.placement.nodes:
+                    if node.node_id == node_id and node.first_rank <= rank < node.first_rank + len(node.device_uuids):
+                        return node.device_uuids[rank - node.first_rank]
+        return None
 
     # -- failures ----------------------------------------------------------------------------
 
@@ -727,14 +893,18 @@ class JobManager:
             return
         entry = self.jobs.get(holder[0])
         if entry is not None and entry.job.attempt == holder[1]:
-            self._attempt_failed(entry, f"gpu_unhealthy:{uuid}", f"GPU {uuid} on node {node_id} turned unhealthy: {health.reason}")
+            self._attempt_failed(
+                entry, f"gpu_unhealthy:{uuid}", f"GPU {uuid} on node {node_id} turned unhealthy: {health.reason}"
+            )
 
     def _expire_expected_nodes(self) -> None:
         now = self.clock()
         for node_id, deadline in list(self._expected_nodes.items()):
             if now >= deadline and node_id not in self.cluster.nodes:
                 del self._expected_nodes[node_id]
-                self._node_lost(node_id, f"node {node_id} did not come back within {self.node_grace_period:g}s of a coordinator restart")
+                self._node_lost(
+                    node_id, f"node {node_id} did not come back within {self.node_grace_period:g}s of a coordinator restart"
+                )
 
     def _node_lost(self, node_id: str, reason: str) -> None:
         """Ranks on a lost node are gone: their devices are free and their attempts fail."""
@@ -799,4 +969,6 @@ class JobManager:
 
 
 def _stop(job_id: str, attempt: int, grace: float, reason: str) -> agent_pb2.CoordinatorMessage:
-    return agent_pb2.CoordinatorMessage(stop_task=agent_pb2.StopTask(job_id=job_id, attempt=attempt, grace_seconds=grace, reason=reason))
+    return agent_pb2.CoordinatorMessage(
+        stop_task=agent_pb2.StopTask(job_id=job_id, attempt=attempt, grace_seconds=grace, reason=reason)
+    )
