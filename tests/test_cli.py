@@ -368,3 +368,20 @@ def test_completion_scripts_are_generated_from_the_parser(shell):
         probe += 'COMP_WORDS=(gpuctl submit --backend ""); COMP_CWORD=3; _gpuctl; echo "${COMPREPLY[*]}"\n'
         ran = subprocess.run([binary, "-c", probe], capture_output=True, text=True, timeout=10)
         assert ran.stdout.splitlines() == ["--tail --tail-bytes", "nccl gloo"], (ran.stdout, ran.stderr)
+
+
+# -- packaging ----------------------------------------------------------------------------------------
+
+
+def test_the_package_metadata_builds_without_deprecation_warnings(monkeypatch):
+    """pyproject.toml as setuptools reads it on every install: an SPDX license, no warning printed."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(REPO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distribution = apply_configuration(Distribution(), REPO / "pyproject.toml")
+    assert distribution.metadata.license_expression == "Apache-2.0"
