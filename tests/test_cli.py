@@ -385,3 +385,43 @@ def test_the_package_metadata_builds_without_deprecation_warnings(monkeypatch):
         warnings.simplefilter("error")
         distribution = apply_configuration(Distribution(), REPO / "pyproject.toml")
     assert distribution.metadata.license_expression == "Apache-2.0"
+
+
+# -- the quick start's script -------------------------------------------------------------------------
+
+
+def test_local_cluster_script_starts_single_user_agents_and_has_grpcurl(tmp_path):
+    """scripts/local-cluster.sh, run as the README says, in a copy of the tree whose .venv is this Python's."""
+    venv = Path(sys.executable).parent.parent
+    if not (venv / "bin" / "gpuctl").exists():
+        pytest.skip(f"{venv} has no gpuctl: the script would install gpuorch itself")
+    agent_help = subprocess.run(
+        [sys.executable, "-m", "agent.main", "--help"], capture_output=True, text=True, cwd=REPO, timeout=30
+    )
+    if "--single-user" not in agent_help.stdout:
+        pytest.skip("this tree's agent has no --single-user setting yet (the agent side of the change)")
+    tree = tmp_path / "tree"
+    (tree / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "local-cluster.sh", tree / "scripts")
+    (tree / ".venv").symlink_to(venv)
+    environment = {
+        **os.environ,
+        "PORT": str(free_port()),
+        "STATE": str(tmp_path / "state"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    try:
+        started = subprocess.run(
+            ["bash", str(tree / "scripts" / "local-cluster.sh")], capture_output=True, text=True, env=environment, timeout=90
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert started.stdout.count(" READY ") == 2, started.stdout
+        assert (venv / "bin" / "grpcurl").exists() or "installing grpcurl" in started.stdout
+        for node_id in ("node-a", "node-b"):
+            pid = (tmp_path / "state" / f"{node_id}.pid").read_text().strip()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"--single-user" in argv and b"--allow-root-ranks" not in argv, argv
+    finally:
+        subprocess.run(
+            ["bash", str(tree / "scripts" / "local-cluster.sh"), "stop"], capture_output=True, env=environment, timeout=30
+        )
