@@ -311,7 +311,8 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
 
 
 def _states(enum, prefix: str) -> str:
-    return ", ".join(name.removeprefix(prefix).lower() for name in enum.keys() if not name.endswith("UNSPECIFIED"))
+    names = [value.name for value in enum.DESCRIPTOR.values]
+    return ", ".join(name.removeprefix(prefix).lower() for name in names if not name.endswith("UNSPECIFIED"))
 
 
 NODE_STATES = _states(cluster_pb2.NodeState, "NODE_STATE_")

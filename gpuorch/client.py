@@ -7,6 +7,7 @@ gpuorch.errors.GpuorchError subclasses.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 
 from gpuorch import settings, tls
-from gpuorch.errors import from_rpc_error
+from gpuorch.errors import GpuorchError, from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
 
 DEFAULT_PORT = 50051
@@ -54,6 +55,10 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+PROBE_SECONDS = 2.0
+"""How long the one call that finds out why a coordinator is unreachable may take."""
 
 
 def with_default_port(address: str) -> str:
@@ -237,10 +242,30 @@ class _Channel:
         # roots, unless `insecure` says the coordinator serves plaintext on purpose.
         if tls_ca or tls_cert or not (insecure or is_local_address(self.address)):
             credentials = tls.channel_credentials(tls_ca, tls_cert or "", tls_key or "")
-            self._channel = channel_module.secure_channel(self.address, credentials, options=options)
+            self._open = functools.partial(channel_module.secure_channel, self.address, credentials)
         else:
-            self._channel = channel_module.insecure_channel(self.address, options=options)
+            self._open = functools.partial(channel_module.insecure_channel, self.address)
+        self._channel = self._open(options=options)
         self._stubs = _stubs(self._channel)
+
+    def _unreachable(self, error: grpc.RpcError, probe_error: grpc.RpcError | None) -> GpuorchError:
+        """After a deadline: when one call without retries (the probe) cannot connect either, grpc spent the
+        deadline retrying a connection, and the coordinator is not reachable rather than slow; the probe's
+        error says why (refused, a TLS mismatch). Otherwise the deadline's own error."""
+        if probe_error is not None and probe_error.code() == grpc.StatusCode.UNAVAILABLE:
+            return from_rpc_error(probe_error, self.address)
+        return from_rpc_error(error, self.address)
+
+    def _probe(self):
+        """A fresh channel without retries, and the call to make on it to learn why connections fail."""
+        channel = self._open(options=[("grpc.enable_retries", 0)])
+        call = functools.partial(
+            cluster_pb2_grpc.ClusterServiceStub(channel).GetClusterStatus,
+            cluster_pb2.GetClusterStatusRequest(),
+            timeout=PROBE_SECONDS,
+            metadata=self._metadata,
+        )
+        return channel, call
 
 
 class Client(_Api, _Channel):
@@ -262,11 +287,24 @@ class Client(_Api, _Channel):
         $GPUORCH_CLIENT_INSECURE. The channel is TLS unless the address is loopback (or `insecure` is set)."""
         self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
+    def _error(self, error: grpc.RpcError) -> GpuorchError:
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return from_rpc_error(error, self.address)
+        channel, call = self._probe()
+        probe_error = None
+        try:
+            call()
+        except grpc.RpcError as failed:
+            probe_error = failed
+        finally:
+            channel.close()
+        return self._unreachable(error, probe_error)
+
     def _unary(self, service, method, request, extract):
         try:
             return extract(getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata))
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.address) from None
+            raise self._error(error) from None
 
     def _stream(self, service, method, request, extract):
         call = getattr(self._stubs[service], method)(request, metadata=self._metadata)
@@ -274,7 +312,7 @@ class Client(_Api, _Channel):
             for response in call:
                 yield extract(response)
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.address) from None
+            raise self._error(error) from None
         finally:
             call.cancel()
 
@@ -306,6 +344,19 @@ class AsyncClient(_Api, _Channel):
         """The same arguments as Client's."""
         self._connect(grpc.aio, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
+    async def _error(self, error: grpc.RpcError) -> GpuorchError:
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return from_rpc_error(error, self.address)
+        channel, call = self._probe()
+        probe_error = None
+        try:
+            await call()
+        except grpc.RpcError as failed:
+            probe_error = failed
+        finally:
+            await channel.close()
+        return self._unreachable(error, probe_error)
+
     def _unary(self, service, method, request, extract):
         async def call():
             try:
@@ -313,7 +364,7 @@ class AsyncClient(_Api, _Channel):
                     await getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata)
                 )
             except grpc.RpcError as error:
-                raise from_rpc_error(error, self.address) from None
+                raise await self._error(error) from None
 
         return call()
 
@@ -323,7 +374,7 @@ class AsyncClient(_Api, _Channel):
             async for response in call:
                 yield extract(response)
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.address) from None
+            raise await self._error(error) from None
         finally:
             call.cancel()
 
