@@ -467,7 +467,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def _option_table(parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, list[str]]]:
     """A parser's option strings, and the values of those that take a fixed set."""
-    options, values = [], {}
+    options: list[str] = []
+    values: dict[str, list[str]] = {}
     for action in parser._actions:
         if not action.option_strings:
             continue
@@ -659,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output == "json":
             print(json.dumps({"token": token, "tokens_file_entry": entry}))
         else:
-            print(f"token (give it to {args.user}; it is shown only now):\n  {token}\n")
+            print(f"token (give it to {printable(args.user)}; it is shown only now):\n  {token}\n")
             print(f"add to the coordinator's tokens file (it holds no secret):\n{entry}")
         return 0
     try:
