@@ -331,11 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, example: str, **kwargs) -> argparse.ArgumentParser:
+    def command(name: str, help: str, example: str, details: str = "", **kwargs) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help,
-            description=help,
+            description=f"{help}. {details}" if details else help,
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
             **kwargs,
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="user",
         help="user (default) or admin: admin may drain nodes and act on every job",
     )
-    priority = command("priority", "change a job's priority. " + POLICY_NOTE, "gpuctl priority j-000001 10")
+    priority = command("priority", "change a job's priority", "gpuctl priority j-000001 10", POLICY_NOTE)
     priority.add_argument("job_id")
     priority.add_argument("priority", type=int)
     completion = command(
