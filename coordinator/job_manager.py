@@ -859,7 +859,7 @@ class JobManager:
         self._stop_attempt(entry, job.attempt, description)
         self._end_attempt_record(entry, description)
         history = [record.end_reason for record in job.attempts]
-        decision = recovery.decide(job.spec.max_restarts, job.restarts, history, self.recovery_policy)
+        decision = recovery.decide(job.spec.max_restarts, job.restarts, history, self.recovery_policy, code)
         if isinstance(decision, recovery.GiveUp):
             self._finish(entry, job_pb2.JOB_STATE_FAILED, decision.reason)
             return

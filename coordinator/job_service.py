@@ -6,8 +6,9 @@ import asyncio
 
 import grpc
 
+from coordinator import jobs, scheduler
 from coordinator.auth import Action, Guard, StreamQuota, priority_problem, redact_env
-from coordinator.job_manager import JobFinished, JobManager, JobNotFound, QuotaExceeded
+from coordinator.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, QuotaExceeded
 from coordinator.jobs import InvalidSpec
 from gpuorch.v1 import job_pb2, job_pb2_grpc
 
@@ -58,6 +59,19 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         if caller.authenticated:
             request.spec.owner = caller.user  # with tokens on, a job belongs to whoever submitted it
         await self._permit_priority(context, caller, request.spec.priority)
+        # A job that can never fit is refused now with the numbers, not queued forever (unless the user
+        # asks to hold it); a retry of a submission already accepted is answered as before.
+        if not request.spec.hold_if_too_big and (request.spec.owner, request.client_request_id) not in self.manager.by_request_id:
+            try:
+                jobs.validate_spec(jobs.normalized(request.spec))  # a bad field is named before any capacity
+            except InvalidSpec as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            too_big = scheduler.too_big_for_cluster(scheduler.request_of_spec(request.spec), self.manager._node_views())
+            if too_big:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{too_big}; submit with hold_if_too_big (gpuctl --hold-if-too-big) to queue it anyway",
+                )
         try:
             job_id = await self.manager.submit(request.spec, request.client_request_id)
         except InvalidSpec as error:
@@ -125,18 +139,39 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             async for response in self._read_logs(request, entry, context):
                 yield response
 
+    async def _read_chunk(
+        self, request: job_pb2.GetJobLogsRequest, attempt: int, offset: int, context, max_bytes: int = LOG_CHUNK_BYTES
+    ):
+        try:
+            chunk = await self.manager.read_log(request.job_id, request.rank, attempt, offset, max_bytes)
+        except LookupError as error:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND if "no rank" not in str(error) else grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            )
+        except ConnectionError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        if chunk.error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, chunk.error)
+        return chunk
+
+    async def _tail_lines_offset(self, request: job_pb2.GetJobLogsRequest, attempt: int, context) -> int:
+        """Where the last tail_lines lines begin: reads back from the end a chunk at a time, counting
+        newlines (never holding more than one chunk), until enough are found or the log's start."""
+        chunk = await self._read_chunk(request, attempt, -LOG_CHUNK_BYTES, context)
+        start, left = jobs.tail_lines_scan(chunk.data, chunk.offset, request.tail_lines, at_end=True)
+        while start is None:
+            before = max(0, chunk.offset - LOG_CHUNK_BYTES)
+            chunk = await self._read_chunk(request, attempt, before, context, chunk.offset - before)
+            start, left = jobs.tail_lines_scan(chunk.data, before, left, at_end=False)
+        return start
+
     async def _read_logs(self, request: job_pb2.GetJobLogsRequest, entry, context):
         offset = -min(request.tail_bytes, MAX_TAIL_BYTES) if request.tail_bytes else 0
         attempt = request.attempt or entry.job.attempt
+        if request.tail_lines:  # takes precedence over tail_bytes
+            offset = await self._tail_lines_offset(request, attempt, context)
         while True:
-            try:
-                chunk = await self.manager.read_log(request.job_id, request.rank, attempt, offset)
-            except LookupError as error:
-                await context.abort(grpc.StatusCode.NOT_FOUND if "no rank" not in str(error) else grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            except ConnectionError as error:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-            if chunk.error:
-                await context.abort(grpc.StatusCode.NOT_FOUND, chunk.error)
+            chunk = await self._read_chunk(request, attempt, offset, context)
             if chunk.data:
                 yield job_pb2.GetJobLogsResponse(data=chunk.data)
             offset = chunk.offset + len(chunk.data)

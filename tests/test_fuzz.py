@@ -481,9 +481,9 @@ def target(tmp_path_factory, pytestconfig):
     # Drained, so no fuzzed job (random argv) ever runs on this machine; the fuzzing never names it where it could resume it.
     admin.drain_node(NODE_ID, reason="kept out of the fuzzing")
     requirements = {"gpu_model": KEPT_MODEL}
-    job_id = admin.submit_job(argv=["python3", "-c", "print('kept')"], gpus=1, name="kept", env={"KEPT": "1"}, requirements=requirements)
+    job_id = admin.submit_job(argv=["python3", "-c", "print('kept')"], gpus=1, name="kept", env={"KEPT": "1"}, requirements=requirements, hold_if_too_big=True)
     with gpuorch.Client(cluster.address, timeout=5, token=USER_TOKEN) as user:
-        spare_job_id = user.submit_job(argv=["true"], gpus=1, name="spare", requirements=requirements)
+        spare_job_id = user.submit_job(argv=["true"], gpus=1, name="spare", requirements=requirements, hold_if_too_big=True)
     kept = KeptData(job_id=job_id, spare_job_id=spare_job_id, node_id=NODE_ID)
     before = (admin.get_job(job_id), admin.get_node(NODE_ID))
     fuzz = Fuzzer(cluster)

@@ -32,6 +32,9 @@ def spec(**fields) -> job_pb2.JobSpec:
         ({"working_dir": "/" + "d" * 5000}, "spec.working_dir is 5001 bytes; the limit is 4096"),
         ({"working_dir": "/tmp/\0x"}, "spec.working_dir contains a NUL character"),
         ({"name": "n" * 300}, "spec.name is 300 characters"),
+        ({"submit_dir": "home/al"}, "spec.submit_dir 'home/al' must be an absolute path"),
+        ({"submit_dir": "/" + "d" * 5000}, "spec.submit_dir is 5001 bytes; the limit is 4096"),
+        ({"submit_dir": "/tmp/\0x"}, "spec.submit_dir contains a NUL character"),
     ],
 )
 def test_invalid_specs_name_the_field(fields, message):
@@ -117,3 +120,35 @@ def test_launch_messages_cover_every_rank_once():
 def test_rank_outcome(status, failed, text):
     outcome = jobs.rank_outcome(agent_pb2.TaskStatus(rank=1, **status), "n2")
     assert outcome.failed is failed and text in outcome.description
+
+
+def test_launch_messages_carry_the_submit_dir_and_the_limits():
+    job = placed_job()
+    job.spec.submit_dir = "/home/al/exp"
+    job.spec.pids_max = 512
+    job.spec.memory_max_bytes = 64 * 1024**3
+    for launch in jobs.launch_messages(job).values():
+        assert launch.submit_dir == "/home/al/exp" and launch.working_dir == ""
+        assert launch.pids_max == 512 and launch.memory_max_bytes == 64 * 1024**3
+
+
+def _tail_by_chunks(log: bytes, lines: int, chunk: int) -> bytes:
+    """What GetJobLogs does with tail_lines: scan back from the end `chunk` bytes at a time."""
+    offset = max(0, len(log) - chunk)
+    start, left = jobs.tail_lines_scan(log[offset:], offset, lines, at_end=True)
+    while start is None:
+        before = max(0, offset - chunk)
+        start, left = jobs.tail_lines_scan(log[before:offset], before, left, at_end=False)
+        offset = before
+    return log[start:]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 10_000])
+@pytest.mark.parametrize(
+    "log",
+    [b"", b"\n", b"one", b"one\n", b"one\ntwo\nthree\n", b"one\ntwo\nthree", b"\n\n\nx\n", b"a\n" * 50 + b"tail without newline"],
+)
+def test_tail_lines_counts_lines_across_chunks(log, chunk):
+    for lines in (1, 2, 3, 10, 1000):
+        expected = b"".join(log.splitlines(keepends=True)[-lines:])
+        assert _tail_by_chunks(log, lines, chunk) == expected, (log, lines, chunk)

@@ -104,11 +104,13 @@ def test_two_jobs_share_the_cluster_on_disjoint_gpus(two_nodes, tmp_path):
 
 def test_a_job_larger_than_the_cluster_pends_with_its_reason(two_nodes):
     client = two_nodes.client()
-    job_id = client.submit_job(argv=[sys.executable, RANK], gpus=5)
+    job_id = client.submit_job(argv=[sys.executable, RANK], gpus=5, hold_if_too_big=True)
     job = wait_for(lambda: (j := client.get_job(job_id)).reason.startswith("needs 5") and j, what="a reason")
     assert job.state == PENDING
     assert "needs 5 GPUs" in job.reason and "4 exist" in job.reason, job.reason
-    big_memory = client.submit_job(argv=[sys.executable, RANK], gpus=1, requirements={"min_memory_per_gpu_bytes": 100 * 1024**3})
+    big_memory = client.submit_job(
+        argv=[sys.executable, RANK], gpus=1, requirements={"min_memory_per_gpu_bytes": 100 * 1024**3}, hold_if_too_big=True
+    )
     job = wait_for(lambda: (j := client.get_job(big_memory)).reason.startswith("needs") and j, what="a reason")
     assert "100 GiB" in job.reason or "GiB" in job.reason, job.reason
 
@@ -157,7 +159,7 @@ def test_cancel_stops_every_rank(two_nodes):
     wait_for(lambda: devices_in_use(client) == {}, what="GPUs released")
     with pytest.raises(FailedPrecondition, match="already CANCELLED"):
         client.cancel_job(job_id)
-    pending = client.submit_job(argv=[sys.executable, RANK], gpus=64)
+    pending = client.submit_job(argv=[sys.executable, RANK], gpus=64, hold_if_too_big=True)
     assert client.cancel_job(pending).state == CANCELLED
 
 
@@ -214,7 +216,7 @@ def test_bad_requests_name_the_field(two_nodes):
 
 def test_list_jobs_filters_and_pages(two_nodes):
     client = two_nodes.client()
-    ids = [client.submit_job(argv=[sys.executable, RANK], gpus=64, owner="alice" if i % 2 else "bob") for i in range(5)]
+    ids = [client.submit_job(argv=[sys.executable, RANK], gpus=64, hold_if_too_big=True, owner="alice" if i % 2 else "bob") for i in range(5)]
     page, token = client.list_jobs(page_size=2)
     assert [j.job_id for j in page] == ids[::-1][:2] and token
     page2, token2 = client.list_jobs(page_size=2, page_token=token)
@@ -222,17 +224,17 @@ def test_list_jobs_filters_and_pages(two_nodes):
     assert [j.job_id for j in page2 + page3] == ids[::-1][2:] and token3 == ""
     assert {j.spec.owner for j in client.list_jobs(owner="alice")[0]} == {"alice"}
     assert len(client.list_jobs(["pending"])[0]) == 5 and client.list_jobs(["running"])[0] == []
-    retried = client.submit_job(argv=["x"], gpus=64, client_request_id="req-1")
-    assert client.submit_job(argv=["x"], gpus=64, client_request_id="req-1") == retried, "idempotent retry"
-    others = client.submit_job(argv=["x"], gpus=64, owner="carol", client_request_id="req-1")
+    retried = client.submit_job(argv=["x"], gpus=64, hold_if_too_big=True, client_request_id="req-1")
+    assert client.submit_job(argv=["x"], gpus=64, hold_if_too_big=True, client_request_id="req-1") == retried, "idempotent retry"
+    others = client.submit_job(argv=["x"], gpus=64, hold_if_too_big=True, owner="carol", client_request_id="req-1")
     assert others != retried, "one user's request id never names another user's job"
-    assert client.submit_job(argv=["x"], gpus=64, owner="carol", client_request_id="req-1") == others
+    assert client.submit_job(argv=["x"], gpus=64, hold_if_too_big=True, owner="carol", client_request_id="req-1") == others
 
 
 def test_pages_of_large_jobs_fit_in_a_message_and_unknown_fields_are_not_stored(two_nodes):
     client = two_nodes.client()
     big_env = {"BIG": "e" * 120_000}  # within the 128 KiB limit; 40 of them are more than one 4 MiB message
-    ids = [client.submit_job(argv=["x"], gpus=64, env=big_env) for _ in range(40)]
+    ids = [client.submit_job(argv=["x"], gpus=64, hold_if_too_big=True, env=big_env) for _ in range(40)]
     first, token = client.list_jobs(page_size=100)
     assert 0 < len(first) < 40 and token, "the page is cut by size, not by count"
     listed = [job.job_id for job in first]
@@ -240,7 +242,7 @@ def test_pages_of_large_jobs_fit_in_a_message_and_unknown_fields_are_not_stored(
         page, token = client.list_jobs(page_size=100, page_token=token)
         listed += [job.job_id for job in page]
     assert listed == ids[::-1]
-    padded = with_unknown_field(build_job_spec(argv=["x"], gpus=64, name="padded"), 3_000_000)
+    padded = with_unknown_field(build_job_spec(argv=["x"], gpus=64, hold_if_too_big=True, name="padded"), 3_000_000)
     job_id = client.submit_job(padded)
     stored = client.get_job(job_id)
     assert stored.spec.name == "padded" and stored.spec.ByteSize() < 200, "the unknown 3 MB are not kept"
@@ -248,7 +250,7 @@ def test_pages_of_large_jobs_fit_in_a_message_and_unknown_fields_are_not_stored(
 
 def test_a_submitted_job_survives_a_coordinator_kill(two_nodes):
     client = two_nodes.client()
-    job_id = client.submit_job(argv=[sys.executable, RANK], gpus=64, name="durable")
+    job_id = client.submit_job(argv=[sys.executable, RANK], gpus=64, hold_if_too_big=True, name="durable")
     two_nodes.coordinator.kill()
     two_nodes.start_coordinator("--stop-grace-period", "1")
     job = client.get_job(job_id)
@@ -284,7 +286,8 @@ def test_gpuctl_submit_watch_logs_and_jobs(two_nodes):
     watched = gpuctl("watch", job_id)
     assert watched.returncode == 0 and watched.stdout.strip().splitlines()[-1].startswith(f"{job_id} SUCCEEDED")
     assert '"USER_VAR": "via-cli"' in gpuctl("logs", job_id, "--rank", "1").stdout
-    assert gpuctl("logs", job_id, "--tail", "10").stdout == logs(two_nodes.client(), job_id, 0)[-10:]
+    assert gpuctl("logs", job_id, "--tail-bytes", "10").stdout == logs(two_nodes.client(), job_id, 0)[-10:]
+    assert gpuctl("logs", job_id, "--tail", "2").stdout.splitlines() == logs(two_nodes.client(), job_id, 0).splitlines()[-2:]
     listed = gpuctl("jobs")
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     failing = gpuctl("submit", "--gpus", "1", "--watch", "--", sys.executable, RANK, "--exit-code-for-rank", "0:4")

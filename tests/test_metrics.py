@@ -192,7 +192,7 @@ def test_rpcs_are_counted_by_method_and_status_code_once_per_rpc(cluster):
 
 def test_a_job_that_does_not_fit_shows_in_the_queue(cluster):
     client = cluster.client()
-    job_id = client.submit_job(argv=[sys.executable, "-c", "pass"], gpus=8)  # the cluster has 4
+    job_id = client.submit_job(argv=[sys.executable, "-c", "pass"], gpus=8, hold_if_too_big=True)  # the cluster has 4
     first = wait_scrape(cluster.metrics_port, lambda page: page.value("gpuorch_queue_length") == 1, "the job to be queued")
     assert first.value("gpuorch_queue_pending_gpus") == 8
     assert first.value("gpuorch_jobs", state="PENDING") == 1

@@ -31,11 +31,53 @@ def test_gives_up_past_the_budget_with_the_whole_history():
     [
         (agent_pb2.TaskStatus(rank=3, state=agent_pb2.TASK_STATE_EXITED, exit_code=1), "rank_exit:3:1"),
         (agent_pb2.TaskStatus(rank=3, state=agent_pb2.TASK_STATE_EXITED, signal=9), "rank_exit:3:137"),
-        (agent_pb2.TaskStatus(rank=0, state=agent_pb2.TASK_STATE_FAILED_TO_START), "rank_start:0"),
+        (
+            agent_pb2.TaskStatus(rank=0, state=agent_pb2.TASK_STATE_FAILED_TO_START, message="cannot execute 'x': No such file"),
+            "start_failed:0",
+        ),
+        (
+            agent_pb2.TaskStatus(
+                rank=0, state=agent_pb2.TASK_STATE_FAILED_TO_START, message="the rank's shim ended (killed) before starting it"
+            ),
+            "rank_start:0",
+        ),
+        (
+            agent_pb2.TaskStatus(rank=2, state=agent_pb2.TASK_STATE_REJECTED, message="attempt 1 is older than attempt 2"),
+            "rank_start:2",
+        ),
     ],
 )
 def test_rank_failure_codes(status, code):
     assert recovery.rank_failure_code(status) == code
+
+
+@pytest.mark.parametrize(
+    "message, permanent",
+    [
+        ("cannot execute 'python': No such file or directory", True),
+        ("cannot execute '/home/al/train.sh': Permission denied", True),
+        ("cannot enter working directory '/srv/exp': No such file or directory", True),
+        ("working_dir '/srv/exp' does not exist or is not a directory", True),
+        ("cannot switch to uid 1001 gid 1001: Operation not permitted", True),
+        ("the rank's shim ended (killed by SIGKILL) before starting it; see /var/lib/gpuorch/x.log", False),
+        ("cannot start the rank: Resource temporarily unavailable", False),
+        ("cannot create working directory '/var/lib/gpuorch/jobs/j-1': No space left on device", False),
+    ],
+)
+def test_which_start_failures_a_restart_would_repeat(message, permanent):
+    status = agent_pb2.TaskStatus(rank=0, state=agent_pb2.TASK_STATE_FAILED_TO_START, message=message)
+    assert recovery.permanent_start_failure(status) is permanent
+    assert not recovery.permanent_start_failure(
+        agent_pb2.TaskStatus(state=agent_pb2.TASK_STATE_EXITED, exit_code=127, message=message)
+    )
+
+
+def test_a_permanent_start_failure_gives_up_with_restarts_left():
+    reason = "rank 0 on node n1 failed to start: cannot execute 'trian.py': No such file or directory"
+    decision = recovery.decide(5, 0, [reason], POLICY, "start_failed:0")
+    assert isinstance(decision, recovery.GiveUp) and decision.reason.startswith(reason) and "not restarted" in decision.reason
+    assert recovery.decide(5, 0, [reason], POLICY, "rank_start:0") == recovery.Restart(0.0, 1), "a passing cause is retried"
+    assert recovery.decide(0, 0, [reason], POLICY, "start_failed:0") == recovery.GiveUp(reason)
 
 
 def test_elastic_sizes_go_down_to_the_floor_in_whole_nodes():

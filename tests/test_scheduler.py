@@ -20,6 +20,7 @@ from coordinator.scheduler import (
     place,
     schedule,
     score_gpu,
+    too_big_for_cluster,
 )
 
 GIB = 1 << 30
@@ -389,9 +390,7 @@ def _simulate_stream(config: SchedulerConfig, passes: int):
         for _ in range(3):
             submitted += 1
             pending[f"t{submitted}"] = job(f"t{submitted}", 1, submit_time=float(submitted))
-        nodes = [
-            NodeView(nid, True, tuple(gpu(nid, i, free=f"{nid}-g{i}" not in holder) for i in range(8))) for nid in node_ids
-        ]
+        nodes = [NodeView(nid, True, tuple(gpu(nid, i, free=f"{nid}-g{i}" not in holder) for i in range(8))) for nid in node_ids]
         result = run(nodes, list(pending.values()), config, now=float(p))
         for decision in result.placed:
             uuids = tuple(u for share in decision.nodes for u in share.gpu_uuids)
@@ -529,3 +528,25 @@ def test_a_pass_over_a_thousand_nodes_and_ten_thousand_jobs_is_fast():
         assert len(result.placed) + len(result.pending_reasons) == len(jobs)
         # Typically ~10 ms full and ~40 ms empty on a laptop core; the bound only catches a blow-up.
         assert elapsed < 1.0, f"one pass took {elapsed * 1000:.0f} ms (busy={busy})"
+
+
+def test_too_big_counts_every_known_gpu_whatever_its_state():
+    nodes = [node("a", 8, free=0), node("b", 8, schedulable=False, healthy=False)]  # busy; drained or DOWN, unhealthy
+    assert too_big_for_cluster(JobRequest("j", 16), nodes) is None, "every known GPU is capacity that may come back"
+    reason = too_big_for_cluster(JobRequest("j", 17), nodes)
+    assert reason == "needs 17 GPUs, but the 2 known nodes have 16 GPUs in all"
+    assert too_big_for_cluster(JobRequest("j", 4096), []) is None, "no node registered yet: nothing is refused"
+
+
+def test_too_big_counts_only_the_pool_the_job_may_use():
+    nodes = [node("a", 8), node("b", 4, model=A100, memory_gib=40)]
+    assert too_big_for_cluster(JobRequest("j", 8, gpu_model="h100"), nodes) is None
+    assert too_big_for_cluster(JobRequest("j", 9, gpu_model="H100"), nodes) == (
+        "needs 9 GPUs matching 'H100', but the 2 known nodes have 8 of 12 such GPUs in all"
+    )
+    assert "with >= 80 GiB" in too_big_for_cluster(JobRequest("j", 10, min_memory_per_gpu_bytes=80 * GIB), nodes)
+    assert too_big_for_cluster(JobRequest("j", 12), nodes) is None
+    assert too_big_for_cluster(JobRequest("j", 8, gpus_per_node=4), nodes) is None
+    shaped = too_big_for_cluster(JobRequest("j", 12, gpus_per_node=4), nodes)
+    assert shaped == "needs 4 GPUs per node on 3 nodes, but only 2 of the 2 known nodes have 4 (the most on one node is 8)"
+    assert too_big_for_cluster(JobRequest("j", 6, gpus_per_node=6), [node("c", 4)]).endswith("the most on one node is 4)")
