@@ -26,6 +26,7 @@ Deselect with `-m "not chaos"`.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -108,7 +109,7 @@ def make_plan(seed: int, seconds: float, run: str) -> tuple[list[Action], dict[s
     actions: list[Action] = []
     jobs: dict[str, JobPlan] = {}
     t = 0.0
-    while (t := t + rng.expovariate(1.6)) < seconds:
+    while (t := t + rng.expovariate(1.3)) < seconds:
         request = f"{run}-{len(jobs):03d}"
         gpus = rng.choice((1, 1, 2, 2, 2, 4))
         elastic = gpus == 4 and rng.random() < 0.4
@@ -634,28 +635,28 @@ def check_no_gpu_held_twice(lives: list[RankLife]) -> list[str]:
     return problems
 
 
-def check_one_attempt_at_a_time(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
-    """Two attempts of a job may overlap only by ranks on a node that was DOWN (cut off and fenced on return)."""
+def check_one_attempt_at_a_time(
+    lives: list[RankLife], jobs: dict[str, job_pb2.Job], down_at: dict[str, list[float]]
+) -> list[str]:
+    """Two attempts of a job may overlap only by ranks on a node that went DOWN in between (cut off, fenced on its return).
+
+    `down_at`: node -> wall times at which the coordinator declared it DOWN.
+    """
     problems = []
     by_job: dict[str, list[RankLife]] = {}
     for life in lives:
         by_job.setdefault(life.job, []).append(life)
     for job_id, ranks in sorted(by_job.items()):
         job = jobs.get(job_id)
-        cut_off: dict[int, set[str]] = {}
-        for attempt in job.attempts if job else ():
-            if attempt.restart_reason.startswith("node_down:"):
-                cut_off.setdefault(attempt.attempt - 1, set()).add(attempt.restart_reason.removeprefix("node_down:"))
         ranks.sort(key=lambda life: life.start_mono)
         reported: set[tuple[int, int]] = set()
         for index, earlier in enumerate(ranks):
-            if earlier.node in cut_off.get(earlier.attempt, set()):
-                continue
             for later in ranks[index + 1 :]:
                 if later.attempt == earlier.attempt or (earlier.attempt, later.attempt) in reported:
                     continue
                 overlap = earlier.alive_until_mono - later.start_mono
-                if overlap > CLOCK_SLACK:
+                cut_off = any(earlier.start_wall <= down <= later.start_wall for down in down_at.get(earlier.node, ()))
+                if overlap > CLOCK_SLACK and not cut_off:
                     reported.add((earlier.attempt, later.attempt))
                     problems.append(
                         f"one attempt at a time: job {job_id} attempt {later.attempt} started ({later.who}) {overlap:.3f}s before "
@@ -663,6 +664,22 @@ def check_one_attempt_at_a_time(lives: list[RankLife], jobs: dict[str, job_pb2.J
                         f"attempt {later.attempt} restart reason: {_restart_reason(job, later.attempt)}"
                     )
     return problems
+
+
+def node_down_times(coordinator_log: Path) -> dict[str, list[float]]:
+    """node -> wall times of its "node state changed" to down, from the coordinator's JSON log."""
+    down_at: dict[str, list[float]] = {}
+    for line in coordinator_log.read_text(errors="replace").splitlines():
+        if '"node state changed"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("after") == "down":
+            stamp = datetime.datetime.fromisoformat(entry["timestamp"]).timestamp()
+            down_at.setdefault(entry["node"], []).append(stamp)
+    return down_at
 
 
 def check_declared_deaths(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
@@ -770,7 +787,7 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
     kill_processes_of_run(run_token)
     lives = list(watcher.lives.values())
     violations += check_no_gpu_held_twice(lives)
-    violations += check_one_attempt_at_a_time(lives, jobs)
+    violations += check_one_attempt_at_a_time(lives, jobs, node_down_times(tmp_path / "coordinator.log"))
     violations += check_declared_deaths(lives, jobs)
     violations += check_logs(sorted(tmp_path.glob("*.log")))
     ends = {}
@@ -825,7 +842,10 @@ def test_the_overlap_checks_see_an_overlap_and_nothing_else():
     job = job_pb2.Job(
         job_id="j1", attempts=[job_pb2.Attempt(attempt=1), job_pb2.Attempt(attempt=2, restart_reason="rank_exit:0:137")]
     )
-    (problem,) = check_one_attempt_at_a_time(restarted, {"j1": job})
+    (problem,) = check_one_attempt_at_a_time(restarted, {"j1": job}, {})
     assert "job j1 attempt 2 started" in problem and "rank_exit:0:137" in problem
-    job.attempts[1].restart_reason = "node_down:n1"
-    assert check_one_attempt_at_a_time(restarted, {"j1": job}) == [], "ranks cut off on a DOWN node may outlive their attempt"
+    cut_off = {"n1": [1e9 + 0.4]}
+    assert check_one_attempt_at_a_time(restarted, {"j1": job}, cut_off) == [], (
+        "ranks cut off on a DOWN node may outlive their attempt"
+    )
+    assert len(check_one_attempt_at_a_time(restarted, {"j1": job}, {"n1": [1e9 + 0.6]})) == 1, "down only after the restart"
