@@ -365,18 +365,20 @@ class ChaosCluster(LocalCluster):
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    """Named like conftest's fixture so that its report hook adds the daemons' log tails to a failure."""
-    local = ChaosCluster(tmp_path)
-    yield local
-    local.stop()
+def run_token():
+    """Marks every rank of the run (in its argv); whatever happened, nothing of the run outlives the test."""
+    token = f"chaos{SEED:x}t{os.getpid()}"
+    yield token
+    kill_processes_of_run(token)
 
 
 @pytest.fixture
-def run_token():
-    token = f"chaos{SEED:x}t{os.getpid()}"
-    yield token
-    kill_processes_of_run(token)  # whatever happened, nothing of the run outlives the test
+def cluster(tmp_path, run_token):
+    """Named like conftest's fixture so that its report hook adds the daemons' log tails to a failure;
+    stopped before `run_token` kills what is left of the run."""
+    local = ChaosCluster(tmp_path)
+    yield local
+    local.stop()
 
 
 # -- carrying out the plan --------------------------------------------------------------------------------------
