@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from gpuorch.client import build_job_spec
 from gpuorch.errors import GpuorchError
@@ -74,6 +75,7 @@ CLOCK_SLACK = 0.002
 """Seconds two records may seem to overlap by clock granularity alone (CLOCK_MONOTONIC is in ns; wall time in us)."""
 SIGNS_OF_A_CRASH = ("Traceback", "background loop crashed", "error handling agent message")
 GPU_FAULTS = ({"xid": 79}, {"lost": True}, {"temperature": 97.0}, {"ecc_uncorrected": 2})
+REREGISTERED_WITHOUT = "its agent re-registered without it"
 RANK_DEATH = re.compile(r"rank (\d+) on node (\S+) (?:was killed by signal|exited with code)")
 
 
@@ -668,20 +670,44 @@ def check_one_attempt_at_a_time(
     return problems
 
 
-def node_down_times(coordinator_log: Path) -> dict[str, list[float]]:
-    """node -> wall times of its "node state changed" to down, from the coordinator's JSON log."""
-    down_at: dict[str, list[float]] = {}
+def check_judged_by_what_the_agent_knew(jobs: dict[str, job_pb2.Job], registered_at: dict[str, list[float]]) -> list[str]:
+    """A re-registering agent's Register lists the ranks it knew when it sent it: an attempt placed after
+    the coordinator took that Register in cannot be "lost" by it. (The judgment follows its registration
+    within moments; one more than a second before is another registration.)"""
+    problems = []
+    for job_id, job in sorted(jobs.items()):
+        for attempt in job.attempts:
+            match = RANK_DEATH.match(attempt.end_reason)
+            if not match or REREGISTERED_WITHOUT not in attempt.end_reason or not attempt.HasField("end_time"):
+                continue
+            node, placed, declared = (
+                match.group(2),
+                attempt.start_time.ToNanoseconds() / 1e9,
+                attempt.end_time.ToNanoseconds() / 1e9,
+            )
+            registrations = [stamp for stamp in registered_at.get(node, ()) if declared - 1.0 <= stamp <= declared + CLOCK_SLACK]
+            if registrations and placed > max(registrations):
+                problems.append(
+                    f"judged by what the agent knew: job {job_id} attempt {attempt.attempt} was placed at {_clock(placed)}, "
+                    f"after node {node} registered at {_clock(max(registrations))}, and declared lost at {_clock(declared)}: "
+                    f"{attempt.end_reason!r}"
+                )
+    return problems
+
+
+def coordinator_events(coordinator_log: Path, event: str, **fields: str) -> dict[str, list[float]]:
+    """node -> wall times of the coordinator's JSON log lines of `event` (with these field values)."""
+    times: dict[str, list[float]] = {}
     for line in coordinator_log.read_text(errors="replace").splitlines():
-        if '"node state changed"' not in line:
+        if f'"{event}"' not in line:
             continue
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("after") == "down":
-            stamp = datetime.datetime.fromisoformat(entry["timestamp"]).timestamp()
-            down_at.setdefault(entry["node"], []).append(stamp)
-    return down_at
+        if entry.get("event") == event and all(entry.get(name) == value for name, value in fields.items()):
+            times.setdefault(entry["node"], []).append(datetime.datetime.fromisoformat(entry["timestamp"]).timestamp())
+    return times
 
 
 def check_declared_deaths(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
@@ -789,7 +815,11 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
     kill_processes_of_run(run_token)
     lives = list(watcher.lives.values())
     violations += check_no_gpu_held_twice(lives)
-    violations += check_one_attempt_at_a_time(lives, jobs, node_down_times(tmp_path / "coordinator.log"))
+    coordinator_log = tmp_path / "coordinator.log"
+    violations += check_one_attempt_at_a_time(
+        lives, jobs, coordinator_events(coordinator_log, "node state changed", after="down")
+    )
+    violations += check_judged_by_what_the_agent_knew(jobs, coordinator_events(coordinator_log, "node registered"))
     violations += check_declared_deaths(lives, jobs)
     violations += check_logs(sorted(tmp_path.glob("*.log")))
     ends = {}
@@ -801,6 +831,7 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
     summary = f"chaos summary: seed {SEED}, {len(jobs)} jobs {ends}, {len(lives)} rank starts, actions {kinds}, {len(violations)} violations"
     request.config.stash.setdefault(SUMMARY_LINES, []).append(summary)
     (tmp_path / "chaos-story.txt").write_text("\n".join(chaos.done) + "\n")
+    (tmp_path / "chaos-jobs.json").write_text(json.dumps([json_format.MessageToDict(job) for job in jobs.values()], indent=1))
     (tmp_path / "chaos-violations.txt").write_text("".join(f"{violation}\n" for violation in violations))
     assert not violations, (
         f"{len(violations)} invariant violations (seed {SEED}; replay with: {replay}; what the test did: "
@@ -851,3 +882,19 @@ def test_the_overlap_checks_see_an_overlap_and_nothing_else():
         "ranks cut off on a DOWN node may outlive their attempt"
     )
     assert len(check_one_attempt_at_a_time(restarted, {"j1": job}, {"n1": [1e9 + 0.6]})) == 1, "down only after the restart"
+
+
+def test_a_rank_placed_after_the_register_cannot_be_lost_by_it():
+    def attempt(placed, declared):
+        record = job_pb2.Attempt(
+            attempt=1, end_reason=f"rank 0 on node n3 was killed by signal 9 ({REREGISTERED_WITHOUT}; its process is gone)"
+        )
+        record.start_time.FromNanoseconds(int(placed * 1e9))
+        record.end_time.FromNanoseconds(int(declared * 1e9))
+        return job_pb2.Job(job_id="j1", attempts=[record])
+
+    registered = {"n3": [100.0, 200.0]}
+    (problem,) = check_judged_by_what_the_agent_knew({"j1": attempt(200.0006, 200.0007)}, registered)
+    assert "job j1 attempt 1 was placed" in problem and "after node n3 registered" in problem
+    assert check_judged_by_what_the_agent_knew({"j1": attempt(150.0, 200.0007)}, registered) == [], "placed before: may be lost"
+    assert check_judged_by_what_the_agent_knew({"j1": attempt(150.0, 160.0)}, registered) == [], "no registration then"
