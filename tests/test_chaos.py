@@ -33,6 +33,7 @@ import random
 import re
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -152,10 +153,10 @@ def make_plan(seed: int, seconds: float, run: str) -> tuple[list[Action], dict[s
                 actions += [Action(t, "kill_coordinator"), Action(t + pause / 3, "restart_coordinator")]
                 coordinator_busy_until = t + pause / 3 + 3.0
         elif kind == "gpu_fault":
-            if free := [
+            if healthy := [
                 (node, index) for node in NODES for index in range(GPUS_PER_NODE) if faulted_until.get((node, index), 0.0) < t
             ]:
-                node, index = rng.choice(free)
+                node, index = rng.choice(healthy)
                 actions += [
                     Action(t, "gpu_fault", node=node, gpu_index=index, gpu_fault=rng.choice(GPU_FAULTS)),
                     Action(t + pause + 1.0, "gpu_clear", node=node, gpu_index=index),
@@ -273,10 +274,10 @@ class RankWatcher(threading.Thread):
                     return
                 self.pidfds[fd] = life
                 poller.register(fd, select.POLLIN)
-            elif (life := self.lives.get(key)) is not None:
-                life.alive_until_mono = max(life.alive_until_mono, line["mono"])
-                life.alive_until_wall = max(life.alive_until_wall, line["wall"])
-                life.end_how = line["how"]
+            elif (ended := self.lives.get(key)) is not None:
+                ended.alive_until_mono = max(ended.alive_until_mono, line["mono"])
+                ended.alive_until_wall = max(ended.alive_until_wall, line["wall"])
+                ended.end_how = line["how"]
 
     def live(self) -> list[tuple[int, RankLife]]:
         with self.lock:
@@ -349,6 +350,10 @@ class ChaosCluster(LocalCluster):
         daemon = super().add_agent(node_id, gpus, *AGENT_ARGS, *extra, **options)
         self.every_daemon.append(daemon)
         return daemon
+
+    def the_coordinator(self) -> Daemon:
+        assert self.coordinator is not None, "the coordinator was started"
+        return self.coordinator
 
     def kill_daemon(self, daemon: Daemon) -> None:
         self.stopped_by_test.add(daemon.pid)
@@ -471,13 +476,13 @@ class Chaos:
             self.stopped_agents.discard(action.node)
             self.note(f"SIGCONT agent {action.node} (pid {agent.pid})")
         elif action.kind == "kill_coordinator":
-            self.note(f"SIGKILL coordinator (pid {cluster.coordinator.pid})")
-            cluster.kill_daemon(cluster.coordinator)
+            self.note(f"SIGKILL coordinator (pid {cluster.the_coordinator().pid})")
+            cluster.kill_daemon(cluster.the_coordinator())
             self.coordinator_down = True
         elif action.kind == "restart_coordinator":
-            cluster.start_coordinator()
+            coordinator = cluster.start_coordinator()
             self.coordinator_down = False
-            self.note(f"coordinator restarted (pid {cluster.coordinator.pid})")
+            self.note(f"coordinator restarted (pid {coordinator.pid})")
         elif action.kind in ("gpu_fault", "gpu_clear"):
             faults = self.gpu_faults[action.node]
             if action.kind == "gpu_fault":
@@ -507,9 +512,11 @@ class Chaos:
     def check_daemons(self) -> None:
         """A daemon that exited without the test killing it is a violation; it is started again so the run goes on."""
         cluster = self.cluster
-        daemons = [("coordinator", cluster.coordinator)] + [(f"agent {node}", agent) for node, agent in cluster.agents.items()]
+        daemons = [("coordinator", cluster.the_coordinator())] + [
+            (f"agent {node}", agent) for node, agent in cluster.agents.items()
+        ]
         for name, daemon in daemons:
-            code = daemon.process.poll()
+            code = daemon.process.poll() if daemon.process is not None else None
             if code is None or daemon.pid in cluster.stopped_by_test:
                 continue
             tail = "\n    ".join(daemon.output().splitlines()[-6:])
@@ -898,3 +905,17 @@ def test_a_rank_placed_after_the_register_cannot_be_lost_by_it():
     assert "job j1 attempt 1 was placed" in problem and "after node n3 registered" in problem
     assert check_judged_by_what_the_agent_knew({"j1": attempt(150.0, 200.0007)}, registered) == [], "placed before: may be lost"
     assert check_judged_by_what_the_agent_knew({"j1": attempt(150.0, 160.0)}, registered) == [], "no registration then"
+
+
+def test_the_run_token_finds_the_processes_of_the_run_and_only_them(tmp_path):
+    token = f"chaos-probe-{os.getpid()}"
+    marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", token])
+    unmarked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", token + "x"])
+    try:
+        assert list(processes_of_run(token)) == [marked.pid]
+        kill_processes_of_run(token)
+        assert marked.wait(5) == -signal.SIGKILL and unmarked.poll() is None
+    finally:
+        for process in (marked, unmarked):
+            process.kill()
+            process.wait(5)
