@@ -73,7 +73,9 @@ COORDINATOR_ARGS = (
 AGENT_ARGS = ("--heartbeat-interval", str(HEARTBEAT_INTERVAL))
 FINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 CLOCK_SLACK = 0.002
-"""Seconds two records may seem to overlap by clock granularity alone (CLOCK_MONOTONIC is in ns; wall time in us)."""
+"""Seconds two records may seem to overlap by clock granularity alone (CLOCK_BOOTTIME is in ns; wall time in us)."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+"""Units of a process's start time in /proc/PID/stat (CLOCK_BOOTTIME at its fork)."""
 SIGNS_OF_A_CRASH = ("Traceback", "background loop crashed", "error handling agent message")
 GPU_FAULTS = ({"xid": 79}, {"lost": True}, {"temperature": 97.0}, {"ecc_uncorrected": 2})
 REREGISTERED_WITHOUT = "its agent re-registered without it"
@@ -181,7 +183,9 @@ def job_argv(plan: JobPlan, record: Path, run: str) -> list[str]:
 
 @dataclass
 class RankLife:
-    """One rank process, from its start line; `alive_until` is a time it was surely still alive."""
+    """One rank process, from its start line. `start_boot` is a time by which it surely existed (the end of
+    the clock tick in which the kernel forked it, or its start line if earlier); `alive_until` a time
+    at which it was surely still alive. Times are CLOCK_BOOTTIME (`_boot`) and wall clock (`_wall`)."""
 
     job: str
     attempt: int
@@ -190,9 +194,9 @@ class RankLife:
     gpu: str
     pid: int
     request: str
-    start_mono: float
+    start_boot: float
     start_wall: float
-    alive_until_mono: float
+    alive_until_boot: float
     alive_until_wall: float
     ended: bool = False
     end_how: str = ""
@@ -206,8 +210,8 @@ class RankLife:
 class RankWatcher(threading.Thread):
     """Tails the shared record file and holds a pidfd on every rank it names.
 
-    A record's times are inside the rank's real life (it starts before its start line and ends
-    after its end line), and `alive_until` only moves to a time at which a non-blocking poll
+    A record's times are inside the rank's real life (it was forked before the end of its start
+    tick and ends after its end line), and `alive_until` only moves to a time at which a non-blocking poll
     found its pidfd not yet readable: every interval here is within the rank's true lifetime, so
     an overlap of two of them is a real one.
     """
@@ -226,7 +230,7 @@ class RankWatcher(threading.Thread):
         poller = select.poll()
         while not self.stopping.is_set():
             self._read_records(poller)
-            now_mono, now_wall = time.monotonic(), time.time()
+            now_boot, now_wall = time.clock_gettime(time.CLOCK_BOOTTIME), time.time()
             ready = {fd for fd, _ in poller.poll(0)}
             with self.lock:
                 for fd, life in list(self.pidfds.items()):
@@ -237,8 +241,8 @@ class RankWatcher(threading.Thread):
                         life.ended = True
                         life.end_how = life.end_how or "watched"
                     else:
-                        life.alive_until_mono, life.alive_until_wall = (
-                            max(life.alive_until_mono, now_mono),
+                        life.alive_until_boot, life.alive_until_wall = (
+                            max(life.alive_until_boot, now_boot),
                             max(life.alive_until_wall, now_wall),
                         )
             poller.poll(15)  # a nap that a death cuts short
@@ -262,7 +266,7 @@ class RankWatcher(threading.Thread):
             if line["event"] == "start":
                 life = RankLife(
                     line["job"], line["attempt"], line["rank"], line["node"], line["gpu"], line["pid"], line["request"],
-                    line["mono"], line["wall"], line["mono"], line["wall"],
+                    min(line["boot"], (line["proc_start"] + 1) / CLOCK_TICKS), line["wall"], line["boot"], line["wall"],
                 )  # fmt: skip
                 self.lives[key] = life
                 try:
@@ -275,7 +279,7 @@ class RankWatcher(threading.Thread):
                 self.pidfds[fd] = life
                 poller.register(fd, select.POLLIN)
             elif (ended := self.lives.get(key)) is not None:
-                ended.alive_until_mono = max(ended.alive_until_mono, line["mono"])
+                ended.alive_until_boot = max(ended.alive_until_boot, line["boot"])
                 ended.alive_until_wall = max(ended.alive_until_wall, line["wall"])
                 ended.end_how = line["how"]
 
@@ -631,12 +635,12 @@ def check_no_gpu_held_twice(lives: list[RankLife]) -> list[str]:
     for life in lives:
         by_gpu.setdefault((life.node, life.gpu), []).append(life)
     for (node, gpu), on_gpu in sorted(by_gpu.items()):
-        on_gpu.sort(key=lambda life: life.start_mono)
+        on_gpu.sort(key=lambda life: life.start_boot)
         for index, earlier in enumerate(on_gpu):
             for later in on_gpu[index + 1 :]:
                 if (later.job, later.attempt) == (earlier.job, earlier.attempt):
                     continue
-                overlap = earlier.alive_until_mono - later.start_mono
+                overlap = earlier.alive_until_boot - later.start_boot
                 if overlap > CLOCK_SLACK:
                     problems.append(
                         f"no GPU held twice: GPU {gpu} on {node} ran {earlier.who} and {later.who} together for {overlap:.3f}s "
@@ -659,13 +663,13 @@ def check_one_attempt_at_a_time(
         by_job.setdefault(life.job, []).append(life)
     for job_id, ranks in sorted(by_job.items()):
         job = jobs.get(job_id)
-        ranks.sort(key=lambda life: life.start_mono)
+        ranks.sort(key=lambda life: life.start_boot)
         reported: set[tuple[int, int]] = set()
         for index, earlier in enumerate(ranks):
             for later in ranks[index + 1 :]:
                 if later.attempt == earlier.attempt or (earlier.attempt, later.attempt) in reported:
                     continue
-                overlap = earlier.alive_until_mono - later.start_mono
+                overlap = earlier.alive_until_boot - later.start_boot
                 cut_off = any(earlier.start_wall <= down <= later.start_wall for down in down_at.get(earlier.node, ()))
                 if overlap > CLOCK_SLACK and not cut_off:
                     reported.add((earlier.attempt, later.attempt))

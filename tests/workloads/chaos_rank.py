@@ -4,9 +4,9 @@
 
 Appends one JSON line to FILE when it starts and one when it ends (normally or on SIGTERM), each a
 single O_APPEND write so that lines of concurrent ranks never interleave. A start line says who it
-is (job, attempt, rank, node, its own GPU uuid, pid and the kernel's start time of the pid, so a
-reused pid is recognised) and when (CLOCK_MONOTONIC, shared by every process of the machine, and
-wall time). SIGKILL leaves no end line; the test watches the pid for that.
+is (job, attempt, rank, node, its own GPU uuid, pid and the kernel's start time of the pid, which
+also tells a reused pid apart) and when (CLOCK_BOOTTIME, the clock of that start time, shared by
+every process of the machine, and wall time). SIGKILL leaves no end line; the test watches the pid for that.
 
 It runs for S seconds, then exits 0, or 3 on the attempts listed in --fail-attempts. On SIGTERM it
 lingers L seconds first (a rank that takes its time to stop), then exits 143. `--run TOKEN` is
@@ -54,7 +54,7 @@ def main() -> int:
     record = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(event: str, **fields) -> None:
-        line = {"event": event, **identity, "mono": time.monotonic(), "wall": time.time(), **fields}
+        line = {"event": event, **identity, "boot": time.clock_gettime(time.CLOCK_BOOTTIME), "wall": time.time(), **fields}
         os.write(record, (json.dumps(line) + "\n").encode())
 
     def on_sigterm(signum, frame) -> None:
