@@ -741,6 +741,23 @@ def check_declared_deaths(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -
     return problems
 
 
+def late_starts(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
+    """Ranks that started after the coordinator had ended their attempt: a launch still in flight (to a
+    stopped agent, say) may do that, so it is counted, not failed; what it may not do is share a GPU."""
+    ended = {
+        (job_id, attempt.attempt): attempt.end_time.ToNanoseconds() / 1e9
+        for job_id, job in jobs.items()
+        for attempt in job.attempts
+        if attempt.HasField("end_time")
+    }
+    late = []
+    for life in lives:
+        end = ended.get((life.job, life.attempt))
+        if end is not None and life.start_wall - end > CLOCK_SLACK:
+            late.append(f"{life.who} started {life.start_wall - end:.3f}s after its attempt ended")
+    return late
+
+
 def check_logs(paths: list[Path]) -> list[str]:
     problems = []
     for path in paths:
@@ -839,7 +856,11 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
     kinds = {}
     for action in actions:
         kinds[action.kind] = kinds.get(action.kind, 0) + 1
-    summary = f"chaos summary: seed {SEED}, {len(jobs)} jobs {ends}, {len(lives)} rank starts, actions {kinds}, {len(violations)} violations"
+    late = late_starts(lives, jobs)
+    summary = (
+        f"chaos summary: seed {SEED}, {len(jobs)} jobs {ends}, {len(lives)} rank starts ({len(late)} after their attempt had ended), "
+        f"actions {kinds}, {len(violations)} violations"
+    )
     request.config.stash.setdefault(SUMMARY_LINES, []).append(summary)
     (tmp_path / "chaos-story.txt").write_text("\n".join(chaos.done) + "\n")
     (tmp_path / "chaos-jobs.json").write_text(json.dumps([json_format.MessageToDict(job) for job in jobs.values()], indent=1))
