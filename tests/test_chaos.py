@@ -199,6 +199,8 @@ class RankLife:
     alive_until_boot: float
     alive_until_wall: float
     ended: bool = False
+    end_code: int | None = None
+    """The exit code its end line gave."""
     end_how: str = ""
     """"exit"/"sigterm" (its own end line) or "watched" (the pidfd said it was gone)."""
 
@@ -281,7 +283,7 @@ class RankWatcher(threading.Thread):
             elif (ended := self.lives.get(key)) is not None:
                 ended.alive_until_boot = max(ended.alive_until_boot, line["boot"])
                 ended.alive_until_wall = max(ended.alive_until_wall, line["wall"])
-                ended.end_how = line["how"]
+                ended.end_how, ended.end_code = line["how"], line["code"]
 
     def live(self) -> list[tuple[int, RankLife]]:
         with self.lock:
@@ -412,6 +414,8 @@ class Chaos:
         self.coordinator_down = False
         self.gpu_faults: dict[str, dict[int, dict]] = {node: {} for node in NODES}
         self.drained: set[str] = set()
+        self.cancelled: set[str] = set()
+        """Jobs the test asked to cancel (whether or not the answer came back)."""
         self.submitted: list[str] = []
         """Request ids whose submission the plan has made (acknowledged or not yet)."""
         self.t0 = time.monotonic()
@@ -450,6 +454,7 @@ class Chaos:
         elif action.kind == "cancel":
             job_id = self.acknowledged.get(action.request)
             if job_id and not self.coordinator_down:
+                self.cancelled.add(job_id)
                 try:
                     self.note(f"cancel {job_id}: {job_pb2.JobState.Name(client.cancel_job(job_id).state)}")
                 except GpuorchError as error:
@@ -741,6 +746,30 @@ def check_declared_deaths(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -
     return problems
 
 
+def check_outcomes_are_true(
+    lives: list[RankLife], jobs: dict[str, job_pb2.Job], plans: dict[str, JobPlan], cancelled: set[str]
+) -> list[str]:
+    """A job's final state tells what happened: SUCCEEDED only if every rank of its last attempt exited 0
+    (by its own end line), CANCELLED only if someone cancelled it, never more attempts than its budget."""
+    problems = []
+    index = {(life.job, life.attempt, life.rank): life for life in lives}
+    for job_id, job in sorted(jobs.items()):
+        plan = plans.get(job.spec.name.removeprefix("chaos-"))
+        if plan is not None and len(job.attempts) > plan.max_restarts + 1:
+            problems.append(f"true outcomes: job {job_id} ran {len(job.attempts)} attempts with max_restarts {plan.max_restarts}")
+        if job.state == job_pb2.JOB_STATE_CANCELLED and job_id not in cancelled:
+            problems.append(f"true outcomes: job {job_id} is CANCELLED and nobody cancelled it ({job.reason})")
+        if job.state != job_pb2.JOB_STATE_SUCCEEDED or not job.attempts:
+            continue
+        last = job.attempts[-1]
+        for rank in range(last.placement.world_size):
+            life = index.get((job_id, last.attempt, rank))
+            if life is None or life.end_how != "exit" or life.end_code != 0:
+                how = "never started" if life is None else f"ended by {life.end_how or 'still running'} with code {life.end_code}"
+                problems.append(f"true outcomes: job {job_id} SUCCEEDED but rank {rank} of its attempt {last.attempt} {how}")
+    return problems
+
+
 def late_starts(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
     """Ranks that started after the coordinator had ended their attempt: a launch still in flight (to a
     stopped agent, say) may do that, so it is counted, not failed; what it may not do is share a GPU."""
@@ -849,6 +878,7 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
     )
     violations += check_judged_by_what_the_agent_knew(jobs, coordinator_events(coordinator_log, "node registered"))
     violations += check_declared_deaths(lives, jobs)
+    violations += check_outcomes_are_true(lives, jobs, plans, chaos.cancelled)
     violations += check_logs(sorted(tmp_path.glob("*.log")))
     ends = {}
     for job in jobs.values():
@@ -944,3 +974,30 @@ def test_the_run_token_finds_the_processes_of_the_run_and_only_them(tmp_path):
         for process in (marked, unmarked):
             process.kill()
             process.wait(5)
+
+
+def test_a_final_state_must_tell_what_happened():
+    plans = {"r-000": JobPlan("r-000", 2, 0, 1, 1.0, "", 0.0)}
+
+    def job(state, attempts):
+        record = job_pb2.Job(job_id="j1", state=state, spec=job_pb2.JobSpec(name="chaos-r-000"))
+        for number in range(1, attempts + 1):
+            record.attempts.add(attempt=number).placement.world_size = 2
+        return record
+
+    def life(rank, how, code):
+        return RankLife("j1", 1, rank, "n1", f"GPU-{rank}", 100 + rank, "r-000", 0.0, 0.0, 1.0, 1.0, True, code, how)
+
+    succeeded = job(job_pb2.JOB_STATE_SUCCEEDED, 1)
+    assert check_outcomes_are_true([life(0, "exit", 0), life(1, "exit", 0)], {"j1": succeeded}, plans, set()) == []
+    (problem,) = check_outcomes_are_true([life(0, "exit", 0), life(1, "exit", 3)], {"j1": succeeded}, plans, set())
+    assert "SUCCEEDED but rank 1 of its attempt 1 ended by exit with code 3" in problem
+    (problem,) = check_outcomes_are_true([life(0, "exit", 0)], {"j1": succeeded}, plans, set())
+    assert "rank 1 of its attempt 1 never started" in problem
+    cancelled = job(job_pb2.JOB_STATE_CANCELLED, 1)
+    assert check_outcomes_are_true([], {"j1": cancelled}, plans, {"j1"}) == []
+    assert "nobody cancelled it" in check_outcomes_are_true([], {"j1": cancelled}, plans, set())[0]
+    assert (
+        "ran 3 attempts with max_restarts 1"
+        in check_outcomes_are_true([], {"j1": job(job_pb2.JOB_STATE_FAILED, 3)}, plans, set())[0]
+    )
