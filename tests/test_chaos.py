@@ -770,6 +770,22 @@ def check_outcomes_are_true(
     return problems
 
 
+def check_ranks_run_where_placed(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
+    """Each rank runs on the node and GPU its attempt's placement gave it."""
+    problems = []
+    for life in lives:
+        job = jobs.get(life.job)
+        attempt = next((record for record in job.attempts if record.attempt == life.attempt), None) if job else None
+        if attempt is None:
+            problems.append(f"placed ranks: {life.who} ran, and its job has no such attempt")
+            continue
+        share = next((n for n in attempt.placement.nodes if n.first_rank <= life.rank < n.first_rank + len(n.device_uuids)), None)
+        placed = (share.node_id, share.device_uuids[life.rank - share.first_rank]) if share else None
+        if placed != (life.node, life.gpu):
+            problems.append(f"placed ranks: {life.who} ran, but its placement put rank {life.rank} on {placed}")
+    return problems
+
+
 def late_starts(lives: list[RankLife], jobs: dict[str, job_pb2.Job]) -> list[str]:
     """Ranks that started after the coordinator had ended their attempt: a launch still in flight (to a
     stopped agent, say) may do that, so it is counted, not failed; what it may not do is share a GPU."""
@@ -878,6 +894,7 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
     )
     violations += check_judged_by_what_the_agent_knew(jobs, coordinator_events(coordinator_log, "node registered"))
     violations += check_declared_deaths(lives, jobs)
+    violations += check_ranks_run_where_placed(lives, jobs)
     violations += check_outcomes_are_true(lives, jobs, plans, chaos.cancelled)
     violations += check_logs(sorted(tmp_path.glob("*.log")))
     ends = {}
@@ -934,6 +951,11 @@ def test_the_overlap_checks_see_an_overlap_and_nothing_else():
         "GPU GPU-a on n1" in problem and "job j1 attempt 1" in problem and "job j2 attempt 1" in problem and "0.300s" in problem
     )
     restarted = [life("j1", 1, 0, "n1", "GPU-a", 0.0, 1.0), life("j1", 2, 0, "n2", "GPU-b", 0.5, 2.0)]
+    placements = job_pb2.Job(job_id="j1")
+    placements.attempts.add(attempt=1).placement.nodes.add(node_id="n1", device_uuids=["GPU-a"])
+    placements.attempts.add(attempt=2).placement.nodes.add(node_id="n2", device_uuids=["GPU-c"])
+    (problem,) = check_ranks_run_where_placed(restarted, {"j1": placements})
+    assert "attempt 2 rank 0 (node n2, GPU GPU-b" in problem and "('n2', 'GPU-c')" in problem
     job = job_pb2.Job(
         job_id="j1", attempts=[job_pb2.Attempt(attempt=1), job_pb2.Attempt(attempt=2, restart_reason="rank_exit:0:137")]
     )
