@@ -645,12 +645,12 @@ def check_no_gpu_held_twice(lives: list[RankLife]) -> list[str]:
             for later in on_gpu[index + 1 :]:
                 if (later.job, later.attempt) == (earlier.job, earlier.attempt):
                     continue
-                overlap = earlier.alive_until_boot - later.start_boot
+                overlap = _overlap(earlier, later)
                 if overlap > CLOCK_SLACK:
                     problems.append(
-                        f"no GPU held twice: GPU {gpu} on {node} ran {earlier.who} and {later.who} together for {overlap:.3f}s "
-                        f"(the second started at {_clock(later.start_wall)}; the first was alive at {_clock(earlier.alive_until_wall)}, "
-                        f"ended by {earlier.end_how or 'still running'})"
+                        f"no GPU held twice: GPU {gpu} on {node} ran {earlier.who} and {later.who} together for at least "
+                        f"{overlap:.3f}s (the second started at {_clock(later.start_wall)}; the first was alive at "
+                        f"{_clock(earlier.alive_until_wall)}, ended by {earlier.end_how or 'still running'})"
                     )
     return problems
 
@@ -674,14 +674,15 @@ def check_one_attempt_at_a_time(
             for later in ranks[index + 1 :]:
                 if later.attempt == earlier.attempt or (earlier.attempt, later.attempt) in reported:
                     continue
-                overlap = earlier.alive_until_boot - later.start_boot
+                overlap = _overlap(earlier, later)
                 cut_off = any(earlier.start_wall <= down <= later.start_wall for down in down_at.get(earlier.node, ()))
                 if overlap > CLOCK_SLACK and not cut_off:
                     reported.add((earlier.attempt, later.attempt))
                     problems.append(
-                        f"one attempt at a time: job {job_id} attempt {later.attempt} started ({later.who}) {overlap:.3f}s before "
-                        f"attempt {earlier.attempt} ended ({earlier.who}, ended by {earlier.end_how or 'still running'}); "
-                        f"attempt {later.attempt} restart reason: {_restart_reason(job, later.attempt)}"
+                        f"one attempt at a time: job {job_id} attempts {earlier.attempt} and {later.attempt} ran together for at "
+                        f"least {overlap:.3f}s: {later.who} started at {_clock(later.start_wall)} while {earlier.who} ran "
+                        f"(alive at {_clock(earlier.alive_until_wall)}, ended by {earlier.end_how or 'still running'}); "
+                        f"restart reason of attempt {later.attempt}: {_restart_reason(job, later.attempt)}"
                     )
     return problems
 
@@ -824,6 +825,11 @@ def check_logs(paths: list[Path]) -> list[str]:
     return problems
 
 
+def _overlap(earlier: RankLife, later: RankLife) -> float:
+    """Seconds both were surely alive: from the later start to the first of their (lower bounds of) ends."""
+    return min(earlier.alive_until_boot, later.alive_until_boot) - later.start_boot
+
+
 def _clock(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(wall)) + f".{int(wall * 1000) % 1000:03d}Z"
 
@@ -941,7 +947,7 @@ def test_the_plan_is_fixed_by_the_seed():
 
 def test_the_overlap_checks_see_an_overlap_and_nothing_else():
     def life(job, attempt, rank, node, gpu, start, until):
-        return RankLife(job, attempt, rank, node, gpu, 100 + rank, "r", start, 1e9 + start, until, 1e9 + until, True, "exit")
+        return RankLife(job, attempt, rank, node, gpu, 100 + rank, "r", start, 1e9 + start, until, 1e9 + until, True, 0, "exit")
 
     apart = [life("j1", 1, 0, "n1", "GPU-a", 0.0, 1.0), life("j2", 1, 0, "n1", "GPU-a", 1.0005, 2.0)]
     assert check_no_gpu_held_twice(apart) == []
@@ -950,6 +956,8 @@ def test_the_overlap_checks_see_an_overlap_and_nothing_else():
     assert (
         "GPU GPU-a on n1" in problem and "job j1 attempt 1" in problem and "job j2 attempt 1" in problem and "0.300s" in problem
     )
+    nested = [life("j1", 1, 0, "n1", "GPU-a", 0.0, 5.0), life("j2", 1, 0, "n1", "GPU-a", 1.0, 1.25)]
+    assert "at least 0.250s" in check_no_gpu_held_twice(nested)[0], "a rank that starts and ends within another's life"
     restarted = [life("j1", 1, 0, "n1", "GPU-a", 0.0, 1.0), life("j1", 2, 0, "n2", "GPU-b", 0.5, 2.0)]
     placements = job_pb2.Job(job_id="j1")
     placements.attempts.add(attempt=1).placement.nodes.add(node_id="n1", device_uuids=["GPU-a"])
@@ -960,7 +968,7 @@ def test_the_overlap_checks_see_an_overlap_and_nothing_else():
         job_id="j1", attempts=[job_pb2.Attempt(attempt=1), job_pb2.Attempt(attempt=2, restart_reason="rank_exit:0:137")]
     )
     (problem,) = check_one_attempt_at_a_time(restarted, {"j1": job}, {})
-    assert "job j1 attempt 2 started" in problem and "rank_exit:0:137" in problem
+    assert "job j1 attempts 1 and 2 ran together for at least 0.500s" in problem and "rank_exit:0:137" in problem
     cut_off = {"n1": [1e9 + 0.4]}
     assert check_one_attempt_at_a_time(restarted, {"j1": job}, cut_off) == [], (
         "ranks cut off on a DOWN node may outlive their attempt"
