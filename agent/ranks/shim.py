@@ -41,7 +41,7 @@ Files it writes (each atomically, tmp file + rename, so a reader never sees half
 Notification (on --notify-fd, then closed): "started <pid> <working dir, hex>\\n" or "failed <why>\\n".
 """
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # built in, and without stubs
 import os
 import sys
 import time
@@ -263,7 +263,7 @@ def start_rank(
             why = getattr(error, "strerror", None) or str(error)
             try:
                 os.write(error_write, f"E{step}: {why}".encode("utf-8", "surrogateescape"))
-            except BaseException:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001, S110
                 pass
         finally:
             os._exit(127)
