@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.identity import IdentityPolicy
 from agent.ranks import cgroups
 from agent.ranks.cgroups import RankLimits, cgroup2_mount, effective_limits, limit_writes, open_rank_cgroups, own_cgroup
-from agent.identity import IdentityPolicy
-from agent.settings import AgentSettings
 from agent.ranks.supervisor import Supervisor
+from agent.settings import AgentSettings
 from gpuorch.v1 import agent_pb2
 
 RUNNING = agent_pb2.TASK_STATE_RUNNING

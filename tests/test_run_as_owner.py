@@ -25,8 +25,8 @@ from agent.identity import (
     decide_rank_identity,
     lookup_account,
 )
-from agent.settings import AgentSettings
 from agent.ranks.supervisor import Supervisor
+from agent.settings import AgentSettings
 from gpuorch.settings import load_settings
 from gpuorch.v1 import agent_pb2, job_pb2
 from tests.harness import LocalCluster, wait_for

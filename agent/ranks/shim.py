@@ -44,7 +44,7 @@ Notification (on --notify-fd, then closed): "started <pid> <working dir, hex>\\n
 import _signal  # type: ignore[import-not-found]  # built in, and without stubs
 import os
 import sys
-import time
+import time  # not gpuorch.clock: under -I -S gpuorch cannot be imported (see above); only waits are timed here
 
 CGROUP_EMPTY_WAIT = 10.0
 """Seconds the shim waits for the rank's cgroup to empty after killing it (then the agent takes over)."""
