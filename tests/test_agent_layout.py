@@ -40,3 +40,25 @@ def test_the_check_sees_a_direct_read() -> None:
 def test_no_agent_module_is_over_400_lines() -> None:
     long = {str(path.relative_to(AGENT.parent)): n for path in modules() if (n := len(path.read_text().splitlines())) > 400}
     assert long == {}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_the_agent_never_imports_the_coordinator() -> None:
+    offenders = {str(path): sorted(m for m in imported_modules(path) if m.split(".")[0] == "coordinator") for path in modules()}
+    assert {path: found for path, found in offenders.items() if found} == {}
+
+
+def test_rank_lifecycle_rules_are_pure_and_the_shim_stdlib_only() -> None:
+    lifecycle = imported_modules(AGENT / "ranks" / "lifecycle.py") - {"__future__"}
+    assert lifecycle <= {"enum", "signal", "collections.abc", "dataclasses", "gpuorch.v1"}, lifecycle
+    shim = imported_modules(SHIM)
+    assert not {m for m in shim if m.split(".")[0] in {"agent", "gpuorch", "coordinator", "structlog", "grpc"}}, shim
