@@ -62,3 +62,10 @@ def test_rank_lifecycle_rules_are_pure_and_the_shim_stdlib_only() -> None:
     assert lifecycle <= {"enum", "signal", "collections.abc", "dataclasses", "gpuorch.v1"}, lifecycle
     shim = imported_modules(SHIM)
     assert not {m for m in shim if m.split(".")[0] in {"agent", "gpuorch", "coordinator", "structlog", "grpc"}}, shim
+
+
+def test_every_agent_package_is_installed() -> None:
+    """A folder without __init__.py is left out of the wheel (setuptools' find), and the agent then
+    cannot start its ranks on an installed node."""
+    folders = {path.parent for path in modules() if "__pycache__" not in path.parts}
+    assert sorted(str(f.relative_to(AGENT.parent)) for f in folders if not (f / "__init__.py").exists()) == []
