@@ -15,7 +15,7 @@ Each rank runs in a cgroup of its own when the node has a cgroup v2 subtree for 
 cgroup is empty.
 
 An ended rank stays in `snapshot()` (so a re-registration re-delivers its end) until the
-coordinator forgets its attempt (`forget_attempt()`), or for at most UNACKNOWLEDGED_EXIT_TTL.
+coordinator forgets its attempt (`forget_attempt()`), or for at most lifecycle.UNACKNOWLEDGED_EXIT_TTL.
 """
 
 from __future__ import annotations
