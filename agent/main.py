@@ -7,23 +7,22 @@ import asyncio
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import grpc
-import structlog
 
-from agent.agent import Agent
-from agent.cgroups import RankLimits, open_rank_cgroups
+from agent.coordinator_link import CoordinatorLink
 from agent.identity import IdentityPolicy
 from agent.metrics import serve_metrics
+from agent.ranks.cgroups import RankLimits, open_rank_cgroups
+from agent.ranks.supervisor import Supervisor
+from agent.router import Router
 from agent.settings import AgentSettings
-from agent.supervisor import Supervisor
 from agent.telemetry import TelemetryUnavailable, open_source
 from gpuorch import sdnotify, tls
 from gpuorch.backoff import Backoff
+from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.settings import daemon_settings
-from gpuorch.v1 import agent_pb2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,26 +88,26 @@ READY_TIMEOUT_SECONDS = 2.0
 """READY=1 comes at the latest this long after start-up, even if the first connection attempt still hangs."""
 
 
-async def notify_ready(agent: Agent) -> None:
+async def notify_ready(link: CoordinatorLink, clock: Clock) -> None:
     """Tells systemd the agent is ready once its first connection attempt is over, either way.
 
     Readiness never waits for the coordinator: a node must boot, and recover its
     ranks, while the coordinator is down; an agent that retries is doing its job.
     """
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while not (agent.registered.is_set() or agent.reconnects) and time.monotonic() < deadline:
+    deadline = clock.monotonic() + READY_TIMEOUT_SECONDS
+    while not (link.registered.is_set() or link.reconnects) and clock.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    sdnotify.ready(f"node {agent.node_id}, coordinator {agent.coordinator}")
+    sdnotify.ready(f"node {link.node_id}, coordinator {link.coordinator}")
 
 
-async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | None = None) -> None:
+async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
     sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
     node_id = settings.node_id or socket.gethostname()
     state_dir = Path(settings.state_dir).absolute()  # ranks run elsewhere (their working dir); their shim writes here
     state_dir.mkdir(parents=True, exist_ok=True)
     faults_file = settings.simulate_faults_file or str(state_dir / "simulated-faults.json")
     source = open_source(simulate_gpus=settings.simulate_gpus, node_id=node_id, faults_file=faults_file)
-    agent = Agent(
+    link = CoordinatorLink(
         coordinator=settings.coordinator,
         node_id=node_id,
         source=source,
@@ -116,72 +115,40 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         advertise_address=settings.advertise_address,
         backoff=Backoff(initial=settings.reconnect_initial, cap=settings.reconnect_max),
         credentials=credentials,
+        clock=clock,
     )
     supervisor = Supervisor(
         state_dir,
-        report=lambda status: agent.send(agent_pb2.AgentMessage(task_status=status)),
+        report=link.report,
         identity_policy=IdentityPolicy(tuple(settings.allowed_users), settings.allow_root_ranks, settings.single_user),
-        owners_authenticated=lambda: agent.owners_authenticated,
+        owners_authenticated=lambda: link.owners_authenticated,
         cgroups=open_rank_cgroups(settings.cgroup_root),
         default_limits=RankLimits(settings.default_pids_max, settings.default_memory_max_bytes),
         max_log_bytes=settings.max_log_bytes,
+        clock=clock,
     )
-    attach_supervisor(agent, supervisor)
+    router = Router(supervisor, send=link.send)
+    link.on_message = router.handle
+    link.task_snapshot = supervisor.snapshot
+    link.progress_snapshot = supervisor.progress
     await supervisor.recover()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    metrics = serve_metrics(settings.metrics_listen, agent, supervisor) if settings.metrics_listen else None
-    readiness = loop.create_task(notify_ready(agent))
+    metrics = serve_metrics(settings.metrics_listen, link, supervisor) if settings.metrics_listen else None
+    readiness = loop.create_task(notify_ready(link, clock))
     try:
-        await agent.run(stopping)
+        await link.run(stopping)
     finally:
         sdnotify.stopping("stopping; ranks keep running")
         readiness.cancel()
         # Ranks outlive the agent (a restart or upgrade must not kill a three-day job).
+        await router.close()
         await supervisor.close()
         source.close()
         if metrics is not None:
             metrics.close()
-
-
-def attach_supervisor(agent: Agent, supervisor: Supervisor) -> None:
-    """Routes the coordinator's instructions to the supervisor.
-
-    Launches run one after another on one task, in the order they came, so the
-    stream reader never waits on a process start. Stops run on their own tasks:
-    one rank's grace period must not delay the next launch. Log reads are
-    answered at once.
-    """
-    launches: asyncio.Queue = asyncio.Queue()
-
-    async def launch_in_order() -> None:
-        while True:
-            launch = await launches.get()
-            try:
-                await supervisor.launch(launch)
-            except Exception:
-                structlog.get_logger("agent").exception("launch failed", job=launch.job_id, attempt=launch.attempt)
-
-    async def stop(message: agent_pb2.CoordinatorMessage) -> None:
-        await supervisor.stop(message.stop_task)
-        supervisor.acknowledge(message.stop_task.job_id, message.stop_task.attempt)
-
-    background: set[asyncio.Task] = {asyncio.get_running_loop().create_task(launch_in_order())}
-
-    def spawn(coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    agent.task_snapshot = supervisor.snapshot
-    agent.progress_snapshot = supervisor.progress
-    agent.handlers["launch_task"] = lambda message: launches.put_nowait(message.launch_task)
-    agent.handlers["stop_task"] = lambda message: spawn(stop(message))
-    agent.handlers["read_logs"] = lambda message: agent.send(
-        agent_pb2.AgentMessage(log_chunk=supervisor.read_log(message.read_logs))
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

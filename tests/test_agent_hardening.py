@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent.identity import IdentityPolicy
-from agent.owned_dirs import UnsafeDirectory, ensure_owned_directory
-from agent.supervisor import Supervisor
+from agent.ranks.owned_dirs import UnsafeDirectory, ensure_owned_directory
+from agent.ranks.supervisor import Supervisor
 from gpuorch.v1 import agent_pb2
 
 RUNNING = agent_pb2.TASK_STATE_RUNNING

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import cgroups
-from agent.cgroups import RankLimits, cgroup2_mount, effective_limits, limit_writes, open_rank_cgroups, own_cgroup
 from agent.identity import IdentityPolicy
+from agent.ranks import cgroups
+from agent.ranks.cgroups import RankLimits, cgroup2_mount, effective_limits, limit_writes, open_rank_cgroups, own_cgroup
+from agent.ranks.supervisor import Supervisor
 from agent.settings import AgentSettings
-from agent.supervisor import Supervisor
 from gpuorch.v1 import agent_pb2
 
 RUNNING = agent_pb2.TASK_STATE_RUNNING
@@ -262,7 +262,7 @@ def test_a_delegated_agent_moves_itself_into_a_leaf_and_puts_ranks_beside_it(cgr
     cgroup_root.mkdir()
     os.setxattr(cgroup_root, "trusted.delegate", b"1")
     program = (
-        "import os, sys; from agent.cgroups import open_rank_cgroups; "
+        "import os, sys; from agent.ranks.cgroups import open_rank_cgroups; "
         "(mount, own) = sys.argv[1:]; "
         "open(os.path.join(mount, own.lstrip('/'), 'cgroup.procs'), 'w').write(str(os.getpid())); "
         "subtree = open_rank_cgroups(''); print('ranks=' + str(subtree.ranks_dir)); print('own=' + open('/proc/self/cgroup').read().split('0::')[1])"

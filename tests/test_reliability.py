@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from agent.agent import Agent
+from agent.coordinator_link import CoordinatorLink
 from coordinator.agent_service import AgentService
 from coordinator.cluster import ClusterView
 from coordinator.job_manager import JobManager
@@ -193,7 +193,7 @@ class NoDevices:
 async def test_any_error_of_a_stream_leads_to_a_reconnect():
     """`call.write` on a call the coordinator already ended raises asyncio.InvalidStateError, not an
     RpcError; whatever a stream raises, the agent reconnects."""
-    agent = Agent(coordinator="127.0.0.1:1", node_id="n1", source=NoDevices(), backoff=Backoff(initial=0.01, cap=0.01))
+    agent = CoordinatorLink(coordinator="127.0.0.1:1", node_id="n1", source=NoDevices(), backoff=Backoff(initial=0.01, cap=0.01))
     stopping = asyncio.Event()
     errors = [asyncio.InvalidStateError("RPC already finished"), RuntimeError("anything else"), KeyError("a bug")]
     attempts = 0

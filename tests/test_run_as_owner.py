@@ -25,8 +25,8 @@ from agent.identity import (
     decide_rank_identity,
     lookup_account,
 )
+from agent.ranks.supervisor import Supervisor
 from agent.settings import AgentSettings
-from agent.supervisor import Supervisor
 from gpuorch.settings import load_settings
 from gpuorch.v1 import agent_pb2, job_pb2
 from tests.harness import LocalCluster, wait_for
@@ -157,7 +157,7 @@ def test_an_allowed_users_entry_that_names_nothing_is_refused():
 async def test_the_agent_takes_owners_authenticated_from_the_register_ack(tmp_path, vouches):
     import grpc
 
-    from agent.agent import Agent
+    from agent.coordinator_link import CoordinatorLink
     from agent.telemetry import open_source
     from gpuorch.v1 import agent_pb2_grpc
 
@@ -173,7 +173,7 @@ async def test_the_agent_takes_owners_authenticated_from_the_register_ack(tmp_pa
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     source = open_source(simulate_gpus=1, node_id="n1", faults_file=str(tmp_path / "faults.json"))
-    agent = Agent(coordinator=f"127.0.0.1:{port}", node_id="n1", source=source)
+    agent = CoordinatorLink(coordinator=f"127.0.0.1:{port}", node_id="n1", source=source)
     agent.owners_authenticated = not vouches  # what it believed before this coordinator told it
     stopping = asyncio.Event()
     running = asyncio.create_task(agent.run(stopping))

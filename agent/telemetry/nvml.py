@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import structlog
@@ -23,7 +24,7 @@ class NvmlSource(TelemetrySource):
         """Opens NVML. `nvml` replaces the pynvml module (tests pass a fake driver)."""
         if nvml is None:
             try:
-                import pynvml as nvml  # noqa: PLC0415 - only GPU nodes need the driver bindings
+                nvml = importlib.import_module("pynvml")  # only GPU nodes need the driver bindings
             except ImportError as error:
                 raise TelemetryUnavailable(
                     f"cannot import pynvml ({error}); install nvidia-ml-py, or start with --simulate-gpus N"

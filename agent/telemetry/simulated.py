@@ -146,7 +146,9 @@ class SimulatedSource(TelemetrySource):
             # A bounded random walk: busy GPUs stay busy, idle ones idle, with jitter.
             state.utilization = min(100.0, max(0.0, state.utilization + self.rng.uniform(-5, 5)))
             state.memory_used = int(
-                min(SIMULATED_MEMORY_BYTES * 0.95, max(256 * 1024**2, state.memory_used + self.rng.uniform(-1, 1) * 256 * 1024**2))
+                min(
+                    SIMULATED_MEMORY_BYTES * 0.95, max(256 * 1024**2, state.memory_used + self.rng.uniform(-1, 1) * 256 * 1024**2)
+                )
             )
             target_temperature = AMBIENT_TEMPERATURE_CELSIUS + 0.4 * state.utilization
             state.temperature += 0.3 * (target_temperature - state.temperature) + self.rng.uniform(-0.5, 0.5)
@@ -158,7 +160,9 @@ class SimulatedSource(TelemetrySource):
             elif not fault.xid:
                 state.last_xid = 0
             if fault.lost:
-                samples.append(cluster_pb2.DeviceTelemetry(uuid=info.uuid, lost=True, xid_count=state.xid_count, last_xid=state.last_xid))
+                samples.append(
+                    cluster_pb2.DeviceTelemetry(uuid=info.uuid, lost=True, xid_count=state.xid_count, last_xid=state.last_xid)
+                )
                 continue
             samples.append(
                 cluster_pb2.DeviceTelemetry(
@@ -167,7 +171,9 @@ class SimulatedSource(TelemetrySource):
                     gpu_utilization_percent=round(state.utilization, 1),
                     memory_utilization_percent=round(state.utilization * 0.6, 1),
                     temperature_celsius=round(fault.temperature if fault.temperature is not None else state.temperature, 1),
-                    power_watts=round(IDLE_POWER_WATTS + (SIMULATED_POWER_LIMIT_WATTS - IDLE_POWER_WATTS) * state.utilization / 100, 1),
+                    power_watts=round(
+                        IDLE_POWER_WATTS + (SIMULATED_POWER_LIMIT_WATTS - IDLE_POWER_WATTS) * state.utilization / 100, 1
+                    ),
                     ecc_corrected_errors=state.ecc_corrected,
                     ecc_uncorrected_errors=fault.ecc_uncorrected,
                     xid_count=state.xid_count,

@@ -188,6 +188,14 @@ class StopTask(_message.Message):
     reason: str
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., grace_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ForgetAttempt(_message.Message):
+    __slots__ = ("job_id", "attempt")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
 class ReadLogs(_message.Message):
     __slots__ = ("request_id", "job_id", "attempt", "rank", "offset", "max_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -205,13 +213,15 @@ class ReadLogs(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., offset: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("register_ack", "launch_task", "stop_task", "read_logs")
+    __slots__ = ("register_ack", "launch_task", "stop_task", "read_logs", "forget_attempt")
     REGISTER_ACK_FIELD_NUMBER: _ClassVar[int]
     LAUNCH_TASK_FIELD_NUMBER: _ClassVar[int]
     STOP_TASK_FIELD_NUMBER: _ClassVar[int]
     READ_LOGS_FIELD_NUMBER: _ClassVar[int]
+    FORGET_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     register_ack: RegisterAck
     launch_task: LaunchTask
     stop_task: StopTask
     read_logs: ReadLogs
-    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., launch_task: _Optional[_Union[LaunchTask, _Mapping]] = ..., stop_task: _Optional[_Union[StopTask, _Mapping]] = ..., read_logs: _Optional[_Union[ReadLogs, _Mapping]] = ...) -> None: ...
+    forget_attempt: ForgetAttempt
+    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., launch_task: _Optional[_Union[LaunchTask, _Mapping]] = ..., stop_task: _Optional[_Union[StopTask, _Mapping]] = ..., read_logs: _Optional[_Union[ReadLogs, _Mapping]] = ..., forget_attempt: _Optional[_Union[ForgetAttempt, _Mapping]] = ...) -> None: ...

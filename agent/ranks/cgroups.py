@@ -33,11 +33,12 @@ Restarts: systemd before 254 (no DelegateSubgroup=) puts a restarted agent back 
 unit's cgroup itself, which the kernel refuses while controllers are enabled for its
 children. So on a clean stop the agent turns the controllers of its subtree off again
 (the running ranks keep their cgroups, so cgroup.kill still finds everything, but their
-limits lapse until the agent is back and re-applies them, see Supervisor.recover).
+limits lapse until the agent is back and re-applies them, see ranks/supervisor.py's recover).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -164,6 +165,21 @@ def kill_listed(cgroup: Path) -> None:
         with contextlib.suppress(OSError):
             _write(cgroup / "cgroup.freeze", "0")
         time.sleep(0.01)
+
+
+async def empty_and_remove(cgroup: Path, *, complain_every: float = 10.0) -> None:
+    """Kills what is left in a rank's cgroup and waits until none of it lives, then removes the
+    cgroup: a rank's end, which frees its GPUs, is reported only after this. A cgroup that stays
+    populated (a process in D state) is complained about every `complain_every` seconds."""
+    waited = 0.0
+    while not is_empty(cgroup):
+        kill(cgroup)
+        await asyncio.sleep(0.02)
+        waited += 0.02
+        if waited >= complain_every:
+            log.error("rank's cgroup still not empty after SIGKILL", cgroup=str(cgroup))
+            waited = 0.0
+    remove(cgroup)
 
 
 def remove(cgroup: Path) -> None:

@@ -41,10 +41,10 @@ Files it writes (each atomically, tmp file + rename, so a reader never sees half
 Notification (on --notify-fd, then closed): "started <pid> <working dir, hex>\\n" or "failed <why>\\n".
 """
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # built in, and without stubs
 import os
 import sys
-import time
+import time  # not gpuorch.clock: under -I -S gpuorch cannot be imported (see above); only waits are timed here
 
 CGROUP_EMPTY_WAIT = 10.0
 """Seconds the shim waits for the rank's cgroup to empty after killing it (then the agent takes over)."""
@@ -263,7 +263,7 @@ def start_rank(
             why = getattr(error, "strerror", None) or str(error)
             try:
                 os.write(error_write, f"E{step}: {why}".encode("utf-8", "surrogateescape"))
-            except BaseException:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001, S110
                 pass
         finally:
             os._exit(127)

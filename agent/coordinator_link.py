@@ -1,4 +1,4 @@
-"""The agent's connection to the coordinator: register, heartbeat, follow instructions, reconnect.
+"""The agent's link to the coordinator: register, heartbeat, hand instructions on, reconnect.
 
 One stream at a time. Everything the agent sends goes through one writer task
 (gRPC allows one write in flight per call). When the stream breaks, the agent
@@ -7,6 +7,9 @@ successful registration, and registers again with what it still runs. Whatever
 ends a stream (an RPC error, a closed connection, a write on a call the
 coordinator already ended, a bug) leads to a reconnect, never to an exit: the
 agent is what supervises the node's ranks.
+
+What the coordinator's instructions mean is the router's (agent/router.py): the link hands every
+message after the RegisterAck to `on_message`, in the order they came.
 """
 
 from __future__ import annotations
@@ -14,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
-from google.protobuf.timestamp_pb2 import Timestamp
 
 import gpuorch
 from agent.telemetry import TelemetrySource
 from gpuorch.backoff import Backoff
+from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
-log = structlog.get_logger("agent")
+log = structlog.get_logger("agent.coordinator_link")
 
 OUTBOX_LIMIT = 1000
 """Messages queued for a stuck stream before heartbeats are dropped (statuses are kept for re-registration)."""
@@ -60,7 +62,13 @@ def local_address_towards(target: str) -> str:
 MessageHandler = Callable[[agent_pb2.CoordinatorMessage], Awaitable[None] | None]
 
 
-class Agent:
+def ignore_message(message: agent_pb2.CoordinatorMessage) -> None:
+    log.warning("ignoring coordinator message: nothing handles it", kind=message.WhichOneof("payload"))
+
+
+class CoordinatorLink:
+    """One node's stream to the coordinator, kept up until the agent stops; see the module docstring."""
+
     def __init__(
         self,
         *,
@@ -71,6 +79,7 @@ class Agent:
         advertise_address: str = "",
         backoff: Backoff | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.coordinator = coordinator
         self.credentials = credentials
@@ -80,8 +89,9 @@ class Agent:
         self.requested_interval = heartbeat_interval
         self.addresses = [advertise_address or local_address_towards(coordinator)]
         self.backoff = backoff or Backoff()
-        self.handlers: dict[str, MessageHandler] = {}
-        """Coordinator message kind ("launch_task", "stop_task", "read_logs") -> handler."""
+        self.clock = clock
+        self.on_message: MessageHandler = ignore_message
+        """Receives every coordinator message after the RegisterAck (see agent/router.py)."""
         self.task_snapshot: Callable[[], list[agent_pb2.TaskStatus]] = list
         """Returns every rank the agent supervises, for the registration."""
         self.progress_snapshot: Callable[[], list[agent_pb2.RankProgress]] = list
@@ -103,6 +113,10 @@ class Agent:
             return False
         self._outbox.put_nowait(message)
         return True
+
+    def report(self, status: agent_pb2.TaskStatus) -> None:
+        """Sends a rank's status; while disconnected, the next registration carries it instead."""
+        self.send(agent_pb2.AgentMessage(task_status=status))
 
     def registration(self) -> agent_pb2.AgentMessage:
         return agent_pb2.AgentMessage(
@@ -180,8 +194,9 @@ class Agent:
             try:
                 done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if not task.cancelled() and task.exception() is not None:
-                        raise task.exception()
+                    failure = None if task.cancelled() else task.exception()
+                    if failure is not None:
+                        raise failure
             finally:
                 for task in workers:
                     task.cancel()
@@ -199,19 +214,18 @@ class Agent:
     async def _heartbeat_loop(self, interval: float) -> None:
         """Heartbeats on a fixed schedule (no drift), each with a fresh sample of every GPU."""
         sequence = 0
-        next_beat = time.monotonic()
+        next_beat = self.clock.monotonic()
         while True:
             samples = await asyncio.to_thread(self.source.sample) if self.source.blocking else self.source.sample()
             sequence += 1
-            sent = Timestamp()
-            sent.GetCurrentTime()
-            heartbeat = agent_pb2.Heartbeat(sequence=sequence, sent_time=sent, devices=samples, progress=self.progress_snapshot())
+            heartbeat = agent_pb2.Heartbeat(sequence=sequence, devices=samples, progress=self.progress_snapshot())
+            heartbeat.sent_time.FromNanoseconds(int(self.clock.wall() * 1e9))
             if self.send(agent_pb2.AgentMessage(heartbeat=heartbeat)):
                 self.heartbeats_sent += 1
             next_beat += interval
-            delay = next_beat - time.monotonic()
+            delay = next_beat - self.clock.monotonic()
             if delay < 0:  # fell behind (a stopped process, a slow driver): start a new schedule
-                next_beat = time.monotonic()
+                next_beat = self.clock.monotonic()
                 delay = 0
             await asyncio.sleep(delay)
 
@@ -220,14 +234,9 @@ class Agent:
             message = await call.read()
             if message is grpc.aio.EOF:
                 raise ConnectionError("coordinator ended the stream")
-            kind = message.WhichOneof("payload")
-            handler = self.handlers.get(kind or "")
-            if handler is None:
-                log.warning("ignoring coordinator message this agent cannot handle", kind=kind)
-                continue
             try:
-                result = handler(message)
+                result = self.on_message(message)
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:
-                log.exception("error handling coordinator message", kind=kind)
+                log.exception("error handling coordinator message", kind=message.WhichOneof("payload"))

@@ -1,0 +1,104 @@
+"""The coordinator's instructions, routed to the rank supervisor.
+
+    launch_task     start ranks                      in order, one launch after another, on one task
+    stop_task       signal ranks (SIGTERM, SIGKILL)  each on a task of its own
+    forget_attempt  stop reporting an attempt's ends at once
+    read_logs       part of a rank's log             answered at once
+
+Stopping and forgetting are two instructions: a stop signals ranks and says nothing about their
+ends, which are reported, and re-reported by every registration, until the coordinator sends
+ForgetAttempt. A coordinator that predates ForgetAttempt meant both by a StopTask with a zero
+grace period ("attempt over", or a fence); that one is still read as a stop followed by a forget
+(see `stop_also_forgets`).
+
+Launches run one after another so that the stream reader never waits on a process start and
+the ranks of two launches start in the order they were sent; a stop does not wait behind them
+(one rank's grace period must not delay the next launch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from agent.ranks.supervisor import Supervisor
+from gpuorch.v1 import agent_pb2
+
+log = structlog.get_logger("agent.router")
+
+SendFn = Callable[[agent_pb2.AgentMessage], bool]
+
+
+def stop_also_forgets(stop: agent_pb2.StopTask) -> bool:
+    """Whether a StopTask carries an older coordinator's acknowledgement too: a zero grace period
+    meant "stop what is left of this attempt, then forget it" before ForgetAttempt existed."""
+    return stop.grace_seconds == 0
+
+
+class Router:
+    """Turns each CoordinatorMessage into calls on the supervisor; see the module docstring."""
+
+    def __init__(self, supervisor: Supervisor, send: SendFn) -> None:
+        self.supervisor = supervisor
+        self.send = send
+        """Queues a message for the coordinator (the log chunks answering read_logs)."""
+        self._launches: asyncio.Queue[agent_pb2.LaunchTask] = asyncio.Queue()
+        self._background: set[asyncio.Task] = set()
+        self._launcher: asyncio.Task | None = None
+
+    def handle(self, message: agent_pb2.CoordinatorMessage) -> None:
+        """Routes one message; never blocks the stream reader (launches and stops run on tasks)."""
+        kind = message.WhichOneof("payload")
+        if kind == "launch_task":
+            if self._launcher is None:
+                self._launcher = asyncio.get_running_loop().create_task(self._launch_in_order())
+            self._launches.put_nowait(message.launch_task)
+        elif kind == "stop_task":
+            self._spawn(self._stop(message.stop_task))
+        elif kind == "forget_attempt":
+            forget = message.forget_attempt
+            log.info("forgetting attempt", job=forget.job_id, attempt=forget.attempt)
+            self.supervisor.forget_attempt(forget.job_id, forget.attempt)
+        elif kind == "read_logs":
+            self.send(agent_pb2.AgentMessage(log_chunk=self.supervisor.read_log(message.read_logs)))
+        else:
+            log.warning("ignoring coordinator message this agent cannot handle", kind=kind)
+
+    async def settled(self) -> None:
+        """Returns once every launch and stop received so far is done (for tests and shutdown)."""
+        await self._launches.join()
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancels what is still in progress (the ranks themselves keep running)."""
+        tasks = [*self._background, *([self._launcher] if self._launcher is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _launch_in_order(self) -> None:
+        while True:
+            launch = await self._launches.get()
+            try:
+                await self.supervisor.launch(launch)
+            except Exception:
+                log.exception("launch failed", job=launch.job_id, attempt=launch.attempt)
+            finally:
+                self._launches.task_done()
+
+    async def _stop(self, stop: agent_pb2.StopTask) -> None:
+        try:
+            await self.supervisor.stop(stop)
+            if stop_also_forgets(stop):
+                self.supervisor.forget_attempt(stop.job_id, stop.attempt)
+        except Exception:
+            log.exception("stop failed", job=stop.job_id, attempt=stop.attempt)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
