@@ -347,11 +347,11 @@ def test_resubmit_queues_the_same_spec_as_a_new_job(one_node, tmp_path):
 
 def test_every_command_help_lists_enum_values_and_an_example():
     parser = cli.build_parser()
-    for name, sub in cli._subcommands(parser).items():
+    for name, sub in cli.subcommands(parser).items():
         text = sub.format_help()
         assert "example:" in text and "gpuctl " in text.split("example:")[1], name
         assert "table (default) or json" in text, name
-    helps = {name: sub.format_help() for name, sub in cli._subcommands(parser).items()}
+    helps = {name: sub.format_help() for name, sub in cli.subcommands(parser).items()}
     assert "nccl (default) or gloo" in helps["submit"] and "fair_share" in helps["submit"]
     assert all(state in " ".join(helps["jobs"].split()) for state in ("pending", "running", "succeeded", "failed", "cancelled"))
     assert all(state in " ".join(helps["nodes"].split()) for state in ("ready", "suspect", "down", "draining", "drained"))
