@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from datetime import UTC
 
 from google.protobuf.json_format import MessageToDict
 
+from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import cluster_pb2, job_pb2
 
 GIB = 1024**3
@@ -39,11 +39,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
-def age(timestamp) -> str:
-    """How long ago a protobuf Timestamp was, as this machine's clock sees it."""
+def age(timestamp, clock: Clock = SYSTEM_CLOCK) -> str:
+    """How long ago a protobuf Timestamp was, by this machine's wall clock (never negative: the
+    coordinator's clock may run a little ahead)."""
     if not timestamp.seconds and not timestamp.nanos:
         return "-"
-    return f"{max(0.0, time.time() - timestamp.ToNanoseconds() / 1e9):.1f}s ago"
+    return f"{max(0.0, clock.wall() - timestamp.ToNanoseconds() / 1e9):.1f}s ago"
 
 
 def job_state_name(value: int) -> str:
