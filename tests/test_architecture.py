@@ -36,9 +36,15 @@ LAYER_MAY_IMPORT = {
 }
 """Which layers (of coordinator/) each layer's modules may import."""
 
-COORDINATOR_ROOT_MODULES = {"coordinator", "coordinator.main", "coordinator.settings", "coordinator.wiring"}
-"""The coordinator's modules outside any layer: the package, the entry point, settings, and the wiring
-that builds the parts. main and wiring may import every layer; no layer imports them."""
+COORDINATOR_ROOT_MODULES = {
+    "coordinator",
+    "coordinator.__main__",
+    "coordinator.main",
+    "coordinator.settings",
+    "coordinator.wiring",
+}
+"""The coordinator's modules outside any layer: the package, the entry points, settings, and the wiring
+that builds the parts. They may import every layer; no layer imports them (settings aside, see below)."""
 
 SETTINGS_READERS = {"api", "control", "observe", "store"}
 """Layers that may read coordinator.settings; the pure ones (rules, scheduler, model) get values passed in."""
