@@ -79,7 +79,15 @@ def gpuorch_allreduce(client) -> float:
 def torchrun_allreduce() -> float:
     started = time.time()
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(REPO / "examples" / "allreduce.py")],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            str(REPO / "examples" / "allreduce.py"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -127,7 +135,9 @@ def main() -> None:
         "allreduce_runs": len(gpuorch_times),
         "first_allreduce_s_gpuorch_median": round(statistics.median(gpuorch_times), 3) if gpuorch_times else None,
         "first_allreduce_s_torchrun_median": round(statistics.median(torchrun_times), 3) if torchrun_times else None,
-        "gpuorch_over_torchrun": round(statistics.median(gpuorch_times) / statistics.median(torchrun_times), 3) if gpuorch_times else None,
+        "gpuorch_over_torchrun": round(statistics.median(gpuorch_times) / statistics.median(torchrun_times), 3)
+        if gpuorch_times
+        else None,
         "target_ratio": 1.1,
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
         "command": " ".join(["python", *sys.argv]),

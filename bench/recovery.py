@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpuorch.v1 import cluster_pb2, job_pb2
-from tests.harness import LocalCluster, wait_for
+from gpuorch.v1 import cluster_pb2, job_pb2  # noqa: E402 - after the sys.path line above
+from tests.harness import LocalCluster, wait_for  # noqa: E402
 
 SUSPECT, DOWN, READY = cluster_pb2.NODE_STATE_SUSPECT, cluster_pb2.NODE_STATE_DOWN, cluster_pb2.NODE_STATE_READY
 RANK_PROGRAM = ["/bin/sh", "-c", "date +%s.%N; exec sleep 120"]

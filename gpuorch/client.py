@@ -12,7 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -38,14 +38,8 @@ RETRY_POLICY = {
 }
 """grpc's own retries: a call that fails UNAVAILABLE (coordinator restarting, connection lost before
 the answer) is sent again, up to 5 times with randomized exponential backoff within the call's timeout."""
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {"name": [{"service": service, "method": method} for service, methods in RETRIED_METHODS.items() for method in methods],
-             "retryPolicy": RETRY_POLICY}
-        ]
-    }
-)  # fmt: skip
+_RETRIED_NAMES = [{"service": service, "method": method} for service, methods in RETRIED_METHODS.items() for method in methods]
+SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": _RETRIED_NAMES, "retryPolicy": RETRY_POLICY}]})
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
@@ -91,9 +85,12 @@ def new_request_id() -> str:
     return f"gpuctl-{uuid.uuid4().hex}"
 
 
-def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[int]:
-    """Accepts enum numbers or names with or without the prefix ("READY", "NODE_STATE_READY")."""
-    values = []
+def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[Any]:
+    """Accepts enum numbers or names with or without the prefix ("READY", "NODE_STATE_READY").
+
+    Returns the enum's numbers. Typed Any: each request's stub wants its own enum class there,
+    which at run time is a plain int."""
+    values: list[Any] = []
     for name in names:
         if isinstance(name, int):
             values.append(name)
@@ -103,7 +100,11 @@ def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[int]:
         try:
             values.append(enum.Value(key))
         except ValueError:
-            known = ", ".join(n[len(prefix) :].lower() for n in enum.keys() if not n.endswith("UNSPECIFIED"))
+            known = ", ".join(
+                n[len(prefix) :].lower()
+                for n in (value.name for value in enum.DESCRIPTOR.values)
+                if not n.endswith("UNSPECIFIED")
+            )
             raise ValueError(f"unknown state {name!r}: use one of {known}") from None
     return values
 
@@ -196,7 +197,8 @@ class _Api:
     def job_logs(
         self, job_id: str, rank: int = 0, *, attempt: int = 0, tail_bytes: int = 0, tail_lines: int = 0, follow: bool = False
     ):
-        """Chunks (bytes) of a rank's output: all of it, or the last `tail_lines` lines (which win), or the last `tail_bytes` bytes."""
+        """Chunks (bytes) of a rank's output: all of it, or the last `tail_lines` lines (which win), or the
+        last `tail_bytes` bytes."""
         request = job_pb2.GetJobLogsRequest(
             job_id=job_id, rank=rank, attempt=attempt, tail_bytes=tail_bytes, tail_lines=tail_lines, follow=follow
         )
@@ -321,7 +323,7 @@ class Client(_Api, _Channel):
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -383,7 +385,7 @@ class AsyncClient(_Api, _Channel):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info) -> None:

@@ -66,7 +66,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             body = self.server.render()
-        except Exception as error:  # a failed scrape must never take the server down
+        except Exception as error:  # noqa: BLE001 - a failed scrape must never take the server down
             self.send_error(500, f"cannot collect metrics: {error}"[:500])
             return
         self.send_response(200)
@@ -135,7 +135,7 @@ def on_loop(loop: asyncio.AbstractEventLoop, read: Callable[[], T], timeout: flo
         if future.set_running_or_notify_cancel():
             try:
                 future.set_result(read())
-            except BaseException as error:  # handed to the scraping thread
+            except BaseException as error:  # noqa: BLE001 - handed to the scraping thread, which raises it
                 future.set_exception(error)
 
     loop.call_soon_threadsafe(run)

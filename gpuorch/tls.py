@@ -31,7 +31,9 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") 
     certificate = read_pem(cert_file, "tls_cert")
     key = read_pem(key_file, "tls_key")
     client_ca = read_pem(client_ca_file, "tls_client_ca") if client_ca_file else None
-    return grpc.ssl_server_credentials([(key, certificate)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, certificate)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:

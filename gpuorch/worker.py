@@ -17,6 +17,7 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
@@ -71,7 +72,7 @@ def init_process_group(backend_name: str | None = None, timeout_seconds: float |
     timeout = timeout_seconds or float(os.environ.get("GPUORCH_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS))
     if chosen == "nccl" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    options = {}
+    options: dict[str, Any] = {}
     if chosen == "nccl" and torch.cuda.is_available():
         options["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(backend=chosen, init_method="env://", timeout=datetime.timedelta(seconds=timeout), **options)
@@ -126,7 +127,7 @@ def report_progress(min_interval_seconds: float = 1.0) -> None:
     """Tells gpuorch this rank made progress (call it every step). Local and cheap: at most one
     file timestamp update per `min_interval_seconds`; no network. A job with a progress timeout is
     restarted (reason "hang") when no rank reported progress for that long."""
-    global _last_progress
+    global _last_progress  # noqa: PLW0603 - one throttle for the one rank this process is
     path = os.environ.get("GPUORCH_PROGRESS_FILE")
     now = time.monotonic()
     if not path or now - _last_progress < min_interval_seconds:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs gpuorch with its test dependencies into .venv and runs the whole test suite.
+# Installs gpuorch with its test dependencies into .venv, checks lint, format and types, and runs
+# the whole test suite. Any finding of ruff or mypy fails the script before the tests run.
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -k liveness     # extra arguments go to pytest
 set -euo pipefail
@@ -26,5 +27,18 @@ quietly "installing gpuorch and its test dependencies into .venv (about a minute
 # would pull a multi-gigabyte CUDA build.
 quietly "installing torch 2.13.0 (CPU) for the tests' ranks (a minute or two the first time)" python -m pip install -q 'torch==2.13.0' ||
   echo "warning: torch==2.13.0 not installable here; tests that run torch ranks will be skipped" >&2
+# Says what a check does and runs it, its findings shown as they come; any finding stops the script.
+check() {
+  local what=$1
+  shift
+  echo "$what..."
+  if ! "$@"; then
+    echo "failed: $what (the findings above; \`ruff check --fix\` and \`ruff format\` fix many by themselves)" >&2
+    return 1
+  fi
+}
+check "ruff check: the lint rules of pyproject.toml, whole tree" ruff check .
+check "ruff format --check: every file as ruff format leaves it" ruff format --check .
+check "mypy: the types of coordinator, agent and gpuorch" mypy coordinator agent gpuorch
 echo "running the tests..."
 python -m pytest "$@"

@@ -1,9 +1,9 @@
 """Real processes on loopback: a coordinator and agents, as torch and Ray test multi-node code.
 
-    cluster = LocalCluster(tmp_path)
-    cluster.start_coordinator()
-    cluster.add_agent("n1", gpus=2)
-    cluster.wait_for_nodes(1)
+cluster = LocalCluster(tmp_path)
+cluster.start_coordinator()
+cluster.add_agent("n1", gpus=2)
+cluster.wait_for_nodes(1)
 """
 
 from __future__ import annotations
@@ -71,10 +71,12 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
                 return value
         except SystemExit as error:
             raise AssertionError(str(error)) from None
-        except Exception as error:  # the coordinator may be restarting
+        except Exception as error:  # noqa: BLE001 - the coordinator may be restarting; the last error is reported
             last_error = error
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+    )
 
 
 class Daemon:
@@ -88,7 +90,7 @@ class Daemon:
     def start(self) -> Daemon:
         python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         environment = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon writes it until stop() closes it
         self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
         return self
 
@@ -156,9 +158,7 @@ class LocalCluster:
             wait_for(serving, timeout=15, what="coordinator to serve")
         return self.coordinator
 
-    def add_agent(
-        self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "", single_user: bool = True
-    ) -> Daemon:
+    def add_agent(self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "", single_user: bool = True) -> Daemon:
         """Starts an agent. With `single_user` (tests run as root here, submit jobs without an owner, and
         the coordinator runs without tokens) the agent runs every rank as its own user instead of refusing
         jobs whose owner nobody authenticated."""

@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 import gpuorch
 from gpuorch import cli
 from gpuorch import client as sdk
+from gpuorch.cli import printing
+from gpuorch.clock import FakeClock
 from gpuorch.v1 import job_pb2
 from tests.harness import REPO, free_port, wait_for
 
@@ -213,8 +216,8 @@ def test_request_ids_make_submissions_idempotent(one_node):
 
 def test_submit_sends_the_directory_it_runs_in_and_the_limits(one_node, tmp_path):
     submitted = gpuctl(
-        "--coordinator", one_node.address, "submit", "--pids-max", "256", "--memory-max", "1.5G", "--hold-if-too-big", "--gpus", "64",
-        "--", "python", "train.py", cwd=tmp_path,
+        "--coordinator", one_node.address, "submit", "--pids-max", "256", "--memory-max", "1.5G", "--hold-if-too-big",
+        "--gpus", "64", "--", "python", "train.py", cwd=tmp_path,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     spec = one_node.client().get_job(submitted.stdout.strip()).spec
@@ -306,7 +309,7 @@ def test_control_characters_never_reach_the_terminal(one_node):
     for args in (("jobs",), ("job", client.list_jobs()[0][0].job_id)):
         shown = gpuctl("--coordinator", one_node.address, *args)
         assert shown.returncode == 0, shown.stderr
-        assert not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) <= 0x9F for c in shown.stdout), repr(shown.stdout)
+        assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in shown.stdout), repr(shown.stdout)
         assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\nname" in shown.stdout, shown.stdout
     assert cli.printable("a\tb\x00\x7f\u0085é") == "a\\tb\\x00\\x7f\\x85é"
 
@@ -345,13 +348,20 @@ def test_resubmit_queues_the_same_spec_as_a_new_job(one_node, tmp_path):
 # -- help and completion ----------------------------------------------------------------------------
 
 
+def test_ages_are_read_on_the_clock_and_never_negative():
+    beat = Timestamp(seconds=1_800_000_000, nanos=500_000_000)
+    assert printing.age(beat, FakeClock(wall=1_800_000_003.0)) == "2.5s ago"
+    assert printing.age(beat, FakeClock(wall=1_799_999_999.0)) == "0.0s ago", "a coordinator clock ahead of ours"
+    assert printing.age(Timestamp(), FakeClock()) == "-", "never stamped"
+
+
 def test_every_command_help_lists_enum_values_and_an_example():
     parser = cli.build_parser()
-    for name, sub in cli._subcommands(parser).items():
+    for name, sub in cli.subcommands(parser).items():
         text = sub.format_help()
         assert "example:" in text and "gpuctl " in text.split("example:")[1], name
         assert "table (default) or json" in text, name
-    helps = {name: sub.format_help() for name, sub in cli._subcommands(parser).items()}
+    helps = {name: sub.format_help() for name, sub in cli.subcommands(parser).items()}
     assert "nccl (default) or gloo" in helps["submit"] and "fair_share" in helps["submit"]
     assert all(state in " ".join(helps["jobs"].split()) for state in ("pending", "running", "succeeded", "failed", "cancelled"))
     assert all(state in " ".join(helps["nodes"].split()) for state in ("ready", "suspect", "down", "draining", "drained"))

@@ -86,7 +86,9 @@ def test_grpcurl_lists_services_describes_and_calls_list_nodes(cluster):
     assert '"SERVING"' in health.stdout
     typo = grpcurl("-plaintext", "-d", '{"service": "gpuorch.v1.JobServce"}', cluster.address, "grpc.health.v1.Health/Check")
     assert typo.returncode != 0 and "NotFound" in typo.stderr
-    assert "'gpuorch.v1.JobServce'" in typo.stderr and "'gpuorch.v1.JobService'" in typo.stderr, "names what was asked and what exists"
+    assert "'gpuorch.v1.JobServce'" in typo.stderr and "'gpuorch.v1.JobService'" in typo.stderr, (
+        "names what was asked and what exists"
+    )
     every_status = grpcurl("-plaintext", cluster.address, "grpc.health.v1.Health/List")
     assert every_status.returncode == 0, every_status.stderr
     statuses = json.loads(every_status.stdout)["statuses"]
@@ -154,7 +156,12 @@ def test_drain_and_resume_survive_an_agent_restart(cluster):
     assert client.cluster_status().gpus_free == 0
     agent.kill()
     cluster.add_agent("n1", 2)
-    wait_for(lambda: client.get_node("n1").state == cluster_pb2.NODE_STATE_DRAINED and client.get_node("n1").last_heartbeat_sequence >= 1, what="drained node back")
+    wait_for(
+        lambda: (
+            client.get_node("n1").state == cluster_pb2.NODE_STATE_DRAINED and client.get_node("n1").last_heartbeat_sequence >= 1
+        ),
+        what="drained node back",
+    )
     assert client.resume_node("n1").state == READY
     assert client.cluster_status().gpus_free == 2
     with pytest.raises(NotFound, match="'ghost'"):
@@ -195,7 +202,9 @@ def test_resume_clears_quarantined_gpus(cluster):
 
 def _register(node_id: str, uuids=("GPU-x",)) -> agent_pb2.AgentMessage:
     return agent_pb2.AgentMessage(
-        register=agent_pb2.Register(node_id=node_id, devices=[cluster_pb2.DeviceInfo(uuid=u, index=i) for i, u in enumerate(uuids)])
+        register=agent_pb2.Register(
+            node_id=node_id, devices=[cluster_pb2.DeviceInfo(uuid=u, index=i) for i, u in enumerate(uuids)]
+        )
     )
 
 

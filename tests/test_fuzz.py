@@ -239,15 +239,18 @@ def messages(message_type: descriptor.Descriptor, kept: KeptData, method_name: s
     }
     oneofs = {
         oneof.name: st.one_of(
-            *(st.tuples(st.just(field), st.deferred(lambda field=field: _single_value(field, kept, method_name, depth))) for field in oneof.fields)
+            *(
+                st.tuples(st.just(field), st.deferred(lambda field=field: _single_value(field, kept, method_name, depth)))
+                for field in oneof.fields
+            )
         )
         for oneof in message_type.oneofs
     }
 
     def build(values: dict):
         instance = message_class()
-        for name, value in values.items():
-            field, value = value if name in oneofs else (message_type.fields_by_name[name], value)
+        for name, entry in values.items():
+            field, value = entry if name in oneofs else (message_type.fields_by_name[name], entry)
             _assign(instance, field, value)
         return instance
 
@@ -268,7 +271,13 @@ def corrupted(encoded: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
             return data[:at] + junk + data[at:]
         return data + junk
 
-    return st.builds(damage, encoded, st.sampled_from(["truncate", "flip", "insert", "append"]), st.integers(0, 10**6), st.binary(min_size=1, max_size=8))
+    return st.builds(
+        damage,
+        encoded,
+        st.sampled_from(["truncate", "flip", "insert", "append"]),
+        st.integers(0, 10**6),
+        st.binary(min_size=1, max_size=8),
+    )
 
 
 def nested_groups(depth: int) -> bytes:
@@ -282,7 +291,8 @@ def garbage_bytes(message_type: descriptor.Descriptor, kept: KeptData, method_na
         st.binary(max_size=256),
         corrupted(encoded),
         st.sampled_from([50, 200, 5_000, 100_000]).map(nested_groups),
-        st.builds(bytes, st.just(MAX_MESSAGE_BYTES + 1)),  # one byte over the limit (built when drawn: a 4 MiB constant would be repr'd)
+        # one byte over the limit (built when drawn: a 4 MiB constant would be repr'd)
+        st.builds(bytes, st.just(MAX_MESSAGE_BYTES + 1)),
     )
 
 
@@ -304,9 +314,9 @@ AUTHORIZATION = st.one_of(
     st.just(()),
     st.sampled_from(sorted(VALID_AUTHORIZATION)).map(lambda value: (("authorization", value),)),
     printable(60).map(lambda token: (("authorization", f"Bearer {token}"),)),
-    st.sampled_from(["Bearer", "Bearer ", "bearer", "Basic b3BzOnB3", ADMIN_TOKEN, f"Token {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN} extra"]).map(
-        lambda value: (("authorization", value),)
-    ),
+    st.sampled_from(
+        ["Bearer", "Bearer ", "bearer", "Basic b3BzOnB3", ADMIN_TOKEN, f"Token {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN} extra"]
+    ).map(lambda value: (("authorization", value),)),
     printable(200).map(lambda value: (("authorization", value),)),
     st.just((("authorization", f"Bearer {ADMIN_TOKEN}"), ("authorization", f"Bearer {USER_TOKEN}"))),
     st.just((("authorization", "Bearer " + "t" * 5_000),)),
@@ -396,7 +406,7 @@ class Fuzzer:
                 if responses:
                     try:
                         response = await asyncio.wait_for(call.read(), OPEN_STREAM_WINDOW_SECONDS)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         call.cancel()
                         return Outcome(None, "", responses)
                 else:
@@ -441,7 +451,9 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
         assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in outcome.details, said
         return
     if not _parses(request_class, frames[0]):
-        assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, f"a request that is not valid protobuf must be INVALID_ARGUMENT: {said}"
+        assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, (
+            f"a request that is not valid protobuf must be INVALID_ARGUMENT: {said}"
+        )
         assert f"not a valid {method.input_type.full_name}" in outcome.details, said
         return
     if any(not _parses(request_class, frame) for frame in frames):
@@ -481,7 +493,14 @@ def target(tmp_path_factory, pytestconfig):
     # Drained, so no fuzzed job (random argv) ever runs on this machine; the fuzzing never names it where it could resume it.
     admin.drain_node(NODE_ID, reason="kept out of the fuzzing")
     requirements = {"gpu_model": KEPT_MODEL}
-    job_id = admin.submit_job(argv=["python3", "-c", "print('kept')"], gpus=1, name="kept", env={"KEPT": "1"}, requirements=requirements, hold_if_too_big=True)
+    job_id = admin.submit_job(
+        argv=["python3", "-c", "print('kept')"],
+        gpus=1,
+        name="kept",
+        env={"KEPT": "1"},
+        requirements=requirements,
+        hold_if_too_big=True,
+    )
     with gpuorch.Client(cluster.address, timeout=5, token=USER_TOKEN) as user:
         spare_job_id = user.submit_job(argv=["true"], gpus=1, name="spare", requirements=requirements, hold_if_too_big=True)
     kept = KeptData(job_id=job_id, spare_job_id=spare_job_id, node_id=NODE_ID)
@@ -502,7 +521,12 @@ FUZZ_SETTINGS = settings(
     deadline=None,
     derandomize=os.environ.get("GPUORCH_FUZZ_RANDOM") != "1",
     database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
 )
 
 
@@ -535,7 +559,9 @@ def _method_id(method: descriptor.MethodDescriptor) -> str:
     return f"{method.containing_service.name}.{method.name}"
 
 
-def fuzz_method(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: st.SearchStrategy[Frames], metadata: st.SearchStrategy[tuple]) -> None:
+def fuzz_method(
+    fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: st.SearchStrategy[Frames], metadata: st.SearchStrategy[tuple]
+) -> None:
     """Calls `method` with what the strategies draw, checking every outcome; hypothesis shrinks any failure."""
 
     @FUZZ_SETTINGS
@@ -548,7 +574,7 @@ def fuzz_method(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: st.Se
 
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_random_and_corrupted_bytes(target, method):
-    cluster, fuzz, kept, _ = target
+    _cluster, fuzz, kept, _ = target
     garbage = garbage_bytes(method.input_type, kept, method.name)
     first = st.one_of(garbage, _registration(kept)) if method.name == "Connect" else st.one_of(garbage, _encoded(method, kept))
     fuzz_method(fuzz, method, _frames(method, garbage, first=first if method.client_streaming else None), VALID_TOKENS)
@@ -556,7 +582,7 @@ def test_random_and_corrupted_bytes(target, method):
 
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_well_formed_hostile_messages(target, method):
-    cluster, fuzz, kept, _ = target
+    _cluster, fuzz, kept, _ = target
     encoded = _encoded(method, kept)
     first = st.one_of(_registration(kept), encoded) if method.name == "Connect" else None
     fuzz_method(fuzz, method, _frames(method, encoded, first=first), VALID_TOKENS)
@@ -564,17 +590,21 @@ def test_well_formed_hostile_messages(target, method):
 
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_random_metadata(target, method):
-    cluster, fuzz, kept, _ = target
+    _cluster, fuzz, kept, _ = target
     fuzz_method(fuzz, method, _frames(method, st.one_of(st.just(b""), _encoded(method, kept))), METADATA)
 
 
 def test_every_served_service_is_fuzzed(target):
-    cluster, fuzz, _, _ = target
+    _cluster, fuzz, _, _ = target
     listing = reflection_pb2.ServerReflectionRequest(list_services="*").SerializeToString()
     method = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].methods_by_name["ServerReflectionInfo"]
 
     async def served() -> set[str]:
-        call = fuzz.channel.stream_stream(f"/{method.containing_service.full_name}/{method.name}", request_serializer=None, response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)()
+        call = fuzz.channel.stream_stream(
+            f"/{method.containing_service.full_name}/{method.name}",
+            request_serializer=None,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )()
         await call.write(listing)
         await call.done_writing()
         answer = await call.read()
@@ -600,7 +630,9 @@ def test_afterwards_the_coordinator_is_healthy_and_its_data_intact(target):
     assert node.state == cluster_pb2.NODE_STATE_DRAINED and node.state_reason == "kept out of the fuzzing"
     assert [device.uuid for device in node.devices] == [device.uuid for device in node_before.devices]
     sequence = node.last_heartbeat_sequence
-    wait_for(lambda: admin.get_node(NODE_ID).last_heartbeat_sequence > sequence, what="the kept node's agent to go on heartbeating")
+    wait_for(
+        lambda: admin.get_node(NODE_ID).last_heartbeat_sequence > sequence, what="the kept node's agent to go on heartbeating"
+    )
     listed, _ = admin.list_jobs(owner="ops", page_size=1000)
     assert kept.job_id in {job.job_id for job in listed}
     log = cluster.coordinator.output()

@@ -38,7 +38,7 @@ def test_every_message_field_and_enum_value_has_a_comment():
             continue
         commented = {tuple(location.path) for location in file.source_code_info.location if location.leading_comments.strip()}
 
-        def check(path, name):
+        def check(path, name, commented=commented, file=file):
             if tuple(path) not in commented:
                 missing.append(f"{file.name}: {name}")
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import gpuorch
 from gpuorch.errors import GpuorchError
@@ -22,7 +23,9 @@ FINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def start(cluster, nodes=("n1", "n2"), gpus=2, *coordinator_args):
-    cluster.start_coordinator("--stop-grace-period", "1", "--node-grace-period", "1.5", "--restart-backoff-base", "0.2", *coordinator_args)
+    cluster.start_coordinator(
+        "--stop-grace-period", "1", "--node-grace-period", "1.5", "--restart-backoff-base", "0.2", *coordinator_args
+    )
     for node_id in nodes:
         cluster.add_agent(node_id, gpus, "--heartbeat-interval", "0.25")
     cluster.wait_for_nodes(len(nodes))
@@ -54,7 +57,9 @@ def no_gpu_held_twice(cluster) -> None:
     for pid_file in cluster.root.glob("agent-*/jobs/*/attempt-*/rank-*.pid"):
         try:
             environ = dict(
-                item.split("=", 1) for item in open(f"/proc/{int(pid_file.read_text())}/environ").read().split("\0") if "=" in item
+                item.split("=", 1)
+                for item in Path(f"/proc/{int(pid_file.read_text())}/environ").read_text().split("\0")
+                if "=" in item
             )
         except (OSError, ValueError):
             continue  # ended
@@ -69,7 +74,15 @@ def no_gpu_held_twice(cluster) -> None:
 def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(cluster):
     client = start(cluster)
     job_id = client.submit_job(argv=trainer("--steps", "8", "--step-seconds", "0.15"), gpus=4, max_restarts=2)
-    wait_for(lambda: (p := _rank_pids(cluster, job_id)) and len(p) == 4 and b"step" and (cluster.root / "coordinator" / "checkpoints" / job_id / "step").exists(), what="a checkpoint")
+    wait_for(
+        lambda: (
+            (p := _rank_pids(cluster, job_id))
+            and len(p) == 4
+            and b"step"
+            and (cluster.root / "coordinator" / "checkpoints" / job_id / "step").exists()
+        ),
+        what="a checkpoint",
+    )
     pids = _rank_pids(cluster, job_id)
     os.kill(pids[2], signal.SIGKILL)
     job = wait_state(client, job_id, SUCCEEDED)
@@ -181,7 +194,9 @@ def test_elastic_job_shrinks_then_grows_back(cluster):
     wait_state(client, job_id, RUNNING)
     wait_for(lambda: len(_rank_pids(cluster, job_id)) == 4, what="rank pids")
     kill_node(cluster, "n2")
-    job = wait_for(lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="a shrunken attempt")
+    job = wait_for(
+        lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="a shrunken attempt"
+    )
     assert job.placement.world_size == 2 and [n.node_id for n in job.placement.nodes] == ["n1"]
     assert "2 of 4 GPUs (elastic)" in job.reason
     cluster.add_agent("n2", 2, "--heartbeat-interval", "0.25")
@@ -195,7 +210,20 @@ def test_elastic_job_shrinks_then_grows_back(cluster):
 def test_hung_gang_is_restarted(cluster):
     client = start(cluster, ("n1",), 2)
     job_id = client.submit_job(
-        argv=trainer("--steps", "4", "--step-seconds", "0.1", "--fail-attempt", "1", "--fail-rank", "0", "--fail-at-step", "1", "--fail-mode", "hang"),
+        argv=trainer(
+            "--steps",
+            "4",
+            "--step-seconds",
+            "0.1",
+            "--fail-attempt",
+            "1",
+            "--fail-rank",
+            "0",
+            "--fail-at-step",
+            "1",
+            "--fail-mode",
+            "hang",
+        ),
         gpus=2,
         max_restarts=1,
         progress_timeout_seconds=2,
@@ -214,7 +242,9 @@ def test_returning_node_has_ranks_of_superseded_attempts_fenced(cluster):
     old_pids = _rank_pids(cluster, job_id)
     agent = cluster.agents[node_id]
     agent.signal(signal.SIGSTOP)  # a partition: the node goes DOWN, its ranks keep running
-    job = wait_for(lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="attempt 2 elsewhere")
+    job = wait_for(
+        lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="attempt 2 elsewhere"
+    )
     assert job.placement.nodes[0].node_id != node_id
     assert all(_alive(pid) for pid in old_pids.values())
     agent.signal(signal.SIGCONT)  # the partition heals: the agent re-registers with attempt 1's ranks

@@ -136,7 +136,8 @@ def as_nobody(socket_path: str, script: str) -> dict:
     )
     result = subprocess.run(
         [sys.executable, "-c", program],
-        check=False, capture_output=True, text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
+        check=False, capture_output=True, text=True, timeout=60, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -160,7 +161,8 @@ async def test_local_socket_takes_the_owner_from_the_kernel(cluster, socket_dir)
         f"out['owner'] = client.get_job(job).spec.owner\n"
         f"other = client.get_job({root_job!r})\n"
         f"out['env'] = dict(other.spec.env); out['redacted'] = other.env_redacted\n"
-        f"for name, call in (('cancel', lambda: client.cancel_job({root_job!r})), ('logs', lambda: list(client.job_logs({root_job!r}))),\n"
+        f"for name, call in (('cancel', lambda: client.cancel_job({root_job!r})),\n"
+        f"                   ('logs', lambda: list(client.job_logs({root_job!r}))),\n"
         f"                   ('priority', lambda: client.submit_job(argv=['true'], gpus=1, priority=1000))):\n"
         f"    try:\n"
         f"        call(); out[name] = 'allowed'\n"
@@ -183,7 +185,8 @@ def review_cluster(tmp_path_factory):
     write_tokens(root / "tokens.toml")
     cluster = LocalCluster(root, token=TOKENS["ops"][0])
     cluster.start_coordinator(
-        "--tokens-file", str(root / "tokens.toml"), "--max-streams-per-client", "2", "--max-streams", "3", "--max-user-priority", "50"
+        "--tokens-file", str(root / "tokens.toml"), "--max-streams-per-client", "2", "--max-streams", "3",
+        "--max-user-priority", "50",
     )  # fmt: skip
     yield cluster
     cluster.stop()
@@ -263,7 +266,7 @@ def test_state_dir_and_job_store_are_private_whatever_the_umask(cluster):
     cluster.client().submit_job(argv=["true"], gpus=1, env={"API_KEY": "s3cret"})
     state_dir = cluster.root / "coordinator"
     assert stat.S_IMODE(state_dir.stat().st_mode) & 0o066 == 0, "others may neither list nor change the state dir"
-    wait_for(lambda: (state_dir / "jobs.db-wal").exists(), what="the WAL")
+    wait_for((state_dir / "jobs.db-wal").exists, what="the WAL")
     for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm", "epoch"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o600, name
 

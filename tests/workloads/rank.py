@@ -1,6 +1,6 @@
 """A configurable rank for tests (no torch): prints its environment, then behaves as told.
 
-    rank.py [--exit-code-for-rank R:C ...] [--sleep S] [--wait-for FILE] [--ignore-sigterm]
+rank.py [--exit-code-for-rank R:C ...] [--sleep S] [--wait-for FILE] [--ignore-sigterm]
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ def main() -> int:
     checkpoint = Path(worker.checkpoint_dir()) / "step"
     start = int(checkpoint.read_text()) if checkpoint.exists() else 0
     reason = worker.restart_reason()
-    print(f"START rank={rank} world={world} attempt={worker.attempt()} reason={reason.raw or '-'} resumed_from={start}", flush=True)
+    print(
+        f"START rank={rank} world={world} attempt={worker.attempt()} reason={reason.raw or '-'} resumed_from={start}", flush=True
+    )
     if args.exit_when_world_below and world < args.exit_when_world_below:
         # A shrunken elastic attempt: keep going until told capacity is back, then ask for a restart.
         while not os.path.exists(args.until_file):
