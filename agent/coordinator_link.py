@@ -9,7 +9,16 @@ coordinator already ended, a bug) leads to a reconnect, never to an exit: the
 agent is what supervises the node's ranks.
 
 What the coordinator's instructions mean is the router's (agent/router.py): the link hands every
-message after the RegisterAck to `on_message`, in the order they came.
+message after the RegisterAck to `on_message`, in the order they came, each with the number of
+the session (stream) it came on; `is_current(session)` tells whether instructions of that
+session may still be acted on.
+
+A session goes stale when the agent has been silent longer than the coordinator's DOWN deadline
+(`RegisterAck.down_after_seconds`): a process stopped with SIGSTOP, or starved of CPU, finds on
+waking messages the coordinator sent before it declared the node DOWN and gave up their
+attempts. Starting a rank from such a LaunchTask would run a second attempt of a job beside the
+one placed elsewhere meanwhile, so the link acts on nothing more from that stream and
+re-registers; the coordinator's reconciliation judges the rest.
 """
 
 from __future__ import annotations
@@ -59,10 +68,30 @@ def local_address_towards(target: str) -> str:
         return "127.0.0.1"
 
 
-MessageHandler = Callable[[agent_pb2.CoordinatorMessage], Awaitable[None] | None]
+MessageHandler = Callable[[agent_pb2.CoordinatorMessage, int], Awaitable[None] | None]
+"""Receives (message, number of the session it came on)."""
 
 
-def ignore_message(message: agent_pb2.CoordinatorMessage) -> None:
+DEFAULT_MISSED_HEARTBEATS = 3
+"""Silence, in heartbeat intervals, after which a coordinator that does not say otherwise declares a node DOWN."""
+
+
+class SilentPastDeadline(ConnectionError):
+    """The agent was silent longer than the coordinator waits before declaring its node DOWN."""
+
+
+def down_after(ack: agent_pb2.RegisterAck, interval: float) -> float:
+    """The silence after which the coordinator declares this node DOWN (its word, else its default rule)."""
+    return ack.down_after_seconds or DEFAULT_MISSED_HEARTBEATS * interval
+
+
+def silent_past_deadline(last_write: float, now: float, deadline: float) -> bool:
+    """Whether the time since the agent last wrote to the coordinator exceeds the coordinator's DOWN
+    deadline, so that the coordinator may have given up what it sent on this stream (monotonic times)."""
+    return now - last_write > deadline
+
+
+def ignore_message(message: agent_pb2.CoordinatorMessage, session: int) -> None:
     log.warning("ignoring coordinator message: nothing handles it", kind=message.WhichOneof("payload"))
 
 
@@ -102,7 +131,32 @@ class CoordinatorLink:
         self.connected = False
         self.reconnects = 0
         self.heartbeats_sent = 0
+        self.session = 0
+        """Number of the current stream, from 1; increases with every registration."""
+        self._stale = False
+        """The current session outlived the coordinator's DOWN deadline in silence (see the module docstring)."""
+        self._last_write = 0.0
+        self._down_after = 0.0
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
+
+    def is_current(self, session: int) -> bool:
+        """Whether instructions received on `session` may still be acted on: it is the open stream,
+        and the agent has not been silent past the coordinator's DOWN deadline since."""
+        if not (self.connected and session == self.session and not self._stale):
+            return False
+        self._check_not_silent()
+        return True
+
+    def _check_not_silent(self) -> bool:
+        """Marks the session stale once the agent has been silent past the DOWN deadline; True if fresh."""
+        if not self._stale and silent_past_deadline(self._last_write, self.clock.monotonic(), self._down_after):
+            self._stale = True
+            log.warning(
+                "silent past the coordinator's DOWN deadline; acting on nothing more from this stream",
+                silent_seconds=round(self.clock.monotonic() - self._last_write, 3),
+                deadline_seconds=self._down_after,
+            )
+        return not self._stale
 
     def send(self, message: agent_pb2.AgentMessage) -> bool:
         """Queues a message for the coordinator; False when disconnected (it will be re-sent
@@ -174,6 +228,10 @@ class CoordinatorLink:
             self.owners_authenticated = ack.owners_authenticated
             interval = ack.heartbeat_interval_seconds or self.requested_interval or 1.0
             self.backoff.reset()
+            self.session += 1
+            self._stale = False
+            self._down_after = down_after(ack, interval)
+            self._last_write = self.clock.monotonic()  # the registration was written just before the ack came
             self.connected = True
             self.registered.set()
             log.info(
@@ -209,7 +267,11 @@ class CoordinatorLink:
         assert self._outbox is not None
         outbox = self._outbox
         while True:
-            await call.write(await outbox.get())
+            message = await outbox.get()
+            if not self._check_not_silent():
+                raise SilentPastDeadline("silent past the coordinator's DOWN deadline; registering again")
+            await call.write(message)
+            self._last_write = self.clock.monotonic()
 
     async def _heartbeat_loop(self, interval: float) -> None:
         """Heartbeats on a fixed schedule (no drift), each with a fresh sample of every GPU."""
@@ -234,8 +296,10 @@ class CoordinatorLink:
             message = await call.read()
             if message is grpc.aio.EOF:
                 raise ConnectionError("coordinator ended the stream")
+            if not self._check_not_silent():
+                raise SilentPastDeadline("silent past the coordinator's DOWN deadline; registering again")
             try:
-                result = self.on_message(message)
+                result = self.on_message(message, self.session)
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:

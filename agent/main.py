@@ -127,7 +127,7 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         max_log_bytes=settings.max_log_bytes,
         clock=clock,
     )
-    router = Router(supervisor, send=link.send)
+    router = Router(supervisor, send=link.send, is_current=link.is_current)
     link.on_message = router.handle
     link.task_snapshot = supervisor.snapshot
     link.progress_snapshot = supervisor.progress

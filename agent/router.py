@@ -13,7 +13,10 @@ grace period ("attempt over", or a fence); that one is still read as a stop foll
 
 Launches run one after another so that the stream reader never waits on a process start and
 the ranks of two launches start in the order they were sent; a stop does not wait behind them
-(one rank's grace period must not delay the next launch).
+(one rank's grace period must not delay the next launch). A launch whose stream is no longer
+current when its turn comes (it ended, or went stale while the agent was stopped: see
+agent/coordinator_link.py) is dropped: the coordinator may have given its attempt up, and the
+next registration, which does not list it, lets the coordinator judge it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from gpuorch.v1 import agent_pb2
 log = structlog.get_logger("agent.router")
 
 SendFn = Callable[[agent_pb2.AgentMessage], bool]
+SessionCheck = Callable[[int], bool]
+"""Whether instructions received on a session (stream number) may still be acted on."""
+
+
+def always_current(session: int) -> bool:
+    return True
 
 
 def stop_also_forgets(stop: agent_pb2.StopTask) -> bool:
@@ -41,21 +50,22 @@ def stop_also_forgets(stop: agent_pb2.StopTask) -> bool:
 class Router:
     """Turns each CoordinatorMessage into calls on the supervisor; see the module docstring."""
 
-    def __init__(self, supervisor: Supervisor, send: SendFn) -> None:
+    def __init__(self, supervisor: Supervisor, send: SendFn, is_current: SessionCheck = always_current) -> None:
         self.supervisor = supervisor
         self.send = send
         """Queues a message for the coordinator (the log chunks answering read_logs)."""
-        self._launches: asyncio.Queue[agent_pb2.LaunchTask] = asyncio.Queue()
+        self.is_current = is_current
+        self._launches: asyncio.Queue[tuple[agent_pb2.LaunchTask, int]] = asyncio.Queue()
         self._background: set[asyncio.Task] = set()
         self._launcher: asyncio.Task | None = None
 
-    def handle(self, message: agent_pb2.CoordinatorMessage) -> None:
+    def handle(self, message: agent_pb2.CoordinatorMessage, session: int = 0) -> None:
         """Routes one message; never blocks the stream reader (launches and stops run on tasks)."""
         kind = message.WhichOneof("payload")
         if kind == "launch_task":
             if self._launcher is None:
                 self._launcher = asyncio.get_running_loop().create_task(self._launch_in_order())
-            self._launches.put_nowait(message.launch_task)
+            self._launches.put_nowait((message.launch_task, session))
         elif kind == "stop_task":
             self._spawn(self._stop(message.stop_task))
         elif kind == "forget_attempt":
@@ -82,8 +92,16 @@ class Router:
 
     async def _launch_in_order(self) -> None:
         while True:
-            launch = await self._launches.get()
+            launch, session = await self._launches.get()
             try:
+                if not self.is_current(session):
+                    log.warning(
+                        "launch dropped: its stream is gone or went stale before it could start",
+                        job=launch.job_id,
+                        attempt=launch.attempt,
+                        session=session,
+                    )
+                    continue
                 await self.supervisor.launch(launch)
             except Exception:
                 log.exception("launch failed", job=launch.job_id, attempt=launch.attempt)

@@ -115,3 +115,16 @@ async def test_log_reads_are_answered_and_unknown_messages_ignored(node: Node) -
 def test_only_a_zero_grace_stop_carries_an_acknowledgement() -> None:
     assert stop_also_forgets(agent_pb2.StopTask(job_id="j", attempt=1, grace_seconds=0))
     assert not stop_also_forgets(agent_pb2.StopTask(job_id="j", attempt=1, grace_seconds=0.5))
+
+
+async def test_a_launch_from_a_stream_that_is_no_longer_current_is_dropped(node: Node) -> None:
+    """A LaunchTask read on a stream that ended, or went stale while the agent was stopped, before its
+    turn came: the coordinator may have placed the attempt elsewhere meanwhile, so no rank starts."""
+    current = {2}
+    node.router.is_current = lambda session: session in current
+    node.router.handle(agent_pb2.CoordinatorMessage(launch_task=launch_task("j-stale", 1, SLEEPS)), session=1)
+    node.router.handle(agent_pb2.CoordinatorMessage(launch_task=launch_task("j-fresh", 1, python_rank("pass"))), session=2)
+    await node.router.settled()
+    await node.reports.wait_for(lambda s: s.job_id == "j-fresh" and s.state == EXITED)
+    assert [status.job_id for status in node.reports.statuses if status.job_id == "j-stale"] == []
+    assert [job_id for job_id, _, _ in node.snapshot()] == ["j-fresh"]

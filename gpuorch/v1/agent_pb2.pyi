@@ -117,16 +117,18 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., task_status: _Optional[_Union[TaskStatus, _Mapping]] = ..., log_chunk: _Optional[_Union[LogChunk, _Mapping]] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "coordinator_epoch", "drained", "owners_authenticated")
+    __slots__ = ("heartbeat_interval_seconds", "coordinator_epoch", "drained", "owners_authenticated", "down_after_seconds")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     OWNERS_AUTHENTICATED_FIELD_NUMBER: _ClassVar[int]
+    DOWN_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     coordinator_epoch: int
     drained: bool
     owners_authenticated: bool
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ..., owners_authenticated: _Optional[bool] = ...) -> None: ...
+    down_after_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ..., owners_authenticated: _Optional[bool] = ..., down_after_seconds: _Optional[float] = ...) -> None: ...
 
 class LaunchTask(_message.Message):
     __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes")
