@@ -123,7 +123,10 @@ def decide_rank_identity(
         return UNAUTHENTICATED_OWNERS
     if not owner:
         if not policy.allow_root_ranks:
-            return "the job has no owner, and this node's agent runs as root: it starts ranks only as the job's owner (allow_root_ranks is off)"
+            return (
+                "the job has no owner, and this node's agent runs as root: "
+                "it starts ranks only as the job's owner (allow_root_ranks is off)"
+            )
         return not_allowed if policy.allowed_users else AS_AGENT
     if account is None:
         return f"owner {owner!r} has no account on this node"

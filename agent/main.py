@@ -95,7 +95,8 @@ async def notify_ready(link: CoordinatorLink, clock: Clock) -> None:
     ranks, while the coordinator is down; an agent that retries is doing its job.
     """
     deadline = clock.monotonic() + READY_TIMEOUT_SECONDS
-    while not (link.registered.is_set() or link.reconnects) and clock.monotonic() < deadline:
+    # Polled, not awaited on an event: "the first attempt failed" (a reconnect counted) has no event.
+    while not (link.registered.is_set() or link.reconnects) and clock.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     sdnotify.ready(f"node {link.node_id}, coordinator {link.coordinator}")
 

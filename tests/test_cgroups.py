@@ -265,7 +265,8 @@ def test_a_delegated_agent_moves_itself_into_a_leaf_and_puts_ranks_beside_it(cgr
         "import os, sys; from agent.ranks.cgroups import open_rank_cgroups; "
         "(mount, own) = sys.argv[1:]; "
         "open(os.path.join(mount, own.lstrip('/'), 'cgroup.procs'), 'w').write(str(os.getpid())); "
-        "subtree = open_rank_cgroups(''); print('ranks=' + str(subtree.ranks_dir)); print('own=' + open('/proc/self/cgroup').read().split('0::')[1])"
+        "subtree = open_rank_cgroups(''); print('ranks=' + str(subtree.ranks_dir)); "
+        "print('own=' + open('/proc/self/cgroup').read().split('0::')[1])"
     )
     own = "/" + str(cgroup_root.relative_to(CGROUP2))
     result = subprocess.run(

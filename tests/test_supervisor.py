@@ -356,7 +356,8 @@ async def main():
     await supervisor.recover()
     code = "import os, sys, time\\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\\nsys.exit(7)"
     rank = agent_pb2.RankLaunch(rank=0)
-    await supervisor.launch(agent_pb2.LaunchTask(job_id="j-kill", attempt=1, argv=[sys.executable, "-c", code, sys.argv[2]], ranks=[rank]))
+    argv = [sys.executable, "-c", code, sys.argv[2]]
+    await supervisor.launch(agent_pb2.LaunchTask(job_id="j-kill", attempt=1, argv=argv, ranks=[rank]))
     await asyncio.sleep(60)
 
 asyncio.run(main())

@@ -8,6 +8,7 @@ real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import shutil
@@ -50,8 +51,8 @@ WATCHDOG_USEC = 400_000
 def unit_directives(path: Path) -> dict[str, list[str]]:
     """Key -> every value it is given in the unit (systemd allows repeating keys)."""
     directives: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw_line in path.read_text().splitlines():
+        line = raw_line.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
         key, _, value = line.partition("=")
@@ -226,7 +227,9 @@ class NotifySocket:
         self.sock.close()
         self._reader.join(5)
 
-    def wait_for(self, key: str, value: str = "1", timeout: float = 15.0, process: subprocess.Popen | None = None) -> dict[str, str]:
+    def wait_for(
+        self, key: str, value: str = "1", timeout: float = 15.0, process: subprocess.Popen | None = None
+    ) -> dict[str, str]:
         """Returns the next datagram (after those already waited for) with KEY=VALUE.
 
         Fails after `timeout` seconds, or as soon as `process` has exited.
@@ -242,7 +245,9 @@ class NotifySocket:
                 if process is not None and process.poll() is not None:
                     raise AssertionError(f"the daemon exited ({process.returncode}) before sending {key}={value}")
                 if time.monotonic() >= deadline:
-                    raise AssertionError(f"no {key}={value} within {timeout}s; received {[fields for _, fields in self.messages]}")
+                    raise AssertionError(
+                        f"no {key}={value} within {timeout}s; received {[fields for _, fields in self.messages]}"
+                    )
                 self._arrived.wait(min(0.1, max(deadline - time.monotonic(), 0)))
 
     def pings_since(self, since: float) -> list[float]:
@@ -278,7 +283,7 @@ def assert_watchdog_pings(listener: NotifySocket, seconds: float = 1.0) -> None:
     pings = listener.pings_since(start)
     expected = seconds / (WATCHDOG_USEC / 2 / 1e6)
     assert len(pings) >= expected / 2, f"{len(pings)} WATCHDOG=1 in {seconds}s, expected about {expected:.0f}"
-    gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
     assert 0.1 <= statistics.median(gaps) <= 0.35, f"watchdog pings {gaps} apart, expected 0.2 s"
 
 
@@ -334,11 +339,11 @@ async def test_watchdog_pings_stop_while_the_event_loop_is_stuck(monkeypatch, ab
     task = sdnotify.start_watchdog()
     assert task is not None
     await asyncio.sleep(0.3)
-    time.sleep(0.5)  # a blocking call on the loop
+    time.sleep(0.5)  # noqa: ASYNC251 - the point: a blocking call on the loop
     await asyncio.sleep(0.3)
     task.cancel()
     pings = abstract_notify_socket.pings_since(0)
-    gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
     assert len(pings) >= 5 and max(gaps) >= 0.45 and statistics.median(gaps) < 0.1, gaps
 
 
@@ -400,14 +405,16 @@ def test_coordinator_runs_with_memory_deny_write_execute(tmp_path, notify_socket
     """
     under_mdwe = (
         "-c",
-        "import ctypes, mmap, runpy, sys\n"
-        "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0: sys.exit(77)\n"  # PR_SET_MDWE, REFUSE_EXEC_GAIN
-        "try:\n"
-        "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
-        "    sys.exit('W+X mapping allowed: MDWE is not in force')\n"
-        "except PermissionError:\n"
-        "    pass\n"
-        "runpy.run_module('coordinator.main', run_name='__main__', alter_sys=True)\n",
+        (
+            "import ctypes, mmap, runpy, sys\n"
+            "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0: sys.exit(77)\n"  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+            "try:\n"
+            "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "    sys.exit('W+X mapping allowed: MDWE is not in force')\n"
+            "except PermissionError:\n"
+            "    pass\n"
+            "runpy.run_module('coordinator.main', run_name='__main__', alter_sys=True)\n"
+        ),
     )
     port = free_port()
     coordinator = start_coordinator(tmp_path, port, notify_env(notify_socket), run=under_mdwe)

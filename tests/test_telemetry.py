@@ -16,7 +16,6 @@ from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.harness import ON_A_GPU_NODE, REPO
 
 
-
 def healthy(info, sample) -> bool:
     return assess_device(
         lost=sample.lost,
@@ -61,12 +60,12 @@ def test_injected_faults_show_in_telemetry_and_clear():
     assert batch[1].temperature_celsius == 97.0
     assert batch[2].lost
     assert batch[3].ecc_uncorrected_errors == 2
-    assert not any(healthy(info, sample) for info, sample in zip(infos, batch))
+    assert not any(healthy(info, sample) for info, sample in zip(infos, batch, strict=True))
     assert source.sample()[0].xid_count == 1, "a standing fault is one XID, not one per sample"
     for index in range(4):
         source.restore(index)
     batch = source.sample()
-    assert all(healthy(info, sample) for info, sample in zip(infos, batch))
+    assert all(healthy(info, sample) for info, sample in zip(infos, batch, strict=True))
     assert batch[0].xid_count == 1, "counts never go back"
     with pytest.raises(IndexError, match="no simulated device with index 9"):
         source.inject_xid(9, 79)

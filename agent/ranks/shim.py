@@ -263,7 +263,7 @@ def start_rank(
             why = getattr(error, "strerror", None) or str(error)
             try:
                 os.write(error_write, f"E{step}: {why}".encode("utf-8", "surrogateescape"))
-            except BaseException:  # noqa: BLE001, S110
+            except BaseException:  # noqa: BLE001
                 pass
         finally:
             os._exit(127)

@@ -30,5 +30,5 @@ class TelemetrySource(abc.ABC):
         """One sample per device, in index order. Never raises for a single bad device:
         a device that cannot be read is reported with `lost` set."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a source without a driver has nothing to release
         """Releases the driver, if any."""

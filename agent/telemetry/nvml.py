@@ -105,7 +105,7 @@ class NvmlSource(TelemetrySource):
         nvml = self.nvml
         self._drain_xid_events()
         samples = []
-        for index, (info, handle) in enumerate(zip(self._devices, self._handles)):
+        for index, (info, handle) in enumerate(zip(self._devices, self._handles, strict=True)):
             sample = cluster_pb2.DeviceTelemetry(uuid=info.uuid, xid_count=self._xid_count[index], last_xid=self._last_xid[index])
             try:
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)

@@ -141,7 +141,7 @@ class SimulatedSource(TelemetrySource):
     def sample(self) -> list[cluster_pb2.DeviceTelemetry]:
         self._reload_faults_file()
         samples = []
-        for info, state in zip(self._devices, self._state):
+        for info, state in zip(self._devices, self._state, strict=True):
             fault = self._api_faults.get(info.index) or self._file_faults.get(info.index) or _Fault()
             # A bounded random walk: busy GPUs stay busy, idle ones idle, with jitter.
             state.utilization = min(100.0, max(0.0, state.utilization + self.rng.uniform(-5, 5)))
