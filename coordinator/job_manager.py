@@ -130,11 +130,15 @@ class JobEntry:
     """The scheduler's view of the job, built once (rebuilt when the priority changes)."""
     attempts: dict[int, AttemptRanks] = field(default_factory=dict)
     """Attempts that may still have ranks somewhere, by number."""
-    restart_reason: str = ""
-    """Why the next attempt is started (GPUORCH_RESTART_REASON); empty for the first."""
     not_before: float = 0.0
     """Wall time before which the next attempt must not start (restart backoff)."""
     watchers: set[asyncio.Queue] = field(default_factory=set)
+
+    @property
+    def restart_reason(self) -> str:
+        """Why the next attempt is started (GPUORCH_RESTART_REASON); empty for the first. Kept in the
+        stored job itself, so that it outlives a coordinator restart during the backoff."""
+        return self.job.pending_restart_reason
 
     def stored(self) -> StoredJob:
         return StoredJob(self.sequence, self.job, self.client_request_id)
@@ -222,7 +226,6 @@ class JobManager:
             highest = max(highest, stored.sequence)
             self._index(entry)
             if stored.job.state == job_pb2.JOB_STATE_PENDING and stored.job.attempts:
-                entry.restart_reason = stored.job.attempts[-1].restart_reason
                 entry.not_before = stored.job.restart_not_before.ToNanoseconds() / 1e9
                 restarting.append(entry)
             if stored.job.state == job_pb2.JOB_STATE_RUNNING:
@@ -616,7 +619,7 @@ class JobManager:
         return placed
 
     def _attempt_environment(self, entry: JobEntry) -> dict[str, str]:
-        env = {"GPUORCH_RESTART_REASON": entry.restart_reason}
+        env = {"GPUORCH_RESTART_REASON": entry.job.attempts[-1].restart_reason}
         if self.checkpoint_root:
             env["GPUORCH_CHECKPOINT_DIR"] = str(Path(self.checkpoint_root) / entry.job.job_id)
         return env
@@ -647,7 +650,8 @@ class JobManager:
         started = _stamp(now)
         job.start_time.CopyFrom(started)
         job.ClearField("restart_not_before")
-        record = job.attempts.add(attempt=job.attempt, start_time=started, restart_reason=entry.restart_reason)
+        record = job.attempts.add(attempt=job.attempt, start_time=started, restart_reason=job.pending_restart_reason)
+        job.pending_restart_reason = ""
         record.placement.CopyFrom(placement)
         ranks = self._take_devices(entry, placement, job.attempt)
         ranks.started_wall = now
@@ -867,7 +871,7 @@ class JobManager:
         job.restarts = decision.restart_number
         job.state = job_pb2.JOB_STATE_PENDING
         job.reason = f"restart {decision.restart_number} of {job.spec.max_restarts} after {code}"
-        entry.restart_reason = code
+        job.pending_restart_reason = code
         entry.not_before = now + decision.delay_seconds
         if decision.delay_seconds:
             job.restart_not_before.CopyFrom(_stamp(entry.not_before))
@@ -952,6 +956,7 @@ class JobManager:
         entry.job.reason = reason
         entry.job.end_time.CopyFrom(_stamp(self.clock()))
         entry.job.ClearField("restart_not_before")
+        entry.job.pending_restart_reason = ""
         self._dequeue(entry.job.job_id)
         log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
         self._wake.set()

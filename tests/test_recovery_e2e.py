@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import gpuorch
 from gpuorch.errors import GpuorchError
@@ -22,7 +23,9 @@ FINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def start(cluster, nodes=("n1", "n2"), gpus=2, *coordinator_args):
-    cluster.start_coordinator("--stop-grace-period", "1", "--node-grace-period", "1.5", "--restart-backoff-base", "0.2", *coordinator_args)
+    cluster.start_coordinator(
+        "--stop-grace-period", "1", "--node-grace-period", "1.5", "--restart-backoff-base", "0.2", *coordinator_args
+    )
     for node_id in nodes:
         cluster.add_agent(node_id, gpus, "--heartbeat-interval", "0.25")
     cluster.wait_for_nodes(len(nodes))
@@ -54,7 +57,9 @@ def no_gpu_held_twice(cluster) -> None:
     for pid_file in cluster.root.glob("agent-*/jobs/*/attempt-*/rank-*.pid"):
         try:
             environ = dict(
-                item.split("=", 1) for item in open(f"/proc/{int(pid_file.read_text())}/environ").read().split("\0") if "=" in item
+                item.split("=", 1)
+                for item in Path(f"/proc/{int(pid_file.read_text())}/environ").read_text().split("\0")
+                if "=" in item
             )
         except (OSError, ValueError):
             continue  # ended
@@ -69,7 +74,15 @@ def no_gpu_held_twice(cluster) -> None:
 def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(cluster):
     client = start(cluster)
     job_id = client.submit_job(argv=trainer("--steps", "8", "--step-seconds", "0.15"), gpus=4, max_restarts=2)
-    wait_for(lambda: (p := _rank_pids(cluster, job_id)) and len(p) == 4 and b"step" and (cluster.root / "coordinator" / "checkpoints" / job_id / "step").exists(), what="a checkpoint")
+    wait_for(
+        lambda: (
+            (p := _rank_pids(cluster, job_id))
+            and len(p) == 4
+            and b"step"
+            and (cluster.root / "coordinator" / "checkpoints" / job_id / "step").exists()
+        ),
+        what="a checkpoint",
+    )
     pids = _rank_pids(cluster, job_id)
     os.kill(pids[2], signal.SIGKILL)
     job = wait_state(client, job_id, SUCCEEDED)
@@ -181,7 +194,9 @@ def test_elastic_job_shrinks_then_grows_back(cluster):
     wait_state(client, job_id, RUNNING)
     wait_for(lambda: len(_rank_pids(cluster, job_id)) == 4, what="rank pids")
     kill_node(cluster, "n2")
-    job = wait_for(lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="a shrunken attempt")
+    job = wait_for(
+        lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="a shrunken attempt"
+    )
     assert job.placement.world_size == 2 and [n.node_id for n in job.placement.nodes] == ["n1"]
     assert "2 of 4 GPUs (elastic)" in job.reason
     cluster.add_agent("n2", 2, "--heartbeat-interval", "0.25")
@@ -195,7 +210,20 @@ def test_elastic_job_shrinks_then_grows_back(cluster):
 def test_hung_gang_is_restarted(cluster):
     client = start(cluster, ("n1",), 2)
     job_id = client.submit_job(
-        argv=trainer("--steps", "4", "--step-seconds", "0.1", "--fail-attempt", "1", "--fail-rank", "0", "--fail-at-step", "1", "--fail-mode", "hang"),
+        argv=trainer(
+            "--steps",
+            "4",
+            "--step-seconds",
+            "0.1",
+            "--fail-attempt",
+            "1",
+            "--fail-rank",
+            "0",
+            "--fail-at-step",
+            "1",
+            "--fail-mode",
+            "hang",
+        ),
         gpus=2,
         max_restarts=1,
         progress_timeout_seconds=2,
@@ -214,7 +242,9 @@ def test_returning_node_has_ranks_of_superseded_attempts_fenced(cluster):
     old_pids = _rank_pids(cluster, job_id)
     agent = cluster.agents[node_id]
     agent.signal(signal.SIGSTOP)  # a partition: the node goes DOWN, its ranks keep running
-    job = wait_for(lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="attempt 2 elsewhere")
+    job = wait_for(
+        lambda: (j := client.get_job(job_id)).attempt == 2 and j.state == RUNNING and j, timeout=10, what="attempt 2 elsewhere"
+    )
     assert job.placement.nodes[0].node_id != node_id
     assert all(_alive(pid) for pid in old_pids.values())
     agent.signal(signal.SIGCONT)  # the partition heals: the agent re-registers with attempt 1's ranks
@@ -271,3 +301,32 @@ def test_coordinator_killed_during_a_burst_of_submissions(cluster):
         time.sleep(0.5)
     final = client.list_jobs(page_size=1000)[0]
     assert all(job.state == SUCCEEDED for job in final), [(j.job_id, j.reason) for j in final if j.state != SUCCEEDED][:5]
+
+
+RECORD_REASON = (
+    "import os, pathlib, sys\n"
+    "attempt = int(os.environ['GPUORCH_ATTEMPT'])\n"
+    "pathlib.Path(sys.argv[1], f'attempt-{attempt}').write_text(os.environ.get('GPUORCH_RESTART_REASON', '<unset>'))\n"
+    "sys.exit({1: 3, 2: 4}.get(attempt, 0))\n"
+)
+"""A rank that writes the restart reason it was started with, then exits 3 in attempt 1, 4 in attempt 2, 0 after."""
+
+
+def test_restart_reason_outlives_a_coordinator_killed_during_the_backoff(cluster, tmp_path):
+    """Attempt 1 exits 3 (restart 1 at once), attempt 2 exits 4 (restart 2 after a backoff); the coordinator
+    is SIGKILLed while the job waits out that backoff. Attempt 3 must still be told why it runs: attempt 2
+    exited 4 — not attempt 2's own start reason, and not nothing."""
+    backoff = ("--restart-backoff-base", "4")
+    client = start(cluster, ("n1",), 1, *backoff)
+    seen = tmp_path / "reasons"
+    seen.mkdir()
+    job_id = client.submit_job(argv=[sys.executable, "-c", RECORD_REASON, str(seen)], gpus=1, max_restarts=3)
+    job = wait_for(
+        lambda: (j := client.get_job(job_id)).restarts == 2 and j.state == PENDING and j, timeout=20, what="the backoff"
+    )
+    assert job.HasField("restart_not_before") and (seen / "attempt-2").read_text() == "rank_exit:0:3"
+    cluster.coordinator.kill()
+    cluster.start_coordinator("--stop-grace-period", "1", "--node-grace-period", "1.5", *backoff)
+    job = wait_state(client, job_id, SUCCEEDED, timeout=30)
+    assert job.attempt == 3 and job.attempts[2].restart_reason == "rank_exit:0:4"
+    assert (seen / "attempt-3").read_text() == "rank_exit:0:4", "the third attempt is told why it runs"
