@@ -9,7 +9,7 @@ import sys
 
 import structlog
 
-from coordinator.server import Coordinator
+from coordinator.wiring import Coordinator
 from coordinator.settings import CoordinatorSettings
 from gpuorch import sdnotify
 from gpuorch.settings import daemon_settings

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gc
 
-from coordinator.cluster import ClusterView, HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
-from coordinator.liveness import LivenessPolicy
-from coordinator.server import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
+from coordinator.model.cluster import ClusterView, HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.wiring import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.cluster import ClusterView
-from coordinator.job_manager import JobManager
-from coordinator.liveness import LivenessPolicy
-from coordinator.store import SqliteJobStore
+from coordinator.model.cluster import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.v1 import agent_pb2, job_pb2
 
 

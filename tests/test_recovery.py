@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import recovery
-from coordinator.health import DeviceHealth, quarantined
+from coordinator.rules import recovery
+from coordinator.rules.health import DeviceHealth, quarantined
 from gpuorch import worker
 from gpuorch.v1 import agent_pb2
 

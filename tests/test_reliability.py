@@ -17,12 +17,12 @@ import time
 import grpc
 
 from agent.agent import Agent
-from coordinator.agent_service import AgentService
-from coordinator.cluster import ClusterView
-from coordinator.job_manager import JobManager
-from coordinator.liveness import LivenessPolicy
-from coordinator.recovery import RecoveryPolicy
-from coordinator.store import SqliteJobStore
+from coordinator.api.agent_service import AgentService
+from coordinator.model.cluster import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.rules.recovery import RecoveryPolicy
+from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.backoff import Backoff
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
 from tests.harness import REPO, wait_for

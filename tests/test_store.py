@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.store import SqliteJobStore, StoredJob
+from coordinator.store.sqlite import SqliteJobStore, StoredJob
 from gpuorch.v1 import job_pb2
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from coordinator import health, liveness
-from coordinator.liveness import Liveness, LivenessPolicy, NodeLiveness
+from coordinator.rules import health, liveness
+from coordinator.rules.liveness import Liveness, LivenessPolicy, NodeLiveness
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")

@@ -38,8 +38,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import gpuorch
-from coordinator.cluster import SAMPLE_FIELDS, HeartbeatStats, public_state
-from coordinator.liveness import Liveness
+from coordinator.model.cluster import SAMPLE_FIELDS, HeartbeatStats, public_state
+from coordinator.rules.liveness import Liveness
 from gpuorch.metrics import MetricsServer, new_registry, on_loop
 from gpuorch.v1 import cluster_pb2, job_pb2
 

@@ -6,10 +6,11 @@ import asyncio
 
 import grpc
 
-from coordinator import jobs, scheduler
-from coordinator.auth import Action, Guard, StreamQuota, priority_problem, redact_env
-from coordinator.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, QuotaExceeded
-from coordinator.jobs import InvalidSpec
+from coordinator import scheduler
+from coordinator.rules import job_rules as jobs
+from coordinator.api.auth import Action, Guard, StreamQuota, priority_problem, redact_env
+from coordinator.control.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, QuotaExceeded
+from coordinator.rules.job_rules import InvalidSpec
 from gpuorch.v1 import job_pb2, job_pb2_grpc
 
 MAX_CLIENT_REQUEST_ID = 128

@@ -4,7 +4,7 @@ The handler reads in one task and writes from the session's outbox in the
 handler itself, so the rest of the coordinator talks to a node by putting
 messages in `session.outbox` and never touches gRPC.
 
-The service is registered through coordinator.strict: `context.read()` returns
+The service is registered through coordinator.api.request_parsing: `context.read()` returns
 parsed AgentMessages and raises MalformedRequest for a frame that is not one.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from coordinator.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
-from coordinator.strict import MalformedRequest
+from coordinator.model.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
+from coordinator.api.request_parsing import MalformedRequest
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 

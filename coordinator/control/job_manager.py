@@ -33,10 +33,11 @@ from pathlib import Path
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from coordinator import jobs, recovery, scheduler
-from coordinator.cluster import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE, ClusterView, Transition
-from coordinator.liveness import Liveness
-from coordinator.store import JobStore, StoredJob
+from coordinator import scheduler
+from coordinator.rules import job_rules as jobs, recovery
+from coordinator.model.cluster import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE, ClusterView, Transition
+from coordinator.rules.liveness import Liveness
+from coordinator.store.sqlite import JobStore, StoredJob
 from gpuorch.v1 import agent_pb2, job_pb2
 
 log = structlog.get_logger("coordinator.jobs")
