@@ -134,25 +134,9 @@ class GarbageSettler:
             self.frozen_at = now
 
 
-def next_epoch(state_dir: Path) -> int:
-    """Reads, increments and durably writes the coordinator epoch."""
-    path = state_dir / "epoch"
-    try:
-        epoch = int(path.read_text().strip()) + 1
-    except FileNotFoundError:
-        epoch = 1
-    temporary = path.with_suffix(".tmp")
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-        handle.write(f"{epoch}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return epoch
-
-
 STATE_DIR_MODE = 0o711
 """Nobody else may list or change the state dir; they may pass through it, to the local socket and the default
-checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store.py)."""
+checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store/sqlite.py)."""
 FILE_DESCRIPTOR_HEADROOM = 256
 """File descriptors kept for what is not a connection: the job store, logs, the metrics port."""
 DEFAULT_FILE_LIMIT = 65536
@@ -240,7 +224,6 @@ class Coordinator:
     async def start(self) -> None:
         try:
             make_state_dir(self.state_dir)
-            self.epoch = next_epoch(self.state_dir)
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
         settings = self.settings
@@ -261,7 +244,11 @@ class Coordinator:
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
         )
-        await self.jobs.start()
+        try:
+            await self.jobs.start()
+        except OSError as error:
+            raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
+        self.epoch = self.jobs.epoch
         self.agents = AgentService(self.cluster, self.epoch)
         self.agents.identity_problem = functools.partial(
             node_identity_problem,

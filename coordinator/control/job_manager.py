@@ -37,7 +37,7 @@ from coordinator import scheduler
 from coordinator.rules import job_rules as jobs, recovery
 from coordinator.model.cluster import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE, ClusterView, Transition
 from coordinator.rules.liveness import Liveness
-from coordinator.store.sqlite import JobStore, StoredJob
+from coordinator.store.api import JobStore, StoredJob
 from gpuorch.v1 import agent_pb2, job_pb2
 
 log = structlog.get_logger("coordinator.jobs")
@@ -177,6 +177,8 @@ class JobManager:
         self.checkpoint_root = checkpoint_root
         self.rendezvous_ports = rendezvous_ports
         self.clock = clock
+        self.epoch = 0
+        """The coordinator epoch, from the store once started."""
         self.jobs: dict[str, JobEntry] = {}
         self.pending: dict[str, JobEntry] = {}
         """Jobs waiting for placement (new, or restarting), in submission order."""
@@ -216,9 +218,8 @@ class JobManager:
 
     async def start(self) -> None:
         state = await self.store.open()
-        for key, value in state.settings.items():
-            if key.startswith("drain:"):
-                self.cluster.drained[key.removeprefix("drain:")] = value
+        self.epoch = state.epoch
+        self.cluster.drained.update(state.drains)
         highest = 0
         now = self.clock()
         running, restarting = [], []
@@ -971,7 +972,7 @@ class JobManager:
             watcher.put_nowait(snapshot)
 
     async def persist_drain(self, node_id: str, reason: str | None) -> None:
-        await self.store.save(settings={f"drain:{node_id}": reason})
+        await self.store.save(drains={node_id: reason})
 
 
 def _stop(job_id: str, attempt: int, grace: float, reason: str) -> agent_pb2.CoordinatorMessage:
