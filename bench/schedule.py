@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import structlog  # noqa: E402
 
-from coordinator.model.cluster import ClusterView  # noqa: E402
 from coordinator.control.job_manager import JobManager  # noqa: E402
+from coordinator.model.cluster import ClusterView  # noqa: E402
 from coordinator.rules.liveness import LivenessPolicy  # noqa: E402
 from coordinator.scheduler import SchedulerConfig  # noqa: E402
 from coordinator.store.sqlite import SqliteJobStore  # noqa: E402

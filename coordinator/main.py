@@ -9,8 +9,8 @@ import sys
 
 import structlog
 
-from coordinator.wiring import Coordinator
 from coordinator.settings import CoordinatorSettings
+from coordinator.wiring import Coordinator
 from gpuorch import sdnotify
 from gpuorch.settings import daemon_settings
 

@@ -20,19 +20,19 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from coordinator.api.agent_service import AgentService
 from coordinator.api.auth import Guard, StreamQuota, node_identity_problem
-from coordinator.model.cluster import ClusterView
 from coordinator.api.cluster_service import ClusterService
-from coordinator.control.job_manager import JobManager
 from coordinator.api.job_service import JobService
-from coordinator.rules.liveness import Liveness, LivenessPolicy
 from coordinator.api.local_socket import LocalSocketRelay
-from coordinator.observe.prometheus import CoordinatorMetrics
-from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.api.reflection import CommentedPool
+from coordinator.api.request_parsing import add_strict_service
+from coordinator.control.job_manager import JobManager
+from coordinator.model.cluster import ClusterView
+from coordinator.observe.prometheus import CoordinatorMetrics
+from coordinator.rules.liveness import Liveness, LivenessPolicy
+from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.scheduler import SchedulerConfig
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.sqlite import SqliteJobStore
-from coordinator.api.request_parsing import add_strict_service
 from gpuorch import tls
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 
-from coordinator.model.cluster import ClusterView, HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
+from coordinator.model.cluster import ClusterView
+from coordinator.model.telemetry import HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.wiring import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
 from gpuorch.v1 import agent_pb2, cluster_pb2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from coordinator.rules import liveness
 from coordinator.model.cluster import public_state
+from coordinator.rules import liveness
 from coordinator.rules.liveness import Liveness, LivenessPolicy
 from gpuorch.v1 import cluster_pb2
 

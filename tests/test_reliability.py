@@ -18,8 +18,8 @@ import grpc
 
 from agent.agent import Agent
 from coordinator.api.agent_service import AgentService
-from coordinator.model.cluster import ClusterView
 from coordinator.control.job_manager import JobManager
+from coordinator.model.cluster import ClusterView
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.store.sqlite import SqliteJobStore
@@ -36,6 +36,12 @@ class Clock:
         self.now = 1000.0
 
     def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
         return self.now
 
 

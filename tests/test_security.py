@@ -32,8 +32,8 @@ from coordinator.api.auth import (
     parse_tokens,
 )
 from coordinator.settings import CoordinatorSettings
-from gpuorch.client import is_local_address
 from gpuorch.cli import new_token
+from gpuorch.client import is_local_address
 from gpuorch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from gpuorch.tls import is_loopback_host
 from gpuorch.v1 import cluster_pb2, job_pb2

@@ -16,7 +16,6 @@ from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.harness import ON_A_GPU_NODE, REPO
 
 
-
 def healthy(info, sample) -> bool:
     return assess_device(
         lost=sample.lost,

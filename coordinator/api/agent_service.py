@@ -16,8 +16,8 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from coordinator.model.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
 from coordinator.api.request_parsing import MalformedRequest
+from coordinator.model.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 

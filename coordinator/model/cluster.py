@@ -8,17 +8,29 @@ keeps the records and turns them into wire messages.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import itertools
-import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from coordinator.model.jobs import RankKey
+from coordinator.model.telemetry import (
+    ECC_UNCORRECTED,
+    GPU_UTILIZATION,
+    LAST_XID,
+    LOST,
+    MEMORY_USED,
+    POWER,
+    TEMPERATURE,
+    HeartbeatStats,
+    TelemetryHistory,
+    sample_of,
+    telemetry_of,
+)
 from coordinator.rules import health, liveness
 from coordinator.rules.liveness import Liveness, LivenessPolicy, NodeLiveness
 from gpuorch.v1 import agent_pb2, cluster_pb2
@@ -27,65 +39,6 @@ NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 MAX_DEVICES_PER_NODE = 64
 MIN_HEARTBEAT_INTERVAL = 0.05
 MAX_HEARTBEAT_INTERVAL = 300.0
-
-
-# A device's latest telemetry is kept as a plain tuple of numbers, in this order, not as the
-# message it came in: the garbage collector stops tracking such tuples, so the samples of
-# 16,000 GPUs, replaced every second, neither lengthen nor trigger full collections (which
-# stall the event loop and with it heartbeat ingest).
-SAMPLE_FIELDS = (
-    "memory_used_bytes", "gpu_utilization_percent", "memory_utilization_percent", "temperature_celsius",
-    "power_watts", "ecc_corrected_errors", "ecc_uncorrected_errors", "xid_count", "last_xid", "lost",
-)  # fmt: skip
-MEMORY_USED, GPU_UTILIZATION, _, TEMPERATURE, POWER, _, ECC_UNCORRECTED, _, LAST_XID, LOST = range(len(SAMPLE_FIELDS))
-
-
-def sample_of(telemetry: cluster_pb2.DeviceTelemetry) -> tuple:
-    return (
-        telemetry.memory_used_bytes,
-        telemetry.gpu_utilization_percent,
-        telemetry.memory_utilization_percent,
-        telemetry.temperature_celsius,
-        telemetry.power_watts,
-        telemetry.ecc_corrected_errors,
-        telemetry.ecc_uncorrected_errors,
-        telemetry.xid_count,
-        telemetry.last_xid,
-        telemetry.lost,
-    )
-
-
-def telemetry_of(uuid: str, sample: tuple) -> cluster_pb2.DeviceTelemetry:
-    return cluster_pb2.DeviceTelemetry(uuid=uuid, **dict(zip(SAMPLE_FIELDS, sample)))
-
-
-class TelemetryHistory:
-    """The last `length` samples of (wall time, GPU utilisation, memory used, temperature, power),
-    in one preallocated array of doubles: constant memory, nothing for the garbage collector to walk."""
-
-    WIDTH = 5
-    __slots__ = ("length", "values", "count")
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.values = array.array("d", bytes(8 * self.WIDTH * length))
-        self.count = 0
-
-    def append(self, wall: float, utilization: float, memory_used: float, temperature: float, power: float) -> None:
-        start = (self.count % self.length) * self.WIDTH
-        self.values[start : start + self.WIDTH] = array.array("d", (wall, utilization, memory_used, temperature, power))
-        self.count += 1
-
-    def __len__(self) -> int:
-        return min(self.count, self.length)
-
-    def samples(self) -> list[tuple[float, ...]]:
-        """Oldest first."""
-        first = self.count - len(self)
-        return [
-            tuple(self.values[(i % self.length) * self.WIDTH : (i % self.length + 1) * self.WIDTH])
-            for i in range(first, self.count)
-        ]
 
 
 class InvalidMessage(ValueError):
@@ -202,42 +155,108 @@ class Transition:
     session: AgentSession | None
 
 
-class HeartbeatStats:
-    """Ingest lag and rate over recent heartbeats, for GetClusterStatus and benchmarks.
+class Allocations(Mapping[str, tuple[str, int]]):
+    """Which attempt holds each device: the one home of GPU ownership.
 
-    A ring of the last `max_samples` (received time, lag) pairs in arrays of doubles: the hot path
-    writes two numbers, and the garbage collector has nothing to walk."""
+    A device is taken when an attempt is placed and given back when the rank on it reports its end,
+    or its node is declared DOWN; no device is ever given to two attempts. A rank of an attempt the
+    coordinator no longer runs (fenced) holds the devices it may be on until its end is confirmed:
+    those holds are kept here too, so nothing new is placed beside it.
+    """
 
-    def __init__(self, window_seconds: float = 10.0, max_samples: int = 1 << 16) -> None:
-        self.window_seconds = window_seconds
-        self.max_samples = max_samples
-        self.received = array.array("d", bytes(8 * max_samples))
-        self.lags = array.array("d", bytes(8 * max_samples))
-        self.count = 0
+    def __init__(self) -> None:
+        self._holders: dict[str, tuple[str, int]] = {}
+        self._versions: dict[str, int] = {}
+        """Node id -> increases whenever a device on it is taken or given back (the scheduler's view cache keys on it)."""
+        self._fence_holds: dict[RankKey, tuple[str, tuple[str, ...]]] = {}
+        """Fenced rank not yet confirmed gone -> (its node, the devices held for it)."""
+        self._fence_holders: dict[str, set[RankKey]] = {}
+        """Device uuid -> the fenced ranks it is held for; the device is given back when none is left."""
 
-    def record(self, received_wall: float, lag_seconds: float) -> None:
-        slot = self.count % self.max_samples
-        self.received[slot] = received_wall
-        self.lags[slot] = lag_seconds
-        self.count += 1
+    def __getitem__(self, uuid: str) -> tuple[str, int]:
+        return self._holders[uuid]
 
-    def summary(self, now_wall: float) -> tuple[float, float, float]:
-        """(heartbeats per second, p50 lag ms, p99 lag ms) over the window."""
-        held = min(self.count, self.max_samples)
-        if not held:
-            return 0.0, 0.0, 0.0
-        cutoff = now_wall - self.window_seconds
-        received, lags = self.received[:held], self.lags[:held]
-        recent = sorted(lag for when, lag in zip(received, lags) if when >= cutoff)
-        if not recent:
-            return 0.0, 0.0, 0.0
-        oldest = min(received)
-        span = self.window_seconds if oldest <= cutoff else max(now_wall - oldest, 1e-3)
-        return (
-            len(recent) / span,
-            1000 * recent[len(recent) // 2],
-            1000 * recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)],
-        )
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._holders)
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def copy(self) -> dict[str, tuple[str, int]]:
+        return dict(self._holders)
+
+    def version(self, node_id: str) -> int:
+        return self._versions.get(node_id, 0)
+
+    def changed(self, node_id: str) -> None:
+        self._versions[node_id] = self._versions.get(node_id, 0) + 1
+
+    def take(self, uuid: str, holder: tuple[str, int], node_id: str, restoring: bool = False) -> None:
+        """Gives `uuid` to `holder`; refuses a device another attempt holds (unless restoring stored attempts,
+        where the later attempt wins)."""
+        current = self._holders.get(uuid)
+        if current is not None and current != holder and not restoring:
+            raise AssertionError(f"device {uuid} is held by {current}; refusing to give it to {holder[0]}")
+        self._holders[uuid] = holder
+        self.changed(node_id)
+
+    def release(self, uuid: str, holder: tuple[str, int], node_id: str) -> bool:
+        """Gives `uuid` back if `holder` holds it; returns whether it did."""
+        if self._holders.get(uuid) != holder:
+            return False
+        del self._holders[uuid]
+        self.changed(node_id)
+        return True
+
+    # -- fence holds --
+
+    @property
+    def fencing(self) -> bool:
+        return bool(self._fence_holds)
+
+    def fenced(self, key: RankKey) -> bool:
+        return key in self._fence_holds
+
+    def fenced_on(self, node_id: str) -> list[RankKey]:
+        return [key for key, (held_on, _) in self._fence_holds.items() if held_on == node_id]
+
+    def hold_for_fenced(
+        self, key: RankKey, node_id: str, candidates: Iterable[str], known_device: bool
+    ) -> tuple[list[str], list[str]]:
+        """Holds, for a fenced rank, every candidate device not held by a running attempt. Returns (held,
+        devices it may be on that a running attempt holds, when its device was known: a double use)."""
+        held, conflicts = [], []
+        for candidate in candidates:
+            holder = self._holders.get(candidate)
+            if holder is None:
+                self._holders[candidate] = (key[0], key[1])
+            elif candidate not in self._fence_holders:
+                if holder != (key[0], key[1]) and known_device:
+                    conflicts.append(candidate)
+                continue  # held by a running attempt, which gives it back only when its own rank there ends
+            self._fence_holders.setdefault(candidate, set()).add(key)
+            held.append(candidate)
+        if held:
+            self._fence_holds[key] = (node_id, tuple(held))
+            self.changed(node_id)
+        return held, conflicts
+
+    def fence_confirmed(self, node_id: str, key: RankKey) -> bool:
+        """A fenced rank is gone: gives back what it held. Returns whether anything was held for it."""
+        hold = self._fence_holds.get(key)
+        if hold is None or hold[0] != node_id:
+            return False
+        del self._fence_holds[key]
+        for uuid in hold[1]:
+            holders = self._fence_holders.get(uuid)
+            if holders is None:
+                continue
+            holders.discard(key)
+            if not holders:
+                del self._fence_holders[uuid]
+                self._holders.pop(uuid, None)
+        self.changed(node_id)
+        return True
 
 
 def _timestamp(wall: float) -> Timestamp:
@@ -270,8 +289,8 @@ class ClusterView:
         self._session_ids = itertools.count(1)
         self.drained: dict[str, str] = {}
         """Node id -> operator's reason, for drained nodes; outlives the node's streams (and, stored, restarts)."""
-        self.allocations: dict[str, tuple[str, int]] = {}
-        """Device uuid -> (job id, attempt) holding it. Owned by the job manager; read here for views."""
+        self.allocations = Allocations()
+        """Device uuid -> (job id, attempt) holding it; changed by the job rules, read here for views."""
         self.listeners: list[Callable[[Transition], None]] = []
         """Called for every liveness transition (the failure detector and metrics hook in here)."""
         self.device_listeners: list[Callable[[str, str, health.DeviceHealth], None]] = []
@@ -287,7 +306,9 @@ class ClusterView:
         devices = {}
         previous = self.nodes.get(register.node_id)
         for info in register.devices:
-            devices[info.uuid] = DeviceRecord(info=info, history=TelemetryHistory(self.history_length), memory_total=info.memory_total_bytes)
+            devices[info.uuid] = DeviceRecord(
+                info=info, history=TelemetryHistory(self.history_length), memory_total=info.memory_total_bytes
+            )
         state = liveness.registered(now, interval)
         replaced = previous.session if previous is not None else None
         node = NodeRecord(
@@ -482,9 +503,7 @@ class ClusterView:
     def list_nodes(self, states: Iterable[int] = ()) -> list[cluster_pb2.Node]:
         wanted = set(states)
         return [
-            self.node_proto(node)
-            for node_id, node in sorted(self.nodes.items())
-            if not wanted or self.state_of(node) in wanted
+            self.node_proto(node) for node_id, node in sorted(self.nodes.items()) if not wanted or self.state_of(node) in wanted
         ]
 
     def status(self) -> cluster_pb2.ClusterStatus:

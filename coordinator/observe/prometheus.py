@@ -38,7 +38,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import gpuorch
-from coordinator.model.cluster import SAMPLE_FIELDS, HeartbeatStats, public_state
+from coordinator.model.cluster import public_state
+from coordinator.model.telemetry import SAMPLE_FIELDS, HeartbeatStats
 from coordinator.rules.liveness import Liveness
 from gpuorch.metrics import MetricsServer, new_registry, on_loop
 from gpuorch.v1 import cluster_pb2, job_pb2

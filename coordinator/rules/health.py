@@ -59,7 +59,9 @@ def assess_device(
     return HEALTHY
 
 
-def quarantined(assessed: DeviceHealth, last_unhealthy_at: float | None, last_reason: str, now: float, recovery_seconds: float) -> DeviceHealth:
+def quarantined(
+    assessed: DeviceHealth, last_unhealthy_at: float | None, last_reason: str, now: float, recovery_seconds: float
+) -> DeviceHealth:
     """A device that was unhealthy stays excluded until it has been healthy for `recovery_seconds`
     (a GPU that threw an XID often throws another), or until an operator clears it."""
     if not assessed.healthy or last_unhealthy_at is None:

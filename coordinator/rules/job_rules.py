@@ -1,22 +1,17 @@
 """Pure rules about jobs: what a valid spec is, each rank's environment, and what an exit means.
 
-No I/O here; coordinator/job_manager.py applies these decisions.
-
-Job states (see JobState in protos/gpuorch/v1/job.proto):
-
-    PENDING  --placed and launched-->   RUNNING
-    RUNNING  --every rank exited 0-->   SUCCEEDED   (final)
-    RUNNING  --a rank failed-->         FAILED      (final; its peers are stopped)
-    PENDING/RUNNING --CancelJob-->      CANCELLED   (final; ranks get SIGTERM, then SIGKILL)
+No I/O here. The job lifecycle that uses them is drawn once, in coordinator/rules/job_machine.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
+from coordinator.model.jobs import FINAL_STATES, RankOutcome
 from gpuorch.v1 import agent_pb2, job_pb2
+
+__all__ = ["FINAL_STATES", "RankOutcome"]
 
 BACKENDS = ("nccl", "gloo")
 MAX_GPUS = 4096
@@ -28,8 +23,6 @@ MAX_OWNER_LENGTH = 128
 MAX_WORKING_DIR_BYTES = 4096
 """Linux's PATH_MAX."""
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 
 
 class InvalidSpec(ValueError):
@@ -170,12 +163,6 @@ def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None)
             launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=rank_variables(node, local_rank))
         messages[node.node_id] = launch
     return messages
-
-
-@dataclass(frozen=True, slots=True)
-class RankOutcome:
-    failed: bool
-    description: str
 
 
 def rank_outcome(status: agent_pb2.TaskStatus, node_id: str) -> RankOutcome:

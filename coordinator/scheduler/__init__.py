@@ -33,7 +33,7 @@ Every job not placed gets a one-line reason for operators.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from types import MappingProxyType
@@ -256,7 +256,7 @@ class _Pool:
     The lists are replaced, never changed in place, so pools may share them.
     """
 
-    __slots__ = ("free", "exist", "exist_total", "buckets", "total_free", "held", "_exist_at_least")
+    __slots__ = ("_exist_at_least", "buckets", "exist", "exist_total", "free", "held", "total_free")
 
     def __init__(self, free: list[list[GpuView]], exist: list[int], max_per_node: int, held: frozenset[int]) -> None:
         self.free = free
@@ -347,9 +347,9 @@ class _Pass:
                     # score_gpu, inlined: this runs for every free GPU in the cluster each pass.
                     total = g.memory_total_bytes
                     fraction = (total - g.memory_used_bytes) / total if total > 0 else 0.0
-                    fraction = 0.0 if fraction < 0.0 else 1.0 if fraction > 1.0 else fraction
+                    fraction = 0.0 if fraction < 0.0 else min(fraction, 1.0)
                     util = g.utilization_percent
-                    util = 0.0 if util < 0.0 else 100.0 if util > 100.0 else util
+                    util = 0.0 if util < 0.0 else min(util, 100.0)
                     over = g.temperature_celsius - threshold
                     score = memory_weight * fraction + utilization_weight * (1.0 - util / 100.0)
                     if over > 0:
@@ -639,6 +639,26 @@ def too_big_for_cluster(job: JobRequest, nodes: Sequence[NodeView]) -> str | Non
         such = " such" if req else ""
         return f"needs {_plural(job.gpus, 'GPU')}{req}, but the {_plural(len(nodes), 'known node')} {have} {total}{of_which}{such} GPUs in all"
     return None
+
+
+# --- elastic sizing and usage --------------------------------------------------------------------------
+
+
+def elastic_sizes(gpus: int, min_gpus: int, gpus_per_node: int) -> list[int]:
+    """World sizes to try, largest first: `gpus` down to `min_gpus`, multiples of gpus_per_node."""
+    floor = min_gpus or gpus
+    step = gpus_per_node or 1
+    return [size for size in range(gpus, floor - 1, -1) if size % step == 0]
+
+
+def decayed_usage(intervals: Iterable[tuple[str, int, float, float]], now: float, half_life_seconds: float) -> dict[str, float]:
+    """Each owner's GPU-seconds from (owner, GPUs, start, end) intervals, each weighted down by how long
+    ago it ended (halved every `half_life_seconds`): fair_share's `usage_by_owner`."""
+    usage: dict[str, float] = {}
+    for owner, gpus, start, end in intervals:
+        weight = 0.5 ** (max(0.0, now - end) / half_life_seconds)
+        usage[owner] = usage.get(owner, 0.0) + gpus * max(0.0, end - start) * weight
+    return usage
 
 
 # --- the pass -----------------------------------------------------------------------------------------------

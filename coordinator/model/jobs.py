@@ -1,0 +1,134 @@
+"""Jobs and their attempts as the coordinator holds them in memory: plain data, no I/O.
+
+The durable part of a job is its `gpuorch.v1.Job` (stored whole, coordinator/store/); what an
+attempt's ranks are doing is known only in memory, rebuilt after a restart from the agents'
+registrations. The rules that change these records are in coordinator/rules/job_machine.py.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from gpuorch.v1 import job_pb2
+
+FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
+
+RankKey = tuple[str, int, int]
+"""(job id, attempt, rank)."""
+
+
+class AttemptState(enum.Enum):
+    """Where one attempt of a job stands (see the diagram in coordinator/rules/job_machine.py).
+
+    LAUNCHING: placed, its devices taken, launches sent; not every rank has reported its start.
+    RUNNING:   every rank has started.
+    STOPPING:  over (it failed, was cancelled, or another rank's end ended the job) while some of
+               its ranks have not reported their end; their devices stay taken until they do.
+    An attempt whose every rank has ended (or was given up with its DOWN node) is forgotten.
+    """
+
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class RankOutcome:
+    """How one rank ended, for its attempt."""
+
+    failed: bool
+    description: str
+
+
+@dataclass(eq=False)
+class Attempt:
+    """What the coordinator knows of one attempt's ranks. Where they run is the attempt's record in
+    the job (`placement`, the same object): not copied here."""
+
+    attempt: int
+    placement: job_pb2.Placement
+    state: AttemptState = AttemptState.LAUNCHING
+    running: set[int] = field(default_factory=set)
+    """Ranks whose process started."""
+    ended: dict[int, RankOutcome] = field(default_factory=dict)
+    """Ranks that ended, and how."""
+    launched_at: float = 0.0
+    """Monotonic time the attempt was launched."""
+    node_sessions: dict[str, int] = field(default_factory=dict)
+    """Node id -> the id of the node's stream when the attempt was placed (0: none). A registration
+    judges only ranks placed before it began, on older streams: the agent's Register cannot know of others."""
+    started_wall: float = 0.0
+    last_progress_wall: float = 0.0
+    """Latest progress any rank reported (wall clock), 0 if none."""
+    all_started_at: float = 0.0
+
+    @property
+    def world_size(self) -> int:
+        return self.placement.world_size
+
+    @property
+    def ranks_left(self) -> int:
+        """Ranks that have not reported their end."""
+        return self.world_size - len(self.ended)
+
+    def node_of(self, rank: int) -> str | None:
+        for node in self.placement.nodes:
+            if node.first_rank <= rank < node.first_rank + len(node.device_uuids):
+                return node.node_id
+        return None
+
+    def device_of(self, rank: int) -> str | None:
+        for node in self.placement.nodes:
+            if node.first_rank <= rank < node.first_rank + len(node.device_uuids):
+                return node.device_uuids[rank - node.first_rank]
+        return None
+
+    def ranks_on(self, node_id: str) -> list[int]:
+        return [
+            node.first_rank + local
+            for node in self.placement.nodes
+            if node.node_id == node_id
+            for local in range(len(node.device_uuids))
+        ]
+
+    def nodes(self) -> list[str]:
+        """The attempt's nodes, in node-rank order."""
+        return [node.node_id for node in self.placement.nodes]
+
+
+@dataclass(eq=False)
+class JobEntry:
+    """One job: its durable record and its attempts that may still have ranks somewhere."""
+
+    sequence: int
+    job: job_pb2.Job
+    client_request_id: str = ""
+    attempts: dict[int, Attempt] = field(default_factory=dict)
+    """Attempts that may still have ranks somewhere, by number."""
+
+    @property
+    def final(self) -> bool:
+        return self.job.state in FINAL_STATES
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts.get(self.job.attempt)
+
+    @property
+    def restart_reason(self) -> str:
+        """Why the next attempt is started (GPUORCH_RESTART_REASON); empty for the first. Kept in the
+        stored job itself (Job.pending_restart_reason), so that it outlives a coordinator restart."""
+        return self.job.pending_restart_reason
+
+    @property
+    def not_before(self) -> float:
+        """Wall time before which the next attempt must not start (restart backoff); 0 if none."""
+        return self.job.restart_not_before.ToNanoseconds() / 1e9 if self.job.HasField("restart_not_before") else 0.0
+
+    def record(self, attempt: int) -> job_pb2.Attempt | None:
+        """The job's stored record of one attempt."""
+        for record in reversed(self.job.attempts):
+            if record.attempt == attempt:
+                return record
+        return None
