@@ -12,7 +12,9 @@ MAX_REASON_LENGTH = 1024
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
-    def __init__(self, cluster: ClusterView, epoch: int, guard: Guard | None = None, jobs_by_state=None, persist_drain=None) -> None:
+    def __init__(
+        self, cluster: ClusterView, epoch: int, guard: Guard | None = None, jobs_by_state=None, persist_drain=None
+    ) -> None:
         self.cluster = cluster
         self.epoch = epoch
         self.guard = guard or Guard()

@@ -15,7 +15,6 @@ import itertools
 import math
 import random
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterable
 
 import structlog
@@ -125,7 +124,7 @@ class JobManager:
         self._sequence = itertools.count(1)
         self.links = NodeLinks(cluster)
         self.scheduling = SchedulingLoop(
-            self, cluster, config or scheduler.SchedulerConfig(), rendezvous_ports, rng or random.Random(), time.perf_counter
+            self, cluster, config or scheduler.SchedulerConfig(), rendezvous_ports, rng or random.Random(), clock.monotonic
         )
         self.restarts_by_reason: dict[str, int] = {}
         self.launch_latencies: list[float] = []

@@ -77,14 +77,15 @@ class SchedulingLoop:
         config: scheduler.SchedulerConfig,
         rendezvous_ports: tuple[int, int],
         rng: random.Random,
-        perf_counter: Callable[[], float],
+        elapsed_clock: Callable[[], float],
     ) -> None:
         self.manager = manager
         self.cluster = cluster
         self.config = config
         self.rendezvous_ports = rendezvous_ports
         self.rng = rng
-        self.perf_counter = perf_counter
+        self.elapsed_clock = elapsed_clock
+        """Times passes (the clock's monotonic time)."""
         self.wake = asyncio.Event()
         self.placements = 0
         self.decision_seconds: list[float] = []
@@ -212,7 +213,7 @@ class SchedulingLoop:
                 entry.job.reason = job_machine.pending_reason(entry.job, waiting)
         if not ready:
             return []
-        started = self.perf_counter()
+        started = self.elapsed_clock()
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
         requests = [self.request(entry) for entry in ready]
@@ -232,7 +233,7 @@ class SchedulingLoop:
             placed.append(entry)
         if not placed:
             return []
-        self.decision_seconds.append(self.perf_counter() - started)
+        self.decision_seconds.append(self.elapsed_clock() - started)
         del self.decision_seconds[:-KEPT_TIMINGS]
         self.placements += len(placed)
         # Durable before launching: a coordinator that dies now restarts knowing these attempts,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from coordinator.model.telemetry import (
 )
 from coordinator.rules import health, liveness
 from coordinator.rules.liveness import Liveness, LivenessPolicy, NodeLiveness
+from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
@@ -275,15 +275,13 @@ class ClusterView:
         default_heartbeat_interval: float,
         history_length: int = 100,
         device_recovery_seconds: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.policy = policy
         self.default_heartbeat_interval = default_heartbeat_interval
         self.history_length = history_length
         self.device_recovery_seconds = device_recovery_seconds
         self.clock = clock
-        self.wall_clock = wall_clock
         self.nodes: dict[str, NodeRecord] = {}
         self.heartbeats = HeartbeatStats()
         self._session_ids = itertools.count(1)
@@ -300,7 +298,7 @@ class ClusterView:
 
     def register(self, register: agent_pb2.Register) -> tuple[NodeRecord, AgentSession, AgentSession | None]:
         """Applies a validated registration. Returns (node, new session, replaced session or None)."""
-        now, wall = self.clock(), self.wall_clock()
+        now, wall = self.clock.monotonic(), self.clock.wall()
         interval = register.heartbeat_interval_seconds or self.default_heartbeat_interval
         session = AgentSession(register.node_id, next(self._session_ids))
         devices = {}
@@ -335,7 +333,7 @@ class ClusterView:
         node = self.nodes.get(session.node_id)
         if node is None or node.session is not session:
             return  # a superseded stream; its node has a newer one
-        now, wall = self.clock(), self.wall_clock()
+        now, wall = self.clock.monotonic(), self.clock.wall()
         node.last_seen = now
         node.deadline = now + liveness.silence_limit(node.liveness, self.policy)
         node.last_sequence = heartbeat.sequence
@@ -389,7 +387,7 @@ class ClusterView:
         """Any message from the agent proves it alive."""
         node = self.nodes.get(session.node_id)
         if node is not None and node.session is session:
-            node.last_seen = self.clock()
+            node.last_seen = self.clock.monotonic()
             node.deadline = node.last_seen + liveness.silence_limit(node.liveness, self.policy)
 
     def stream_closed(self, session: AgentSession) -> None:
@@ -399,7 +397,7 @@ class ClusterView:
             return
         node.session = None
         before = node.liveness
-        node.liveness = liveness.stream_closed(before, self.clock(), session.close_reason or "stream closed")
+        node.liveness = liveness.stream_closed(before, self.clock.monotonic(), session.close_reason or "stream closed")
         node.deadline = liveness.next_deadline(node.liveness, node.last_seen, self.policy)
         if node.liveness.state is not before.state:
             self._emit(Transition(node.node_id, before.state, node.liveness.state, node.liveness.reason, None))
@@ -408,7 +406,7 @@ class ClusterView:
 
     def tick(self) -> list[Transition]:
         """Applies the passage of time to every node whose deadline has come."""
-        now = self.clock()
+        now = self.clock.monotonic()
         transitions = []
         for node in self.nodes.values():
             if node.deadline > now:
@@ -452,7 +450,7 @@ class ClusterView:
         for record in node.devices.values():
             record.last_unhealthy_at = None
             if record.sample is not None:
-                self._judge(node, record, self.clock())
+                self._judge(node, record, self.clock.monotonic())
         node.health_version += 1
         return node
 
@@ -479,7 +477,7 @@ class ClusterView:
         if node.last_heartbeat_wall:
             message.last_heartbeat_time.CopyFrom(_timestamp(node.last_heartbeat_wall))
         if node.liveness.state is not Liveness.READY:
-            ago = self.clock() - node.liveness.since
+            ago = self.clock.monotonic() - node.liveness.since
             message.state_reason = f"{node.liveness.reason} ({ago:.1f}s ago)"
         elif node.drained:
             message.state_reason = node.drain_reason
@@ -533,7 +531,7 @@ class ClusterView:
                     if not allocated and not node.drained:
                         gpus_free += 1
             by_state[public_state(node.liveness.state, node.drained, busy)] += 1
-        rate, p50, p99 = self.heartbeats.summary(self.wall_clock())
+        rate, p50, p99 = self.heartbeats.summary(self.clock.wall())
         return cluster_pb2.ClusterStatus(
             nodes_by_state={cluster_pb2.NodeState.Name(state): count for state, count in by_state.items()},
             nodes_total=len(self.nodes),

@@ -264,10 +264,10 @@ class Snapshot:
 def snapshot(coordinator, rpc: RpcMetrics | None) -> Snapshot:
     """Copies what the metrics need. Runs on the event loop between heartbeats, so it copies
     references, per node, and C-level copies of dicts; nothing per GPU, nothing formatted."""
-    started = time.perf_counter()
     cluster = coordinator.cluster
+    started = cluster.clock.monotonic()
     result = Snapshot(
-        now_wall=cluster.wall_clock(),
+        now_wall=cluster.clock.wall(),
         epoch=coordinator.epoch,
         heartbeats=copy.deepcopy(cluster.heartbeats),
         allocations=cluster.allocations.copy(),
@@ -301,7 +301,7 @@ def snapshot(coordinator, rpc: RpcMetrics | None) -> Snapshot:
         result.rpc_started = dict(rpc.started)
         result.rpc_handled = dict(rpc.handled)
         result.rpc_types = dict(rpc.types)
-    result.held_seconds = time.perf_counter() - started
+    result.held_seconds = cluster.clock.monotonic() - started
     return result
 
 

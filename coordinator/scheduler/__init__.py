@@ -302,7 +302,7 @@ class _Pool:
 
     def nodes_with_free(self, k: int) -> int:
         """Unreserved nodes with at least k free eligible GPUs."""
-        return sum(len(b) for b in self.buckets[max(k, 1):])
+        return sum(len(b) for b in self.buckets[max(k, 1) :])
 
     def held_free(self) -> int:
         return sum(self.held.values())
