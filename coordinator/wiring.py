@@ -25,9 +25,9 @@ from coordinator.api.job_service import JobService
 from coordinator.api.local_socket import LocalSocketRelay
 from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
+from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
-from coordinator.model.cluster import ClusterView
 from coordinator.observe.prometheus import CoordinatorMetrics
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.recovery import RecoveryPolicy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 
+from coordinator.control.cluster_view import ClusterView
 from coordinator.control.liveness_loop import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
-from coordinator.model.cluster import ClusterView
 from coordinator.model.telemetry import HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
 from coordinator.rules.liveness import LivenessPolicy
 from gpuorch.clock import FakeClock

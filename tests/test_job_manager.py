@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
-from coordinator.model.cluster import ClusterView
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.v1 import agent_pb2, job_pb2

@@ -18,8 +18,8 @@ import grpc
 
 from agent.agent import Agent
 from coordinator.api.agent_service import AgentService
+from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
-from coordinator.model.cluster import ClusterView
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.store.sqlite import SqliteJobStore

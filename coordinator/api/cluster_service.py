@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from coordinator.api.auth import Action, Guard
-from coordinator.model.cluster import ClusterView
+from coordinator.control.cluster_view import ClusterView
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc
 
 MAX_REASON_LENGTH = 1024

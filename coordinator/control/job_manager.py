@@ -21,9 +21,10 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control import reconcile
+from coordinator.control.cluster_view import ClusterView
 from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
 from coordinator.control.scheduling_loop import SchedulingLoop
-from coordinator.model.cluster import ClusterView, Transition
+from coordinator.model.cluster import Transition
 from coordinator.model.jobs import FINAL_STATES, JobEntry
 from coordinator.rules import job_machine, job_rules, recovery
 from coordinator.rules.effects import (

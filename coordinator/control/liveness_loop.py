@@ -8,7 +8,8 @@ import gc
 
 import structlog
 
-from coordinator.model.cluster import ClusterView, Transition
+from coordinator.control.cluster_view import ClusterView
+from coordinator.model.cluster import Transition
 from coordinator.rules.liveness import Liveness
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from coordinator.model.cluster import ClusterView
+from coordinator.control.cluster_view import ClusterView
 from gpuorch.v1 import agent_pb2
 
 LOG_READ_TIMEOUT_SECONDS = 10.0

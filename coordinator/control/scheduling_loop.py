@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from coordinator import scheduler
-from coordinator.model.cluster import ClusterView, NodeRecord
+from coordinator.control.cluster_view import ClusterView
+from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine
