@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import random
 import secrets
 from collections.abc import AsyncIterator, Iterable
@@ -26,6 +25,7 @@ from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_o
 from coordinator.control.scheduling_loop import SchedulingLoop
 from coordinator.model.cluster import Transition
 from coordinator.model.jobs import FINAL_STATES, JobEntry
+from coordinator.observe import read_model
 from coordinator.rules import job_machine, job_rules, recovery
 from coordinator.rules.effects import (
     AllStarted,
@@ -50,8 +50,6 @@ from gpuorch.v1 import agent_pb2, job_pb2
 
 log = structlog.get_logger("coordinator.jobs")
 
-LIST_ENTRY_OVERHEAD_BYTES = 8
-"""What one job adds to a ListJobsResponse beyond its own encoding: the field's tag and length."""
 JOB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 JOB_ID_RANDOM_CHARACTERS = 6
 """30 random bits in every job id, so that no one can name (and plant a checkpoint directory for) the next job."""
@@ -159,39 +157,18 @@ class JobManager:
     # -- start-up ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Loads the store and restores what it knew (control/reconcile.py); agents' registrations settle the rest."""
         state = await self.store.open()
         self.epoch = state.epoch
         self.cluster.drained.update(state.drains)
-        highest = 0
-        now = self.now()
-        running, restarting = [], []
-        for stored in state.jobs:
-            entry = JobEntry(stored.sequence, stored.job, stored.client_request_id)
-            highest = max(highest, stored.sequence)
-            self._index(entry)
-            if stored.job.state == job_pb2.JOB_STATE_PENDING and stored.job.attempts:
-                restarting.append(entry)
-            if stored.job.state == job_pb2.JOB_STATE_RUNNING:
-                running.append(entry)
-        # Keep running attempts' GPUs until their agents say otherwise (they re-register with what
-        # they run). Single rank ends are not stored, so two stored attempts may name one GPU: the
-        # later one got it after the earlier one's rank there ended, so the later one owns it.
-        # A restarting job's last attempt may still have ranks in their stop grace: its restart waits
-        # until the agents report them ended, or their nodes stay away past the grace. Restored first,
-        # so that a running attempt on the same GPUs (placed after those ranks ended) owns them.
-        running.sort(key=lambda entry: entry.job.start_time.ToNanoseconds())
-        for entry in restarting + running:
-            record = entry.job.attempts[-1]
-            job_machine.restore(entry, record, now, self.cluster.allocations)
-            if record.placement.nodes:
-                self.scheduling.ports_in_use.setdefault(record.placement.nodes[0].node_id, set()).add(
-                    record.placement.master_port
-                )
-            for node in record.placement.nodes:
-                self.expected_nodes.setdefault(node.node_id, now.wall + self.node_grace_period)
-        self._sequence = itertools.count(highest + 1)
+        reconcile.restore(self, state)
         log.info("jobs loaded", jobs=len(self.jobs), pending=len(self.pending), expected_nodes=len(self.expected_nodes))
         self.scheduling.wake.set()
+
+    def restored(self, entry: JobEntry, highest_sequence: int) -> None:
+        """Indexes a job loaded from the store; new jobs are numbered after the highest."""
+        self._index(entry)
+        self._sequence = itertools.count(highest_sequence + 1)
 
     def _index(self, entry: JobEntry) -> None:
         self.jobs[entry.job.job_id] = entry
@@ -307,28 +284,8 @@ class JobManager:
     def list(
         self, states: Iterable[int] = (), owner: str = "", page_size: int = 0, page_token: str = "", max_bytes: int = 0
     ) -> tuple[list[job_pb2.Job], str]:
-        """Newest first: at most `page_size` jobs (default 100, at most 1000) and, with `max_bytes`,
-        at most that many bytes encoded (but always one job), so that a page fits in one message
-        however large its jobs are. The page token is the sequence number to continue below."""
-        limit = min(page_size or 100, 1000)
-        try:
-            below = int(page_token) if page_token else math.inf
-        except ValueError:
-            raise ValueError(f"page_token {page_token[:32]!r} is not one this coordinator gave out") from None
-        wanted = set(states)
-        page: list[JobEntry] = []
-        page_bytes = 0
-        more = False
-        for entry in reversed(self.jobs.values()):  # dicts keep insertion (= sequence) order
-            if entry.sequence >= below or (wanted and entry.job.state not in wanted) or (owner and entry.job.spec.owner != owner):
-                continue
-            job_bytes = entry.job.ByteSize() + LIST_ENTRY_OVERHEAD_BYTES if max_bytes else 0
-            if len(page) == limit or (page and page_bytes + job_bytes > max_bytes > 0):
-                more = True
-                break
-            page.append(entry)
-            page_bytes += job_bytes
-        return [entry.job for entry in page], (str(page[-1].sequence) if more else "")
+        """Newest first, a page at a time (observe/read_model.job_page)."""
+        return read_model.job_page(self.jobs.values(), states, owner, page_size, page_token, max_bytes)
 
     async def cancel(self, job_id: str) -> job_pb2.Job:
         entry = self.get(job_id)
@@ -366,10 +323,7 @@ class JobManager:
                 self.watchers.pop(job_id, None)
 
     def jobs_by_state(self) -> dict[str, int]:
-        counts = {name: 0 for name in job_pb2.JobState.keys() if not name.endswith("UNSPECIFIED")}  # noqa: SIM118 - an enum wrapper, not a dict
-        for entry in self.jobs.values():
-            counts[job_pb2.JobState.Name(entry.job.state)] += 1
-        return counts
+        return read_model.jobs_by_state(self.jobs.values())
 
     async def read_log(
         self, job_id: str, rank: int, attempt: int, offset: int, max_bytes: int = LOG_CHUNK_BYTES

@@ -1,4 +1,4 @@
-"""Reconciliation: what a (re-)registered agent runs against what the coordinator expects.
+"""Reconciliation: what the store and a (re-)registered agent say against what the coordinator expects.
 
 A rank the coordinator runs is adopted; one it does not run is fenced (stopped, and the GPUs it may
 be on held until its end is confirmed); one the coordinator expected on the node but the agent no
@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from coordinator.control.node_links import stop_message
-from coordinator.model.jobs import RankKey
+from coordinator.model.jobs import JobEntry, RankKey
+from coordinator.rules import job_machine
 from coordinator.rules.effects import Fence
-from gpuorch.v1 import agent_pb2
+from coordinator.store.api import StoredState
+from gpuorch.v1 import agent_pb2, job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.job_manager import JobManager
@@ -22,6 +24,36 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.jobs")
 
 LOST_ON_REGISTRATION = "its agent re-registered without it; its process is gone"
+
+
+def restore(manager: JobManager, state: StoredState) -> None:
+    """After a coordinator restart: every stored job indexed, and the attempts that may still have ranks
+    restored with their GPUs held, until their agents re-register with what they run (or stay away
+    past the grace)."""
+    now = manager.now()
+    running, restarting = [], []
+    highest = 0
+    for stored in state.jobs:
+        entry = JobEntry(stored.sequence, stored.job, stored.client_request_id)
+        highest = max(highest, stored.sequence)
+        manager.restored(entry, highest)
+        if stored.job.state == job_pb2.JOB_STATE_PENDING and stored.job.attempts:
+            restarting.append(entry)
+        if stored.job.state == job_pb2.JOB_STATE_RUNNING:
+            running.append(entry)
+    # Single rank ends are not stored, so two stored attempts may name one GPU: the later one got it
+    # after the earlier one's rank there ended, so the later one owns it. A restarting job's last attempt
+    # may still have ranks in their stop grace: its restart waits until the agents report them ended, or
+    # their nodes stay away past the grace. Restored first, so that a running attempt on the same GPUs
+    # (placed after those ranks ended) owns them.
+    running.sort(key=lambda entry: entry.job.start_time.ToNanoseconds())
+    for entry in restarting + running:
+        record = entry.job.attempts[-1]
+        job_machine.restore(entry, record, now, manager.cluster.allocations)
+        if record.placement.nodes:
+            manager.scheduling.ports_in_use.setdefault(record.placement.nodes[0].node_id, set()).add(record.placement.master_port)
+        for node in record.placement.nodes:
+            manager.expected_nodes.setdefault(node.node_id, now.wall + manager.node_grace_period)
 
 
 def reconcile(manager: JobManager, node_id: str, register: agent_pb2.Register) -> None:
