@@ -23,9 +23,9 @@ from coordinator.control import reconcile
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
 from coordinator.control.scheduling_loop import SchedulingLoop
+from coordinator.model import jobs as job_queries
 from coordinator.model.cluster import Transition
 from coordinator.model.jobs import FINAL_STATES, JobEntry
-from coordinator.observe import read_model
 from coordinator.rules import job_machine, job_rules, recovery
 from coordinator.rules.effects import (
     AllStarted,
@@ -284,8 +284,8 @@ class JobManager:
     def list(
         self, states: Iterable[int] = (), owner: str = "", page_size: int = 0, page_token: str = "", max_bytes: int = 0
     ) -> tuple[list[job_pb2.Job], str]:
-        """Newest first, a page at a time (observe/read_model.job_page)."""
-        return read_model.job_page(self.jobs.values(), states, owner, page_size, page_token, max_bytes)
+        """Newest first, a page at a time (model/jobs.job_page)."""
+        return job_queries.job_page(self.jobs.values(), states, owner, page_size, page_token, max_bytes)
 
     async def cancel(self, job_id: str) -> job_pb2.Job:
         entry = self.get(job_id)
@@ -323,7 +323,7 @@ class JobManager:
                 self.watchers.pop(job_id, None)
 
     def jobs_by_state(self) -> dict[str, int]:
-        return read_model.jobs_by_state(self.jobs.values())
+        return job_queries.jobs_by_state(self.jobs.values())
 
     async def read_log(
         self, job_id: str, rank: int, attempt: int, offset: int, max_bytes: int = LOG_CHUNK_BYTES

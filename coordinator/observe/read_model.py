@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import collections
 import copy
-import math
 import time
-from collections.abc import Iterable, Iterator, Reversible
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from coordinator.model.cluster import public_state
-from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import HeartbeatStats
 from coordinator.observe.rpc_metrics import RpcMetrics
 from coordinator.rules.liveness import Liveness
-from gpuorch.v1 import cluster_pb2, job_pb2
+from gpuorch.v1 import cluster_pb2
 
 SLICE_ROWS = 1000
 """Series written between two pauses (~1 ms of work): a scrape's thread never holds the GIL long,
@@ -160,43 +158,3 @@ def snapshot(coordinator, rpc: RpcMetrics | None) -> Snapshot:
 _NODE_STATE_NAMES = {
     value: cluster_pb2.NodeState.Name(value).removeprefix("NODE_STATE_") for value in cluster_pb2.NodeState.values()
 }
-
-
-LIST_ENTRY_OVERHEAD_BYTES = 8
-"""What one job adds to a ListJobsResponse beyond its own encoding: the field's tag and length."""
-
-
-def job_page(
-    entries: Reversible[JobEntry], states: Iterable[int], owner: str, page_size: int, page_token: str, max_bytes: int
-) -> tuple[list[job_pb2.Job], str]:
-    """Newest first: at most `page_size` jobs (default 100, at most 1000) and, with `max_bytes`,
-    at most that many bytes encoded (but always one job), so that a page fits in one message
-    however large its jobs are. The page token is the sequence number to continue below.
-    `entries` are in submission order."""
-    limit = min(page_size or 100, 1000)
-    try:
-        below = int(page_token) if page_token else math.inf
-    except ValueError:
-        raise ValueError(f"page_token {page_token[:32]!r} is not one this coordinator gave out") from None
-    wanted = set(states)
-    page: list[JobEntry] = []
-    page_bytes = 0
-    more = False
-    for entry in reversed(entries):
-        if entry.sequence >= below or (wanted and entry.job.state not in wanted) or (owner and entry.job.spec.owner != owner):
-            continue
-        job_bytes = entry.job.ByteSize() + LIST_ENTRY_OVERHEAD_BYTES if max_bytes else 0
-        if len(page) == limit or (page and page_bytes + job_bytes > max_bytes > 0):
-            more = True
-            break
-        page.append(entry)
-        page_bytes += job_bytes
-    return [entry.job for entry in page], (str(page[-1].sequence) if more else "")
-
-
-def jobs_by_state(entries: Iterable[JobEntry]) -> dict[str, int]:
-    """State name -> how many jobs are in it, every state named."""
-    counts = {name: 0 for name in job_pb2.JobState.keys() if not name.endswith("UNSPECIFIED")}  # noqa: SIM118 - an enum wrapper, not a dict
-    for entry in entries:
-        counts[job_pb2.JobState.Name(entry.job.state)] += 1
-    return counts
