@@ -191,7 +191,7 @@ class Coordinator:
             interceptors=interceptors,
         )
         # Every service, the stock health and reflection ones included, parses its own requests
-        # (coordinator/strict.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
+        # (coordinator/api/request_parsing.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
         add_strict_service(self.server, AGENT_SERVICE, self.agents)
         add_strict_service(
             self.server,
