@@ -273,14 +273,15 @@ class Coordinator:
         """Binds `listen` (and `agent_listen`); returns both ports (the same one when agents share it)."""
         settings = self.settings
         agents_share_listen = not settings.agent_listen
+        server = self.server
+        if server is None:
+            raise RuntimeError("the gRPC server is not built yet")
 
         def bind(address: str, client_ca: str) -> int:
             try:
                 if not settings.tls_cert:
-                    return self.server.add_insecure_port(address)
-                return self.server.add_secure_port(
-                    address, tls.server_credentials(settings.tls_cert, settings.tls_key, client_ca)
-                )
+                    return server.add_insecure_port(address)
+                return server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key, client_ca))
             except RuntimeError as error:
                 raise RuntimeError(f"cannot listen on {address}: {error}") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -20,7 +22,10 @@ class ServiceHealth(HealthServicer):
     max_streams_per_client like any other stream: probes cannot be used to hold memory.
     """
 
-    def __init__(self, streams: StreamQuota, client_key) -> None:
+    _server_status: dict[str, int]
+    """The stock servicer's statuses by service name (set by its __init__ and set())."""
+
+    def __init__(self, streams: StreamQuota, client_key: Any) -> None:
         super().__init__()
         self.streams = streams
         self.client_key = client_key
@@ -33,8 +38,8 @@ class ServiceHealth(HealthServicer):
             )
         return await super().Check(request, context)
 
-    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
-        response = health_pb2.HealthListResponse()
+    async def List(self, request: Any, context: Any) -> Any:  # HealthListRequest/Response: newer than the type stubs
+        response = health_pb2.HealthListResponse()  # type: ignore[attr-defined]
         for service, status in self._server_status.items():
             response.statuses[service].status = status
         return response

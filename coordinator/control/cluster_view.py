@@ -136,6 +136,8 @@ class ClusterView:
     def _judge(self, node: NodeRecord, record: DeviceRecord, now: float) -> None:
         """Re-assesses a device from its latest telemetry, keeping recently unhealthy ones quarantined."""
         sample = record.sample
+        if sample is None:
+            return  # nothing reported yet: nothing to judge
         assessed = health.assess_device(
             lost=sample[LOST],
             last_xid=sample[LAST_XID],
@@ -234,7 +236,7 @@ class ClusterView:
     def busy(self, node: NodeRecord) -> bool:
         return any(uuid in self.allocations for uuid in node.devices)
 
-    def state_of(self, node: NodeRecord) -> cluster_pb2.NodeState.ValueType:
+    def state_of(self, node: NodeRecord) -> cluster_pb2.NodeState:
         return public_state(node.liveness.state, node.drained, self.busy(node))
 
     def node_proto(self, node: NodeRecord) -> cluster_pb2.Node:

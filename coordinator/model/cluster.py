@@ -18,7 +18,7 @@ from coordinator.model.telemetry import TelemetryHistory
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 
-def public_state(state: Liveness, drained: bool, busy: bool) -> cluster_pb2.NodeState.ValueType:
+def public_state(state: Liveness, drained: bool, busy: bool) -> cluster_pb2.NodeState:
     """The NodeState operators see: liveness first, then the operator's drain."""
     if state is Liveness.SUSPECT:
         return cluster_pb2.NODE_STATE_SUSPECT

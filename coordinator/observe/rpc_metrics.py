@@ -124,7 +124,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
 
         elif inspect.iscoroutinefunction(behaviour):
 
-            async def observed(request, context):
+            async def observed_unary(request, context):
                 started[method] = started.get(method, 0) + 1
                 try:
                     response = await behaviour(request, context)
@@ -134,6 +134,9 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                 finished(_outcome(None, context))
                 return response
 
+            return make(
+                observed_unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
         else:
             return handler  # a synchronous handler (none in gpuorch): left alone, not counted
         return make(observed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

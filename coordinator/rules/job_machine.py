@@ -281,7 +281,7 @@ def _end_record(entry: JobEntry, end_reason: str, now: Now) -> None:
         entry.job.attempts[-1].end_reason = end_reason
 
 
-def finish(entry: JobEntry, state: job_pb2.JobState.ValueType, reason: str, now: Now) -> list[Effect]:
+def finish(entry: JobEntry, state: job_pb2.JobState, reason: str, now: Now) -> list[Effect]:
     """Makes the job final. Its write comes before anything placed onto the GPUs it gave back."""
     if entry.final:
         return []

@@ -147,16 +147,18 @@ class _Pass:
     def _pool(self, key: frozenset | None) -> _Pool:
         pool = self._pools.get(key)
         if pool is None:
-            free, exist = [], []
+            types = self._types if key is None else key
+            free: list[list[GpuView]] = []
+            exist: list[int] = []
             for counts, gpus in zip(self._type_counts, self.plain.free):
-                eligible = sum(n for gpu_type, n in counts.items() if gpu_type in key)
+                eligible = sum(n for gpu_type, n in counts.items() if gpu_type in types)
                 exist.append(eligible)
                 if eligible == 0 or not gpus:
                     free.append([])
                 elif len(counts) == 1:  # a node of one type, all eligible: share the list
                     free.append(gpus)
                 else:
-                    free.append([g for g in gpus if (g.memory_total_bytes, g.model) in key])
+                    free.append([g for g in gpus if (g.memory_total_bytes, g.model) in types])
             pool = self._pools[key] = _Pool(free, exist, self.max_per_node, self._held)
         return pool
 
@@ -215,8 +217,10 @@ class _Pass:
             if not c:
                 raise RuntimeError(f"scheduler capacity accounting is inconsistent: {remaining} of {g} GPUs unplaced")
             if c >= remaining:
-                i = self._best_fit(remaining, pool)
-                shares.append(self._take(i, pool.free[i][:remaining]))
+                fit = self._best_fit(remaining, pool)
+                if fit is None:  # a node with c >= remaining free exists: unreachable
+                    raise RuntimeError(f"scheduler capacity accounting is inconsistent: no node with {remaining} free")
+                shares.append(self._take(fit, pool.free[fit][:remaining]))
                 break
             i = next(iter(pool.buckets[c]))
             shares.append(self._take(i, pool.free[i]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from coordinator.scheduler.capacity import _Pass
 from coordinator.scheduler.ordering import _FairShare, order_jobs
@@ -46,7 +46,7 @@ def schedule(
     state = _Pass(nodes, config)
     if config.policy == "fair_share":
         fair = _FairShare(pending, config, usage_by_owner)
-        jobs: Iterator[JobRequest] | list[JobRequest] = fair
+        jobs: Iterable[JobRequest] = fair
     else:
         fair = None
         jobs = order_jobs(pending, config)

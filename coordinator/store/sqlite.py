@@ -117,7 +117,7 @@ class SqliteJobStore(JobStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = await asyncio.to_thread(self._connect)
         state = await asyncio.to_thread(self._load, connection)
-        self._thread = threading.Thread(target=self._writer, args=(connection,), name="job-store-writer", daemon=True)
+        self._thread = threading.Thread(target=self._writer, args=(connection, self._loop), name="job-store-writer", daemon=True)
         self._thread.start()
         log.info("job store open", path=str(self.path), jobs=len(state.jobs))
         return state
@@ -141,7 +141,7 @@ class SqliteJobStore(JobStore):
         self._queue.put((rows, settings, done))
         return done
 
-    def _writer(self, connection: sqlite3.Connection) -> None:
+    def _writer(self, connection: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         closing = False
         while not closing:
             batch = [self._queue.get()]
@@ -182,7 +182,7 @@ class SqliteJobStore(JobStore):
                 except sqlite3.Error:
                     pass
             for _, _, done in writes:
-                self._loop.call_soon_threadsafe(_settle, done, error)
+                loop.call_soon_threadsafe(_settle, done, error)
         connection.close()
 
     async def close(self) -> None:
