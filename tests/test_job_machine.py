@@ -75,7 +75,8 @@ async def test_one_jobs_whole_life_through_the_rules_on_a_fake_clock():
     effects = await persist(
         entry, job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
     )
-    launches = [effect for effect in effects if isinstance(effect, fx.Launch)]
+    assert fx.Save("j-1") in effects, "the placement is written before anything is launched"
+    launches = [effect for effect in job_machine.launches(entry, CONFIG) if isinstance(effect, fx.Launch)]
     assert entry.job.state == job_pb2.JOB_STATE_RUNNING and entry.job.attempt == 1 and len(launches) == 1
     assert (
         launches[0].launch.env["GPUORCH_RESTART_REASON"] == "" and launches[0].launch.env["GPUORCH_CHECKPOINT_DIR"] == "/ckpt/j-1"
@@ -112,7 +113,7 @@ async def test_one_jobs_whole_life_through_the_rules_on_a_fake_clock():
     effects = await persist(
         entry, job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
     )
-    (launch,) = [effect.launch for effect in effects if isinstance(effect, fx.Launch)]
+    (launch,) = [effect.launch for effect in job_machine.launches(entry, CONFIG) if isinstance(effect, fx.Launch)]
     assert (launch.attempt, launch.env["GPUORCH_RESTART_REASON"]) == (2, "rank_exit:1:137")
     assert job.pending_restart_reason == "" and not job.HasField("restart_not_before")
 

@@ -14,7 +14,8 @@ import asyncio
 import itertools
 import random
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import structlog
 
@@ -129,6 +130,7 @@ class JobManager:
         self.launch_latencies: list[float] = []
         """Recent placement -> every rank's process started, in seconds."""
         self.store_write_failures = 0
+        self._appliers = self._applier_table()
         cluster.listeners.append(self._on_transition)
         cluster.device_listeners.append(self._on_device_unhealthy)
 
@@ -200,32 +202,38 @@ class JobManager:
         for effect in effects:
             if isinstance(effect, Save):
                 writes.append(self.save([self.jobs[effect.job_id]]))
-            elif isinstance(effect, Notify):
-                self._notify(self.jobs[effect.job_id])
-            elif isinstance(effect, Wake):
-                self.scheduling.wake.set()
-            elif isinstance(effect, QueueChanged):
-                self._queue_follows_state(self.jobs[effect.job_id])
-            elif isinstance(effect, Launch):
-                self.links.send(effect.node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch))
-            elif isinstance(effect, Stop):
-                self.links.send(effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason))
-            elif isinstance(effect, AttemptOver):
-                self.links.send(effect.node_id, attempt_over_message(effect.job_id, effect.attempt))
-            elif isinstance(effect, Fence):
-                reconcile.fence(self, effect)
-            elif isinstance(effect, Release):
-                self.scheduling.port_released(effect.node_id, effect.port)
-            elif isinstance(effect, AttemptFailed):
-                log.warning("attempt failed", job=effect.job_id, attempt=effect.attempt, code=effect.code, reason=effect.reason)
-                if effect.restart:
-                    self.restarts_by_reason[effect.kind] = self.restarts_by_reason.get(effect.kind, 0) + 1
-            elif isinstance(effect, Finished):
-                log.info("job finished", job=effect.job_id, state=job_pb2.JobState.Name(effect.state), reason=effect.reason)  # type: ignore[arg-type]
-            elif isinstance(effect, AllStarted):
-                self.launch_latencies.append(effect.seconds)
-                del self.launch_latencies[:-KEPT_TIMINGS]
+            else:
+                self._appliers[type(effect)](effect)
         return writes
+
+    def _applier_table(self) -> dict[type, Callable[[Any], None]]:
+        send = self.links.send
+        return {
+            Notify: lambda effect: self._notify(self.jobs[effect.job_id]),
+            Wake: lambda effect: self.scheduling.wake.set(),
+            QueueChanged: lambda effect: self._queue_follows_state(self.jobs[effect.job_id]),
+            Launch: lambda effect: send(effect.node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch)),
+            Stop: lambda effect: send(
+                effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason)
+            ),
+            AttemptOver: lambda effect: send(effect.node_id, attempt_over_message(effect.job_id, effect.attempt)),
+            Fence: lambda effect: reconcile.fence(self, effect),
+            Release: lambda effect: self.scheduling.port_released(effect.node_id, effect.port),
+            AttemptFailed: self._attempt_failed,
+            Finished: lambda effect: log.info(
+                "job finished", job=effect.job_id, state=job_pb2.JobState.Name(effect.state), reason=effect.reason
+            ),
+            AllStarted: self._all_started,
+        }
+
+    def _attempt_failed(self, effect: AttemptFailed) -> None:
+        log.warning("attempt failed", job=effect.job_id, attempt=effect.attempt, code=effect.code, reason=effect.reason)
+        if effect.restart:
+            self.restarts_by_reason[effect.kind] = self.restarts_by_reason.get(effect.kind, 0) + 1
+
+    def _all_started(self, effect: AllStarted) -> None:
+        self.launch_latencies.append(effect.seconds)
+        del self.launch_latencies[:-KEPT_TIMINGS]
 
     def save(self, entries: list[JobEntry]) -> asyncio.Future[None]:
         """Queues a write; its failure is logged and counted even when nobody awaits it."""

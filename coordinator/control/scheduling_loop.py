@@ -21,7 +21,7 @@ from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine
-from coordinator.rules.effects import Effect, Launch, QueueChanged, Save
+from coordinator.rules.effects import Effect, Save
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
@@ -237,18 +237,12 @@ class SchedulingLoop:
         self.decision_seconds.append(self.elapsed_clock() - started)
         del self.decision_seconds[:-KEPT_TIMINGS]
         self.placements += len(placed)
-        manager.apply([effect for effect in effects if isinstance(effect, QueueChanged)])  # placed jobs leave the queue now
+        manager.apply([effect for effect in effects if not isinstance(effect, Save)])  # placed jobs leave the queue now
         # Durable before launching: a coordinator that dies now restarts knowing these attempts,
         # so it can adopt or fence ranks that agents report.
         await manager.save([manager.jobs[job_id] for job_id in dict.fromkeys(e.job_id for e in effects if isinstance(e, Save))])
-        manager.apply(
-            [
-                effect
-                for effect in effects
-                if not isinstance(effect, (Save, QueueChanged))
-                and not (isinstance(effect, Launch) and manager.jobs[effect.launch.job_id].job.state != job_pb2.JOB_STATE_RUNNING)
-            ]
-        )  # a job cancelled while its placement was being written is not launched
+        for entry in placed:
+            manager.apply(job_machine.launches(entry, manager.machine))
         return [entry.job.job_id for entry in placed]
 
     def _place_elastic(

@@ -64,10 +64,18 @@ class Attempt:
     last_progress_wall: float = 0.0
     """Latest progress any rank reported (wall clock), 0 if none."""
     all_started_at: float = 0.0
+    _ranks: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """Rank -> (node id, device uuid): an index over `placement`, built once (a placement never changes
+    once made), because message fields are slow to walk for every rank's report."""
+
+    def __post_init__(self) -> None:
+        for node in self.placement.nodes:
+            for local, uuid in enumerate(node.device_uuids):
+                self._ranks[node.first_rank + local] = (node.node_id, uuid)
 
     @property
     def world_size(self) -> int:
-        return self.placement.world_size
+        return len(self._ranks)
 
     @property
     def ranks_left(self) -> int:
@@ -75,24 +83,15 @@ class Attempt:
         return self.world_size - len(self.ended)
 
     def node_of(self, rank: int) -> str | None:
-        for node in self.placement.nodes:
-            if node.first_rank <= rank < node.first_rank + len(node.device_uuids):
-                return node.node_id
-        return None
+        where = self._ranks.get(rank)
+        return where[0] if where is not None else None
 
     def device_of(self, rank: int) -> str | None:
-        for node in self.placement.nodes:
-            if node.first_rank <= rank < node.first_rank + len(node.device_uuids):
-                return node.device_uuids[rank - node.first_rank]
-        return None
+        where = self._ranks.get(rank)
+        return where[1] if where is not None else None
 
     def ranks_on(self, node_id: str) -> list[int]:
-        return [
-            node.first_rank + local
-            for node in self.placement.nodes
-            if node.node_id == node_id
-            for local in range(len(node.device_uuids))
-        ]
+        return [rank for rank, (node, _) in self._ranks.items() if node == node_id]
 
     def nodes(self) -> list[str]:
         """The attempt's nodes, in node-rank order."""

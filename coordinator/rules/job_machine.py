@@ -128,8 +128,8 @@ def place(
     node_sessions: dict[str, int],
     config: MachineConfig,
 ) -> list[Effect]:
-    """PENDING -> RUNNING: a new attempt on `placement`, its devices taken. Returns the write, then the launches
-    (the caller makes the write durable before it sends them)."""
+    """PENDING -> RUNNING: a new attempt on `placement`, its devices taken. The caller makes the write
+    durable, then sends `launches`."""
     job = entry.job
     job.attempt += 1
     job.placement.CopyFrom(placement)
@@ -143,11 +143,18 @@ def place(
     job.pending_restart_reason = ""
     attempt = _take(entry, record, now, allocations, node_sessions, restoring=False)
     attempt.started_wall = now.wall
-    effects: list[Effect] = [QueueChanged(job.job_id), Save(job.job_id)]
-    for node_id, launch in job_rules.launch_messages(job, attempt_environment(job, config.checkpoint_root)).items():
-        effects.append(Launch(node_id, launch))
-    effects.append(Notify(job.job_id))
-    return effects
+    return [QueueChanged(job.job_id), Save(job.job_id)]
+
+
+def launches(entry: JobEntry, config: MachineConfig) -> list[Effect]:
+    """The launches of the job's current attempt, one per node, then its watchers told: sent once the
+    placement is durable, and only while the job still runs (it may be cancelled meanwhile)."""
+    job = entry.job
+    if job.state != job_pb2.JOB_STATE_RUNNING:
+        return []
+    environment = attempt_environment(job, config.checkpoint_root)
+    effects: list[Effect] = [Launch(node_id, launch) for node_id, launch in job_rules.launch_messages(job, environment).items()]
+    return [*effects, Notify(job.job_id)]
 
 
 def restore(entry: JobEntry, record: job_pb2.Attempt, now: Now, allocations: Allocations) -> Attempt:
