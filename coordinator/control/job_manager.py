@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -51,18 +50,8 @@ from gpuorch.v1 import agent_pb2, job_pb2
 
 log = structlog.get_logger("coordinator.jobs")
 
-JOB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
-JOB_ID_RANDOM_CHARACTERS = 6
-"""30 random bits in every job id, so that no one can name (and plant a checkpoint directory for) the next job."""
 KEPT_TIMINGS = 1000
-
 __all__ = ["LOG_CHUNK_BYTES", "JobFinished", "JobManager", "JobNotFound", "NoSuchRank", "QuotaExceeded"]
-
-
-def new_job_id(sequence: int) -> str:
-    """`j-<sequence>-<random>`, e.g. j-000123-k7f3q2: ordered and readable by its sequence, unguessable by the rest."""
-    suffix = "".join(secrets.choice(JOB_ID_ALPHABET) for _ in range(JOB_ID_RANDOM_CHARACTERS))
-    return f"j-{sequence:06d}-{suffix}"
 
 
 class JobNotFound(KeyError):
@@ -206,7 +195,7 @@ class JobManager:
                 self._appliers[type(effect)](effect)
         return writes
 
-    def _applier_table(self) -> dict[type, Callable[[Any], None]]:
+    def _applier_table(self) -> dict[type, Callable[[Any], object]]:
         send = self.links.send
         return {
             Notify: lambda effect: self._notify(self.jobs[effect.job_id]),
@@ -270,7 +259,7 @@ class JobManager:
             )
         sequence = next(self._sequence)
         job = job_pb2.Job(
-            job_id=new_job_id(sequence),
+            job_id=job_rules.new_job_id(sequence),
             spec=spec,
             state=job_pb2.JOB_STATE_PENDING,
             reason="queued; waiting for the scheduler",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 
 from coordinator.model.jobs import FINAL_STATES, RankOutcome
 from gpuorch.v1 import agent_pb2, job_pb2
@@ -200,3 +201,14 @@ def tail_lines_scan(data: bytes, data_offset: int, lines_left: int, at_end: bool
         if lines_left == 0:
             return data_offset + newline + 1, 0
     return data_offset + len(data), 0
+
+
+JOB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+JOB_ID_RANDOM_CHARACTERS = 6
+"""30 random bits in every job id, so that no one can name (and plant a checkpoint directory for) the next job."""
+
+
+def new_job_id(sequence: int) -> str:
+    """`j-<sequence>-<random>`, e.g. j-000123-k7f3q2: ordered and readable by its sequence, unguessable by the rest."""
+    suffix = "".join(secrets.choice(JOB_ID_ALPHABET) for _ in range(JOB_ID_RANDOM_CHARACTERS))
+    return f"j-{sequence:06d}-{suffix}"
