@@ -18,7 +18,7 @@ import structlog
 
 from coordinator.api.request_parsing import MalformedRequest
 from coordinator.control.cluster_view import ClusterView
-from coordinator.model.cluster import AgentSession
+from coordinator.control.node_links import AgentSession
 from coordinator.rules.registration import InvalidMessage, validate_register
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from coordinator.model.cluster import AgentSession, Allocations, DeviceRecord, NodeRecord, Transition, public_state
+from coordinator.control.node_links import AgentSession
+from coordinator.model.cluster import Allocations, DeviceRecord, NodeRecord, Session, Transition, public_state
 from coordinator.model.telemetry import (
     ECC_UNCORRECTED,
     GPU_UTILIZATION,
@@ -71,7 +72,7 @@ class ClusterView:
 
     # -- events from agent streams ------------------------------------------------------------
 
-    def register(self, register: agent_pb2.Register) -> tuple[NodeRecord, AgentSession, AgentSession | None]:
+    def register(self, register: agent_pb2.Register) -> tuple[NodeRecord, AgentSession, Session | None]:
         """Applies a validated registration. Returns (node, new session, replaced session or None)."""
         now, wall = self.clock.monotonic(), self.clock.wall()
         interval = register.heartbeat_interval_seconds or self.default_heartbeat_interval

@@ -5,12 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from coordinator.control.cluster_view import ClusterView
 from gpuorch.v1 import agent_pb2
+
+if TYPE_CHECKING:
+    from coordinator.control.cluster_view import ClusterView
 
 LOG_READ_TIMEOUT_SECONDS = 10.0
 LOG_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One agent stream. The coordinator talks to a node through its current session."""
+
+    node_id: str
+    session_id: int
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    close_reason: str | None = None
+    """Set when the coordinator ends the stream (superseded, declared down, shutting down)."""
+
+    def send(self, message: agent_pb2.CoordinatorMessage) -> None:
+        if self.close_reason is None:
+            self.outbox.put_nowait(message)
+
+    def close(self, reason: str) -> None:
+        """Asks the stream's handler to end the RPC with `reason`."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.outbox.put_nowait(None)
 
 
 def stop_message(job_id: str, attempt: int, grace: float, reason: str) -> agent_pb2.CoordinatorMessage:

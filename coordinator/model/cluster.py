@@ -2,15 +2,13 @@
 liveness transitions, and the device allocations. Plain data; the rules that change it are in
 coordinator/rules/ (liveness.py, health.py, job_machine.py) and coordinator/control/cluster_view.py
 applies them.
-
-An AgentSession's outbox is an asyncio.Queue: model code only puts into it, never awaits.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 from coordinator.model.jobs import RankKey
 from coordinator.model.node_state import HEALTHY, DeviceHealth, Liveness, NodeLiveness
@@ -29,25 +27,16 @@ def public_state(state: Liveness, drained: bool, busy: bool) -> cluster_pb2.Node
     return cluster_pb2.NODE_STATE_READY
 
 
-@dataclass(eq=False)
-class AgentSession:
-    """One agent stream. The coordinator talks to a node through its current session."""
+class Session(Protocol):
+    """One agent stream, as the records see it (control/node_links.AgentSession is the one there is)."""
 
     node_id: str
     session_id: int
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    close_reason: str | None = None
-    """Set when the coordinator ends the stream (superseded, declared down, shutting down)."""
+    close_reason: str | None
 
-    def send(self, message: agent_pb2.CoordinatorMessage) -> None:
-        if self.close_reason is None:
-            self.outbox.put_nowait(message)
+    def send(self, message: agent_pb2.CoordinatorMessage) -> None: ...
 
-    def close(self, reason: str) -> None:
-        """Asks the stream's handler to end the RPC with `reason`."""
-        if self.close_reason is None:
-            self.close_reason = reason
-            self.outbox.put_nowait(None)
+    def close(self, reason: str) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -80,7 +69,7 @@ class NodeRecord:
     health_version: int = 0
     """Increases whenever a device of the node turns healthy or unhealthy."""
     last_sequence: int = 0
-    session: AgentSession | None = None
+    session: Session | None = None
     drained: bool = False
     drain_reason: str = ""
     agent_version: str = ""
@@ -99,7 +88,7 @@ class Transition:
     before: Liveness
     after: Liveness
     reason: str
-    session: AgentSession | None
+    session: Session | None
 
 
 class Allocations(Mapping[str, tuple[str, int]]):
