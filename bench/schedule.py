@@ -26,14 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import structlog  # noqa: E402
+import structlog
 
-from coordinator.cluster import ClusterView  # noqa: E402
-from coordinator.job_manager import JobManager  # noqa: E402
-from coordinator.liveness import LivenessPolicy  # noqa: E402
-from coordinator.scheduler import SchedulerConfig  # noqa: E402
-from coordinator.store import SqliteJobStore  # noqa: E402
-from gpuorch.v1 import agent_pb2, job_pb2  # noqa: E402
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.scheduler import SchedulerConfig
+from coordinator.store.sqlite import SqliteJobStore
+from gpuorch.v1 import agent_pb2, job_pb2
 
 JOB_SIZES = (1, 1, 1, 2, 2, 4, 4, 8, 8, 16)
 """Mostly small jobs, some large: the mix seen on shared training clusters."""

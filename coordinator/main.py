@@ -9,8 +9,8 @@ import sys
 
 import structlog
 
-from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
+from coordinator.wiring import Coordinator
 from gpuorch import sdnotify
 from gpuorch.settings import daemon_settings
 
@@ -25,12 +25,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", help="host:port of the gRPC API (default 127.0.0.1:50051)")
     parser.add_argument("--state-dir", help="directory for the job store and epoch (default /var/lib/gpuorch/coordinator)")
     parser.add_argument("--heartbeat-interval", type=float, help="seconds between agent heartbeats (default 1)")
-    parser.add_argument("--node-grace-period", type=float, help="seconds a disconnected node has to return before it is DOWN (default 10)")
-    parser.add_argument("--missed-heartbeats", type=int, help="silent heartbeat intervals before a connected node is DOWN (default 3)")
-    parser.add_argument("--scheduler-policy", choices=("priority", "fcfs", "sjf", "fair_share"), help="queue order (default priority)")
-    parser.add_argument("--stop-grace-period", type=float, help="seconds between SIGTERM and SIGKILL when ranks are stopped (default 10)")
-    parser.add_argument("--restart-backoff-base", type=float, help="seconds before a job's second restart; doubles after (default 1)")
-    parser.add_argument("--device-recovery-seconds", type=float, help="seconds a GPU must be healthy again before it gets work (default 300)")
+    parser.add_argument(
+        "--node-grace-period", type=float, help="seconds a disconnected node has to return before it is DOWN (default 10)"
+    )
+    parser.add_argument(
+        "--missed-heartbeats", type=int, help="silent heartbeat intervals before a connected node is DOWN (default 3)"
+    )
+    parser.add_argument(
+        "--scheduler-policy", choices=("priority", "fcfs", "sjf", "fair_share"), help="queue order (default priority)"
+    )
+    parser.add_argument(
+        "--stop-grace-period", type=float, help="seconds between SIGTERM and SIGKILL when ranks are stopped (default 10)"
+    )
+    parser.add_argument(
+        "--restart-backoff-base", type=float, help="seconds before a job's second restart; doubles after (default 1)"
+    )
+    parser.add_argument(
+        "--device-recovery-seconds", type=float, help="seconds a GPU must be healthy again before it gets work (default 300)"
+    )
     parser.add_argument("--checkpoint-root", help="shared directory for GPUORCH_CHECKPOINT_DIR (default <state-dir>/checkpoints)")
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9400 (default: off)"
@@ -41,21 +53,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--agent-listen", metavar="HOST:PORT", help="separate mutual-TLS port for agents (needs --tls-client-ca)")
     parser.add_argument("--tokens-file", metavar="TOML", help="[[tokens]] file: clients must send a bearer token")
     parser.add_argument(
-        "--insecure", action="store_true", default=None, help="serve a non-loopback address without TLS, tokens or agent certificates (avoid)"
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without TLS, tokens or agent certificates (avoid)",
     )
-    parser.add_argument("--max-pending-jobs-per-user", type=int, help="pending jobs one owner may queue (default 1000; 0 = no limit)")
+    parser.add_argument(
+        "--max-pending-jobs-per-user", type=int, help="pending jobs one owner may queue (default 1000; 0 = no limit)"
+    )
     parser.add_argument("--max-streams-per-client", type=int, help="open server streams per client (default 64; 0 = no limit)")
-    parser.add_argument("--max-streams", type=int, help="open server streams of all clients together (default 1000; 0 = no limit)")
+    parser.add_argument(
+        "--max-streams", type=int, help="open server streams of all clients together (default 1000; 0 = no limit)"
+    )
     parser.add_argument("--max-user-priority", type=int, help="highest job priority a non-admin may set (default 100)")
     parser.add_argument(
-        "--local-socket", metavar="PATH", help="Unix socket for local clients, owner from the kernel (default <state_dir>/gpuorch.sock; '' = none)"
+        "--local-socket",
+        metavar="PATH",
+        help="Unix socket for local clients, owner from the kernel (default <state_dir>/gpuorch.sock; '' = none)",
     )
     parser.add_argument(
-        "--tokenless-tcp-clients", metavar="BOOL", help="with no tokens file, serve clients over TCP as anyone (default true) or refuse them"
+        "--tokenless-tcp-clients",
+        metavar="BOOL",
+        help="with no tokens file, serve clients over TCP as anyone (default true) or refuse them",
     )
     parser.add_argument("--allowed-nodes", metavar="ID,ID", help="node ids that may register (default: any)")
-    parser.add_argument("--handshake-timeout", type=float, help="seconds a connection has to finish its TLS handshake (default 5)")
-    parser.add_argument("--max-connections", type=int, help="open connections of the gRPC ports in all (default 0: from the open-file limit)")
+    parser.add_argument(
+        "--handshake-timeout", type=float, help="seconds a connection has to finish its TLS handshake (default 5)"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, help="open connections of the gRPC ports in all (default 0: from the open-file limit)"
+    )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--log-format", help="json, console or auto")
     return parser.parse_args(argv)

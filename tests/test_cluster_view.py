@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 
-from coordinator.cluster import ClusterView, HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
-from coordinator.liveness import LivenessPolicy
-from coordinator.server import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.liveness_loop import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
+from coordinator.model.telemetry import HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
+from coordinator.rules.liveness import LivenessPolicy
+from gpuorch.clock import FakeClock
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 
@@ -49,19 +51,19 @@ def test_heartbeats_fill_the_history_and_device_health():
 
 
 def test_garbage_settler_freezes_after_quiet_and_unfreezes_hourly():
-    now = [0.0]
-    settler = GarbageSettler(clock=lambda: now[0])
+    clock = FakeClock(monotonic=0.0)
+    settler = GarbageSettler(clock)
     gc.unfreeze()
     try:
         settler.registered()
-        now[0] = SETTLE_SECONDS - 0.1
+        clock.advance(SETTLE_SECONDS - 0.1)
         settler.tick()
         assert gc.get_freeze_count() == 0, "not while registrations are recent"
-        now[0] = SETTLE_SECONDS
+        clock.advance(0.1)
         settler.tick()
         assert gc.get_freeze_count() > 0
-        now[0] += UNFREEZE_SECONDS
+        clock.advance(UNFREEZE_SECONDS)
         settler.tick()
-        assert settler.frozen_at == now[0], "unfrozen and frozen again in the same quiet tick"
+        assert settler.frozen_at == clock.monotonic(), "unfrozen and frozen again in the same quiet tick"
     finally:
         gc.unfreeze()

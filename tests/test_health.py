@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.health import CRITICAL_XIDS, assess_device
+from coordinator.rules.health import CRITICAL_XIDS, assess_device
 
 
 def assess(**overrides):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.cluster import ClusterView
-from coordinator.job_manager import JobManager
-from coordinator.liveness import LivenessPolicy
-from coordinator.store import SqliteJobStore
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.store.memory import MemoryJobStore
+from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.v1 import agent_pb2, job_pb2
 
 
@@ -36,7 +37,9 @@ async def test_only_the_node_asked_for_a_log_may_answer_it(tmp_path):
     manager = JobManager(cluster, SqliteJobStore(tmp_path / "jobs.db"))
     await manager.start()
     try:
-        job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, requirements=job_pb2.JobRequirements(gpu_model="H100")))
+        job_id = await manager.submit(
+            job_pb2.JobSpec(argv=["train"], gpus=1, requirements=job_pb2.JobRequirements(gpu_model="H100"))
+        )
         assert await manager.schedule_pass() == [job_id]
         node_id = manager.get(job_id).job.placement.nodes[0].node_id
         asked, bystander = (holder, other) if node_id == "holder" else (other, holder)
@@ -53,3 +56,22 @@ async def test_only_the_node_asked_for_a_log_may_answer_it(tmp_path):
         assert (await asyncio.wait_for(reading, 5)).data == b"real output\n"
     finally:
         await manager.store.close()
+
+
+async def test_a_failed_write_that_nobody_awaits_is_seen():
+    """A restart's write is queued from a rank's report (no one awaits it there): its failure is still
+    logged and counted, not lost in a future nobody looks at."""
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    register(cluster, "n1")
+    store = MemoryJobStore()
+    manager = JobManager(cluster, store)
+    await manager.start()
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=1))
+    assert await manager.schedule_pass() == [job_id]
+    store.fail_next = 1
+    failed = agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED, exit_code=1)
+    manager.on_task_status("n1", failed)
+    assert manager.get(job_id).job.state == job_pb2.JOB_STATE_PENDING
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert manager.store_write_failures == 1

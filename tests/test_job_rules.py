@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import jobs
+from coordinator.rules import job_rules as jobs
 from gpuorch.v1 import agent_pb2, job_pb2
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from coordinator import liveness
-from coordinator.cluster import public_state
-from coordinator.liveness import Liveness, LivenessPolicy
+from coordinator.model.cluster import public_state
+from coordinator.rules import liveness
+from coordinator.rules.liveness import Liveness, LivenessPolicy
 from gpuorch.v1 import cluster_pb2
 
 POLICY = LivenessPolicy(grace_period=10.0, missed_heartbeats=3)

@@ -24,7 +24,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.metrics import RpcMetrics
+from coordinator.observe.rpc_metrics import RpcMetrics
 from gpuorch.errors import NotFound
 from gpuorch.v1 import job_pb2
 from tests.harness import REPO, LocalCluster, free_port, wait_for

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import recovery
-from coordinator.health import DeviceHealth, quarantined
+from coordinator import scheduler
+from coordinator.rules import recovery
+from coordinator.rules.health import DeviceHealth, quarantined
 from gpuorch import worker
 from gpuorch.v1 import agent_pb2
 
@@ -81,9 +82,9 @@ def test_a_permanent_start_failure_gives_up_with_restarts_left():
 
 
 def test_elastic_sizes_go_down_to_the_floor_in_whole_nodes():
-    assert recovery.elastic_sizes(4, 2, 0) == [4, 3, 2]
-    assert recovery.elastic_sizes(16, 8, 4) == [16, 12, 8]
-    assert recovery.elastic_sizes(4, 4, 0) == [4]
+    assert scheduler.elastic_sizes(4, 2, 0) == [4, 3, 2]
+    assert scheduler.elastic_sizes(16, 8, 4) == [16, 12, 8]
+    assert scheduler.elastic_sizes(4, 4, 0) == [4]
 
 
 def test_hang_is_no_progress_for_the_timeout_counted_from_the_start():

@@ -301,3 +301,32 @@ def test_coordinator_killed_during_a_burst_of_submissions(cluster):
         time.sleep(0.5)
     final = client.list_jobs(page_size=1000)[0]
     assert all(job.state == SUCCEEDED for job in final), [(j.job_id, j.reason) for j in final if j.state != SUCCEEDED][:5]
+
+
+RECORD_REASON = (
+    "import os, pathlib, sys\n"
+    "attempt = int(os.environ['GPUORCH_ATTEMPT'])\n"
+    "pathlib.Path(sys.argv[1], f'attempt-{attempt}').write_text(os.environ.get('GPUORCH_RESTART_REASON', '<unset>'))\n"
+    "sys.exit({1: 3, 2: 4}.get(attempt, 0))\n"
+)
+"""A rank that writes the restart reason it was started with, then exits 3 in attempt 1, 4 in attempt 2, 0 after."""
+
+
+def test_restart_reason_outlives_a_coordinator_killed_during_the_backoff(cluster, tmp_path):
+    """Attempt 1 exits 3 (restart 1 at once), attempt 2 exits 4 (restart 2 after a backoff); the coordinator
+    is SIGKILLed while the job waits out that backoff. Attempt 3 must still be told why it runs: attempt 2
+    exited 4 — not attempt 2's own start reason, and not nothing."""
+    backoff = ("--restart-backoff-base", "4")
+    client = start(cluster, ("n1",), 1, *backoff)
+    seen = tmp_path / "reasons"
+    seen.mkdir()
+    job_id = client.submit_job(argv=[sys.executable, "-c", RECORD_REASON, str(seen)], gpus=1, max_restarts=3)
+    job = wait_for(
+        lambda: (j := client.get_job(job_id)).restarts == 2 and j.state == PENDING and j, timeout=20, what="the backoff"
+    )
+    assert job.HasField("restart_not_before") and (seen / "attempt-2").read_text() == "rank_exit:0:3"
+    cluster.coordinator.kill()
+    cluster.start_coordinator("--stop-grace-period", "1", "--node-grace-period", "1.5", *backoff)
+    job = wait_state(client, job_id, SUCCEEDED, timeout=30)
+    assert job.attempt == 3 and job.attempts[2].restart_reason == "rank_exit:0:4"
+    assert (seen / "attempt-3").read_text() == "rank_exit:0:4", "the third attempt is told why it runs"

@@ -17,11 +17,12 @@ import time
 import grpc
 
 from agent.coordinator_link import CoordinatorLink
-from coordinator.agent_service import AgentService
-from coordinator.cluster import ClusterView
-from coordinator.job_manager import JobManager
-from coordinator.liveness import LivenessPolicy
-from coordinator.store import SqliteJobStore
+from coordinator.api.agent_service import AgentService
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.rules.recovery import RecoveryPolicy
+from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.backoff import Backoff
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
 from tests.harness import REPO, wait_for
@@ -35,6 +36,12 @@ class Clock:
         self.now = 1000.0
 
     def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
         return self.now
 
 
@@ -294,6 +301,43 @@ async def test_after_a_coordinator_restart_a_restart_still_waits_for_the_old_ran
         manager.on_task_status("n1", exited(job_id, 1, 0, signum=15))
         assert await manager.schedule_pass() == [job_id]
         assert manager.get(job_id).job.attempt == 2
+    finally:
+        await manager.store.close()
+
+
+async def test_an_elastic_restart_after_a_coordinator_restart_still_shrinks_with_its_reason(tmp_path):
+    """The coordinator dies while an elastic job waits out its restart backoff, and comes back to a
+    cluster too small for the job's full size: the job is still known to be restarting (its reason is
+    stored), so elastic placement starts it smaller, and its ranks are told why."""
+    clock = Clock()
+    policy = RecoveryPolicy(backoff_initial_seconds=30.0)
+    cluster = ClusterView(policy=LivenessPolicy(grace_period=5.0), default_heartbeat_interval=1.0, clock=clock)
+    manager = JobManager(cluster, SqliteJobStore(tmp_path / "jobs.db"), recovery_policy=policy, clock=clock)
+    await manager.start()
+    cluster.register(registration("n1", gpus=2))
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=2, min_gpus=1, max_restarts=2))
+    assert await manager.schedule_pass() == [job_id]
+    for rank in (0, 1):
+        manager.on_task_status("n1", running(job_id, 1, rank))
+    manager.on_task_status("n1", exited(job_id, 1, 1, code=7))
+    manager.on_task_status("n1", exited(job_id, 1, 0, signum=15))
+    assert manager.get(job_id).job.state == PENDING
+    await manager.store.close()
+
+    cluster = ClusterView(policy=LivenessPolicy(grace_period=5.0), default_heartbeat_interval=1.0, clock=clock)
+    manager = JobManager(cluster, SqliteJobStore(tmp_path / "jobs.db"), recovery_policy=policy, clock=clock)
+    await manager.start()  # a new coordinator on the same store
+    try:
+        register = registration("n1", gpus=1)  # the node came back with one GPU
+        cluster.register(register)
+        manager.on_register("n1", register)
+        assert await manager.schedule_pass() == [], "placed before its backoff ended"
+        clock.now += 31
+        assert await manager.schedule_pass() == [job_id], "the restarting elastic job is placed smaller"
+        job = manager.get(job_id).job
+        assert (job.attempt, job.placement.world_size, job.attempts[1].restart_reason) == (2, 1, "rank_exit:1:7")
+        (launch,) = drain(cluster.nodes["n1"].session, "launch_task")
+        assert launch.env["GPUORCH_RESTART_REASON"] == "rank_exit:1:7"
     finally:
         await manager.store.close()
 

@@ -1,6 +1,6 @@
 """Tokens, roles, TLS and mutual TLS, loopback-only plaintext, and per-user limits.
 
-The rules (coordinator/auth.py) are tested as pure functions; the rest against real
+The rules (coordinator/api/auth.py) are tested as pure functions; the rest against real
 coordinator and agent processes on loopback, with certificates made by
 scripts/make-certs.sh as an operator would make them.
 """
@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gpuorch
 from agent.settings import AgentSettings
-from coordinator.auth import (
+from coordinator.api.auth import (
     OPEN_ACCESS,
     Action,
     Caller,
@@ -32,8 +32,8 @@ from coordinator.auth import (
     parse_tokens,
 )
 from coordinator.settings import CoordinatorSettings
-from gpuorch.client import is_local_address
 from gpuorch.cli import new_token
+from gpuorch.client import is_local_address
 from gpuorch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from gpuorch.tls import is_loopback_host
 from gpuorch.v1 import cluster_pb2, job_pb2

@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 import gpuorch
-from coordinator.auth import Caller, StreamQuota, priority_problem, redact_env
-from coordinator.local_socket import UnknownPeer, caller_for_uid
+from coordinator.api.auth import Caller, StreamQuota, priority_problem, redact_env
+from coordinator.api.local_socket import UnknownPeer, caller_for_uid
 from coordinator.settings import CoordinatorSettings
 from gpuorch.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, job_pb2

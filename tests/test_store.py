@@ -1,8 +1,14 @@
+"""Both stores behind coordinator/store/api.py, held to the same semantics; SQLite's own concerns after."""
+
 from __future__ import annotations
 
 import asyncio
 
-from coordinator.store import SqliteJobStore, StoredJob
+import pytest
+
+from coordinator.store.api import JobStore, StoredJob, StoreError
+from coordinator.store.memory import MemoryJobStore
+from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.v1 import job_pb2
 
 
@@ -10,18 +16,61 @@ def job(sequence: int, state=job_pb2.JOB_STATE_PENDING) -> StoredJob:
     return StoredJob(sequence, job_pb2.Job(job_id=f"j-{sequence:06d}", state=state, spec=job_pb2.JobSpec(argv=["x"], gpus=1)))
 
 
-async def test_saved_jobs_and_settings_survive_reopening(tmp_path):
-    store = SqliteJobStore(tmp_path / "jobs.db")
+@pytest.fixture(params=["sqlite", "memory"])
+def reopen(request, tmp_path):
+    """() -> the store as a restarted coordinator finds it: a new SQLite store on the same file, or the same memory store."""
+    memory = MemoryJobStore()
+
+    def store() -> JobStore:
+        return SqliteJobStore(tmp_path / "jobs.db") if request.param == "sqlite" else memory
+
+    return store
+
+
+async def test_saved_jobs_and_drains_survive_reopening(reopen):
+    store = reopen()
     assert (await store.open()).jobs == []
-    await store.save([job(1), job(2)], settings={"drain:n1": "fan"})
-    await store.save([job(1, job_pb2.JOB_STATE_SUCCEEDED)], settings={"drain:n2": "x"})
-    await store.save(settings={"drain:n2": None})
+    await store.save([job(1), job(2)], drains={"n1": "fan"})
+    await store.save([job(1, job_pb2.JOB_STATE_SUCCEEDED)], drains={"n2": "x"})
+    await store.save(drains={"n2": None})
     await store.close()
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    reopened = reopen()
     state = await reopened.open()
     assert [(s.sequence, s.job.state) for s in state.jobs] == [(1, job_pb2.JOB_STATE_SUCCEEDED), (2, job_pb2.JOB_STATE_PENDING)]
-    assert state.settings == {"drain:n1": "fan"}
+    assert state.drains == {"n1": "fan"}
     await reopened.close()
+
+
+async def test_every_open_has_a_higher_epoch(reopen):
+    epochs = []
+    for _ in range(3):
+        store = reopen()
+        epochs.append((await store.open()).epoch)
+        await store.close()
+    assert epochs[0] >= 1 and epochs == sorted(set(epochs)) and epochs[2] - epochs[0] == 2
+
+
+async def test_a_saved_job_is_a_copy_of_the_job_as_it_was(reopen):
+    store = reopen()
+    await store.open()
+    stored = job(1)
+    write = store.save([stored])
+    stored.job.state = job_pb2.JOB_STATE_RUNNING  # changed after the save was queued
+    await write
+    await store.close()
+    reopened = reopen()
+    assert (await reopened.open()).jobs[0].job.state == job_pb2.JOB_STATE_PENDING
+    await reopened.close()
+
+
+async def test_a_failed_write_fails_its_future():
+    store = MemoryJobStore()
+    await store.open()
+    store.fail_next = 1
+    with pytest.raises(StoreError, match="write failed"):
+        await store.save([job(1)])
+    await store.save([job(2)])
+    assert [stored.sequence for stored in (await store.open()).jobs] == [2]
 
 
 async def test_concurrent_saves_share_commits(tmp_path):
@@ -35,12 +84,12 @@ async def test_concurrent_saves_share_commits(tmp_path):
     await reopened.close()
 
 
-async def test_client_request_ids_are_kept(tmp_path):
-    store = SqliteJobStore(tmp_path / "jobs.db")
+async def test_client_request_ids_are_kept(reopen):
+    store = reopen()
     await store.open()
     await store.save([StoredJob(1, job(1).job, "req-1")])
     await store.close()
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    reopened = reopen()
     assert (await reopened.open()).jobs[0].client_request_id == "req-1"
     await reopened.close()
 
@@ -65,5 +114,8 @@ async def test_a_request_id_is_unique_per_owner_also_in_a_store_made_when_it_was
     await store.save([StoredJob(1, owned(1, "alice"), "req-1"), StoredJob(2, owned(2, "bob"), "req-1")])
     await store.close()
     reopened = SqliteJobStore(path)
-    assert [(stored.job.spec.owner, stored.client_request_id) for stored in (await reopened.open()).jobs] == [("alice", "req-1"), ("bob", "req-1")]
+    assert [(stored.job.spec.owner, stored.client_request_id) for stored in (await reopened.open()).jobs] == [
+        ("alice", "req-1"),
+        ("bob", "req-1"),
+    ]
     await reopened.close()

@@ -11,7 +11,7 @@ import pytest
 from agent.telemetry import TelemetryUnavailable, open_source
 from agent.telemetry.nvml import NvmlSource
 from agent.telemetry.simulated import SimulatedSource
-from coordinator.health import assess_device
+from coordinator.rules.health import assess_device
 from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.harness import ON_A_GPU_NODE, REPO
 

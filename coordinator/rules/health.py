@@ -9,7 +9,9 @@ the hardware, so they do not make a device unhealthy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from coordinator.model.node_state import HEALTHY, DeviceHealth
+
+__all__ = ["HEALTHY", "DeviceHealth"]
 
 CRITICAL_XIDS: dict[int, str] = {
     48: "double-bit ECC error",
@@ -23,16 +25,6 @@ CRITICAL_XIDS: dict[int, str] = {
 }
 
 DEFAULT_TEMPERATURE_LIMIT_CELSIUS = 90.0
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceHealth:
-    healthy: bool
-    reason: str
-    """Why the device is unhealthy; empty when healthy."""
-
-
-HEALTHY = DeviceHealth(True, "")
 
 
 def assess_device(
@@ -59,7 +51,9 @@ def assess_device(
     return HEALTHY
 
 
-def quarantined(assessed: DeviceHealth, last_unhealthy_at: float | None, last_reason: str, now: float, recovery_seconds: float) -> DeviceHealth:
+def quarantined(
+    assessed: DeviceHealth, last_unhealthy_at: float | None, last_reason: str, now: float, recovery_seconds: float
+) -> DeviceHealth:
     """A device that was unhealthy stays excluded until it has been healthy for `recovery_seconds`
     (a GPU that threw an XID often throws another), or until an operator clears it."""
     if not assessed.healthy or last_unhealthy_at is None:

@@ -17,15 +17,12 @@ stream is closed by the caller so the agent has to re-register.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, replace
 
+from coordinator.model.node_state import Liveness, NodeLiveness
 
-class Liveness(enum.Enum):
-    READY = "ready"
-    SUSPECT = "suspect"
-    DOWN = "down"
+__all__ = ["Liveness", "LivenessPolicy", "NodeLiveness"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +33,6 @@ class LivenessPolicy:
     """Seconds a node whose stream closed may take to come back before it is DOWN."""
     missed_heartbeats: int = 3
     """Heartbeat intervals of silence on an open stream after which a node is DOWN."""
-
-
-@dataclass(frozen=True, slots=True)
-class NodeLiveness:
-    state: Liveness
-    connected: bool
-    """Whether the node's stream is open."""
-    heartbeat_interval: float
-    """Seconds between the agent's heartbeats: the interval it actually uses."""
-    since: float
-    """Monotonic time the current state began."""
-    reason: str
-    """Why the node is in this state, for operators."""
 
 
 def registered(now: float, heartbeat_interval: float) -> NodeLiveness:

@@ -1,49 +1,44 @@
-"""Wires the coordinator together: gRPC server, services, background loops, shutdown."""
+"""Wires the coordinator together: builds the parts (one clock, one store, one cluster view), the gRPC
+server and its services, starts the supervised background loops, and shuts down."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import gc
 import os
+import random
 import resource
 import stat
-import time
 from pathlib import Path
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
-from coordinator.agent_service import AgentService
-from coordinator.auth import Guard, StreamQuota, node_identity_problem
-from coordinator.cluster import ClusterView
-from coordinator.cluster_service import ClusterService
-from coordinator.job_manager import JobManager
-from coordinator.job_service import JobService
-from coordinator.liveness import Liveness, LivenessPolicy
-from coordinator.local_socket import LocalSocketRelay
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.recovery import RecoveryPolicy
-from coordinator.reflection import CommentedPool
+from coordinator.api.agent_service import AgentService
+from coordinator.api.auth import Guard, StreamQuota, node_identity_problem
+from coordinator.api.cluster_service import ClusterService
+from coordinator.api.health import ServiceHealth
+from coordinator.api.job_service import JobService
+from coordinator.api.local_socket import LocalSocketRelay
+from coordinator.api.reflection import CommentedPool, CountedReflection
+from coordinator.api.request_parsing import add_strict_service
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
+from coordinator.observe.prometheus import CoordinatorMetrics
+from coordinator.rules.liveness import LivenessPolicy
+from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.scheduler import SchedulerConfig
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import SqliteJobStore
-from coordinator.strict import add_strict_service
+from coordinator.store.sqlite import SqliteJobStore
 from gpuorch import tls
+from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
 
 log = structlog.get_logger("coordinator")
-
-LIVENESS_TICK_SECONDS = 0.05
-"""How often node deadlines are checked: bounds how late a DOWN is declared."""
-SETTLE_SECONDS = 5.0
-"""Quiet time after the last registration before long-lived objects are frozen out of the collector."""
-UNFREEZE_SECONDS = 3600.0
-"""How often frozen objects are handed back to the collector, so cyclic garbage among them is freed."""
 
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
@@ -54,105 +49,9 @@ REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflectio
 SERVICE_NAMES = (AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE.full_name)
 
 
-class ServiceHealth(HealthServicer):
-    """grpc.health.v1.Health with every method answered, every refusal saying why, and watches counted.
-
-    The stock servicer answers a Check of an unknown service NOT_FOUND with an empty
-    message, which leaves a probe with a typo in its service name guessing, and does not
-    implement List at all (UNIMPLEMENTED). Statuses are the stock servicer's own
-    `_server_status`, so graceful shutdown (which sets them directly) shows in both.
-    Health needs no token, so its open-ended Watch streams count against their client's
-    max_streams_per_client like any other stream: probes cannot be used to hold memory.
-    """
-
-    def __init__(self, streams: StreamQuota, client_key) -> None:
-        super().__init__()
-        self.streams = streams
-        self.client_key = client_key
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, context):
-        if request.service not in self._server_status:
-            known = ", ".join(repr(name) for name in sorted(self._server_status))
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service[:200]!r}; known services: {known}"
-            )
-        return await super().Check(request, context)
-
-    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
-        response = health_pb2.HealthListResponse()
-        for service, status in self._server_status.items():
-            response.statuses[service].status = status
-        return response
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
-        async with self.streams.slot(context, self.client_key(context)):
-            await super().Watch(request, context)
-
-
-class CountedReflection(reflection.aio.ReflectionServicer):
-    """Server reflection whose streams (open as long as the client likes, and tokenless) count like Health's watches."""
-
-    def __init__(self, service_names, pool, streams: StreamQuota, client_key) -> None:
-        super().__init__(service_names, pool=pool)
-        self.streams = streams
-        self.client_key = client_key
-
-    async def ServerReflectionInfo(self, request_iterator, context):
-        async with self.streams.slot(context, self.client_key(context)):
-            async for response in super().ServerReflectionInfo(request_iterator, context):
-                yield response
-
-
-class GarbageSettler:
-    """Keeps full garbage collections from stalling the event loop (and with it heartbeat ingest).
-
-    A fleet registering leaves tens of thousands of long-lived objects (node and device records,
-    stream state); walking them costs a full collection tens of milliseconds at 16,000 GPUs. Once
-    registrations have been quiet for a while, freeze what exists, so later collections walk only
-    new objects. Hourly, unfreeze so cycles among frozen objects that died since (closed streams)
-    are freed; the next quiet moment freezes again.
-    """
-
-    def __init__(self, clock=time.monotonic) -> None:
-        self.clock = clock
-        self.last_registration = clock()
-        self.frozen_at: float | None = None
-
-    def registered(self) -> None:
-        self.last_registration = self.clock()
-
-    def tick(self) -> None:
-        now = self.clock()
-        if self.frozen_at is not None and now - self.frozen_at >= UNFREEZE_SECONDS:
-            gc.unfreeze()
-            self.frozen_at = None
-        settled = now - self.last_registration >= SETTLE_SECONDS
-        if settled and (self.frozen_at is None or self.last_registration > self.frozen_at):
-            # No collect first: that would be the very pause this avoids. Garbage frozen along
-            # with the live objects waits for the hourly unfreeze.
-            gc.freeze()
-            self.frozen_at = now
-
-
-def next_epoch(state_dir: Path) -> int:
-    """Reads, increments and durably writes the coordinator epoch."""
-    path = state_dir / "epoch"
-    try:
-        epoch = int(path.read_text().strip()) + 1
-    except FileNotFoundError:
-        epoch = 1
-    temporary = path.with_suffix(".tmp")
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-        handle.write(f"{epoch}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return epoch
-
-
 STATE_DIR_MODE = 0o711
 """Nobody else may list or change the state dir; they may pass through it, to the local socket and the default
-checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store.py)."""
+checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store/sqlite.py)."""
 FILE_DESCRIPTOR_HEADROOM = 256
 """File descriptors kept for what is not a connection: the job store, logs, the metrics port."""
 DEFAULT_FILE_LIMIT = 65536
@@ -208,31 +107,34 @@ def make_state_dir(path: Path) -> None:
         log.warning("state dir is readable or writable by others; chmod it 0711 or 0700", state_dir=str(path), mode=oct(mode))
 
 
-
 class Coordinator:
     """The control-plane daemon; `await start()`, then `await stop()`."""
 
-    def __init__(self, settings: CoordinatorSettings) -> None:
+    def __init__(self, settings: CoordinatorSettings, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None) -> None:
         settings.validate()
         self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        """Rendezvous ports are drawn from this: a seeded one makes placements repeatable (the simulator)."""
         self.state_dir = Path(settings.state_dir)
         self.cluster = ClusterView(
             policy=LivenessPolicy(grace_period=settings.node_grace_period, missed_heartbeats=settings.missed_heartbeats),
             default_heartbeat_interval=settings.heartbeat_interval,
             history_length=settings.telemetry_history,
             device_recovery_seconds=settings.device_recovery_seconds,
+            clock=clock,
         )
-        self.cluster.listeners.append(self._log_transition)
+        self.cluster.listeners.append(log_transition)
         self.epoch = 0
         self.port = 0
         self.server: grpc.aio.Server | None = None
         # A bad tokens file stops the start, naming the entry.
-        self.guard = Guard(settings.tokens_file, tokenless_tcp_clients=settings.tokenless_tcp_clients)
+        self.guard = Guard(settings.tokens_file, clock=clock.monotonic, tokenless_tcp_clients=settings.tokenless_tcp_clients)
         self.streams = StreamQuota(settings.max_streams_per_client, settings.max_streams)
         """Every client's open streams, of every service, against one max_streams_per_client and all against max_streams."""
         self.local_socket: LocalSocketRelay | None = self._local_socket_relay()
         self.health = ServiceHealth(self.streams, self.guard.client_key)
-        self.garbage = GarbageSettler()
+        self.garbage = GarbageSettler(self.clock)
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
         self.agent_port = 0
@@ -240,7 +142,6 @@ class Coordinator:
     async def start(self) -> None:
         try:
             make_state_dir(self.state_dir)
-            self.epoch = next_epoch(self.state_dir)
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
         settings = self.settings
@@ -255,13 +156,21 @@ class Coordinator:
                 temperature_threshold_celsius=settings.score_temperature_threshold,
                 temperature_penalty_per_degree=settings.score_temperature_penalty,
             ),
-            recovery_policy=RecoveryPolicy(backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max),
+            recovery_policy=RecoveryPolicy(
+                backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max
+            ),
             stop_grace_seconds=settings.stop_grace_period,
             node_grace_period=settings.node_grace_period,
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
+            clock=self.clock,
+            rng=self.rng,
         )
-        await self.jobs.start()
+        try:
+            await self.jobs.start()
+        except OSError as error:
+            raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
+        self.epoch = self.jobs.epoch
         self.agents = AgentService(self.cluster, self.epoch)
         self.agents.identity_problem = functools.partial(
             node_identity_problem,
@@ -282,7 +191,7 @@ class Coordinator:
             interceptors=interceptors,
         )
         # Every service, the stock health and reflection ones included, parses its own requests
-        # (coordinator/strict.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
+        # (coordinator/api/request_parsing.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
         add_strict_service(self.server, AGENT_SERVICE, self.agents)
         add_strict_service(
             self.server,
@@ -317,7 +226,7 @@ class Coordinator:
             await self.local_socket.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._tasks.append(asyncio.create_task(self._supervise("liveness", self._liveness_loop)))
+        self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
         log.info(
             "coordinator serving",
@@ -364,12 +273,15 @@ class Coordinator:
         """Binds `listen` (and `agent_listen`); returns both ports (the same one when agents share it)."""
         settings = self.settings
         agents_share_listen = not settings.agent_listen
+        server = self.server
+        if server is None:
+            raise RuntimeError("the gRPC server is not built yet")
 
         def bind(address: str, client_ca: str) -> int:
             try:
                 if not settings.tls_cert:
-                    return self.server.add_insecure_port(address)
-                return self.server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key, client_ca))
+                    return server.add_insecure_port(address)
+                return server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key, client_ca))
             except RuntimeError as error:
                 raise RuntimeError(f"cannot listen on {address}: {error}") from None
 
@@ -382,16 +294,24 @@ class Coordinator:
         settings = self.settings
         if not settings.tls_cert:
             if settings.insecure:
-                log.warning("TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted", listen=settings.listen)
+                log.warning(
+                    "TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted",
+                    listen=settings.listen,
+                )
             else:
-                log.warning("TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines", listen=settings.listen)
+                log.warning(
+                    "TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines",
+                    listen=settings.listen,
+                )
         if not self.guard.enabled and settings.tokenless_tcp_clients:
             log.warning(
                 "tokens_file is not set: every TCP client may act as any user, and as admin; agents are told owners are not "
                 "authenticated (set tokenless_tcp_clients = false to serve clients on the local socket only)"
             )
         if not settings.tls_client_ca:
-            log.warning("tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node")
+            log.warning(
+                "tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node"
+            )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds."""
@@ -428,21 +348,3 @@ class Coordinator:
             except Exception:
                 log.exception("background loop crashed; restarting", loop=name)
                 await asyncio.sleep(1.0)
-
-    async def _liveness_loop(self) -> None:
-        while True:
-            for transition in self.cluster.tick():
-                if transition.session is not None:
-                    transition.session.close(f"node declared down: {transition.reason}; re-register")
-            self.garbage.tick()
-            await asyncio.sleep(LIVENESS_TICK_SECONDS)
-
-    def _log_transition(self, transition) -> None:
-        level = log.warning if transition.after is not Liveness.READY else log.info
-        level(
-            "node state changed",
-            node=transition.node_id,
-            before=transition.before.value,
-            after=transition.after.value,
-            reason=transition.reason,
-        )

@@ -1,243 +1,38 @@
-"""The coordinator's in-memory view of the cluster: nodes, devices, telemetry.
+"""The coordinator's view of the cluster: applies what agent streams report and the passage of time to
+the node and device records (coordinator/model/cluster.py), through the pure node rules
+(rules/liveness.py, rules/health.py), and turns the records into wire messages.
 
-Fed by the agent streams (coordinator/agent_service.py) and read by the
-ClusterService, the scheduler and the failure detector. Every decision it
-applies comes from a pure function (liveness.py, health.py); this module only
-keeps the records and turns them into wire messages.
+Fed by the agent streams (coordinator/api/agent_service.py) and read by the ClusterService, the
+scheduling loop, the failure detector and the metrics.
 """
 
 from __future__ import annotations
 
-import array
-import asyncio
 import itertools
-import math
-import re
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from coordinator import health, liveness
-from coordinator.liveness import Liveness, LivenessPolicy, NodeLiveness
+from coordinator.control.node_links import AgentSession
+from coordinator.model.cluster import Allocations, DeviceRecord, NodeRecord, Session, Transition, public_state
+from coordinator.model.telemetry import (
+    ECC_UNCORRECTED,
+    GPU_UTILIZATION,
+    LAST_XID,
+    LOST,
+    MEMORY_USED,
+    POWER,
+    TEMPERATURE,
+    HeartbeatStats,
+    TelemetryHistory,
+    sample_of,
+    telemetry_of,
+)
+from coordinator.rules import health, liveness
+from coordinator.rules.liveness import Liveness, LivenessPolicy
+from coordinator.rules.registration import InvalidMessage
+from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, cluster_pb2
-
-NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
-MAX_DEVICES_PER_NODE = 64
-MIN_HEARTBEAT_INTERVAL = 0.05
-MAX_HEARTBEAT_INTERVAL = 300.0
-
-
-# A device's latest telemetry is kept as a plain tuple of numbers, in this order, not as the
-# message it came in: the garbage collector stops tracking such tuples, so the samples of
-# 16,000 GPUs, replaced every second, neither lengthen nor trigger full collections (which
-# stall the event loop and with it heartbeat ingest).
-SAMPLE_FIELDS = (
-    "memory_used_bytes", "gpu_utilization_percent", "memory_utilization_percent", "temperature_celsius",
-    "power_watts", "ecc_corrected_errors", "ecc_uncorrected_errors", "xid_count", "last_xid", "lost",
-)  # fmt: skip
-MEMORY_USED, GPU_UTILIZATION, _, TEMPERATURE, POWER, _, ECC_UNCORRECTED, _, LAST_XID, LOST = range(len(SAMPLE_FIELDS))
-
-
-def sample_of(telemetry: cluster_pb2.DeviceTelemetry) -> tuple:
-    return (
-        telemetry.memory_used_bytes,
-        telemetry.gpu_utilization_percent,
-        telemetry.memory_utilization_percent,
-        telemetry.temperature_celsius,
-        telemetry.power_watts,
-        telemetry.ecc_corrected_errors,
-        telemetry.ecc_uncorrected_errors,
-        telemetry.xid_count,
-        telemetry.last_xid,
-        telemetry.lost,
-    )
-
-
-def telemetry_of(uuid: str, sample: tuple) -> cluster_pb2.DeviceTelemetry:
-    return cluster_pb2.DeviceTelemetry(uuid=uuid, **dict(zip(SAMPLE_FIELDS, sample)))
-
-
-class TelemetryHistory:
-    """The last `length` samples of (wall time, GPU utilisation, memory used, temperature, power),
-    in one preallocated array of doubles: constant memory, nothing for the garbage collector to walk."""
-
-    WIDTH = 5
-    __slots__ = ("length", "values", "count")
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.values = array.array("d", bytes(8 * self.WIDTH * length))
-        self.count = 0
-
-    def append(self, wall: float, utilization: float, memory_used: float, temperature: float, power: float) -> None:
-        start = (self.count % self.length) * self.WIDTH
-        self.values[start : start + self.WIDTH] = array.array("d", (wall, utilization, memory_used, temperature, power))
-        self.count += 1
-
-    def __len__(self) -> int:
-        return min(self.count, self.length)
-
-    def samples(self) -> list[tuple[float, ...]]:
-        """Oldest first."""
-        first = self.count - len(self)
-        return [
-            tuple(self.values[(i % self.length) * self.WIDTH : (i % self.length + 1) * self.WIDTH])
-            for i in range(first, self.count)
-        ]
-
-
-class InvalidMessage(ValueError):
-    """An agent sent something the protocol does not allow; the text says what."""
-
-
-def public_state(state: Liveness, drained: bool, busy: bool) -> cluster_pb2.NodeState.ValueType:
-    """The NodeState operators see: liveness first, then the operator's drain."""
-    if state is Liveness.SUSPECT:
-        return cluster_pb2.NODE_STATE_SUSPECT
-    if state is Liveness.DOWN:
-        return cluster_pb2.NODE_STATE_DOWN
-    if drained:
-        return cluster_pb2.NODE_STATE_DRAINING if busy else cluster_pb2.NODE_STATE_DRAINED
-    return cluster_pb2.NODE_STATE_READY
-
-
-def validate_register(register: agent_pb2.Register) -> None:
-    """Raises InvalidMessage naming the first thing wrong with a registration."""
-    if not register.node_id:
-        raise InvalidMessage("register.node_id is empty")
-    if not NODE_ID_PATTERN.match(register.node_id):
-        raise InvalidMessage(
-            f"register.node_id {register.node_id[:80]!r} is not a valid node id "
-            "(letters, digits, '.', '_', ':', '-'; at most 253 characters)"
-        )
-    interval = register.heartbeat_interval_seconds
-    if interval != 0 and not (MIN_HEARTBEAT_INTERVAL <= interval <= MAX_HEARTBEAT_INTERVAL):
-        raise InvalidMessage(
-            f"register.heartbeat_interval_seconds {interval!r} is outside "
-            f"[{MIN_HEARTBEAT_INTERVAL}, {MAX_HEARTBEAT_INTERVAL}] (or 0 for the coordinator's)"
-        )
-    if len(register.devices) > MAX_DEVICES_PER_NODE:
-        raise InvalidMessage(f"register.devices has {len(register.devices)} devices; at most {MAX_DEVICES_PER_NODE}")
-    seen: set[str] = set()
-    for position, device in enumerate(register.devices):
-        if not device.uuid:
-            raise InvalidMessage(f"register.devices[{position}].uuid is empty")
-        if device.uuid in seen:
-            raise InvalidMessage(f"register.devices[{position}].uuid {device.uuid!r} appears twice")
-        seen.add(device.uuid)
-
-
-@dataclass(eq=False)
-class AgentSession:
-    """One agent stream. The coordinator talks to a node through its current session."""
-
-    node_id: str
-    session_id: int
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    close_reason: str | None = None
-    """Set when the coordinator ends the stream (superseded, declared down, shutting down)."""
-
-    def send(self, message: agent_pb2.CoordinatorMessage) -> None:
-        if self.close_reason is None:
-            self.outbox.put_nowait(message)
-
-    def close(self, reason: str) -> None:
-        """Asks the stream's handler to end the RPC with `reason`."""
-        if self.close_reason is None:
-            self.close_reason = reason
-            self.outbox.put_nowait(None)
-
-
-@dataclass(eq=False, slots=True)
-class DeviceRecord:
-    info: cluster_pb2.DeviceInfo
-    history: TelemetryHistory
-    memory_total: int = 0
-    """info.memory_total_bytes, read once (message fields are slow to read in loops over every GPU)."""
-    sample: tuple | None = None
-    """Latest telemetry as a tuple in SAMPLE_FIELDS order; None before the first heartbeat."""
-    health: health.DeviceHealth = health.HEALTHY
-    last_unhealthy_at: float | None = None
-    """Monotonic time the device was last seen unhealthy; None once it has recovered or was cleared."""
-    last_unhealthy_reason: str = ""
-
-
-@dataclass(eq=False, slots=True)
-class NodeRecord:
-    node_id: str
-    hostname: str
-    addresses: list[str]
-    devices: dict[str, DeviceRecord]
-    liveness: NodeLiveness
-    last_seen: float
-    """Monotonic time of the last message on the current stream."""
-    deadline: float
-    """Monotonic time at which liveness.expire must be consulted again."""
-    registered_wall: float
-    last_heartbeat_wall: float = 0.0
-    health_version: int = 0
-    """Increases whenever a device of the node turns healthy or unhealthy."""
-    last_sequence: int = 0
-    session: AgentSession | None = None
-    drained: bool = False
-    drain_reason: str = ""
-    agent_version: str = ""
-
-    @property
-    def schedulable(self) -> bool:
-        """Whether new work may be placed here."""
-        return self.liveness.state is Liveness.READY and not self.drained
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """A node changed liveness state; `session` is set when its stream must be closed."""
-
-    node_id: str
-    before: Liveness
-    after: Liveness
-    reason: str
-    session: AgentSession | None
-
-
-class HeartbeatStats:
-    """Ingest lag and rate over recent heartbeats, for GetClusterStatus and benchmarks.
-
-    A ring of the last `max_samples` (received time, lag) pairs in arrays of doubles: the hot path
-    writes two numbers, and the garbage collector has nothing to walk."""
-
-    def __init__(self, window_seconds: float = 10.0, max_samples: int = 1 << 16) -> None:
-        self.window_seconds = window_seconds
-        self.max_samples = max_samples
-        self.received = array.array("d", bytes(8 * max_samples))
-        self.lags = array.array("d", bytes(8 * max_samples))
-        self.count = 0
-
-    def record(self, received_wall: float, lag_seconds: float) -> None:
-        slot = self.count % self.max_samples
-        self.received[slot] = received_wall
-        self.lags[slot] = lag_seconds
-        self.count += 1
-
-    def summary(self, now_wall: float) -> tuple[float, float, float]:
-        """(heartbeats per second, p50 lag ms, p99 lag ms) over the window."""
-        held = min(self.count, self.max_samples)
-        if not held:
-            return 0.0, 0.0, 0.0
-        cutoff = now_wall - self.window_seconds
-        received, lags = self.received[:held], self.lags[:held]
-        recent = sorted(lag for when, lag in zip(received, lags) if when >= cutoff)
-        if not recent:
-            return 0.0, 0.0, 0.0
-        oldest = min(received)
-        span = self.window_seconds if oldest <= cutoff else max(now_wall - oldest, 1e-3)
-        return (
-            len(recent) / span,
-            1000 * recent[len(recent) // 2],
-            1000 * recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)],
-        )
 
 
 def _timestamp(wall: float) -> Timestamp:
@@ -256,22 +51,20 @@ class ClusterView:
         default_heartbeat_interval: float,
         history_length: int = 100,
         device_recovery_seconds: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.policy = policy
         self.default_heartbeat_interval = default_heartbeat_interval
         self.history_length = history_length
         self.device_recovery_seconds = device_recovery_seconds
         self.clock = clock
-        self.wall_clock = wall_clock
         self.nodes: dict[str, NodeRecord] = {}
         self.heartbeats = HeartbeatStats()
         self._session_ids = itertools.count(1)
         self.drained: dict[str, str] = {}
         """Node id -> operator's reason, for drained nodes; outlives the node's streams (and, stored, restarts)."""
-        self.allocations: dict[str, tuple[str, int]] = {}
-        """Device uuid -> (job id, attempt) holding it. Owned by the job manager; read here for views."""
+        self.allocations = Allocations()
+        """Device uuid -> (job id, attempt) holding it; changed by the job rules, read here for views."""
         self.listeners: list[Callable[[Transition], None]] = []
         """Called for every liveness transition (the failure detector and metrics hook in here)."""
         self.device_listeners: list[Callable[[str, str, health.DeviceHealth], None]] = []
@@ -279,15 +72,17 @@ class ClusterView:
 
     # -- events from agent streams ------------------------------------------------------------
 
-    def register(self, register: agent_pb2.Register) -> tuple[NodeRecord, AgentSession, AgentSession | None]:
+    def register(self, register: agent_pb2.Register) -> tuple[NodeRecord, AgentSession, Session | None]:
         """Applies a validated registration. Returns (node, new session, replaced session or None)."""
-        now, wall = self.clock(), self.wall_clock()
+        now, wall = self.clock.monotonic(), self.clock.wall()
         interval = register.heartbeat_interval_seconds or self.default_heartbeat_interval
         session = AgentSession(register.node_id, next(self._session_ids))
         devices = {}
         previous = self.nodes.get(register.node_id)
         for info in register.devices:
-            devices[info.uuid] = DeviceRecord(info=info, history=TelemetryHistory(self.history_length), memory_total=info.memory_total_bytes)
+            devices[info.uuid] = DeviceRecord(
+                info=info, history=TelemetryHistory(self.history_length), memory_total=info.memory_total_bytes
+            )
         state = liveness.registered(now, interval)
         replaced = previous.session if previous is not None else None
         node = NodeRecord(
@@ -314,7 +109,7 @@ class ClusterView:
         node = self.nodes.get(session.node_id)
         if node is None or node.session is not session:
             return  # a superseded stream; its node has a newer one
-        now, wall = self.clock(), self.wall_clock()
+        now, wall = self.clock.monotonic(), self.clock.wall()
         node.last_seen = now
         node.deadline = now + liveness.silence_limit(node.liveness, self.policy)
         node.last_sequence = heartbeat.sequence
@@ -342,6 +137,8 @@ class ClusterView:
     def _judge(self, node: NodeRecord, record: DeviceRecord, now: float) -> None:
         """Re-assesses a device from its latest telemetry, keeping recently unhealthy ones quarantined."""
         sample = record.sample
+        if sample is None:
+            return  # nothing reported yet: nothing to judge
         assessed = health.assess_device(
             lost=sample[LOST],
             last_xid=sample[LAST_XID],
@@ -368,7 +165,7 @@ class ClusterView:
         """Any message from the agent proves it alive."""
         node = self.nodes.get(session.node_id)
         if node is not None and node.session is session:
-            node.last_seen = self.clock()
+            node.last_seen = self.clock.monotonic()
             node.deadline = node.last_seen + liveness.silence_limit(node.liveness, self.policy)
 
     def stream_closed(self, session: AgentSession) -> None:
@@ -378,7 +175,7 @@ class ClusterView:
             return
         node.session = None
         before = node.liveness
-        node.liveness = liveness.stream_closed(before, self.clock(), session.close_reason or "stream closed")
+        node.liveness = liveness.stream_closed(before, self.clock.monotonic(), session.close_reason or "stream closed")
         node.deadline = liveness.next_deadline(node.liveness, node.last_seen, self.policy)
         if node.liveness.state is not before.state:
             self._emit(Transition(node.node_id, before.state, node.liveness.state, node.liveness.reason, None))
@@ -387,7 +184,7 @@ class ClusterView:
 
     def tick(self) -> list[Transition]:
         """Applies the passage of time to every node whose deadline has come."""
-        now = self.clock()
+        now = self.clock.monotonic()
         transitions = []
         for node in self.nodes.values():
             if node.deadline > now:
@@ -431,7 +228,7 @@ class ClusterView:
         for record in node.devices.values():
             record.last_unhealthy_at = None
             if record.sample is not None:
-                self._judge(node, record, self.clock())
+                self._judge(node, record, self.clock.monotonic())
         node.health_version += 1
         return node
 
@@ -440,7 +237,7 @@ class ClusterView:
     def busy(self, node: NodeRecord) -> bool:
         return any(uuid in self.allocations for uuid in node.devices)
 
-    def state_of(self, node: NodeRecord) -> cluster_pb2.NodeState.ValueType:
+    def state_of(self, node: NodeRecord) -> cluster_pb2.NodeState:
         return public_state(node.liveness.state, node.drained, self.busy(node))
 
     def node_proto(self, node: NodeRecord) -> cluster_pb2.Node:
@@ -458,7 +255,7 @@ class ClusterView:
         if node.last_heartbeat_wall:
             message.last_heartbeat_time.CopyFrom(_timestamp(node.last_heartbeat_wall))
         if node.liveness.state is not Liveness.READY:
-            ago = self.clock() - node.liveness.since
+            ago = self.clock.monotonic() - node.liveness.since
             message.state_reason = f"{node.liveness.reason} ({ago:.1f}s ago)"
         elif node.drained:
             message.state_reason = node.drain_reason
@@ -482,9 +279,7 @@ class ClusterView:
     def list_nodes(self, states: Iterable[int] = ()) -> list[cluster_pb2.Node]:
         wanted = set(states)
         return [
-            self.node_proto(node)
-            for node_id, node in sorted(self.nodes.items())
-            if not wanted or self.state_of(node) in wanted
+            self.node_proto(node) for node_id, node in sorted(self.nodes.items()) if not wanted or self.state_of(node) in wanted
         ]
 
     def status(self) -> cluster_pb2.ClusterStatus:
@@ -514,7 +309,7 @@ class ClusterView:
                     if not allocated and not node.drained:
                         gpus_free += 1
             by_state[public_state(node.liveness.state, node.drained, busy)] += 1
-        rate, p50, p99 = self.heartbeats.summary(self.wall_clock())
+        rate, p50, p99 = self.heartbeats.summary(self.clock.wall())
         return cluster_pb2.ClusterStatus(
             nodes_by_state={cluster_pb2.NodeState.Name(state): count for state, count in by_state.items()},
             nodes_total=len(self.nodes),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from coordinator.auth import Caller
+from coordinator.api.auth import Caller
 
 log = structlog.get_logger("coordinator.local_socket")
 

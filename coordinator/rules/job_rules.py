@@ -1,22 +1,18 @@
 """Pure rules about jobs: what a valid spec is, each rank's environment, and what an exit means.
 
-No I/O here; coordinator/job_manager.py applies these decisions.
-
-Job states (see JobState in protos/gpuorch/v1/job.proto):
-
-    PENDING  --placed and launched-->   RUNNING
-    RUNNING  --every rank exited 0-->   SUCCEEDED   (final)
-    RUNNING  --a rank failed-->         FAILED      (final; its peers are stopped)
-    PENDING/RUNNING --CancelJob-->      CANCELLED   (final; ranks get SIGTERM, then SIGKILL)
+No I/O here. The job lifecycle that uses them is drawn once, in coordinator/rules/job_machine.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import secrets
 
+from coordinator.model.jobs import FINAL_STATES, RankOutcome
 from gpuorch.v1 import agent_pb2, job_pb2
+
+__all__ = ["FINAL_STATES", "RankOutcome"]
 
 BACKENDS = ("nccl", "gloo")
 MAX_GPUS = 4096
@@ -28,8 +24,6 @@ MAX_OWNER_LENGTH = 128
 MAX_WORKING_DIR_BYTES = 4096
 """Linux's PATH_MAX."""
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 
 
 class InvalidSpec(ValueError):
@@ -172,12 +166,6 @@ def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None)
     return messages
 
 
-@dataclass(frozen=True, slots=True)
-class RankOutcome:
-    failed: bool
-    description: str
-
-
 def rank_outcome(status: agent_pb2.TaskStatus, node_id: str) -> RankOutcome:
     """What one rank's end means for its attempt."""
     where = f"rank {status.rank} on node {node_id}"
@@ -213,3 +201,14 @@ def tail_lines_scan(data: bytes, data_offset: int, lines_left: int, at_end: bool
         if lines_left == 0:
             return data_offset + newline + 1, 0
     return data_offset + len(data), 0
+
+
+JOB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+JOB_ID_RANDOM_CHARACTERS = 6
+"""30 random bits in every job id, so that no one can name (and plant a checkpoint directory for) the next job."""
+
+
+def new_job_id(sequence: int) -> str:
+    """`j-<sequence>-<random>`, e.g. j-000123-k7f3q2: ordered and readable by its sequence, unguessable by the rest."""
+    suffix = "".join(secrets.choice(JOB_ID_ALPHABET) for _ in range(JOB_ID_RANDOM_CHARACTERS))
+    return f"j-{sequence:06d}-{suffix}"

@@ -4,7 +4,7 @@ The handler reads in one task and writes from the session's outbox in the
 handler itself, so the rest of the coordinator talks to a node by putting
 messages in `session.outbox` and never touches gRPC.
 
-The service is registered through coordinator.strict: `context.read()` returns
+The service is registered through coordinator.api.request_parsing: `context.read()` returns
 parsed AgentMessages and raises MalformedRequest for a frame that is not one.
 """
 
@@ -16,8 +16,10 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from coordinator.cluster import AgentSession, ClusterView, InvalidMessage, validate_register
-from coordinator.strict import MalformedRequest
+from coordinator.api.request_parsing import MalformedRequest
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.node_links import AgentSession
+from coordinator.rules.registration import InvalidMessage, validate_register
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
@@ -62,7 +64,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             validate_register(first.register)
         except InvalidMessage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        refusal = self.identity_problem(first.register.node_id, peer_identities(context.auth_context()))
+        refusal = self.identity_problem(
+            first.register.node_id, peer_identities({key: list(values) for key, values in context.auth_context().items()})
+        )
         if refusal is not None:
             log.warning("registration refused", node=first.register.node_id, peer=context.peer(), reason=refusal)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
@@ -110,15 +114,16 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if message is None:
                     break
                 await context.write(message)
-            if reader.done() and not reader.cancelled() and isinstance(reader.exception(), StreamEnded):
-                ending = reader.exception()
+            failure = reader.exception() if reader.done() and not reader.cancelled() else None
+            if isinstance(failure, StreamEnded):
+                ending = failure
             else:
                 ending = StreamEnded(grpc.StatusCode.UNAVAILABLE, session.close_reason or "closed by the coordinator")
         finally:
             reader.cancel()
             self.cluster.stream_closed(session)
             log.info("node stream closed", node=session.node_id, session=session.session_id, reason=session.close_reason)
-        if ending.code is not None:
+        if ending is not None and ending.code is not None:
             await context.abort(ending.code, ending.details)
 
     async def _read(self, context: grpc.aio.ServicerContext, session: AgentSession) -> None:
@@ -133,16 +138,16 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if kind == "heartbeat":
                     self.cluster.heartbeat(session, message.heartbeat)
                     for progress in message.heartbeat.progress:
-                        for callback in self.on_progress:
-                            callback(session.node_id, progress)
+                        for on_progress in self.on_progress:
+                            on_progress(session.node_id, progress)
                 elif kind == "task_status":
                     self.cluster.touch(session)
-                    for callback in self.on_task_status:
-                        callback(session.node_id, message.task_status)
+                    for on_task_status in self.on_task_status:
+                        on_task_status(session.node_id, message.task_status)
                 elif kind == "log_chunk":
                     self.cluster.touch(session)
-                    for callback in self.on_log_chunk:
-                        callback(session.node_id, message.log_chunk)
+                    for on_log_chunk in self.on_log_chunk:
+                        on_log_chunk(session.node_id, message.log_chunk)
                 elif kind == "register":
                     raise InvalidMessage("register may only be the first message of a stream")
                 else:

@@ -12,14 +12,14 @@ import enum
 import hashlib
 import hmac
 import os
-import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 import structlog
 
+from gpuorch.clock import SYSTEM_CLOCK
 from gpuorch.tls import NODE_URI_PREFIX
 
 log = structlog.get_logger("coordinator.auth")
@@ -190,7 +190,9 @@ def redact_env(job, caller: Caller):
 class Guard:
     """Authenticates and authorizes calls for the services; with no tokens file, lets everything through."""
 
-    def __init__(self, tokens_file: str = "", clock=time.monotonic, tokenless_tcp_clients: bool = True) -> None:
+    def __init__(
+        self, tokens_file: str = "", clock: Callable[[], float] = SYSTEM_CLOCK.monotonic, tokenless_tcp_clients: bool = True
+    ) -> None:
         self.tokens_file = tokens_file
         self.clock = clock
         self.tokenless_tcp_clients = tokenless_tcp_clients

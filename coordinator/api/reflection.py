@@ -10,6 +10,9 @@ from __future__ import annotations
 from importlib import resources
 
 from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.api.auth import StreamQuota
 
 
 def _source_infos() -> dict[str, descriptor_pb2.SourceCodeInfo]:
@@ -52,3 +55,17 @@ class CommentedPool:
 
     def __getattr__(self, name):
         return getattr(self._pool, name)
+
+
+class CountedReflection(reflection.aio.ReflectionServicer):
+    """Server reflection whose streams (open as long as the client likes, and tokenless) count like Health's watches."""
+
+    def __init__(self, service_names, pool, streams: StreamQuota, client_key) -> None:
+        super().__init__(service_names, pool=pool)
+        self.streams = streams
+        self.client_key = client_key
+
+    async def ServerReflectionInfo(self, request_iterator, context):
+        async with self.streams.slot(context, self.client_key(context)):
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response

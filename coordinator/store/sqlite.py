@@ -1,4 +1,4 @@
-"""Durable job store: the interface, and SQLite (WAL) behind it.
+"""The durable store in SQLite (WAL), behind coordinator/store/api.py.
 
 A job is durable before SubmitJob answers. The event loop never touches the
 disk: one writer thread takes every write queued since its last commit and
@@ -8,7 +8,6 @@ load, many submissions share one fsync, so throughput holds.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import os
@@ -16,45 +15,15 @@ import queue
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import structlog
 
+from coordinator.store.api import JobStore, StoredJob, StoredState, StoreError
 from gpuorch.v1 import job_pb2
 
 log = structlog.get_logger("coordinator.store")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredJob:
-    sequence: int
-    """Submission order; also the job's numeric id."""
-    job: job_pb2.Job
-    client_request_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    jobs: list[StoredJob]
-    settings: dict[str, str]
-    """Small durable key/value facts, e.g. which nodes operators drained."""
-
-
-class JobStore(abc.ABC):
-    @abc.abstractmethod
-    async def open(self) -> StoredState:
-        """Opens (creating if needed) and returns everything stored."""
-
-    @abc.abstractmethod
-    def save(self, jobs: Iterable[StoredJob] = (), settings: dict[str, str | None] | None = None) -> asyncio.Future:
-        """Queues jobs (whole, replacing older versions) and settings (None deletes) for writing, in call
-        order; the returned future completes once they are durable."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Finishes queued writes, then closes."""
 
 
 PRIVATE_FILE_MODE = 0o600
@@ -91,6 +60,24 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _CLOSE = object()
+DRAIN_KEY_PREFIX = "drain:"
+"""Drains are rows of the settings table, keyed by this and the node id."""
+
+
+def next_epoch(state_dir: Path) -> int:
+    """Reads, increments and durably writes the coordinator epoch (the file `epoch`, 0600, beside the database)."""
+    path = state_dir / "epoch"
+    try:
+        epoch = int(path.read_text().strip()) + 1
+    except FileNotFoundError:
+        epoch = 1
+    temporary = path.with_suffix(".tmp")
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE), "w") as handle:
+        handle.write(f"{epoch}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return epoch
 
 
 class SqliteJobStore(JobStore):
@@ -118,31 +105,43 @@ class SqliteJobStore(JobStore):
                 "SELECT sequence, data, client_request_id FROM jobs ORDER BY sequence"
             )
         ]
-        settings = dict(connection.execute("SELECT key, value FROM settings"))
-        return StoredState(jobs, settings)
+        drains = {
+            key.removeprefix(DRAIN_KEY_PREFIX): value
+            for key, value in connection.execute("SELECT key, value FROM settings")
+            if key.startswith(DRAIN_KEY_PREFIX)
+        }
+        return StoredState(jobs, drains, next_epoch(self.path.parent))
 
     async def open(self) -> StoredState:
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = await asyncio.to_thread(self._connect)
         state = await asyncio.to_thread(self._load, connection)
-        self._thread = threading.Thread(target=self._writer, args=(connection,), name="job-store-writer", daemon=True)
+        self._thread = threading.Thread(target=self._writer, args=(connection, self._loop), name="job-store-writer", daemon=True)
         self._thread.start()
         log.info("job store open", path=str(self.path), jobs=len(state.jobs))
         return state
 
-    def save(self, jobs: Iterable[StoredJob] = (), settings: dict[str, str | None] | None = None) -> asyncio.Future:
+    def save(self, jobs: Iterable[StoredJob] = (), drains: Mapping[str, str | None] | None = None) -> asyncio.Future[None]:
         if self._thread is None or self._loop is None:
             raise RuntimeError("job store is not open")
         rows = [
-            (stored.sequence, stored.job.job_id, stored.job.state, stored.job.spec.owner, stored.client_request_id, stored.job.SerializeToString())
+            (
+                stored.sequence,
+                stored.job.job_id,
+                stored.job.state,
+                stored.job.spec.owner,
+                stored.client_request_id,
+                stored.job.SerializeToString(),
+            )
             for stored in jobs
         ]
-        done = self._loop.create_future()
-        self._queue.put((rows, dict(settings or {}), done))
+        settings = {DRAIN_KEY_PREFIX + node_id: reason for node_id, reason in (drains or {}).items()}
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put((rows, settings, done))
         return done
 
-    def _writer(self, connection: sqlite3.Connection) -> None:
+    def _writer(self, connection: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         closing = False
         while not closing:
             batch = [self._queue.get()]
@@ -183,7 +182,7 @@ class SqliteJobStore(JobStore):
                 except sqlite3.Error:
                     pass
             for _, _, done in writes:
-                self._loop.call_soon_threadsafe(_settle, done, error)
+                loop.call_soon_threadsafe(_settle, done, error)
         connection.close()
 
     async def close(self) -> None:
@@ -199,4 +198,4 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
     if error is None:
         future.set_result(None)
     else:
-        future.set_exception(RuntimeError(f"job store write failed: {error}"))
+        future.set_exception(StoreError(f"job store write failed: {error}"))

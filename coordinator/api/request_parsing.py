@@ -15,6 +15,7 @@ reflection), keep receiving parsed messages:
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor, message, message_factory
@@ -110,19 +111,20 @@ def _handler(method: descriptor.MethodDescriptor, behavior) -> grpc.RpcMethodHan
             except MalformedRequest as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
-    else:
+        make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        return make(handle, request_deserializer=None, response_serializer=_serialize)
 
-        async def handle(request, context):
-            try:
-                return await behavior(*arguments(request, context))
-            except MalformedRequest as error:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    async def handle_unary(request, context):
+        try:
+            return await behavior(*arguments(request, context))
+        except MalformedRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
-    return make(handle, request_deserializer=None, response_serializer=_serialize)
+    return make(handle_unary, request_deserializer=None, response_serializer=_serialize)
 
 
-def add_strict_service(server: grpc.aio.Server, service: descriptor.ServiceDescriptor, servicer) -> None:
+def add_strict_service(server: grpc.aio.Server, service: Any, servicer: Any) -> None:
     """Adds `servicer`'s methods of `service` to `server`, with requests parsed as described above."""
     handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

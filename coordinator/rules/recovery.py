@@ -72,13 +72,35 @@ def permanent_start_failure(status: agent_pb2.TaskStatus) -> bool:
     return not any(words in status.message for words in TRANSIENT_START_FAILURES)
 
 
-def rank_failure_code(status: agent_pb2.TaskStatus) -> str:
+@dataclass(frozen=True, slots=True)
+class FailureCode:
+    """Why an attempt failed, as structured fields; `str()` renders the GPUORCH_RESTART_REASON text."""
+
+    kind: str
+    """rank_exit, rank_start, start_failed, node_down, gpu_unhealthy or hang."""
+    details: tuple[str, ...] = ()
+    """The rank and exit code, the node, the GPU: whatever the kind names."""
+
+    def __str__(self) -> str:
+        return ":".join((self.kind, *self.details))
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind == PERMANENT_START_FAILURE
+
+
+def failure_code(status: agent_pb2.TaskStatus) -> FailureCode:
+    """What one failed rank's end means for its attempt, as a code."""
     if permanent_start_failure(status):
-        return f"{PERMANENT_START_FAILURE}:{status.rank}"
+        return FailureCode(PERMANENT_START_FAILURE, (str(status.rank),))
     if status.state in (agent_pb2.TASK_STATE_FAILED_TO_START, agent_pb2.TASK_STATE_REJECTED):
-        return f"rank_start:{status.rank}"
+        return FailureCode("rank_start", (str(status.rank),))
     code = 128 + status.signal if status.signal else status.exit_code
-    return f"rank_exit:{status.rank}:{code}"
+    return FailureCode("rank_exit", (str(status.rank), str(code)))
+
+
+def rank_failure_code(status: agent_pb2.TaskStatus) -> str:
+    return str(failure_code(status))
 
 
 def restart_delay(restart_number: int, policy: RecoveryPolicy) -> float:
@@ -88,7 +110,9 @@ def restart_delay(restart_number: int, policy: RecoveryPolicy) -> float:
     return min(policy.backoff_max_seconds, policy.backoff_base_seconds * 2 ** (restart_number - 2))
 
 
-def decide(max_restarts: int, restarts_used: int, history: list[str], policy: RecoveryPolicy, code: str = "") -> Restart | GiveUp:
+def decide(
+    max_restarts: int, restarts_used: int, history: list[str], policy: RecoveryPolicy, code: FailureCode | str = ""
+) -> Restart | GiveUp:
     """Restart or give up after a failed attempt.
 
     Args:
@@ -97,7 +121,7 @@ def decide(max_restarts: int, restarts_used: int, history: list[str], policy: Re
         history: how each attempt so far ended, oldest first (the failed one last).
         code: the failure's code (rank_exit:..., start_failed:..., ...); a permanent start failure gives up at once.
     """
-    permanent = code.startswith(PERMANENT_START_FAILURE + ":")
+    permanent = code.permanent if isinstance(code, FailureCode) else code.startswith(PERMANENT_START_FAILURE + ":")
     if permanent and restarts_used < max_restarts:
         return GiveUp(f"{history[-1]} (not restarted: every restart would fail to start the same way)")
     if restarts_used < max_restarts:
@@ -107,13 +131,6 @@ def decide(max_restarts: int, restarts_used: int, history: list[str], policy: Re
         return GiveUp(history[-1])
     ends = "; ".join(f"attempt {n}: {end}" for n, end in enumerate(history, start=1))
     return GiveUp(f"{history[-1]} (no restarts left of {max_restarts}; {ends})")
-
-
-def elastic_sizes(gpus: int, min_gpus: int, gpus_per_node: int) -> list[int]:
-    """World sizes to try, largest first: `gpus` down to `min_gpus`, multiples of gpus_per_node."""
-    floor = min_gpus or gpus
-    step = gpus_per_node or 1
-    return [size for size in range(gpus, floor - 1, -1) if size % step == 0]
 
 
 def hung(progress_timeout: float, attempt_started_at: float, last_progress_at: float, now: float) -> bool:

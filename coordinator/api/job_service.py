@@ -6,10 +6,11 @@ import asyncio
 
 import grpc
 
-from coordinator import jobs, scheduler
-from coordinator.auth import Action, Guard, StreamQuota, priority_problem, redact_env
-from coordinator.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, QuotaExceeded
-from coordinator.jobs import InvalidSpec
+from coordinator import scheduler
+from coordinator.api.auth import Action, Guard, StreamQuota, priority_problem, redact_env
+from coordinator.control.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, NoSuchRank, QuotaExceeded
+from coordinator.rules import job_rules
+from coordinator.rules.job_rules import InvalidSpec
 from gpuorch.v1 import job_pb2, job_pb2_grpc
 
 MAX_CLIENT_REQUEST_ID = 128
@@ -53,7 +54,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
     async def SubmitJob(self, request: job_pb2.SubmitJobRequest, context):
         caller = await self.guard.check(context, Action.SUBMIT)
         if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"client_request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"client_request_id is longer than {MAX_CLIENT_REQUEST_ID} characters"
+            )
         if not request.HasField("spec"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec is missing")
         if caller.authenticated:
@@ -63,10 +66,10 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         # asks to hold it); a retry of a submission already accepted is answered as before.
         if not request.spec.hold_if_too_big and (request.spec.owner, request.client_request_id) not in self.manager.by_request_id:
             try:
-                jobs.validate_spec(jobs.normalized(request.spec))  # a bad field is named before any capacity
+                job_rules.validate_spec(job_rules.normalized(request.spec))  # a bad field is named before any capacity
             except InvalidSpec as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            too_big = scheduler.too_big_for_cluster(scheduler.request_of_spec(request.spec), self.manager._node_views())
+            too_big = scheduler.too_big_for_cluster(scheduler.request_of_spec(request.spec), self.manager.node_views())
             if too_big:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -97,7 +100,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
         try:
-            found, token = self.manager.list(request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes)
+            found, token = self.manager.list(
+                request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes
+            )
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return job_pb2.ListJobsResponse(jobs=[redact_env(job, caller) for job in found], next_page_token=token)
@@ -144,10 +149,10 @@ class JobService(job_pb2_grpc.JobServiceServicer):
     ):
         try:
             chunk = await self.manager.read_log(request.job_id, request.rank, attempt, offset, max_bytes)
+        except NoSuchRank as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except LookupError as error:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND if "no rank" not in str(error) else grpc.StatusCode.INVALID_ARGUMENT, str(error)
-            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except ConnectionError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         if chunk.error:
@@ -158,11 +163,11 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         """Where the last tail_lines lines begin: reads back from the end a chunk at a time, counting
         newlines (never holding more than one chunk), until enough are found or the log's start."""
         chunk = await self._read_chunk(request, attempt, -LOG_CHUNK_BYTES, context)
-        start, left = jobs.tail_lines_scan(chunk.data, chunk.offset, request.tail_lines, at_end=True)
+        start, left = job_rules.tail_lines_scan(chunk.data, chunk.offset, request.tail_lines, at_end=True)
         while start is None:
             before = max(0, chunk.offset - LOG_CHUNK_BYTES)
             chunk = await self._read_chunk(request, attempt, before, context, chunk.offset - before)
-            start, left = jobs.tail_lines_scan(chunk.data, before, left, at_end=False)
+            start, left = job_rules.tail_lines_scan(chunk.data, before, left, at_end=False)
         return start
 
     async def _read_logs(self, request: job_pb2.GetJobLogsRequest, entry, context):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import grpc
 
-from coordinator.auth import Action, Guard
-from coordinator.cluster import ClusterView
+from coordinator.api.auth import Action, Guard
+from coordinator.control.cluster_view import ClusterView
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc
 
 MAX_REASON_LENGTH = 1024
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
-    def __init__(self, cluster: ClusterView, epoch: int, guard: Guard | None = None, jobs_by_state=None, persist_drain=None) -> None:
+    def __init__(
+        self, cluster: ClusterView, epoch: int, guard: Guard | None = None, jobs_by_state=None, persist_drain=None
+    ) -> None:
         self.cluster = cluster
         self.epoch = epoch
         self.guard = guard or Guard()

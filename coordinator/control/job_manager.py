@@ -1,0 +1,393 @@
+"""The job manager: the index of jobs, the API on it (submit, cancel, priority, watch, list, logs),
+and the applier of what the job rules decide.
+
+Every decision about a job's life is made by coordinator/rules/job_machine.py over the plain data
+of coordinator/model/; this class feeds it events (agents' reports, liveness transitions, a GPU
+turning unhealthy, the passage of time) and applies the effects it returns: messages to agents
+(control/node_links.py), store writes, watchers, the scheduling loop (control/scheduling_loop.py),
+fences (control/reconcile.py). GPU ownership lives in one place, `cluster.allocations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import structlog
+
+from coordinator import scheduler
+from coordinator.control import reconcile
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
+from coordinator.control.scheduling_loop import SchedulingLoop
+from coordinator.model import jobs as job_queries
+from coordinator.model.cluster import Transition
+from coordinator.model.jobs import FINAL_STATES, JobEntry
+from coordinator.rules import job_machine, job_rules, recovery
+from coordinator.rules.effects import (
+    AllStarted,
+    AttemptFailed,
+    AttemptOver,
+    Effect,
+    Fence,
+    Finished,
+    Launch,
+    Notify,
+    QueueChanged,
+    Release,
+    Save,
+    Stop,
+    Wake,
+)
+from coordinator.rules.health import DeviceHealth
+from coordinator.rules.liveness import Liveness
+from coordinator.store.api import JobStore, StoredJob
+from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.v1 import agent_pb2, job_pb2
+
+log = structlog.get_logger("coordinator.jobs")
+
+KEPT_TIMINGS = 1000
+__all__ = ["LOG_CHUNK_BYTES", "JobFinished", "JobManager", "JobNotFound", "NoSuchRank", "QuotaExceeded"]
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class NoSuchRank(LookupError):
+    """A log was asked of a rank the attempt does not have."""
+
+
+class QuotaExceeded(Exception):
+    """A limit on what one user may queue was reached; the message names the limit."""
+
+
+class JobFinished(ValueError):
+    """The job is already final."""
+
+
+def _state_name(state: int) -> str:
+    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+class JobManager:
+    def __init__(
+        self,
+        cluster: ClusterView,
+        store: JobStore,
+        *,
+        config: scheduler.SchedulerConfig | None = None,
+        recovery_policy: recovery.RecoveryPolicy | None = None,
+        stop_grace_seconds: float = 10.0,
+        node_grace_period: float = 10.0,
+        checkpoint_root: str = "",
+        rendezvous_ports: tuple[int, int] = (20000, 30000),
+        max_pending_jobs_per_user: int = 0,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.store = store
+        self.clock = clock
+        self.machine = job_machine.MachineConfig(
+            recovery_policy or recovery.RecoveryPolicy(), stop_grace_seconds, checkpoint_root
+        )
+        self.node_grace_period = node_grace_period
+        self.max_pending_jobs_per_user = max_pending_jobs_per_user
+        self.epoch = 0
+        """The coordinator epoch, from the store once started."""
+        self.jobs: dict[str, JobEntry] = {}
+        self.pending: dict[str, JobEntry] = {}
+        """Jobs waiting for placement (new, or restarting), in submission order: those in PENDING."""
+        self.pending_by_owner: dict[str, int] = {}
+        """Owner -> how many of `pending` are theirs, for max_pending_jobs_per_user."""
+        self.by_request_id: dict[tuple[str, str], JobEntry] = {}
+        """(owner, client_request_id) -> the job that submission made: one user's ids never name another's jobs."""
+        self.watchers: dict[str, set[asyncio.Queue[job_pb2.Job]]] = {}
+        self.expected_nodes: dict[str, float] = {}
+        """After a coordinator restart: node id -> wall time by which it must re-register."""
+        self._sequence = itertools.count(1)
+        self.links = NodeLinks(cluster)
+        self.scheduling = SchedulingLoop(
+            self, cluster, config or scheduler.SchedulerConfig(), rendezvous_ports, rng or random.Random(), clock.monotonic
+        )
+        self.restarts_by_reason: dict[str, int] = {}
+        self.launch_latencies: list[float] = []
+        """Recent placement -> every rank's process started, in seconds."""
+        self.store_write_failures = 0
+        self._appliers = self._applier_table()
+        cluster.listeners.append(self._on_transition)
+        cluster.device_listeners.append(self._on_device_unhealthy)
+
+    def now(self) -> job_machine.Now:
+        return job_machine.Now(self.clock.wall(), self.clock.monotonic())
+
+    # -- what the scheduling loop keeps, for metrics and benchmarks --
+
+    @property
+    def placements(self) -> int:
+        return self.scheduling.placements
+
+    @property
+    def decision_seconds(self) -> list[float]:
+        return self.scheduling.decision_seconds
+
+    async def run(self) -> None:
+        await self.scheduling.run()
+
+    async def schedule_pass(self) -> list[str]:
+        return await self.scheduling.schedule_pass()
+
+    def node_views(self) -> list[scheduler.NodeView]:
+        return self.scheduling.node_views()
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads the store and restores what it knew (control/reconcile.py); agents' registrations settle the rest."""
+        state = await self.store.open()
+        self.epoch = state.epoch
+        self.cluster.drained.update(state.drains)
+        reconcile.restore(self, state)
+        log.info("jobs loaded", jobs=len(self.jobs), pending=len(self.pending), expected_nodes=len(self.expected_nodes))
+        self.scheduling.wake.set()
+
+    def restored(self, entry: JobEntry, highest_sequence: int) -> None:
+        """Indexes a job loaded from the store; new jobs are numbered after the highest."""
+        self._index(entry)
+        self._sequence = itertools.count(highest_sequence + 1)
+
+    def _index(self, entry: JobEntry) -> None:
+        self.jobs[entry.job.job_id] = entry
+        if entry.client_request_id:
+            self.by_request_id[(entry.job.spec.owner, entry.client_request_id)] = entry
+        self._queue_follows_state(entry)
+
+    def _queue_follows_state(self, entry: JobEntry) -> None:
+        """`pending` holds exactly the PENDING jobs."""
+        job_id, owner = entry.job.job_id, entry.job.spec.owner
+        if entry.job.state == job_pb2.JOB_STATE_PENDING:
+            if job_id not in self.pending:
+                self.pending[job_id] = entry
+                self.pending_by_owner[owner] = self.pending_by_owner.get(owner, 0) + 1
+        elif self.pending.pop(job_id, None) is not None:
+            left = self.pending_by_owner.get(owner, 0) - 1
+            if left > 0:
+                self.pending_by_owner[owner] = left
+            else:
+                self.pending_by_owner.pop(owner, None)
+        if entry.final:
+            self.scheduling.forget(job_id)
+
+    # -- effects -----------------------------------------------------------------------------
+
+    def apply(self, effects: Iterable[Effect]) -> list[asyncio.Future[None]]:
+        """Applies the rules' effects in order; returns the store writes they made (each also watched)."""
+        writes = []
+        for effect in effects:
+            if isinstance(effect, Save):
+                writes.append(self.save([self.jobs[effect.job_id]]))
+            else:
+                self._appliers[type(effect)](effect)
+        return writes
+
+    def _applier_table(self) -> dict[type, Callable[[Any], object]]:
+        send = self.links.send
+        return {
+            Notify: lambda effect: self._notify(self.jobs[effect.job_id]),
+            Wake: lambda effect: self.scheduling.wake.set(),
+            QueueChanged: lambda effect: self._queue_follows_state(self.jobs[effect.job_id]),
+            Launch: lambda effect: send(effect.node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch)),
+            Stop: lambda effect: send(
+                effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason)
+            ),
+            AttemptOver: lambda effect: send(effect.node_id, attempt_over_message(effect.job_id, effect.attempt)),
+            Fence: lambda effect: reconcile.fence(self, effect),
+            Release: lambda effect: self.scheduling.port_released(effect.node_id, effect.port),
+            AttemptFailed: self._attempt_failed,
+            Finished: lambda effect: log.info(
+                "job finished", job=effect.job_id, state=job_pb2.JobState.Name(effect.state), reason=effect.reason
+            ),
+            AllStarted: self._all_started,
+        }
+
+    def _attempt_failed(self, effect: AttemptFailed) -> None:
+        log.warning("attempt failed", job=effect.job_id, attempt=effect.attempt, code=effect.code, reason=effect.reason)
+        if effect.restart:
+            self.restarts_by_reason[effect.kind] = self.restarts_by_reason.get(effect.kind, 0) + 1
+
+    def _all_started(self, effect: AllStarted) -> None:
+        self.launch_latencies.append(effect.seconds)
+        del self.launch_latencies[:-KEPT_TIMINGS]
+
+    def save(self, entries: list[JobEntry]) -> asyncio.Future[None]:
+        """Queues a write; its failure is logged and counted even when nobody awaits it."""
+        write = self.store.save([StoredJob(entry.sequence, entry.job, entry.client_request_id) for entry in entries])
+        write.add_done_callback(self._write_done)
+        return write
+
+    def _write_done(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and write.exception() is not None:
+            self.store_write_failures += 1
+            log.error(
+                "job store write failed; the change is in memory only until the job's next write", error=str(write.exception())
+            )
+
+    def _notify(self, entry: JobEntry) -> None:
+        for watcher in self.watchers.get(entry.job.job_id, ()):
+            snapshot = job_pb2.Job()
+            snapshot.CopyFrom(entry.job)
+            watcher.put_nowait(snapshot)
+
+    # -- the API -----------------------------------------------------------------------------
+
+    async def submit(self, spec: job_pb2.JobSpec, client_request_id: str = "") -> str:
+        """Validates, stores durably, queues; returns the job id. Raises job_rules.InvalidSpec, QuotaExceeded."""
+        if client_request_id and (spec.owner, client_request_id) in self.by_request_id:
+            return self.by_request_id[(spec.owner, client_request_id)].job.job_id
+        spec = job_rules.normalized(spec)
+        job_rules.validate_spec(spec)
+        queued = self.pending_by_owner.get(spec.owner, 0)
+        if self.max_pending_jobs_per_user and queued >= self.max_pending_jobs_per_user:
+            raise QuotaExceeded(
+                f"{spec.owner or 'the anonymous owner'} already has {queued} pending jobs; "
+                f"the limit is max_pending_jobs_per_user={self.max_pending_jobs_per_user}"
+            )
+        sequence = next(self._sequence)
+        job = job_pb2.Job(
+            job_id=job_rules.new_job_id(sequence),
+            spec=spec,
+            state=job_pb2.JOB_STATE_PENDING,
+            reason="queued; waiting for the scheduler",
+            submit_time=job_machine.stamp(self.clock.wall()),
+        )
+        entry = JobEntry(sequence, job, client_request_id)
+        self._index(entry)
+        self.scheduling.wake.set()
+        await self.save([entry])
+        log.info("job submitted", job=job.job_id, gpus=spec.gpus, owner=spec.owner, name=spec.name)
+        return job.job_id
+
+    def get(self, job_id: str) -> JobEntry:
+        entry = self.jobs.get(job_id)
+        if entry is None:
+            raise JobNotFound(f"job {job_id!r} does not exist")
+        return entry
+
+    def list(
+        self, states: Iterable[int] = (), owner: str = "", page_size: int = 0, page_token: str = "", max_bytes: int = 0
+    ) -> tuple[list[job_pb2.Job], str]:
+        """Newest first, a page at a time (model/jobs.job_page)."""
+        return job_queries.job_page(self.jobs.values(), states, owner, page_size, page_token, max_bytes)
+
+    async def cancel(self, job_id: str) -> job_pb2.Job:
+        entry = self.get(job_id)
+        if entry.final:
+            raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
+        for write in self.apply(job_machine.cancel(entry, self.now(), self.machine)):
+            await write
+        return entry.job
+
+    async def set_priority(self, job_id: str, priority: int) -> job_pb2.Job:
+        entry = self.get(job_id)
+        if entry.final:
+            raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
+        entry.job.spec.priority = priority
+        self.scheduling.wake.set()
+        await self.save([entry])
+        return entry.job
+
+    async def watch(self, job_id: str) -> AsyncIterator[job_pb2.Job]:
+        """The job now, then after every change of state or attempt, until it is final."""
+        entry = self.get(job_id)
+        updates: asyncio.Queue[job_pb2.Job] = asyncio.Queue()
+        watchers = self.watchers.setdefault(job_id, set())
+        watchers.add(updates)
+        try:
+            snapshot = job_pb2.Job()
+            snapshot.CopyFrom(entry.job)
+            yield snapshot
+            while snapshot.state not in FINAL_STATES:
+                snapshot = await updates.get()
+                yield snapshot
+        finally:
+            watchers.discard(updates)
+            if not watchers:
+                self.watchers.pop(job_id, None)
+
+    def jobs_by_state(self) -> dict[str, int]:
+        return job_queries.jobs_by_state(self.jobs.values())
+
+    async def read_log(
+        self, job_id: str, rank: int, attempt: int, offset: int, max_bytes: int = LOG_CHUNK_BYTES
+    ) -> agent_pb2.LogChunk:
+        """Reads part of a rank's log from its node. Raises LookupError (NoSuchRank for a rank the attempt
+        does not have) or ConnectionError, with a reason."""
+        entry = self.get(job_id)
+        attempt = attempt or entry.job.attempt
+        if attempt == 0:
+            raise LookupError(f"job {job_id} has not started yet; it has no logs")
+        record = entry.record(attempt)
+        node_id = next(
+            (n.node_id for n in record.placement.nodes if n.first_rank <= rank < n.first_rank + len(n.device_uuids)), None
+        ) if record is not None else None  # fmt: skip
+        if node_id is None:
+            raise NoSuchRank(f"job {job_id} has no rank {rank} in attempt {attempt}")
+        read = agent_pb2.ReadLogs(job_id=job_id, attempt=attempt, rank=rank, offset=offset, max_bytes=max_bytes)
+        return await self.links.read_log(node_id, read)
+
+    def on_log_chunk(self, node_id: str, chunk: agent_pb2.LogChunk) -> None:
+        self.links.on_log_chunk(node_id, chunk)
+
+    async def persist_drain(self, node_id: str, reason: str | None) -> None:
+        await self.store.save(drains={node_id: reason})
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_register(self, node_id: str, register: agent_pb2.Register) -> None:
+        """Reconciles what a (re-)registered agent runs with what the coordinator expects (control/reconcile.py)."""
+        reconcile.reconcile(self, node_id, register)
+
+    def on_progress(self, node_id: str, progress: agent_pb2.RankProgress) -> None:
+        entry = self.jobs.get(progress.job_id)
+        attempt = entry.attempts.get(progress.attempt) if entry is not None else None
+        if attempt is not None:
+            attempt.last_progress_wall = max(attempt.last_progress_wall, progress.last_progress_time.ToNanoseconds() / 1e9)
+
+    def on_task_status(self, node_id: str, status: agent_pb2.TaskStatus) -> None:
+        allocations = self.cluster.allocations
+        ended = status.state != agent_pb2.TASK_STATE_RUNNING
+        if ended and allocations.fencing and allocations.fence_confirmed(node_id, (status.job_id, status.attempt, status.rank)):
+            self.scheduling.wake.set()
+        entry = self.jobs.get(status.job_id)
+        self.apply(job_machine.rank_reported(entry, node_id, status, self.now(), allocations, self.machine))
+
+    def _on_transition(self, transition: Transition) -> None:
+        if transition.after is Liveness.DOWN:
+            self._node_lost(transition.node_id, f"node {transition.node_id} is down: {transition.reason}")
+        self.scheduling.wake.set()
+
+    def _on_device_unhealthy(self, node_id: str, uuid: str, health: DeviceHealth) -> None:
+        holder = self.cluster.allocations.get(uuid)
+        entry = self.jobs.get(holder[0]) if holder is not None else None
+        if entry is not None and holder is not None and entry.job.attempt == holder[1]:
+            self.apply(job_machine.device_unhealthy(entry, node_id, uuid, health.reason, self.now(), self.machine))
+
+    def expire_expected_nodes(self) -> None:
+        now = self.clock.wall()
+        for node_id, deadline in list(self.expected_nodes.items()):
+            if now >= deadline and node_id not in self.cluster.nodes:
+                del self.expected_nodes[node_id]
+                self._node_lost(
+                    node_id, f"node {node_id} did not come back within {self.node_grace_period:g}s of a coordinator restart"
+                )
+
+    def _node_lost(self, node_id: str, reason: str) -> None:
+        self.apply(job_machine.node_lost(self.jobs.values(), node_id, reason, self.now(), self.cluster.allocations, self.machine))
+
+    def detect_hangs(self) -> None:
+        self.apply(job_machine.detect_hangs(self.jobs.values(), self.now(), self.machine))

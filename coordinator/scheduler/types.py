@@ -1,0 +1,102 @@
+"""What the scheduler takes and gives: plain frozen records, no behaviour beyond validation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+POLICIES = ("priority", "fcfs", "sjf", "fair_share")
+
+_NO_USAGE: Mapping[str, float] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    """One GPU as the scheduler sees it this pass."""
+
+    uuid: str
+    index: int
+    model: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: float
+    temperature_celsius: float
+    healthy: bool
+    free: bool
+    """Held by no attempt."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """One node as the scheduler sees it this pass."""
+
+    node_id: str
+    schedulable: bool
+    """READY and not drained."""
+    gpus: tuple[GpuView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What a pending job asks for."""
+
+    job_id: str
+    gpus: int
+    gpus_per_node: int = 0
+    """0: any shape; k: exactly gpus/k nodes with k GPUs each."""
+    priority: int = 0
+    submit_time: float = 0.0
+    owner: str = ""
+    estimated_runtime_seconds: float = 0.0
+    """0 = unknown."""
+    min_memory_per_gpu_bytes: int = 0
+    gpu_model: str = ""
+    """Case-insensitive substring of the GPU's model name; empty = any."""
+    spread: bool = False
+    """Use as many nodes as possible instead of packing."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    policy: str = "priority"
+    """One of POLICIES."""
+    memory_weight: float = 0.6
+    utilization_weight: float = 0.4
+    temperature_threshold_celsius: float = 80.0
+    temperature_penalty_per_degree: float = 0.02
+    reservations: bool = True
+    """Let the first blocked job that could fit hold nodes against later jobs (anti-starvation)."""
+    reserve_after_seconds: float = 0.0
+    """A job takes a reservation only once it has waited this long (now - submit_time)."""
+    fair_share_default_runtime_seconds: float = 3600.0
+    """fair_share charges a placed job gpus x runtime; this stands in for an unknown runtime."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r}; known: {', '.join(POLICIES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeShare:
+    node_id: str
+    gpu_uuids: tuple[str, ...]
+    """In local-rank order (by GPU index)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    job_id: str
+    nodes: tuple[NodeShare, ...]
+    """In node-rank order: node rank 0 first."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingResult:
+    placed: tuple[Decision, ...]
+    pending_reasons: dict[str, str]
+    """job_id -> why it was not placed, for every pending job not placed."""
+    reserved_for: str | None = None
+    """The job holding a reservation this pass, if any."""
+    reserved_nodes: tuple[str, ...] = ()
+    """The nodes it holds."""
