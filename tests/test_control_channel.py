@@ -282,6 +282,18 @@ async def test_a_second_registration_replaces_and_closes_the_old_stream(cluster)
         new.cancel()
 
 
+async def test_the_register_ack_tells_the_agent_when_its_node_would_be_declared_down(cluster):
+    """The agent stops acting on a stream it was silent on past this deadline (a SIGSTOP), so it
+    must be the coordinator's own: missed_heartbeats x the node's heartbeat interval."""
+    cluster.start_coordinator("--heartbeat-interval", "0.5", "--missed-heartbeats", "5")
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+        await call.write(_register("n1"))
+        ack = (await call.read()).register_ack
+        assert (ack.heartbeat_interval_seconds, ack.down_after_seconds) == (0.5, 2.5)
+        call.cancel()
+
+
 async def test_async_client(cluster):
     cluster.start_coordinator()
     cluster.add_agent("n1", 2)

@@ -19,6 +19,7 @@ import structlog
 from coordinator.api.request_parsing import MalformedRequest
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.node_links import AgentSession
+from coordinator.rules import liveness
 from coordinator.rules.registration import InvalidMessage, validate_register
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
@@ -99,6 +100,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                         coordinator_epoch=self.epoch,
                         drained=node.drained,
                         owners_authenticated=self.owners_authenticated,
+                        # The agent acts on nothing more from a stream it was silent on for longer than this.
+                        down_after_seconds=liveness.silence_limit(node.liveness, self.cluster.policy),
                     )
                 )
             )

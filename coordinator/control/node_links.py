@@ -45,8 +45,9 @@ def stop_message(job_id: str, attempt: int, grace: float, reason: str) -> agent_
 
 
 def attempt_over_message(job_id: str, attempt: int) -> agent_pb2.CoordinatorMessage:
-    """Every rank of the attempt is accounted for: the agent may forget it (today a zero-grace stop)."""
-    return stop_message(job_id, attempt, 0.0, "attempt over")
+    """Every rank of the attempt is accounted for: the agent may forget it (stop reporting its ends).
+    An agent that predates ForgetAttempt ignores it and drops the ends after an hour."""
+    return agent_pb2.CoordinatorMessage(forget_attempt=agent_pb2.ForgetAttempt(job_id=job_id, attempt=attempt))
 
 
 class NodeLinks:
