@@ -99,7 +99,10 @@ async def run(args: argparse.Namespace) -> dict:
                         manager.on_task_status(
                             placed.node_id,
                             agent_pb2.TaskStatus(
-                                job_id=job_id, attempt=entry.job.attempt, rank=placed.first_rank + local_rank, state=agent_pb2.TASK_STATE_EXITED
+                                job_id=job_id,
+                                attempt=entry.job.attempt,
+                                rank=placed.first_rank + local_rank,
+                                state=agent_pb2.TASK_STATE_EXITED,
                             ),
                         )
                 del running[job_id]
@@ -121,7 +124,7 @@ async def run(args: argparse.Namespace) -> dict:
         "pass_ms_p50": round(1000 * percentile(pass_seconds, 0.50), 2),
         "pass_ms_p99": round(1000 * percentile(pass_seconds, 0.99), 2),
         "decision_ms_per_placement_p99": round(
-            1000 * percentile([s / n for s, n in zip(pass_seconds, placed_per_pass) if n], 0.99), 3
+            1000 * percentile([s / n for s, n in zip(pass_seconds, placed_per_pass, strict=True) if n], 0.99), 3
         ),
         "submit_jobs_per_s": round(args.jobs / submit_seconds, 1),
         "store_commits_for_submissions_and_updates": store.commits,

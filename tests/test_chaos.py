@@ -608,7 +608,8 @@ class Chaos:
             job = jobs.get(job_id)
             state = job_pb2.JobState.Name(job.state) if job else "unknown"
             self.violations.append(
-                f"every job ends: job {job_id} still {state} {SETTLE_SECONDS:.0f}s after the faults stopped ({job.reason if job else ''})"
+                f"every job ends: job {job_id} still {state} {SETTLE_SECONDS:.0f}s after the faults stopped "
+                f"({job.reason if job else ''})"
             )
         self.note("every job final" if not open_ids else f"{len(open_ids)} jobs not final")
         return jobs
@@ -911,7 +912,8 @@ def test_invariants_hold_through_random_faults(cluster, run_token, tmp_path, req
         kinds[action.kind] = kinds.get(action.kind, 0) + 1
     late = late_starts(lives, jobs)
     summary = (
-        f"chaos summary: seed {SEED}, {len(jobs)} jobs {ends}, {len(lives)} rank starts ({len(late)} after their attempt had ended), "
+        f"chaos summary: seed {SEED}, {len(jobs)} jobs {ends}, {len(lives)} rank starts "
+        f"({len(late)} after their attempt had ended), "
         f"actions {kinds}, {len(violations)} violations"
     )
     request.config.stash.setdefault(SUMMARY_LINES, []).append(summary)

@@ -43,7 +43,9 @@ def test_heartbeats_fill_the_history_and_device_health():
     register.devices.add(uuid="GPU-1", index=0, memory_total_bytes=80)
     _, session, _ = view.register(register)
     for temperature in (40, 50, 95):
-        heartbeat = agent_pb2.Heartbeat(sequence=1, devices=[cluster_pb2.DeviceTelemetry(uuid="GPU-1", temperature_celsius=temperature)])
+        heartbeat = agent_pb2.Heartbeat(
+            sequence=1, devices=[cluster_pb2.DeviceTelemetry(uuid="GPU-1", temperature_celsius=temperature)]
+        )
         view.heartbeat(session, heartbeat)
     device = view.nodes["n1"].devices["GPU-1"]
     assert [sample[3] for sample in device.history.samples()] == [40, 50, 95]

@@ -113,7 +113,11 @@ def test_launch_messages_cover_every_rank_once():
         (dict(state=agent_pb2.TASK_STATE_EXITED, exit_code=0), False, "exited with code 0"),
         (dict(state=agent_pb2.TASK_STATE_EXITED, exit_code=3), True, "rank 1 on node n2 exited with code 3"),
         (dict(state=agent_pb2.TASK_STATE_EXITED, signal=9), True, "killed by signal 9"),
-        (dict(state=agent_pb2.TASK_STATE_FAILED_TO_START, message="cannot execute 'x'"), True, "failed to start: cannot execute 'x'"),
+        (
+            dict(state=agent_pb2.TASK_STATE_FAILED_TO_START, message="cannot execute 'x'"),
+            True,
+            "failed to start: cannot execute 'x'",
+        ),
         (dict(state=agent_pb2.TASK_STATE_REJECTED, message="stale"), True, "rejected by its agent: stale"),
     ],
 )

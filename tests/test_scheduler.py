@@ -249,7 +249,7 @@ def test_unhealthy_busy_and_unschedulable_gpus_are_never_used():
     partly_sick = NodeView(
         "sick",
         True,
-        tuple(gpu("sick", i, healthy=i >= 5) for i in range(7)) + (gpu("sick", 7, free=False),),
+        (*(gpu("sick", i, healthy=i >= 5) for i in range(7)), gpu("sick", 7, free=False)),
     )
     result = run([drained, partly_sick], [job("two", 2, submit_time=0), job("three", 3, submit_time=1)])
     assert [(d.job_id, d.nodes[0].gpu_uuids) for d in result.placed] == [("two", ("sick-g5", "sick-g6"))]

@@ -51,7 +51,9 @@ def write_tokens(path, tokens=TOKENS) -> None:
 
 
 def entries():
-    document = {"tokens": [{"user": u, "role": r, "sha256": hashlib.sha256(t.encode()).hexdigest()} for u, (t, r) in TOKENS.items()]}
+    document = {
+        "tokens": [{"user": u, "role": r, "sha256": hashlib.sha256(t.encode()).hexdigest()} for u, (t, r) in TOKENS.items()]
+    }
     return parse_tokens(document, "test")
 
 
@@ -138,7 +140,18 @@ def test_a_node_may_register_only_as_the_node_its_certificate_names():
     assert node_identity_problem("n1", ["n1"], mutual_tls=True, allowed_nodes=["n1"]) is None
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.0.1", True), ("localhost", True), ("[::1]", True), ("0.0.0.0", False), ("10.0.0.5", False), ("coord.example", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.0.1", True),
+        ("localhost", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("10.0.0.5", False),
+        ("coord.example", False),
+    ],
+)
 def test_loopback_hosts(host, loopback):
     assert is_loopback_host(host) is loopback
 
@@ -180,7 +193,9 @@ def test_serving_the_network_needs_tls_tokens_and_agent_certificates_or_insecure
 def test_the_agents_port_is_held_to_the_same_rule():
     """It is a port of the same server: a node's certificate there must not let anyone submit as any user."""
     no_tokens = {name: value for name, value in SECURED.items() if name != "tokens_file"}
-    with pytest.raises(ValueError, match="agent_listen '0.0.0.0:50052' is not a loopback address and clients are not authenticated"):
+    with pytest.raises(
+        ValueError, match=r"agent_listen '0\.0\.0\.0:50052' is not a loopback address and clients are not authenticated"
+    ):
         CoordinatorSettings(listen="127.0.0.1:50051", agent_listen="0.0.0.0:50052", **no_tokens).validate()
     CoordinatorSettings(listen="127.0.0.1:50051", agent_listen="127.0.0.1:50052", **no_tokens).validate()
     CoordinatorSettings(listen="0.0.0.0:50051", agent_listen="0.0.0.0:50052", **SECURED).validate()
@@ -228,7 +243,9 @@ def raw_call(cluster: LocalCluster, method, metadata):
     with grpc.insecure_channel(cluster.address) as channel:
         path = f"/{method.containing_service.full_name}/{method.name}"
         if method.server_streaming:
-            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(b"", metadata=metadata, timeout=5)
+            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(
+                b"", metadata=metadata, timeout=5
+            )
             try:
                 list(call)
             except grpc.RpcError as error:
@@ -311,7 +328,9 @@ def test_open_streams_per_client_are_limited(token_cluster):
         job_id = alice.submit_job(argv=["true"], gpus=1)  # stays pending: no nodes, so its watch stays open
         first, second = alice.watch_job(job_id), alice.watch_job(job_id)
         next(first), next(second)
-        with pytest.raises(ResourceExhausted, match="user alice already has 2 open streams; the limit is max_streams_per_client=2"):
+        with pytest.raises(
+            ResourceExhausted, match="user alice already has 2 open streams; the limit is max_streams_per_client=2"
+        ):
             next(alice.watch_job(job_id))
         with client(token_cluster, "bob") as bob:
             next(bob.watch_job(job_id))  # counted per user
@@ -338,7 +357,9 @@ def test_tokenless_health_watches_and_reflection_streams_count_per_host(token_cl
             list(reflection_stream)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         first.cancel()
-        wait_for(lambda: next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5)), timeout=5, what="a slot to be given back")
+        wait_for(
+            lambda: next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5)), timeout=5, what="a slot to be given back"
+        )
         second.cancel()
         listing = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="*")]), timeout=5
@@ -351,7 +372,9 @@ def test_gpuctl_uses_the_token_from_the_environment(token_cluster):
         environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GPUORCH_COORDINATOR": token_cluster.address}
         if token:
             environment["GPUORCH_TOKEN"] = token
-        return subprocess.run([sys.executable, "-m", "gpuorch.cli", *args], capture_output=True, text=True, env=environment, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "gpuorch.cli", *args], capture_output=True, text=True, env=environment, timeout=30
+        )
 
     denied = gpuctl("jobs")
     assert denied.returncode == 1
@@ -447,14 +470,22 @@ def test_insecure_allows_plaintext_on_the_network_and_says_so(tmp_path):
         gpuctl = [sys.executable, "-m", "gpuorch.cli", "--coordinator", f"0.0.0.0:{port}", "--timeout", "3", "status"]
         refused = subprocess.run(gpuctl, capture_output=True, text=True, env=environment, timeout=30)
         assert refused.returncode != 0
-        served = subprocess.run([*gpuctl[:-1], "--insecure", "status"], capture_output=True, text=True, env=environment, timeout=30)
+        served = subprocess.run(
+            [*gpuctl[:-1], "--insecure", "status"], capture_output=True, text=True, env=environment, timeout=30
+        )
         assert served.returncode == 0, served.stderr
-        served = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": "yes"}, timeout=30)
+        served = subprocess.run(
+            gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": "yes"}, timeout=30
+        )
         assert served.returncode == 0, served.stderr
         for value in ("no", "False", "0", "off"):  # a "no" of any spelling never means plaintext
-            refused = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": value}, timeout=30)
+            refused = subprocess.run(
+                gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": value}, timeout=30
+            )
             assert refused.returncode != 0 and "--insecure" in refused.stderr, (value, refused.stderr)
-        typo = subprocess.run(gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": "nope"}, timeout=30)
+        typo = subprocess.run(
+            gpuctl, capture_output=True, text=True, env={**environment, "GPUORCH_CLIENT_INSECURE": "nope"}, timeout=30
+        )
         assert typo.returncode == 2 and "$GPUORCH_CLIENT_INSECURE: expected true or false, got 'nope'" in typo.stderr, typo.stderr
     finally:
         cluster.stop()
@@ -522,24 +553,44 @@ def test_tls_serves_clients_that_trust_the_ca(tls_cluster, certificates):
 def test_gpuctl_over_tls(tls_cluster, certificates):
     environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GPUORCH_TOKEN": TOKENS["alice"][0]}
     base = [sys.executable, "-m", "gpuorch.cli", "--coordinator", tls_cluster.address, "-o", "json"]
-    trusted = subprocess.run([*base, "--tls-ca", str(certificates / "ca.crt"), "status"], capture_output=True, text=True, env=environment, timeout=30)
+    trusted = subprocess.run(
+        [*base, "--tls-ca", str(certificates / "ca.crt"), "status"], capture_output=True, text=True, env=environment, timeout=30
+    )
     assert trusted.returncode == 0, trusted.stderr
     assert int(json.loads(trusted.stdout)["coordinator_epoch"]) >= 1
-    missing = subprocess.run([*base, "--tls-ca", str(certificates / "nope.crt"), "status"], capture_output=True, text=True, env=environment, timeout=30)
+    missing = subprocess.run(
+        [*base, "--tls-ca", str(certificates / "nope.crt"), "status"], capture_output=True, text=True, env=environment, timeout=30
+    )
     assert missing.returncode == 2
     assert "tls_ca" in missing.stderr and "nope.crt" in missing.stderr
 
 
 def test_a_node_registers_with_its_own_certificate(tls_cluster, certificates):
-    start_agent(tls_cluster, "node-1", "--tls-ca", str(certificates / "ca.crt"),
-                "--tls-cert", str(certificates / "nodes" / "node-1.crt"), "--tls-key", str(certificates / "nodes" / "node-1.key"))  # fmt: skip
+    start_agent(
+        tls_cluster,
+        "node-1",
+        "--tls-ca",
+        str(certificates / "ca.crt"),
+        "--tls-cert",
+        str(certificates / "nodes" / "node-1.crt"),
+        "--tls-key",
+        str(certificates / "nodes" / "node-1.key"),
+    )
     tls_cluster.wait_for_nodes(1)
     assert [node.node_id for node in tls_cluster.client().list_nodes()] == ["node-1"]
 
 
 def test_a_node_cannot_register_as_another(tls_cluster, certificates):
-    impostor = start_agent(tls_cluster, "node-9", "--tls-ca", str(certificates / "ca.crt"),
-                           "--tls-cert", str(certificates / "nodes" / "node-2.crt"), "--tls-key", str(certificates / "nodes" / "node-2.key"))  # fmt: skip
+    impostor = start_agent(
+        tls_cluster,
+        "node-9",
+        "--tls-ca",
+        str(certificates / "ca.crt"),
+        "--tls-cert",
+        str(certificates / "nodes" / "node-2.crt"),
+        "--tls-key",
+        str(certificates / "nodes" / "node-2.key"),
+    )
     wait_for(lambda: "registration refused" in tls_cluster.coordinator.output(), timeout=10, what="the refusal to be logged")
     assert "node id 'node-9' is not the node named in the client certificate (node-2)" in tls_cluster.coordinator.output()
     wait_for(lambda: "PERMISSION_DENIED" in impostor.output(), timeout=10, what="the agent to log the refusal")
@@ -559,11 +610,34 @@ def test_only_a_certificates_node_uri_names_a_node(tls_cluster, certificates, tm
     openssl = dict(check=True, capture_output=True)
     subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=node-8",
                     "-keyout", str(key), "-out", str(request)], **openssl)  # fmt: skip
-    subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
-                    "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], **openssl)  # fmt: skip
-    by_common_name = start_agent(tls_cluster, "node-8", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key))
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(request),
+            "-CA",
+            str(certificates / "ca.crt"),
+            "-CAkey",
+            str(certificates / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(extensions),
+            "-out",
+            str(certificate),
+        ],
+        **openssl,
+    )
+    by_common_name = start_agent(
+        tls_cluster, "node-8", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key)
+    )
     wait_for(lambda: "node id 'node-8' is not the node named" in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
-    assert "in the client certificate (node-5);" in tls_cluster.coordinator.output(), "the DNS, email, URI and IP entries are no node ids"
+    assert "in the client certificate (node-5);" in tls_cluster.coordinator.output(), (
+        "the DNS, email, URI and IP entries are no node ids"
+    )
     by_common_name.stop()
     with pytest.raises(NotFound):
         tls_cluster.client().get_node("node-8")
@@ -574,18 +648,49 @@ def test_a_persons_certificate_from_the_same_ca_is_refused_as_a_node(tls_cluster
     node and was sent other users' jobs; only a node certificate (URI SAN spiffe://gpuorch/node/<id>) names a node."""
     subprocess.run(["bash", str(REPO / "scripts" / "make-certs.sh"), str(certificates), "localhost,127.0.0.1", "user:alice"],
                    check=True, capture_output=True)  # fmt: skip
-    person = subprocess.run(["openssl", "x509", "-in", str(certificates / "users" / "alice.crt"), "-noout", "-ext", "subjectAltName"],
-                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    person = subprocess.run(
+        ["openssl", "x509", "-in", str(certificates / "users" / "alice.crt"), "-noout", "-ext", "subjectAltName"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "spiffe://gpuorch/node/" not in person, "make-certs.sh issues people's certificates without a node URI"
     extensions = tmp_path / "extensions"
     extensions.write_text("subjectAltName=DNS:alice-laptop.corp\nextendedKeyUsage=clientAuth\n")
     key, request, certificate = (tmp_path / name for name in ("laptop.key", "laptop.csr", "laptop.crt"))
     subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=alice",
                     "-keyout", str(key), "-out", str(request)], check=True, capture_output=True)  # fmt: skip
-    subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"),
-                    "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(certificate)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(request),
+            "-CA",
+            str(certificates / "ca.crt"),
+            "-CAkey",
+            str(certificates / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(extensions),
+            "-out",
+            str(certificate),
+        ],
+        check=True,
+        capture_output=True,
+    )
     laptop = start_agent(
-        tls_cluster, "alice-laptop.corp", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key)
+        tls_cluster,
+        "alice-laptop.corp",
+        "--tls-ca",
+        str(certificates / "ca.crt"),
+        "--tls-cert",
+        str(certificate),
+        "--tls-key",
+        str(key),
     )
     refusal = "node 'alice-laptop.corp' presented no node certificate"
     wait_for(lambda: refusal in tls_cluster.coordinator.output(), timeout=10, what="the refusal")
@@ -635,11 +740,13 @@ def test_grpcurl_checks_health_over_tls(tls_cluster, certificates):
 
 def test_a_missing_certificate_file_stops_the_start(tmp_path):
     cluster = LocalCluster(tmp_path)
-    coordinator = cluster.start_coordinator("--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(tmp_path / "nope.key"), wait=False)
+    coordinator = cluster.start_coordinator(
+        "--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(tmp_path / "nope.key"), wait=False
+    )
     assert coordinator.process.wait(20) == 2
     assert f"tls_cert {tmp_path / 'nope.crt'}: No such file or directory" in coordinator.output()
 
 
 def test_invalid_argument_still_names_the_problem_with_tokens_on(token_cluster):
-    with client(token_cluster, "alice") as alice, pytest.raises(InvalidArgument, match="spec.argv is empty"):
+    with client(token_cluster, "alice") as alice, pytest.raises(InvalidArgument, match=r"spec\.argv is empty"):
         alice.submit_job(argv=[], gpus=1)

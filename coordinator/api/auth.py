@@ -172,7 +172,10 @@ def priority_problem(caller: Caller, priority: int, max_user_priority: int) -> s
     """None if `caller` may give a job `priority`, else why not: above max_user_priority needs an admin."""
     if caller.role == "admin" or priority <= max_user_priority:
         return None
-    return f"priority {priority} is above max_user_priority={max_user_priority}; {caller.user} has role {caller.role}, and higher needs role admin"
+    return (
+        f"priority {priority} is above max_user_priority={max_user_priority}; "
+        f"{caller.user} has role {caller.role}, and higher needs role admin"
+    )
 
 
 def redact_env(job, caller: Caller):

@@ -71,7 +71,7 @@ class JobFinished(ValueError):
 
 
 def _state_name(state: int) -> str:
-    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 class JobManager:

@@ -37,7 +37,7 @@ def sample_of(telemetry: cluster_pb2.DeviceTelemetry) -> tuple:
 
 
 def telemetry_of(uuid: str, sample: tuple) -> cluster_pb2.DeviceTelemetry:
-    return cluster_pb2.DeviceTelemetry(uuid=uuid, **dict(zip(SAMPLE_FIELDS, sample)))
+    return cluster_pb2.DeviceTelemetry(uuid=uuid, **dict(zip(SAMPLE_FIELDS, sample, strict=True)))
 
 
 class TelemetryHistory:
@@ -95,7 +95,7 @@ class HeartbeatStats:
             return 0.0, 0.0, 0.0
         cutoff = now_wall - self.window_seconds
         received, lags = self.received[:held], self.lags[:held]
-        recent = sorted(lag for when, lag in zip(received, lags) if when >= cutoff)
+        recent = sorted(lag for when, lag in zip(received, lags, strict=True) if when >= cutoff)
         if not recent:
             return 0.0, 0.0, 0.0
         oldest = min(received)

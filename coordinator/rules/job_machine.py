@@ -271,7 +271,7 @@ def attempt_failed(entry: JobEntry, code: FailureCode, description: str, now: No
     job.reason = restart_text(job)
     if decision.delay_seconds:
         job.restart_not_before.CopyFrom(stamp(now.wall + decision.delay_seconds))
-    return effects + [QueueChanged(job.job_id), Notify(job.job_id), Save(job.job_id), Wake()]
+    return [*effects, QueueChanged(job.job_id), Notify(job.job_id), Save(job.job_id), Wake()]
 
 
 def stop_attempt(entry: JobEntry, number: int, reason: str, config: MachineConfig) -> list[Effect]:

@@ -114,9 +114,9 @@ class _Pass:
                     # score_gpu, inlined: this runs for every free GPU in the cluster each pass.
                     total = g.memory_total_bytes
                     fraction = (total - g.memory_used_bytes) / total if total > 0 else 0.0
-                    fraction = 0.0 if fraction < 0.0 else 1.0 if fraction > 1.0 else fraction  # noqa: FURB136 - min() costs a call per GPU
+                    fraction = 0.0 if fraction < 0.0 else 1.0 if fraction > 1.0 else fraction
                     util = g.utilization_percent
-                    util = 0.0 if util < 0.0 else 100.0 if util > 100.0 else util  # noqa: FURB136 - as above
+                    util = 0.0 if util < 0.0 else 100.0 if util > 100.0 else util
                     over = g.temperature_celsius - threshold
                     score = memory_weight * fraction + utilization_weight * (1.0 - util / 100.0)
                     if over > 0:
@@ -150,7 +150,7 @@ class _Pass:
             types = self._types if key is None else key
             free: list[list[GpuView]] = []
             exist: list[int] = []
-            for counts, gpus in zip(self._type_counts, self.plain.free):
+            for counts, gpus in zip(self._type_counts, self.plain.free, strict=True):
                 eligible = sum(n for gpu_type, n in counts.items() if gpu_type in types)
                 exist.append(eligible)
                 if eligible == 0 or not gpus:
@@ -262,7 +262,7 @@ class _Pass:
                     remaining -= 1
                     if not remaining:
                         break
-        return [self._take(i, pool.free[i][:a]) for i, a in zip(chosen, alloc)]
+        return [self._take(i, pool.free[i][:a]) for i, a in zip(chosen, alloc, strict=True)]
 
     # reservations
 

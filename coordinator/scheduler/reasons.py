@@ -111,8 +111,9 @@ def too_big_for_cluster(job: JobRequest, nodes: Sequence[NodeView]) -> str | Non
         if wide_enough < job.gpus // k:
             widest = max(eligible)
             return (
-                f"needs {_plural(k, 'GPU')}{req} per node on {_plural(job.gpus // k, 'node')}, but only {wide_enough} of the "
-                f"{_plural(len(nodes), 'known node')} {'has' if wide_enough == 1 else 'have'} {k} (the most on one node is {widest})"
+                f"needs {_plural(k, 'GPU')}{req} per node on {_plural(job.gpus // k, 'node')}, "
+                f"but only {wide_enough} of the {_plural(len(nodes), 'known node')} "
+                f"{'has' if wide_enough == 1 else 'have'} {k} (the most on one node is {widest})"
             )
         return None
     if total < job.gpus:
@@ -120,5 +121,8 @@ def too_big_for_cluster(job: JobRequest, nodes: Sequence[NodeView]) -> str | Non
         of_which = "" if total == all_gpus else f" of {all_gpus}"
         have = "has" if len(nodes) == 1 else "have"
         such = " such" if req else ""
-        return f"needs {_plural(job.gpus, 'GPU')}{req}, but the {_plural(len(nodes), 'known node')} {have} {total}{of_which}{such} GPUs in all"
+        return (
+            f"needs {_plural(job.gpus, 'GPU')}{req}, "
+            f"but the {_plural(len(nodes), 'known node')} {have} {total}{of_which}{such} GPUs in all"
+        )
     return None

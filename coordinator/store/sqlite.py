@@ -169,7 +169,8 @@ class SqliteJobStore(JobStore):
                             connection.execute("DELETE FROM settings WHERE key = ?", (key,))
                         else:
                             connection.execute(
-                                "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                                "INSERT INTO settings(key, value) VALUES (?, ?) "
+                                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                                 (key, value),
                             )
                 connection.execute("COMMIT")
