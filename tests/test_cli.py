@@ -68,6 +68,23 @@ def test_global_options_work_after_the_command_too(one_node):
     assert both.returncode == 0 and both.stdout.startswith("Node:            n1"), both.stderr
 
 
+def test_a_reader_that_goes_away_ends_gpuctl_quietly(one_node):
+    """`gpuctl nodes -o json | true`: the reader is gone before gpuctl writes; it stops without a traceback."""
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    command = f"{sys.executable} -m gpuorch.cli nodes -o json --coordinator {one_node.address} | true"
+    shell = subprocess.run(
+        ["bash", "-c", f"{command}; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": python_path},
+        check=False,
+    )
+    assert shell.stdout.strip() == "141", shell.stdout  # the status of a command its reader left, as for `yes | true`
+    assert "Traceback" not in shell.stderr and "BrokenPipeError" not in shell.stderr, shell.stderr
+
+
 def test_an_address_without_a_port_means_port_50051():
     assert sdk.with_default_port("localhost") == "localhost:50051"
     assert sdk.with_default_port("coordinator.example.internal:6000") == "coordinator.example.internal:6000"
