@@ -126,7 +126,9 @@ def _hints(field_name: str, kept: KeptData, method_name: str) -> st.SearchStrate
     """Plausible values of a string field, so the fuzzing gets past the first checks into the logic behind them."""
     changes_things = method_name in MUTATING_METHODS or method_name == "Connect"
     if field_name == "job_id":
-        numbered = st.integers(1, 400).map("j-{:06d}".format)
+        # Shaped like real ids (j-<sequence>-<6 random base32 characters>), so they pass the id's own checks.
+        suffixes = st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=6, max_size=6)
+        numbered = st.builds("j-{:06d}-{}".format, st.integers(1, 400), suffixes)
         known = [kept.spare_job_id] if changes_things else [kept.job_id, kept.spare_job_id]
         return st.one_of(numbered, st.sampled_from(known))
     if field_name == "node_id":
