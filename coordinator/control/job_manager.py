@@ -103,6 +103,9 @@ class JobManager:
         self.jobs: dict[str, JobEntry] = {}
         self.pending: dict[str, JobEntry] = {}
         """Jobs waiting for placement (new, or restarting), in submission order: those in PENDING."""
+        self.backoffs: dict[str, float] = {}
+        """Pending job id -> the end of its restart backoff, read from the job once as it enters the queue (the
+        rules set it only then): every pass looks at every pending job, and message fields are slow to read."""
         self.pending_by_owner: dict[str, int] = {}
         """Owner -> how many of `pending` are theirs, for max_pending_jobs_per_user."""
         self.by_request_id: dict[tuple[str, str], JobEntry] = {}
@@ -174,7 +177,10 @@ class JobManager:
             if job_id not in self.pending:
                 self.pending[job_id] = entry
                 self.pending_by_owner[owner] = self.pending_by_owner.get(owner, 0) + 1
+                if entry.job.HasField("restart_not_before"):
+                    self.backoffs[job_id] = entry.not_before
         elif self.pending.pop(job_id, None) is not None:
+            self.backoffs.pop(job_id, None)
             left = self.pending_by_owner.get(owner, 0) - 1
             if left > 0:
                 self.pending_by_owner[owner] = left
@@ -297,6 +303,7 @@ class JobManager:
         if entry.final:
             raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
         entry.job.spec.priority = priority
+        self.scheduling.request_changed(job_id)
         self.scheduling.wake.set()
         await self.save([entry])
         return entry.job

@@ -94,8 +94,8 @@ class SchedulingLoop:
         self.ports_in_use: dict[str, set[int]] = {}
         """Node id -> MASTER_PORTs of attempts not yet over whose rank 0 is on that node."""
         self._views: dict[str, _CachedView] = {}
-        self._requests: dict[str, tuple[int, scheduler.JobRequest]] = {}
-        """Job id -> (the priority it was built with, the scheduler's view of the job)."""
+        self._requests: dict[str, scheduler.JobRequest] = {}
+        """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
 
     async def run(self) -> None:
         while True:
@@ -111,7 +111,7 @@ class SchedulingLoop:
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""
         now = self.manager.clock.wall()
-        waits = [entry.not_before - now for entry in self.manager.pending.values() if entry.not_before > now]
+        waits = [not_before - now for not_before in self.manager.backoffs.values() if not_before > now]
         return max(0.01, min([PERIODIC_PASS_SECONDS, *waits]))
 
     # -- what the scheduler sees --
@@ -161,10 +161,12 @@ class SchedulingLoop:
         return pairs
 
     def request(self, entry: JobEntry) -> scheduler.JobRequest:
-        spec = entry.job.spec
-        cached = self._requests.get(entry.job.job_id)
-        if cached is None or cached[0] != spec.priority:
-            request = scheduler.JobRequest(
+        """The scheduler's view of the job, built once: a pass asks it of every ready job, and reading the
+        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it)."""
+        request = self._requests.get(entry.job.job_id)
+        if request is None:
+            spec = entry.job.spec
+            request = self._requests[entry.job.job_id] = scheduler.JobRequest(
                 job_id=entry.job.job_id,
                 gpus=spec.gpus,
                 gpus_per_node=spec.gpus_per_node,
@@ -176,8 +178,11 @@ class SchedulingLoop:
                 gpu_model=spec.requirements.gpu_model,
                 spread=spec.spread,
             )
-            cached = self._requests[entry.job.job_id] = (spec.priority, request)
-        return cached[1]
+        return request
+
+    def request_changed(self, job_id: str) -> None:
+        """The job's spec changed (its priority): its request is built again at the next pass."""
+        self._requests.pop(job_id, None)
 
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
@@ -203,13 +208,17 @@ class SchedulingLoop:
         """One scheduling pass; returns the ids of the jobs it placed."""
         manager = self.manager
         now = manager.now()
-        ready = []
-        for entry in manager.pending.values():
-            if entry.not_before > now.wall:
+        wall, backoffs, cached_requests = now.wall, manager.backoffs, self._requests
+        ready: list[JobEntry] = []
+        requests: list[scheduler.JobRequest] = []
+        # Every pending job, every pass: only plain data here (message fields are slow to read).
+        for job_id, entry in manager.pending.items():
+            if backoffs and backoffs.get(job_id, 0.0) > wall:
                 continue
             waiting = job_machine.waiting_for_previous(entry)
             if waiting is None:
                 ready.append(entry)
+                requests.append(cached_requests.get(job_id) or self.request(entry))
             elif not entry.job.reason.endswith(waiting):
                 entry.job.reason = job_machine.pending_reason(entry.job, waiting)
         if not ready:
@@ -217,7 +226,6 @@ class SchedulingLoop:
         started = self.elapsed_clock()
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
-        requests = [self.request(entry) for entry in ready]
         result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage)
         for job_id, reason in result.pending_reasons.items():
             waiting_entry = manager.pending.get(job_id)
@@ -252,8 +260,10 @@ class SchedulingLoop:
         placed_ids = {decision.job_id for decision in result.placed}
         placed = []
         for entry in ready:
+            if not entry.restart_reason:
+                continue  # only a restart may shrink; most ready jobs are first attempts
             spec = entry.job.spec
-            if not entry.restart_reason or spec.min_gpus >= spec.gpus or entry.job.job_id in placed_ids:
+            if spec.min_gpus >= spec.gpus or entry.job.job_id in placed_ids:
                 continue
             if result.reserved_for and result.reserved_for != entry.job.job_id:
                 continue  # someone holds a reservation; do not take capacity around it

@@ -82,6 +82,14 @@ class Attempt:
         """Ranks that have not reported their end."""
         return self.world_size - len(self.ended)
 
+    def where(self, rank: int) -> tuple[str, str] | None:
+        """(node id, device uuid) of the rank, or None if the attempt has no such rank."""
+        return self._ranks.get(rank)
+
+    def devices(self) -> list[tuple[str, str]]:
+        """(node id, device uuid) of every rank, in rank order within each node."""
+        return list(self._ranks.values())
+
     def node_of(self, rank: int) -> str | None:
         where = self._ranks.get(rank)
         return where[0] if where is not None else None

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -62,9 +63,10 @@ from coordinator.rules.recovery import FailureCode
 from gpuorch.v1 import agent_pb2, job_pb2
 
 
-@dataclass(frozen=True, slots=True)
-class Now:
-    """The time of an event: wall (stored, shown, backoffs and hangs) and monotonic (durations)."""
+class Now(NamedTuple):
+    """The time of an event: wall (stored, shown, backoffs and hangs) and monotonic (durations).
+    A named tuple, not a frozen dataclass: one is made for every rank's report, and a frozen
+    dataclass's __init__ (object.__setattr__ per field) costs three times as much."""
 
     wall: float
     monotonic: float
@@ -170,10 +172,12 @@ def _take(
     entry: JobEntry, record: job_pb2.Attempt, now: Now, allocations: Allocations, node_sessions: dict[str, int], restoring: bool
 ) -> Attempt:
     attempt = Attempt(record.attempt, record.placement, launched_at=now.monotonic)
-    for node in record.placement.nodes:
-        attempt.node_sessions[node.node_id] = node_sessions.get(node.node_id, 0)
-        for uuid in node.device_uuids:
-            allocations.take(uuid, (entry.job.job_id, record.attempt), node.node_id, restoring=restoring)
+    holder = (entry.job.job_id, record.attempt)
+    # From the attempt's own index of the placement, not the message again: its fields are slow to walk.
+    for node_id, uuid in attempt.devices():
+        if node_id not in attempt.node_sessions:
+            attempt.node_sessions[node_id] = node_sessions.get(node_id, 0)
+        allocations.take(uuid, holder, node_id, restoring=restoring)
     entry.attempts[record.attempt] = attempt
     return attempt
 
@@ -236,8 +240,8 @@ def rank_ended(entry: JobEntry, attempt: Attempt, rank: int, outcome: RankOutcom
     attempt.ended[rank] = outcome
     attempt.running.discard(rank)
     effects: list[Effect] = []
-    uuid, node_id = attempt.device_of(rank), attempt.node_of(rank)
-    if uuid is not None and node_id is not None and allocations.release(uuid, (entry.job.job_id, attempt.attempt), node_id):
+    where = attempt.where(rank)
+    if where is not None and allocations.release(where[1], (entry.job.job_id, attempt.attempt), where[0]):
         effects.append(Wake())
     if attempt.ranks_left == 0:
         # Every rank is accounted for: agents may forget this attempt, and so may we.
