@@ -33,24 +33,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import gpuorch
-from coordinator.model.telemetry import SAMPLE_FIELDS
-from coordinator.observe.fleet_series import FleetSeries
+from coordinator.observe.fleet_series import JOB_STATES, LATENCY_QUANTILES, NODE_STATES, FleetSeries
 from coordinator.observe.read_model import Snapshot, snapshot
 from coordinator.observe.rpc_metrics import GO_CODE_NAMES, RpcMetrics, rpc_labels
 from gpuorch.metrics import MetricsServer, new_registry, on_loop
-from gpuorch.v1 import cluster_pb2, job_pb2
+from gpuorch.v1 import job_pb2
 
 log = structlog.get_logger("coordinator.metrics")
-
-MIB = 1024 * 1024
-NODE_STATES = [name.removeprefix("NODE_STATE_") for name, value in cluster_pb2.NodeState.items() if value]
-JOB_STATES = [name.removeprefix("JOB_STATE_") for name, value in job_pb2.JobState.items() if value]
-LATENCY_QUANTILES = ("0.5", "0.9", "0.99")
-FIELD = {name: position for position, name in enumerate(SAMPLE_FIELDS)}
-"""Position of each telemetry field in a DeviceRecord.sample tuple."""
-LOST, MEMORY_USED = FIELD["lost"], FIELD["memory_used_bytes"]
-GPU_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "pci_bus_id", "node")
-"""dcgm-exporter's labels (gpu = index, device = nvidia<index>), and the gpuorch node id."""
 
 
 # -- cluster-wide metric families: built off the loop ------------------------------------------------
