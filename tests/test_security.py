@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -599,6 +600,19 @@ def test_a_node_cannot_register_as_another(tls_cluster, certificates):
     impostor.stop()
 
 
+def issue_certificate(certificates: Path, into: Path, name: str, subject: str, extensions: Path) -> tuple[Path, Path]:
+    """A key and a certificate for `subject`, signed by the test CA with the given extensions file."""
+    key, request, certificate = (into / f"{name}.{suffix}" for suffix in ("key", "csr", "crt"))
+    ca = ["-CA", str(certificates / "ca.crt"), "-CAkey", str(certificates / "ca.key"), "-CAcreateserial"]
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run(
+        ["openssl", "req", *new_key, "-subj", subject, "-keyout", str(key), "-out", str(request)], check=True, capture_output=True
+    )
+    sign = ["-in", str(request), *ca, "-days", "1", "-extfile", str(extensions), "-out", str(certificate)]
+    subprocess.run(["openssl", "x509", "-req", *sign], check=True, capture_output=True)
+    return key, certificate
+
+
 def test_only_a_certificates_node_uri_names_a_node(tls_cluster, certificates, tmp_path):
     """Its common name, DNS, email, other URI and IP entries do not: a person's certificate made out to "CN=alice"
     must not make its holder node "alice", nor may one certificate speak for several nodes through other entries."""
@@ -606,31 +620,7 @@ def test_only_a_certificates_node_uri_names_a_node(tls_cluster, certificates, tm
     extensions.write_text(
         "subjectAltName=URI:spiffe://gpuorch/node/node-5,DNS:node-8,email:node-6,URI:node-7,IP:10.9.9.9\nextendedKeyUsage=clientAuth\n"
     )
-    key, request, certificate = (tmp_path / name for name in ("mixed.key", "mixed.csr", "mixed.crt"))
-    openssl = dict(check=True, capture_output=True)
-    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=node-8",
-                    "-keyout", str(key), "-out", str(request)], **openssl)  # fmt: skip
-    subprocess.run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(request),
-            "-CA",
-            str(certificates / "ca.crt"),
-            "-CAkey",
-            str(certificates / "ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            str(extensions),
-            "-out",
-            str(certificate),
-        ],
-        **openssl,
-    )
+    key, certificate = issue_certificate(certificates, tmp_path, "mixed", "/CN=node-8", extensions)
     by_common_name = start_agent(
         tls_cluster, "node-8", "--tls-ca", str(certificates / "ca.crt"), "--tls-cert", str(certificate), "--tls-key", str(key)
     )
@@ -657,31 +647,7 @@ def test_a_persons_certificate_from_the_same_ca_is_refused_as_a_node(tls_cluster
     assert "spiffe://gpuorch/node/" not in person, "make-certs.sh issues people's certificates without a node URI"
     extensions = tmp_path / "extensions"
     extensions.write_text("subjectAltName=DNS:alice-laptop.corp\nextendedKeyUsage=clientAuth\n")
-    key, request, certificate = (tmp_path / name for name in ("laptop.key", "laptop.csr", "laptop.crt"))
-    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=alice",
-                    "-keyout", str(key), "-out", str(request)], check=True, capture_output=True)  # fmt: skip
-    subprocess.run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(request),
-            "-CA",
-            str(certificates / "ca.crt"),
-            "-CAkey",
-            str(certificates / "ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            str(extensions),
-            "-out",
-            str(certificate),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, certificate = issue_certificate(certificates, tmp_path, "laptop", "/CN=alice", extensions)
     laptop = start_agent(
         tls_cluster,
         "alice-laptop.corp",
