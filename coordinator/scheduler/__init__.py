@@ -45,6 +45,8 @@ from coordinator.scheduler.types import (
     JobRequest,
     NodeShare,
     NodeView,
+    Preemption,
+    RunningJob,
     SchedulerConfig,
     SchedulingResult,
 )
@@ -56,6 +58,8 @@ __all__ = [
     "JobRequest",
     "NodeShare",
     "NodeView",
+    "Preemption",
+    "RunningJob",
     "SchedulerConfig",
     "SchedulingResult",
     "_Pass",

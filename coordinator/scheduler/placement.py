@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from coordinator.scheduler.capacity import _Pass
 from coordinator.scheduler.ordering import _FairShare, order_jobs
 from coordinator.scheduler.reasons import _capacity_reason, _invalid, _names
-from coordinator.scheduler.types import _NO_USAGE, Decision, JobRequest, NodeView, SchedulerConfig, SchedulingResult
+from coordinator.scheduler.types import _NO_USAGE, Decision, JobRequest, NodeView, RunningJob, SchedulerConfig, SchedulingResult
 
 # --- elastic sizing and usage --------------------------------------------------------------------------
 
@@ -37,12 +37,15 @@ def schedule(
     *,
     now: float,
     usage_by_owner: Mapping[str, float] = _NO_USAGE,
+    running: Sequence[RunningJob] = (),
 ) -> SchedulingResult:
     """One scheduling pass: the jobs to start now and where, and why each other job waits.
 
     `usage_by_owner` (GPU-seconds used, by owner) matters to fair_share only. `now` is
-    compared with submit times for `reserve_after_seconds`.
+    compared with submit times for `reserve_after_seconds`. `running` lists the jobs holding GPUs
+    (for backfill against their estimated ends, and preemption).
     """
+    del running  # not used yet
     state = _Pass(nodes, config)
     if config.policy == "fair_share":
         fair = _FairShare(pending, config, usage_by_owner)

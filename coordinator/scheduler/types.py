@@ -35,6 +35,8 @@ class NodeView:
     schedulable: bool
     """READY and not drained."""
     gpus: tuple[GpuView, ...]
+    pool: str = "default"
+    """The node's pool (the agent's --pool)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,16 @@ class JobRequest:
     """Case-insensitive substring of the GPU's model name; empty = any."""
     spread: bool = False
     """Use as many nodes as possible instead of packing."""
+    pool: str = "default"
+    """The node pool the job runs in: only nodes of this pool are eligible."""
+    group: str = ""
+    """The owner's group (quotas); empty = none."""
+    preemptible: bool = True
+    """Whether this job, once running, may be preempted for higher-ranked work."""
+    attained_service_seconds: float = 0.0
+    """GPU-seconds the job's earlier attempts already ran (least-attained-service policies)."""
+    time_limit_seconds: float = 0.0
+    """The user's upper bound on the runtime (enforced by the agent); 0 = none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,42 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class RunningJob:
+    """A job with a live attempt, as the scheduler sees it: what holds GPUs and until when (backfill,
+    start-time estimates) and what may be preempted."""
+
+    job_id: str
+    nodes: tuple[NodeShare, ...]
+    """The GPUs the attempt holds."""
+    start_time: float
+    """Wall time the attempt was placed."""
+    owner: str = ""
+    group: str = ""
+    pool: str = "default"
+    priority: int = 0
+    preemptible: bool = True
+    estimated_end_time: float = 0.0
+    """Wall time the attempt is predicted to end; 0 = unknown."""
+    attained_service_seconds: float = 0.0
+    """GPU-seconds of the job's earlier attempts (this attempt's own is gpus x (now - start_time))."""
+
+    @property
+    def gpus(self) -> int:
+        return sum(len(share.gpu_uuids) for share in self.nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    """A running job the pass asks to stop so that a higher-ranked pending job can start."""
+
+    victim_job_id: str
+    for_job_id: str
+    """The pending job it makes room for."""
+    reason: str
+    """One line for the victim's history, e.g. "preempted for j-000123-abcdef (priority 10 > 0)"."""
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulingResult:
     placed: tuple[Decision, ...]
     pending_reasons: dict[str, str]
@@ -100,3 +148,5 @@ class SchedulingResult:
     """The job holding a reservation this pass, if any."""
     reserved_nodes: tuple[str, ...] = ()
     """The nodes it holds."""
+    preemptions: tuple[Preemption, ...] = ()
+    """Running jobs to stop (with their grace) to make room; their GPUs are not reused in this pass."""
