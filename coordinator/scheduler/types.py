@@ -70,6 +70,16 @@ class JobRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Quotas:
+    """Caps on the GPUs that running jobs may hold at once, per owner and per group (0 or absent = no cap)."""
+
+    max_gpus_per_owner: Mapping[str, int] = _NO_USAGE  # type: ignore[assignment]
+    """Owner -> cap; the key "*" is the cap of every owner not named."""
+    max_gpus_per_group: Mapping[str, int] = _NO_USAGE  # type: ignore[assignment]
+    """Group -> cap; the key "*" is the cap of every group not named."""
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     policy: str = "priority"
     """One of POLICIES."""
@@ -83,6 +93,8 @@ class SchedulerConfig:
     """A job takes a reservation only once it has waited this long (now - submit_time)."""
     fair_share_default_runtime_seconds: float = 3600.0
     """fair_share charges a placed job gpus x runtime; this stands in for an unknown runtime."""
+    quotas: Quotas = Quotas()
+    """Running-GPU caps per owner and group; a capped job waits with a reason naming the quota."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
