@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 POLICIES = ("priority", "fcfs", "sjf", "fair_share")
@@ -73,9 +73,9 @@ class JobRequest:
 class Quotas:
     """Caps on the GPUs that running jobs may hold at once, per owner and per group (0 or absent = no cap)."""
 
-    max_gpus_per_owner: Mapping[str, int] = _NO_USAGE  # type: ignore[assignment]
+    max_gpus_per_owner: Mapping[str, int] = field(default_factory=dict)
     """Owner -> cap; the key "*" is the cap of every owner not named."""
-    max_gpus_per_group: Mapping[str, int] = _NO_USAGE  # type: ignore[assignment]
+    max_gpus_per_group: Mapping[str, int] = field(default_factory=dict)
     """Group -> cap; the key "*" is the cap of every group not named."""
 
 
@@ -93,7 +93,7 @@ class SchedulerConfig:
     """A job takes a reservation only once it has waited this long (now - submit_time)."""
     fair_share_default_runtime_seconds: float = 3600.0
     """fair_share charges a placed job gpus x runtime; this stands in for an unknown runtime."""
-    quotas: Quotas = Quotas()
+    quotas: Quotas = field(default_factory=Quotas)
     """Running-GPU caps per owner and group; a capped job waits with a reason naming the quota."""
 
     def __post_init__(self) -> None:
