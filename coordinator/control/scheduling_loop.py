@@ -17,6 +17,7 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.running_view import RunningView
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
@@ -96,6 +97,8 @@ class SchedulingLoop:
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
+        self.running = RunningView(self._request_of_live)
+        """The jobs holding GPUs, as the scheduler sees them (`running_jobs`)."""
 
     async def run(self) -> None:
         while True:
@@ -183,6 +186,17 @@ class SchedulingLoop:
     def request_changed(self, job_id: str) -> None:
         """The job's spec changed (its priority): its request is built again at the next pass."""
         self._requests.pop(job_id, None)
+        self.running.changed(job_id)
+
+    def _request_of_live(self, entry: JobEntry) -> scheduler.JobRequest:
+        request = self._requests.get(entry.job.job_id) or self.request(entry)
+        if entry.final:  # a cancelled job's ranks still stopping: not kept once they are gone
+            self._requests.pop(entry.job.job_id, None)
+        return request
+
+    def running_jobs(self) -> list[scheduler.RunningJob]:
+        """Every job with a live attempt (placed, starting, running, or stopping), as the scheduler sees it."""
+        return self.running.jobs()
 
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
@@ -226,7 +240,7 @@ class SchedulingLoop:
         started = self.elapsed_clock()
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
-        result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage)
+        result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage, running=self.running_jobs())
         for job_id, reason in result.pending_reasons.items():
             waiting_entry = manager.pending.get(job_id)
             if waiting_entry is not None:
@@ -285,6 +299,7 @@ class SchedulingLoop:
             for share in decision.nodes
         }
         effects = job_machine.place(entry, placement, now, self.cluster.allocations, sessions, self.manager.machine)
+        self.running.placed(entry, decision, now.wall, self._requests.get(entry.job.job_id) or self.request(entry))
         log.info(
             "job placed",
             job=entry.job.job_id,

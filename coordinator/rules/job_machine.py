@@ -165,6 +165,8 @@ def restore(entry: JobEntry, record: job_pb2.Attempt, now: Now, allocations: All
     attempt = _take(entry, record, now, allocations, {}, restoring=True)
     if entry.job.state == job_pb2.JOB_STATE_RUNNING and record.attempt == entry.job.attempt:
         attempt.started_wall = attempt.last_progress_wall = now.wall
+    else:
+        attempt.state = AttemptState.STOPPING  # its job restarts or ended: what ranks are left were being stopped
     return attempt
 
 
