@@ -54,7 +54,7 @@ async def test_a_pass_hands_the_scheduler_every_live_attempt(monkeypatch):
     assert seen[-1] == [], "nothing ran when the first job was placed"
     started = clock.wall()
     clock.advance(10)
-    second = await manager.submit(job_pb2.JobSpec(argv=["t"], gpus=1, owner="bob"))
+    second = await manager.submit(job_pb2.JobSpec(argv=["t"], gpus=1, owner="bob", non_preemptible=True))
     assert await manager.schedule_pass() == [second]
     (running,) = seen[-1]
     assert running.job_id == first and running.owner == "ann" and running.priority == 3
@@ -64,6 +64,7 @@ async def test_a_pass_hands_the_scheduler_every_live_attempt(monkeypatch):
     by_id = {job.job_id: job for job in manager.scheduling.running_jobs()}
     assert set(by_id) == {first, second}
     assert by_id[second].estimated_end_time == 0.0, "no estimate: end unknown"
+    assert not by_id[second].preemptible, "submitted with non_preemptible"
 
 
 async def test_a_stopping_attempt_is_marked_until_its_ranks_end_and_the_next_one_carries_its_service():

@@ -180,6 +180,7 @@ class SchedulingLoop:
                 min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
                 gpu_model=spec.requirements.gpu_model,
                 spread=spec.spread,
+                preemptible=not spec.non_preemptible,
             )
         return request
 
