@@ -21,8 +21,8 @@ from coordinator.control.running_view import RunningView
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
-from coordinator.rules import job_machine
-from coordinator.rules.effects import Effect, Save
+from coordinator.rules import job_machine, preemption
+from coordinator.rules.effects import Effect, Preempted, Save, Stop
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ class SchedulingLoop:
             waiting_entry = manager.pending.get(job_id)
             if waiting_entry is not None:
                 waiting_entry.job.reason = job_machine.pending_reason(waiting_entry.job, reason)
-        effects: list[Effect] = []
+        effects: list[Effect] = self._preempt(result.preemptions, now)
         placed: list[JobEntry] = []
         for decision in result.placed:
             entry = manager.jobs[decision.job_id]
@@ -255,18 +255,36 @@ class SchedulingLoop:
         for entry, started_effects in self._place_elastic(ready, result, now):
             effects += started_effects
             placed.append(entry)
-        if not placed:
+        if not effects:
             return []
-        self.decision_seconds.append(self.elapsed_clock() - started)
-        del self.decision_seconds[:-KEPT_TIMINGS]
-        self.placements += len(placed)
-        manager.apply([effect for effect in effects if not isinstance(effect, Save)])  # placed jobs leave the queue now
+        if placed:
+            self.decision_seconds.append(self.elapsed_clock() - started)
+            del self.decision_seconds[:-KEPT_TIMINGS]
+            self.placements += len(placed)
+        manager.apply([effect for effect in effects if not isinstance(effect, Save | Stop)])  # placed jobs leave the queue now
         # Durable before launching: a coordinator that dies now restarts knowing these attempts,
-        # so it can adopt or fence ranks that agents report.
+        # so it can adopt or fence ranks that agents report. And before a preempted job's ranks are
+        # stopped: restarted, it knows them preempted (a rank that checkpoints and exits 0 is no success).
         await manager.save([manager.jobs[job_id] for job_id in dict.fromkeys(e.job_id for e in effects if isinstance(e, Save))])
+        manager.apply([effect for effect in effects if isinstance(effect, Stop)])
         for entry in placed:
             manager.apply(job_machine.launches(entry, manager.machine))
         return [entry.job.job_id for entry in placed]
+
+    def _preempt(self, preemptions: tuple[scheduler.Preemption, ...], now: job_machine.Now) -> list[Effect]:
+        """The job rules' effects of stopping the running jobs the pass chose to make room (job_machine.preempt)."""
+        effects: list[Effect] = []
+        for chosen in preemptions:
+            victim = self.manager.jobs.get(chosen.victim_job_id)
+            if victim is not None:
+                effects += job_machine.preempt(victim, chosen.for_job_id, chosen.reason, now, self.manager.machine)
+        return effects
+
+    def preempted(self, effect: Preempted) -> None:
+        """For the log and the metrics (gpuorch_job_restarts_total{reason="preempted"})."""
+        log.info("attempt preempted", job=effect.job_id, attempt=effect.attempt, for_job=effect.for_job_id, reason=effect.reason)
+        restarts = self.manager.restarts_by_reason
+        restarts[preemption.PREEMPTED] = restarts.get(preemption.PREEMPTED, 0) + 1
 
     def _place_elastic(
         self, ready: list[JobEntry], result: scheduler.SchedulingResult, now: job_machine.Now
