@@ -11,6 +11,7 @@ import pytest
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
+from coordinator.control.node_links import AgentSession
 from coordinator.model.cluster import Allocations
 from coordinator.model.jobs import JobEntry
 from coordinator.rules import effects as fx
@@ -164,8 +165,9 @@ def preempting_scheduler(real_schedule):
 
 def outbox(manager: JobManager) -> list[agent_pb2.CoordinatorMessage]:
     session = manager.cluster.nodes["n1"].session
+    assert isinstance(session, AgentSession)
     messages = []
-    while session is not None and not session.outbox.empty():
+    while not session.outbox.empty():
         messages.append(session.outbox.get_nowait())
     return messages
 
