@@ -148,8 +148,9 @@ def preempting_scheduler(real_schedule):
     """A stand-in for the scheduler's victim selection: a pending job that does not fit preempts the
     lowest-priority running job below it (one that may be preempted and is not already stopping)."""
 
-    def schedule(nodes, pending, config, *, now, usage_by_owner=None, running=()):
-        result = real_schedule(nodes, pending, config, now=now, usage_by_owner=usage_by_owner or {}, running=running)
+    def schedule(nodes, pending, config, **options):
+        result = real_schedule(nodes, pending, config, **options)
+        running = options.get("running", ())
         placed = {decision.job_id for decision in result.placed}
         candidates = sorted((job for job in running if job.preemptible and not job.stopping), key=lambda job: job.priority)
         preemptions = []
