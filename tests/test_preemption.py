@@ -128,6 +128,25 @@ def test_a_preempted_rank_reported_running_again_gets_the_stop_with_the_grace_le
     assert isinstance(late, fx.Stop) and 0 < late.grace_seconds < 1, "past the grace: killed, but never a zero-grace forget"
 
 
+def test_a_rank_still_launching_when_preempted_gets_a_stop_of_its_own_when_it_starts():
+    """Its agent may have handled the stop before the launch, and then nothing would ever stop it."""
+    clock, allocations = FakeClock(), Allocations()
+    spec = job_rules.normalized(job_pb2.JobSpec(argv=["train"], gpus=2))
+    entry = JobEntry(1, job_pb2.Job(job_id="j-1", spec=spec, state=job_pb2.JOB_STATE_PENDING))
+    placement = job_pb2.Placement(master_addr="10.0.0.1", master_port=29500, world_size=2)
+    placement.nodes.add(node_id="n1", node_rank=0, device_uuids=["GPU-0", "GPU-1"], first_rank=0, device_indexes=[0, 1])
+    job_machine.place(entry, placement, now(clock), allocations, {}, CONFIG)
+    job_machine.rank_reported(entry, "n1", status(1, 0, RUNNING), now(clock), allocations, CONFIG)
+    job_machine.preempt(entry, "j-9", "preempted for j-9", now(clock), CONFIG)
+    assert job_machine.rank_reported(entry, "n1", status(1, 0, RUNNING), now(clock), allocations, CONFIG) == [], (
+        "rank 0 ran when the stop was sent: covered"
+    )
+    clock.advance(0.2)
+    (stop,) = job_machine.rank_reported(entry, "n1", status(1, 1, RUNNING), now(clock), allocations, CONFIG)
+    assert isinstance(stop, fx.Stop) and stop.grace_seconds == pytest.approx(19.8)
+    assert job_machine.rank_reported(entry, "n1", status(1, 1, RUNNING), now(clock), allocations, CONFIG) == []
+
+
 # -- the JobManager applying a pass's preemptions ----------------------------------------------
 
 

@@ -66,6 +66,8 @@ class Attempt:
     all_started_at: float = 0.0
     stops_sent: dict[str, float] = field(default_factory=dict)
     """Node id -> monotonic time a stop of a preemption was last sent there (rules/preemption.py)."""
+    stop_covers: dict[str, set[int]] = field(default_factory=dict)
+    """Node id -> the ranks there that the preemption's stops are known to have reached (rules/preemption.py)."""
     _ranks: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
     """Rank -> (node id, device uuid): an index over `placement`, built once (a placement never changes
     once made), because message fields are slow to walk for every rank's report."""

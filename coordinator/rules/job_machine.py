@@ -210,7 +210,8 @@ def rank_reported(
     if running:
         if not live:
             if preemption.being_preempted(entry, status.attempt):  # in its grace: not killed at once
-                return preemption.stop_again(entry, attempt, node_id, now.wall, now.monotonic, config.preemption_grace_seconds)
+                grace = config.preemption_grace_seconds
+                return preemption.stop_again(entry, attempt, node_id, status.rank, now.wall, now.monotonic, grace)
             return [_fence(entry, node_id, status, "fenced: attempt superseded")]
         if status.working_dir:
             record = entry.record(status.attempt)
@@ -315,6 +316,7 @@ def preempt(entry: JobEntry, for_job_id: str, reason: str, now: Now, config: Mac
         reason += f" (for {for_job_id})"
     effects = stop_attempt(entry, job.attempt, reason, config, config.preemption_grace_seconds)
     attempt.stops_sent = dict.fromkeys(attempt.nodes(), now.monotonic)
+    attempt.stop_covers = {node: {rank for rank in attempt.ranks_on(node) if rank in attempt.running} for node in attempt.nodes()}
     _end_record(entry, reason, now)
     job.state = job_pb2.JOB_STATE_PENDING
     job.pending_restart_reason = preemption.PREEMPTED

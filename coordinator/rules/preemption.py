@@ -38,13 +38,22 @@ def grace_left(entry: JobEntry, attempt: int, now_wall: float, grace_seconds: fl
 
 
 def stop_again(
-    entry: JobEntry, attempt: Attempt, node_id: str, now_wall: float, now_monotonic: float, grace: float
+    entry: JobEntry, attempt: Attempt, node_id: str, rank: int, now_wall: float, now_monotonic: float, grace: float
 ) -> list[Effect]:
-    """A rank of a preempted attempt is reported running on `node_id`: the stop once more, with the grace
-    left, unless the node was sent one just now."""
+    """A rank of a preempted attempt is reported running on `node_id`: its node is sent the stop again, with
+    the grace left, unless a stop sent there covers the rank and was sent just now (a registration lists every
+    rank of the node, and one stop covers them all). A stop covers the ranks its agent already had: those
+    reported running before it was sent, and, for the first stop a coordinator sends a node (after its own
+    restart), every rank the agent lists. A rank that was still launching when its attempt was preempted is not
+    covered: its agent may have taken the stop before the launch, so it is sent one of its own."""
     sent = attempt.stops_sent.get(node_id)
-    if sent is not None and now_monotonic - sent < REPEAT_STOP_AFTER_SECONDS:
+    covered = attempt.stop_covers.get(node_id)
+    if covered is not None and rank in covered and sent is not None and now_monotonic - sent < REPEAT_STOP_AFTER_SECONDS:
         return []
+    if sent is None:
+        attempt.stop_covers[node_id] = set(attempt.ranks_on(node_id))
+    else:
+        attempt.stop_covers.setdefault(node_id, set()).add(rank)
     attempt.stops_sent[node_id] = now_monotonic
     left = grace_left(entry, attempt.attempt, now_wall, grace)
     return [Stop(node_id, entry.job.job_id, attempt.attempt, left, f"{PREEMPTED}; {left:.1f}s of the grace left")]
