@@ -4,6 +4,8 @@ on a fake clock, and the JobManager applying a scheduler's SchedulingResult.pree
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 
 import pytest
@@ -19,6 +21,7 @@ from coordinator.rules import job_machine, job_rules
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.store.memory import MemoryJobStore
+from gpuorch import worker
 from gpuorch.clock import FakeClock
 from gpuorch.v1 import agent_pb2, job_pb2
 
@@ -271,3 +274,28 @@ async def test_a_preemption_survives_a_coordinator_restart_during_the_grace():
     assert entry.job.state == job_pb2.JOB_STATE_PENDING, "a rank that checkpointed and exited 0 is no success"
     assert await restarted.schedule_pass() == [job_id]
     assert (entry.job.attempt, entry.job.restarts, entry.job.attempts[-1].restart_reason) == (2, 0, "preempted")
+
+
+# -- inside a rank -------------------------------------------------------------------------------
+
+
+def test_a_rank_knows_its_attempt_before_was_preempted(monkeypatch):
+    monkeypatch.setenv("GPUORCH_RESTART_REASON", "preempted")
+    reason = worker.restart_reason()
+    assert reason == worker.RestartReason("preempted", raw="preempted") and reason.preempted and reason.is_restart
+    monkeypatch.setenv("GPUORCH_RESTART_REASON", "rank_exit:0:1")
+    assert not worker.restart_reason().preempted
+
+
+def test_stop_on_sigterm_turns_the_signal_into_a_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = worker.stop_on_sigterm()
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5), "the process goes on, the event is set"
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM (a stop sent again) is as harmless
+        assert stop.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        worker._stop_requested.clear()
