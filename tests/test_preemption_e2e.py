@@ -69,3 +69,44 @@ def test_a_high_priority_job_preempts_a_running_one_which_checkpoints_requeues_a
     shown = gpuctl("--coordinator", cluster.address, "job", low)
     assert shown.returncode == 0, shown.stderr
     assert "preempted" in shown.stdout and high in shown.stdout, shown.stdout
+
+
+def test_a_preemption_survives_a_coordinator_killed_during_the_grace(cluster):
+    """SIGKILLed while the victim checkpoints: restarted, the coordinator still knows the job preempted (not failed,
+    and not succeeded by a rank's exit), and the agent's re-registration does not get the rank killed mid-checkpoint."""
+    config = cluster.root / "coordinator.toml"
+    config.write_text(PRIORITY_CLASSES)
+    arguments = ("--config", str(config), "--preemption-grace-seconds", "20", "--node-grace-period", "30")
+    cluster.start_coordinator(*arguments)
+    cluster.add_agent("n1", 1, "--heartbeat-interval", "0.25")
+    cluster.wait_for_nodes(1)
+    client = cluster.client()
+    steps = 40
+    low = client.submit_job(
+        argv=[sys.executable, PREEMPTIBLE, "--steps", str(steps), "--step-seconds", "0.1", "--checkpoint-seconds", "8"],
+        gpus=1,
+        max_restarts=0,
+    )
+    wait_for(lambda: "STEP 3\n" in logs(client, low, 0), timeout=30, what="the low job to make progress")
+    high = client.submit_job(argv=[sys.executable, "-c", "print('urgent work done')"], gpus=1, priority=10)
+    wait_for(
+        lambda: (
+            (job := client.get_job(low)).attempts[0].end_reason.startswith("preempted") and job.state == job_pb2.JOB_STATE_PENDING
+        ),
+        timeout=30,
+        what="the preemption to be stored",
+    )
+    assert cluster.coordinator is not None
+    cluster.coordinator.kill()  # the rank is writing its 8 s checkpoint now
+    cluster.start_coordinator(*arguments)
+    wait_state(client, high, SUCCEEDED, timeout=60)
+    done_low = wait_state(client, low, SUCCEEDED, timeout=90)
+    assert [a.restart_reason for a in done_low.attempts] == ["", "preempted"] and done_low.restarts == 0
+    before = attempt_log(client, low, 1)
+    checkpoint_lines = [line for line in before.splitlines() if line.startswith("CHECKPOINT")]
+    assert checkpoint_lines, (
+        f"the rank finished its checkpoint in the grace left, not killed on re-registration:\n{before[-600:]}"
+    )
+    checkpointed = int(checkpoint_lines[0].split("=")[1])
+    assert f"reason=preempted resumed_from={checkpointed}" in attempt_log(client, low, 2), "its checkpoint was written whole"
+    assert checkpointed > 0
