@@ -20,9 +20,9 @@ priority = 0
 
 [priority_classes.urgent]
 priority = 10
-preempts_below = 10
+preempts = ["batch"]
 """
-"""Priority 10 may preempt running jobs below priority 10 (the coordinator's [priority_classes] settings)."""
+"""Jobs of priority 10 and up may preempt running jobs below it (the coordinator's [priority_classes] settings)."""
 
 
 def attempt_log(client, job_id: str, attempt: int) -> str:
