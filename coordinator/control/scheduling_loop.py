@@ -22,6 +22,7 @@ from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine
 from coordinator.rules.effects import Effect, Save
+from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class SchedulingLoop:
             cached.view = scheduler.NodeView(
                 node_id=node.node_id,
                 schedulable=node.schedulable,
+                pool=node.pool,
                 gpus=tuple(taken if uuid in allocations else free for uuid, free, taken in cached.pairs),
             )
             cached.allocation_version = allocation_version
@@ -173,10 +175,12 @@ class SchedulingLoop:
                 priority=spec.priority,
                 submit_time=entry.job.submit_time.ToNanoseconds() / 1e9,
                 owner=spec.owner,
-                estimated_runtime_seconds=float(spec.estimated_runtime_seconds),
+                estimated_runtime_seconds=float(spec.estimated_runtime_seconds or spec.time_limit_seconds),
                 min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
                 gpu_model=spec.requirements.gpu_model,
                 spread=spec.spread,
+                pool=spec.pool or DEFAULT_POOL,
+                time_limit_seconds=float(spec.time_limit_seconds),
             )
         return request
 
