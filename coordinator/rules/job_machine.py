@@ -155,7 +155,10 @@ def launches(entry: JobEntry, config: MachineConfig) -> list[Effect]:
     if job.state != job_pb2.JOB_STATE_RUNNING:
         return []
     environment = attempt_environment(job, config.checkpoint_root)
-    effects: list[Effect] = [Launch(node_id, launch) for node_id, launch in job_rules.launch_messages(job, environment).items()]
+    effects: list[Effect] = [
+        Launch(node_id, launch)
+        for node_id, launch in job_rules.launch_messages(job, environment, config.stop_grace_seconds).items()
+    ]
     return [*effects, Notify(job.job_id)]
 
 
