@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from gpuorch.cli.printing import GIB, age, job_state_name, node_state_name, printable, stamp, table
+from gpuorch.cli.printing import GIB, age, duration, job_state_name, node_state_name, printable, stamp, table
 
 
 def format_nodes(nodes) -> str:
@@ -18,6 +18,7 @@ def format_nodes(nodes) -> str:
             (
                 node.node_id,
                 node_state_name(node.state),
+                node.pool or "default",
                 f"{len(node.devices)}",
                 f"{healthy}",
                 f"{free}",
@@ -27,7 +28,7 @@ def format_nodes(nodes) -> str:
                 node.state_reason,
             )
         )
-    return table(("NODE", "STATE", "GPUS", "HEALTHY", "FREE", "UTIL", "MAX TEMP", "LAST HEARTBEAT", "REASON"), rows)
+    return table(("NODE", "STATE", "POOL", "GPUS", "HEALTHY", "FREE", "UTIL", "MAX TEMP", "LAST HEARTBEAT", "REASON"), rows)
 
 
 def format_node(node) -> str:
@@ -36,6 +37,7 @@ def format_node(node) -> str:
         f"State:           {node_state_name(node.state)}" + (f" ({node.state_reason})" if node.state_reason else ""),
         f"Hostname:        {node.hostname}",
         f"Addresses:       {', '.join(node.addresses) or '-'}",
+        f"Pool:            {node.pool or 'default'}",
         f"Agent version:   {node.agent_version or '-'}",
         (
             f"Heartbeat:       every {node.heartbeat_interval_seconds:g}s, "
@@ -96,6 +98,7 @@ def format_jobs(found) -> str:
             job_state_name(job.state),
             job.spec.name or "-",
             job.spec.owner or "-",
+            job.spec.pool or "default",
             job.spec.gpus,
             job.spec.priority,
             job.attempt,
@@ -104,7 +107,7 @@ def format_jobs(found) -> str:
         )
         for job in found
     ]
-    return table(("JOB", "STATE", "NAME", "OWNER", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "REASON"), rows)
+    return table(("JOB", "STATE", "NAME", "OWNER", "POOL", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "REASON"), rows)
 
 
 def format_job(job) -> str:
@@ -123,13 +126,15 @@ def format_job(job) -> str:
         else f"Submitted from: {spec.submit_dir or '-'} (ranks run there where the node has it)",
         f"GPUs:       {spec.gpus}"
         + (f", {spec.gpus_per_node} per node" if spec.gpus_per_node else "")
-        + f", backend {spec.backend}",
+        + f", backend {spec.backend}, pool {spec.pool or 'default'}",
         (
             f"Owner:      {spec.owner or '-'}   priority {spec.priority}   "
             f"attempt {job.attempt}   restarts {job.restarts} of {spec.max_restarts}"
         ),
         f"Submitted:  {stamp(job.submit_time)}   started {stamp(job.start_time)}   ended {stamp(job.end_time)}",
     ]
+    if spec.time_limit_seconds:
+        limits.insert(0, f"time limit {duration(spec.time_limit_seconds)}")
     if limits:
         lines.append(f"Limits:     {', '.join(limits)} per rank")
     lines = [printable(line) for line in lines]
