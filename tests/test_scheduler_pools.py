@@ -173,3 +173,57 @@ def test_no_job_is_ever_placed_on_a_node_of_another_pool(cluster, policy, reserv
         )
         if not reservations:
             assert [d for d in result.placed if job_pool[d.job_id] == pool] == list(alone.placed)
+
+
+# -- the scheduling loop: the pools of nodes and jobs, elastic restarts ---------------------------------
+
+
+def _register(cluster, node_id: str, gpus: int, pool: str = ""):
+    from gpuorch.v1 import agent_pb2
+
+    message = agent_pb2.Register(node_id=node_id, addresses=["127.0.0.1"], pool=pool)
+    for index in range(gpus):
+        message.devices.add(uuid=f"GPU-{node_id}-{index}", index=index, name="H100", memory_total_bytes=80 * GIB)
+    cluster.register(message)
+
+
+async def test_the_loop_sees_pools_and_an_elastic_restart_shrinks_within_its_pool():
+    from coordinator.control.cluster_view import ClusterView
+    from coordinator.control.job_manager import JobManager
+    from coordinator.rules.liveness import LivenessPolicy
+    from coordinator.store.memory import MemoryJobStore
+    from gpuorch.v1 import agent_pb2
+
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    _register(cluster, "a1", 4, "a")
+    _register(cluster, "b1", 4)
+    manager = JobManager(cluster, MemoryJobStore())
+    await manager.start()
+    try:
+        assert {view.node_id: view.pool for view in manager.node_views()} == {"a1": "a", "b1": "default"}
+        spec = job_pb2.JobSpec(argv=["x"], gpus=4, min_gpus=2, max_restarts=1, pool="a", time_limit_seconds=600)
+        job_id = await manager.submit(spec)
+        assert await manager.schedule_pass() == [job_id]
+        request = manager.scheduling.request(manager.get(job_id))
+        assert (request.pool, request.time_limit_seconds, request.estimated_runtime_seconds) == ("a", 600.0, 600.0)
+        blocker = await manager.submit(job_pb2.JobSpec(argv=["x"], gpus=2, pool="a", priority=5))
+        assert await manager.schedule_pass() == []
+        # Rank 3 fails: the restart cannot have 4 GPUs in pool "a" (the blocker takes 2), b1's 4 free ones are not its.
+        for rank in range(4):
+            manager.on_task_status(
+                "a1", agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=rank, state=agent_pb2.TASK_STATE_RUNNING)
+            )
+        manager.on_task_status(
+            "a1", agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=3, state=agent_pb2.TASK_STATE_EXITED, exit_code=1)
+        )
+        for rank in range(3):
+            manager.on_task_status(
+                "a1", agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=rank, state=agent_pb2.TASK_STATE_EXITED, signal=15)
+            )
+        placed = await manager.schedule_pass()
+        assert blocker in placed and job_id in placed
+        job = manager.get(job_id).job
+        assert job.attempt == 2 and job.placement.world_size == 2
+        assert {node.node_id for node in job.placement.nodes} == {"a1"}
+    finally:
+        await manager.store.close()
