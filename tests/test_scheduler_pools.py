@@ -227,3 +227,21 @@ async def test_the_loop_sees_pools_and_an_elastic_restart_shrinks_within_its_poo
         assert {node.node_id for node in job.placement.nodes} == {"a1"}
     finally:
         await manager.store.close()
+
+
+def test_an_agent_with_a_bad_pool_name_is_refused_at_start_and_at_registration():
+    import pytest
+
+    from agent.settings import AgentSettings
+    from coordinator.rules.registration import InvalidMessage, validate_register
+    from gpuorch.settings import load_settings
+    from gpuorch.v1 import agent_pb2
+
+    assert load_settings(AgentSettings, env={"GPUORCH_POOL": "train"}).pool == "train"
+    AgentSettings(pool="train-2").validate()
+    with pytest.raises(ValueError, match="'Train' is not a valid pool name"):
+        AgentSettings(pool="Train").validate()
+    with pytest.raises(ValueError, match="pool must not be empty"):
+        AgentSettings(pool="").validate()
+    with pytest.raises(InvalidMessage, match=r"register\.pool: pool 'a b' is not a valid pool name"):
+        validate_register(agent_pb2.Register(node_id="n1", pool="a b"))
