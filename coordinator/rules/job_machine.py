@@ -16,7 +16,8 @@ The job (JobState, protos/gpuorch/v1/job.proto):
                |   |                                   |  every rank stopped, then
                |   |                                   |     restarts left --> PENDING (restart backoff; the next
                +---|-----------------------------------+        attempt waits for every rank of this one to end)
-                   |                                   |     none left, or a start failure a restart would repeat --> FAILED
+                   |                                   |     none left, a start failure a restart would repeat, or a rank
+                   |                                   |     stopped at the job's time limit --> FAILED
                    |                                   |
                    +--cancel-------------------------> CANCELLED <--cancel (ranks stopped)--+
 
