@@ -179,3 +179,11 @@ async def test_a_restarted_agent_still_enforces_the_limit(tmp_path):
     assert _gone(running.pid)
     assert [s.time_limited for s in second.snapshot()] == [True], "a re-registration re-reports it as time-limited"
     await second.close()
+
+
+def test_gpuctl_shows_a_limit_as_it_accepts_it_back():
+    from gpuorch.cli.printing import duration
+
+    for seconds in (2, 90, 5400, 7200, 93784):
+        assert parse_duration(duration(seconds)) == seconds
+    assert (duration(5400), duration(2), duration(3601)) == ("1h30m", "2s", "1h1s")
