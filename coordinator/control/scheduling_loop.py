@@ -17,6 +17,7 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.estimates import Estimates
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
@@ -79,6 +80,7 @@ class SchedulingLoop:
         rendezvous_ports: tuple[int, int],
         rng: random.Random,
         elapsed_clock: Callable[[], float],
+        estimates: Estimates | None = None,
     ) -> None:
         self.manager = manager
         self.cluster = cluster
@@ -96,6 +98,8 @@ class SchedulingLoop:
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
+        self.estimates = estimates or Estimates()
+        """Runtime predictions for the requests, and start-time estimates (control/estimates.py)."""
 
     async def run(self) -> None:
         while True:
@@ -107,6 +111,8 @@ class SchedulingLoop:
             self.manager.expire_expected_nodes()
             self.manager.detect_hangs()
             await self.schedule_pass()
+            if self.estimates.forecast_due(self.elapsed_clock()):
+                self.estimates.forecast(self, self.elapsed_clock())  # after the pass, outside its timing
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""
@@ -162,11 +168,12 @@ class SchedulingLoop:
 
     def request(self, entry: JobEntry) -> scheduler.JobRequest:
         """The scheduler's view of the job, built once: a pass asks it of every ready job, and reading the
-        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it)."""
+        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it).
+        Its runtime estimate is the user's, else the time limit, else a prediction (control/estimates.py)."""
         request = self._requests.get(entry.job.job_id)
         if request is None:
             spec = entry.job.spec
-            request = self._requests[entry.job.job_id] = scheduler.JobRequest(
+            request = scheduler.JobRequest(
                 job_id=entry.job.job_id,
                 gpus=spec.gpus,
                 gpus_per_node=spec.gpus_per_node,
@@ -177,7 +184,9 @@ class SchedulingLoop:
                 min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
                 gpu_model=spec.requirements.gpu_model,
                 spread=spec.spread,
+                group=self.manager.quotas.group_of(spec.owner),
             )
+            request = self._requests[entry.job.job_id] = self.estimates.with_estimate(request, spec.name)
         return request
 
     def request_changed(self, job_id: str) -> None:
@@ -187,6 +196,11 @@ class SchedulingLoop:
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
         self._requests.pop(job_id, None)
+
+    def finished(self, entry: JobEntry, state: int, reason: str) -> None:
+        """The job reached a final state: its runtime teaches the predictor."""
+        log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
+        self.estimates.learn((entry,))
 
     def owner_usage(self, now: float) -> dict[str, float]:
         """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share)."""
@@ -224,6 +238,8 @@ class SchedulingLoop:
         if not ready:
             return []
         started = self.elapsed_clock()
+        if self.estimates.refresh(cached_requests, started):
+            requests = [cached_requests[entry.job.job_id] for entry in ready]
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
         result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage)
@@ -284,6 +300,7 @@ class SchedulingLoop:
             share.node_id: (session.session_id if (session := nodes[share.node_id].session) is not None else 0)
             for share in decision.nodes
         }
+        entry.job.ClearField("estimated_start_time")
         effects = job_machine.place(entry, placement, now, self.cluster.allocations, sessions, self.manager.machine)
         log.info(
             "job placed",

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpuorch/v1/job.proto\x12\ngpuorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x0fJobRequirements\x12 \n\x18min_memory_per_gpu_bytes\x18\x01 \x01(\x04\x12\x11\n\tgpu_model\x18\x02 \x01(\t\"\xf1\x03\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12)\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1c.gpuorch.v1.JobSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12\x0c\n\x04gpus\x18\x05 \x01(\r\x12\x15\n\rgpus_per_node\x18\x06 \x01(\r\x12\x10\n\x08min_gpus\x18\x07 \x01(\r\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\t \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x31\n\x0crequirements\x18\x0b \x01(\x0b\x32\x1b.gpuorch.v1.JobRequirements\x12\r\n\x05owner\x18\x0c \x01(\t\x12!\n\x19\x65stimated_runtime_seconds\x18\r \x01(\r\x12\x0e\n\x06spread\x18\x0e \x01(\x08\x12 \n\x18progress_timeout_seconds\x18\x0f \x01(\r\x12\x17\n\x0fhold_if_too_big\x18\x10 \x01(\x08\x12\x12\n\nsubmit_dir\x18\x11 \x01(\t\x12\x10\n\x08pids_max\x18\x12 \x01(\r\x12\x18\n\x10memory_max_bytes\x18\x13 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x02\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12(\n\tplacement\x18\x02 \x01(\x0b\x32\x15.gpuorch.v1.Placement\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erestart_reason\x18\x05 \x01(\t\x12\x12\n\nend_reason\x18\x06 \x01(\t\x12:\n\x0cworking_dirs\x18\x07 \x03(\x0b\x32$.gpuorch.v1.Attempt.WorkingDirsEntry\x1a\x32\n\x10WorkingDirsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x0eNodeAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_rank\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65vice_uuids\x18\x03 \x03(\t\x12\x12\n\nfirst_rank\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65vice_indexes\x18\x05 \x03(\r\"t\n\tPlacement\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.gpuorch.v1.NodeAssignment\x12\x13\n\x0bmaster_addr\x18\x02 \x01(\t\x12\x13\n\x0bmaster_port\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\"\xde\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.gpuorch.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.gpuorch.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12(\n\tplacement\x18\x06 \x01(\x0b\x32\x15.gpuorch.v1.Placement\x12/\n\x0bsubmit_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08\x61ttempts\x18\n \x03(\x0b\x32\x13.gpuorch.v1.Attempt\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x36\n\x12restart_not_before\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x65nv_redacted\x18\r \x01(\x08\x12\x1e\n\x16pending_restart_reason\x18\x0e \x01(\t\"P\n\x10SubmitJobRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.gpuorch.v1.JobSpec\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"m\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.gpuorch.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.gpuorch.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"9\n\x15SetJobPriorityRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\"6\n\x16SetJobPriorityResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"z\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x12\n\ntail_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\x12\n\ntail_lines\x18\x06 \x01(\r\"\"\n\x12GetJobLogsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x99\x04\n\nJobService\x12H\n\tSubmitJob\x12\x1c.gpuorch.v1.SubmitJobRequest\x1a\x1d.gpuorch.v1.SubmitJobResponse\x12?\n\x06GetJob\x12\x19.gpuorch.v1.GetJobRequest\x1a\x1a.gpuorch.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.gpuorch.v1.ListJobsRequest\x1a\x1c.gpuorch.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.gpuorch.v1.CancelJobRequest\x1a\x1d.gpuorch.v1.CancelJobResponse\x12G\n\x08WatchJob\x12\x1b.gpuorch.v1.WatchJobRequest\x1a\x1c.gpuorch.v1.WatchJobResponse0\x01\x12W\n\x0eSetJobPriority\x12!.gpuorch.v1.SetJobPriorityRequest\x1a\".gpuorch.v1.SetJobPriorityResponse\x12M\n\nGetJobLogs\x12\x1d.gpuorch.v1.GetJobLogsRequest\x1a\x1e.gpuorch.v1.GetJobLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpuorch/v1/job.proto\x12\ngpuorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x0fJobRequirements\x12 \n\x18min_memory_per_gpu_bytes\x18\x01 \x01(\x04\x12\x11\n\tgpu_model\x18\x02 \x01(\t\"\xf1\x03\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12)\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1c.gpuorch.v1.JobSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12\x0c\n\x04gpus\x18\x05 \x01(\r\x12\x15\n\rgpus_per_node\x18\x06 \x01(\r\x12\x10\n\x08min_gpus\x18\x07 \x01(\r\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\t \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x31\n\x0crequirements\x18\x0b \x01(\x0b\x32\x1b.gpuorch.v1.JobRequirements\x12\r\n\x05owner\x18\x0c \x01(\t\x12!\n\x19\x65stimated_runtime_seconds\x18\r \x01(\r\x12\x0e\n\x06spread\x18\x0e \x01(\x08\x12 \n\x18progress_timeout_seconds\x18\x0f \x01(\r\x12\x17\n\x0fhold_if_too_big\x18\x10 \x01(\x08\x12\x12\n\nsubmit_dir\x18\x11 \x01(\t\x12\x10\n\x08pids_max\x18\x12 \x01(\r\x12\x18\n\x10memory_max_bytes\x18\x13 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x02\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12(\n\tplacement\x18\x02 \x01(\x0b\x32\x15.gpuorch.v1.Placement\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erestart_reason\x18\x05 \x01(\t\x12\x12\n\nend_reason\x18\x06 \x01(\t\x12:\n\x0cworking_dirs\x18\x07 \x03(\x0b\x32$.gpuorch.v1.Attempt.WorkingDirsEntry\x1a\x32\n\x10WorkingDirsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x0eNodeAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_rank\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65vice_uuids\x18\x03 \x03(\t\x12\x12\n\nfirst_rank\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65vice_indexes\x18\x05 \x03(\r\"t\n\tPlacement\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.gpuorch.v1.NodeAssignment\x12\x13\n\x0bmaster_addr\x18\x02 \x01(\t\x12\x13\n\x0bmaster_port\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\"\x98\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.gpuorch.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.gpuorch.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12(\n\tplacement\x18\x06 \x01(\x0b\x32\x15.gpuorch.v1.Placement\x12/\n\x0bsubmit_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08\x61ttempts\x18\n \x03(\x0b\x32\x13.gpuorch.v1.Attempt\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x36\n\x12restart_not_before\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x65nv_redacted\x18\r \x01(\x08\x12\x1e\n\x16pending_restart_reason\x18\x0e \x01(\t\x12\x38\n\x14\x65stimated_start_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x10SubmitJobRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.gpuorch.v1.JobSpec\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"m\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.gpuorch.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.gpuorch.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"9\n\x15SetJobPriorityRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\"6\n\x16SetJobPriorityResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gpuorch.v1.Job\"z\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x12\n\ntail_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\x12\n\ntail_lines\x18\x06 \x01(\r\"\"\n\x12GetJobLogsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x99\x04\n\nJobService\x12H\n\tSubmitJob\x12\x1c.gpuorch.v1.SubmitJobRequest\x1a\x1d.gpuorch.v1.SubmitJobResponse\x12?\n\x06GetJob\x12\x19.gpuorch.v1.GetJobRequest\x1a\x1a.gpuorch.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.gpuorch.v1.ListJobsRequest\x1a\x1c.gpuorch.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.gpuorch.v1.CancelJobRequest\x1a\x1d.gpuorch.v1.CancelJobResponse\x12G\n\x08WatchJob\x12\x1b.gpuorch.v1.WatchJobRequest\x1a\x1c.gpuorch.v1.WatchJobResponse0\x01\x12W\n\x0eSetJobPriority\x12!.gpuorch.v1.SetJobPriorityRequest\x1a\".gpuorch.v1.SetJobPriorityResponse\x12M\n\nGetJobLogs\x12\x1d.gpuorch.v1.GetJobLogsRequest\x1a\x1e.gpuorch.v1.GetJobLogsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC_ENVENTRY']._serialized_options = b'8\001'
   _globals['_ATTEMPT_WORKINGDIRSENTRY']._loaded_options = None
   _globals['_ATTEMPT_WORKINGDIRSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2516
-  _globals['_JOBSTATE']._serialized_end=2671
+  _globals['_JOBSTATE']._serialized_start=2574
+  _globals['_JOBSTATE']._serialized_end=2729
   _globals['_JOBREQUIREMENTS']._serialized_start=69
   _globals['_JOBREQUIREMENTS']._serialized_end=139
   _globals['_JOBSPEC']._serialized_start=142
@@ -53,35 +53,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLACEMENT']._serialized_start=1082
   _globals['_PLACEMENT']._serialized_end=1198
   _globals['_JOB']._serialized_start=1201
-  _globals['_JOB']._serialized_end=1679
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1681
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1761
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1763
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1798
-  _globals['_GETJOBREQUEST']._serialized_start=1800
-  _globals['_GETJOBREQUEST']._serialized_end=1831
-  _globals['_GETJOBRESPONSE']._serialized_start=1833
-  _globals['_GETJOBRESPONSE']._serialized_end=1879
-  _globals['_LISTJOBSREQUEST']._serialized_start=1881
-  _globals['_LISTJOBSREQUEST']._serialized_end=1990
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1992
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2066
-  _globals['_CANCELJOBREQUEST']._serialized_start=2068
-  _globals['_CANCELJOBREQUEST']._serialized_end=2102
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2104
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2153
-  _globals['_WATCHJOBREQUEST']._serialized_start=2155
-  _globals['_WATCHJOBREQUEST']._serialized_end=2188
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2190
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2238
-  _globals['_SETJOBPRIORITYREQUEST']._serialized_start=2240
-  _globals['_SETJOBPRIORITYREQUEST']._serialized_end=2297
-  _globals['_SETJOBPRIORITYRESPONSE']._serialized_start=2299
-  _globals['_SETJOBPRIORITYRESPONSE']._serialized_end=2353
-  _globals['_GETJOBLOGSREQUEST']._serialized_start=2355
-  _globals['_GETJOBLOGSREQUEST']._serialized_end=2477
-  _globals['_GETJOBLOGSRESPONSE']._serialized_start=2479
-  _globals['_GETJOBLOGSRESPONSE']._serialized_end=2513
-  _globals['_JOBSERVICE']._serialized_start=2674
-  _globals['_JOBSERVICE']._serialized_end=3211
+  _globals['_JOB']._serialized_end=1737
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1739
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1819
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1821
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1856
+  _globals['_GETJOBREQUEST']._serialized_start=1858
+  _globals['_GETJOBREQUEST']._serialized_end=1889
+  _globals['_GETJOBRESPONSE']._serialized_start=1891
+  _globals['_GETJOBRESPONSE']._serialized_end=1937
+  _globals['_LISTJOBSREQUEST']._serialized_start=1939
+  _globals['_LISTJOBSREQUEST']._serialized_end=2048
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2050
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2124
+  _globals['_CANCELJOBREQUEST']._serialized_start=2126
+  _globals['_CANCELJOBREQUEST']._serialized_end=2160
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2162
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2211
+  _globals['_WATCHJOBREQUEST']._serialized_start=2213
+  _globals['_WATCHJOBREQUEST']._serialized_end=2246
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2248
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2296
+  _globals['_SETJOBPRIORITYREQUEST']._serialized_start=2298
+  _globals['_SETJOBPRIORITYREQUEST']._serialized_end=2355
+  _globals['_SETJOBPRIORITYRESPONSE']._serialized_start=2357
+  _globals['_SETJOBPRIORITYRESPONSE']._serialized_end=2411
+  _globals['_GETJOBLOGSREQUEST']._serialized_start=2413
+  _globals['_GETJOBLOGSREQUEST']._serialized_end=2535
+  _globals['_GETJOBLOGSRESPONSE']._serialized_start=2537
+  _globals['_GETJOBLOGSRESPONSE']._serialized_end=2571
+  _globals['_JOBSERVICE']._serialized_start=2732
+  _globals['_JOBSERVICE']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)

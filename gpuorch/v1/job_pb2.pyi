@@ -134,7 +134,7 @@ class Placement(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeAssignment, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "attempt", "reason", "placement", "submit_time", "start_time", "end_time", "attempts", "restarts", "restart_not_before", "env_redacted", "pending_restart_reason")
+    __slots__ = ("job_id", "spec", "state", "attempt", "reason", "placement", "submit_time", "start_time", "end_time", "attempts", "restarts", "restart_not_before", "env_redacted", "pending_restart_reason", "estimated_start_time")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class Job(_message.Message):
     RESTART_NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ENV_REDACTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_RESTART_REASON_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_START_TIME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -163,7 +164,8 @@ class Job(_message.Message):
     restart_not_before: _timestamp_pb2.Timestamp
     env_redacted: bool
     pending_restart_reason: str
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., restarts: _Optional[int] = ..., restart_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., env_redacted: _Optional[bool] = ..., pending_restart_reason: _Optional[str] = ...) -> None: ...
+    estimated_start_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., restarts: _Optional[int] = ..., restart_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., env_redacted: _Optional[bool] = ..., pending_restart_reason: _Optional[str] = ..., estimated_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "client_request_id")
