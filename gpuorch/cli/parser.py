@@ -147,7 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--min-memory-gib", type=float, default=0, help="only GPUs with at least this much memory")
     submit.add_argument("--gpu-model", default="", help="only GPUs whose name contains this, e.g. H100")
-    submit.add_argument("--estimated-runtime", type=int, default=0, metavar="SECONDS", help="for the sjf policy")
+    submit.add_argument(
+        "--estimated-runtime",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="for sjf, backfill and start estimates (default: predicted)",
+    )
     submit.add_argument("--spread", action="store_true", help="spread ranks over as many nodes as possible")
     submit.add_argument("--max-restarts", type=int, default=0, help="restart a failed attempt up to this many times (default 0)")
     submit.add_argument(
