@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.scheduler import JobRequest, NodeShare, RunningJob, SchedulerConfig
-from coordinator.scheduler.forecast import forecast_starts
+from coordinator.scheduler.forecast import forecast_starts, forecast_steps
 from tests.test_scheduler import node
 
 CONFIG = SchedulerConfig()
@@ -67,6 +67,24 @@ def test_the_priority_order_decides_who_goes_first_when_gpus_free():
         JobRequest("high", 8, submit_time=2.0, priority=5, estimated_runtime_seconds=100),
     ]
     assert forecast_starts(nodes, pending, running, CONFIG, now=NOW).starts == {"high": NOW + 60, "low": NOW + 160}
+
+
+def test_ends_within_the_resolution_are_taken_together_at_the_latest_of_them():
+    nodes = [node("n1", 8, free=0), node("n2", 8, free=0)]
+    running = [running_on("r1", "n1", range(8), end=NOW + 100), running_on("r2", "n2", range(8), end=NOW + 130)]
+    pending = [JobRequest(f"p{i}", 8, submit_time=float(i), estimated_runtime_seconds=1000) for i in range(2)]
+    together = forecast_starts(nodes, pending, running, CONFIG, now=NOW, resolution_seconds=60)
+    assert together.starts == {"p0": NOW + 130, "p1": NOW + 130} and together.steps == 2
+    apart = forecast_starts(nodes, pending, running, CONFIG, now=NOW, resolution_seconds=0)
+    assert apart.starts == {"p0": NOW + 100, "p1": NOW + 130} and apart.steps == 3
+
+
+def test_the_forecast_yields_between_passes():
+    nodes = [node("n1", 1, free=0)]
+    running = [running_on("r1", "n1", [0], end=NOW + 10)]
+    pending = [JobRequest(f"p{i}", 1, submit_time=float(i), estimated_runtime_seconds=100) for i in range(3)]
+    steps = forecast_steps(nodes, pending, running, CONFIG, now=NOW)
+    assert [next(steps), next(steps), next(steps)] == [1, 2, 3]
 
 
 def test_work_is_bounded_and_the_rest_is_left_unknown():

@@ -102,17 +102,19 @@ class SchedulingLoop:
         """Runtime predictions for the requests, and start-time estimates (control/estimates.py)."""
 
     async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), self._next_timer())
-            except TimeoutError:
-                pass
-            self.wake.clear()
-            self.manager.expire_expected_nodes()
-            self.manager.detect_hangs()
-            await self.schedule_pass()
-            if self.estimates.forecast_due(self.elapsed_clock()):
-                self.estimates.forecast(self, self.elapsed_clock())  # after the pass, outside its timing
+        forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self._next_timer())
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+                self.manager.expire_expected_nodes()
+                self.manager.detect_hangs()
+                await self.schedule_pass()
+        finally:
+            forecasts.cancel()
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""

@@ -8,23 +8,28 @@ ends in the forecast, so the jobs that would need its GPUs stay unknown, as does
 its estimated end (its end is no longer known) -- unknown is honest where a guess would mislead.
 
 The work is bounded: at most `max_steps` passes over at most `max_jobs` pending jobs (the first in the
-policy's order); the rest are left unknown. Preemptions a pass asks for are not played out: a job that
-would start only by preempting stays unknown until it is placed in a later step.
+policy's order); the rest are left unknown. Ends within `resolution_seconds` of the next one are taken
+together, in one pass at the latest of them (as Slurm's bf_resolution), so a step covers at least that much
+time and an estimate is at most that late. `forecast_steps` yields after every pass, so that a caller on an
+event loop can let other work run between passes; `forecast_starts` runs it to the end. Preemptions a pass
+asks for are not played out: a job that would start only by preempting stays unknown until it is placed in
+a later step.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 
 from coordinator.scheduler.ordering import order_jobs
 from coordinator.scheduler.placement import schedule
 from coordinator.scheduler.types import GpuView, JobRequest, NodeView, RunningJob, SchedulerConfig
 
-DEFAULT_MAX_STEPS = 32
+DEFAULT_MAX_STEPS = 64
 DEFAULT_MAX_JOBS = 2000
+DEFAULT_RESOLUTION_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,8 @@ class _Gpus:
         self.where: dict[str, tuple[int, int]] = {
             gpu.uuid: (n, g) for n, node in enumerate(nodes) for g, gpu in enumerate(node.gpus)
         }
+        self.variants: dict[tuple[str, bool], GpuView] = {}
+        """(uuid, free) -> the GPU's view in that state, built the first time it is needed (a GPU flips often)."""
         self.dirty: set[int] = set()
 
     def set_free(self, uuids: Sequence[str], free: bool) -> None:
@@ -56,7 +63,10 @@ class _Gpus:
             n, g = found
             gpu = self.gpus[n][g]
             if gpu.free != free:
-                self.gpus[n][g] = replace(gpu, free=free)
+                view = self.variants.get((uuid, free))
+                if view is None:
+                    view = self.variants[(uuid, free)] = replace(gpu, free=free)
+                self.gpus[n][g] = view
                 self.dirty.add(n)
 
     def current(self) -> list[NodeView]:
@@ -75,8 +85,31 @@ def forecast_starts(
     now: float,
     max_steps: int = DEFAULT_MAX_STEPS,
     max_jobs: int = DEFAULT_MAX_JOBS,
+    resolution_seconds: float = DEFAULT_RESOLUTION_SECONDS,
 ) -> Forecast:
     """When each pending job is estimated to start (see the module docstring). Pure: plain data in and out."""
+    steps = forecast_steps(
+        nodes, pending, running, config, now=now, max_steps=max_steps, max_jobs=max_jobs, resolution_seconds=resolution_seconds
+    )
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def forecast_steps(
+    nodes: Sequence[NodeView],
+    pending: Sequence[JobRequest],
+    running: Sequence[RunningJob],
+    config: SchedulerConfig,
+    *,
+    now: float,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    max_jobs: int = DEFAULT_MAX_JOBS,
+    resolution_seconds: float = DEFAULT_RESOLUTION_SECONDS,
+) -> Generator[int, None, Forecast]:
+    """The forecast one pass at a time: yields the passes run so far after each, returns the Forecast."""
     ordered = list(pending) if config.policy == "fair_share" else order_jobs(pending, config)
     waiting = ordered[:max_jobs]
     gpus = _Gpus(nodes)
@@ -93,10 +126,12 @@ def forecast_starts(
     t = now
     steps = 0
     while waiting and steps < max_steps:
-        while ends and ends[0][0] <= t:
-            _, _, done = heapq.heappop(ends)
-            live.pop(done.job_id, None)
-            gpus.set_free([uuid for share in done.nodes for uuid in share.gpu_uuids], True)
+        if steps:  # after the pass at `now`: take every end up to `resolution_seconds` past the next one
+            until = t + resolution_seconds
+            while ends and ends[0][0] <= until:
+                t, _, done = heapq.heappop(ends)
+                live.pop(done.job_id, None)
+                gpus.set_free([uuid for share in done.nodes for uuid in share.gpu_uuids], True)
         result = schedule(gpus.current(), waiting, config, now=t, running=tuple(live.values()))
         steps += 1
         if result.placed:
@@ -126,4 +161,5 @@ def forecast_starts(
         if not ends:
             break  # nothing more is known to end: the rest of the queue stays unknown
         t = ends[0][0]
+        yield steps
     return Forecast(starts, steps, t)
