@@ -40,6 +40,8 @@ class CoordinatorSettings:
     """Device selection: score penalty per degree above the threshold."""
     stop_grace_period: float = 10.0
     """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
+    preemption_grace_seconds: float = 30.0
+    """Seconds between SIGTERM and SIGKILL when a job is preempted for higher-priority work: its time to checkpoint."""
     restart_backoff_base: float = 1.0
     """Seconds before a job's second restart (the first is immediate); doubles per restart."""
     restart_backoff_max: float = 60.0
@@ -155,6 +157,8 @@ class CoordinatorSettings:
             raise ValueError(f"scheduler_policy {self.scheduler_policy!r} is unknown: use priority, fcfs, sjf or fair_share")
         if self.stop_grace_period < 0:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
+        if self.preemption_grace_seconds < 0:
+            raise ValueError(f"preemption_grace_seconds must be >= 0, got {self.preemption_grace_seconds}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         if self.metrics_listen:

@@ -179,6 +179,7 @@ class Coordinator:
                 backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max
             ),
             stop_grace_seconds=settings.stop_grace_period,
+            preemption_grace_seconds=settings.preemption_grace_seconds,
             node_grace_period=settings.node_grace_period,
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,

@@ -37,6 +37,7 @@ from coordinator.rules.effects import (
     Finished,
     Launch,
     Notify,
+    Preempted,
     QueueChanged,
     Release,
     Save,
@@ -85,6 +86,7 @@ class JobManager:
         config: scheduler.SchedulerConfig | None = None,
         recovery_policy: recovery.RecoveryPolicy | None = None,
         stop_grace_seconds: float = 10.0,
+        preemption_grace_seconds: float = 30.0,
         node_grace_period: float = 10.0,
         checkpoint_root: str = "",
         rendezvous_ports: tuple[int, int] = (20000, 30000),
@@ -98,7 +100,7 @@ class JobManager:
         self.store = store
         self.clock = clock
         self.machine = job_machine.MachineConfig(
-            recovery_policy or recovery.RecoveryPolicy(), stop_grace_seconds, checkpoint_root
+            recovery_policy or recovery.RecoveryPolicy(), stop_grace_seconds, checkpoint_root, preemption_grace_seconds
         )
         self.node_grace_period = node_grace_period
         self.max_pending_jobs_per_user = max_pending_jobs_per_user
@@ -220,6 +222,7 @@ class JobManager:
             Fence: lambda effect: reconcile.fence(self, effect),
             Release: lambda effect: self.scheduling.port_released(effect.node_id, effect.port),
             AttemptFailed: self._attempt_failed,
+            Preempted: self.scheduling.preempted,
             Finished: lambda effect: self.scheduling.finished(self.jobs[effect.job_id], effect.state, effect.reason),
             AllStarted: self._all_started,
         }
@@ -338,10 +341,7 @@ class JobManager:
         attempt = attempt or entry.job.attempt
         if attempt == 0:
             raise LookupError(f"job {job_id} has not started yet; it has no logs")
-        record = entry.record(attempt)
-        node_id = next(
-            (n.node_id for n in record.placement.nodes if n.first_rank <= rank < n.first_rank + len(n.device_uuids)), None
-        ) if record is not None else None  # fmt: skip
+        node_id = entry.node_of_rank(attempt, rank)
         if node_id is None:
             raise NoSuchRank(f"job {job_id} has no rank {rank} in attempt {attempt}")
         read = agent_pb2.ReadLogs(job_id=job_id, attempt=attempt, rank=rank, offset=offset, max_bytes=max_bytes)

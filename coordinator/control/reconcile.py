@@ -51,6 +51,7 @@ def restore(manager: JobManager, state: StoredState) -> None:
     for entry in restarting + running:
         record = entry.job.attempts[-1]
         job_machine.restore(entry, record, now, manager.cluster.allocations)
+        manager.scheduling.running.track(entry)
         if record.placement.nodes:
             manager.scheduling.ports_in_use.setdefault(record.placement.nodes[0].node_id, set()).add(record.placement.master_port)
         for node in record.placement.nodes:

@@ -20,6 +20,9 @@ them would only repeat the same error.
     node_down:<node>            the node holding ranks went DOWN
     gpu_unhealthy:<uuid>        a GPU of the attempt turned unhealthy
     hang                        no progress from any rank for the job's progress timeout
+
+One restart reason is no failure: `preempted` (coordinator/rules/preemption.py), the attempt before made
+room for higher-ranked work; it uses no restart of the budget and waits out no backoff.
 """
 
 from __future__ import annotations

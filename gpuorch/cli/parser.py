@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--spread", action="store_true", help="spread ranks over as many nodes as possible")
     submit.add_argument("--max-restarts", type=int, default=0, help="restart a failed attempt up to this many times (default 0)")
     submit.add_argument(
+        "--no-preempt",
+        action="store_true",
+        help="never preempt it for higher-priority work (default: it may be, after a grace to checkpoint, and is requeued)",
+    )
+    submit.add_argument(
         "--min-gpus", type=int, default=0, help="elastic floor: after a failure, restart on as few as this many GPUs"
     )
     submit.add_argument(

@@ -136,6 +136,7 @@ def format_job(job) -> str:
         (
             f"Owner:      {spec.owner or '-'}   priority {spec.priority}   "
             f"attempt {job.attempt}   restarts {job.restarts} of {spec.max_restarts}"
+            + ("   never preempted" if spec.non_preemptible else "")
         ),
         f"Submitted:  {stamp(job.submit_time)}   started {stamp(job.start_time)}   ended {stamp(job.end_time)}",
     ]
