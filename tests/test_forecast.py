@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +53,13 @@ def test_a_running_job_past_its_estimated_end_no_longer_has_a_known_end():
     nodes = [node("n1", 8, free=0)]
     running = [running_on("r1", "n1", range(8), end=NOW - 1)]
     assert forecast_starts(nodes, [JobRequest("p1", 1)], running, CONFIG, now=NOW).starts == {}
+
+
+def test_a_stopping_attempt_frees_its_gpus_at_the_first_step():
+    nodes = [node("n1", 8, free=0)]
+    running = [replace(running_on("victim", "n1", range(8), end=0.0), stopping=True)]
+    pending = [JobRequest("p1", 8, estimated_runtime_seconds=10)]
+    assert forecast_starts(nodes, pending, running, CONFIG, now=NOW).starts == {"p1": NOW}
 
 
 def test_a_pending_job_with_no_estimate_holds_its_gpus_forever_in_the_forecast():

@@ -16,7 +16,7 @@ holds up the scheduling loop or the API for longer than one pass.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -145,7 +145,7 @@ class Estimates:
             for job_id, entry in manager.pending.items()
             if manager.backoffs.get(job_id, 0.0) <= wall and job_machine.waiting_for_previous(entry) is None
         ]
-        running = running_jobs(loop, views)
+        running = loop.running_jobs()
         return forecast_steps(views, pending, running, loop.config, now=wall, max_steps=self.max_steps,
                               max_jobs=self.max_jobs, resolution_seconds=self.resolution_seconds)  # fmt: skip
 
@@ -198,32 +198,3 @@ class Estimates:
             except Exception:  # a failed forecast leaves the estimates as they were; the next one tries again
                 log.exception("start-time estimate failed; trying again next interval")
             self._next_forecast = started + max(self.interval_seconds, busy / FORECAST_CPU_SHARE)
-
-
-def running_jobs(loop: SchedulingLoop, views: Sequence[scheduler.NodeView]) -> list[scheduler.RunningJob]:
-    """The jobs holding GPUs, with their estimated ends (start + estimate; 0 = unknown), from the allocations."""
-    allocations = loop.manager.cluster.allocations
-    held: dict[str, dict[str, list[str]]] = {}
-    for view in views:
-        for gpu in view.gpus:
-            if not gpu.free and gpu.uuid in allocations:
-                job_id, _ = allocations[gpu.uuid]
-                held.setdefault(job_id, {}).setdefault(view.node_id, []).append(gpu.uuid)
-    running = []
-    for job_id, by_node in held.items():
-        entry = loop.manager.jobs.get(job_id)
-        if entry is None:
-            continue
-        start = entry.job.start_time.ToNanoseconds() / 1e9
-        estimate = 0.0 if entry.final else loop.request(entry).estimated_runtime_seconds  # a final job's ranks are stopping
-        running.append(
-            scheduler.RunningJob(
-                job_id=job_id,
-                nodes=tuple(scheduler.NodeShare(node_id, tuple(uuids)) for node_id, uuids in by_node.items()),
-                start_time=start,
-                owner=entry.job.spec.owner,
-                priority=entry.job.spec.priority,
-                estimated_end_time=start + estimate if estimate > 0 else 0.0,
-            )
-        )
-    return running

@@ -5,7 +5,8 @@ estimated runtimes, `forecast_starts` calls the real `schedule` at `now`, then a
 (the GPUs of every job estimated to have ended by then freed), and records when each pending job is first
 placed. A job placed in the forecast holds its GPUs for its own estimate. Whatever has no estimate never
 ends in the forecast, so the jobs that would need its GPUs stay unknown, as does a running job already past
-its estimated end (its end is no longer known) -- unknown is honest where a guess would mislead.
+its estimated end (its end is no longer known) -- unknown is honest where a guess would mislead. An attempt
+being stopped (preempted, cancelled, failed) is taken to end at the forecast's first step.
 
 The work is bounded: at most `max_steps` passes over at most `max_jobs` pending jobs (the first in the
 policy's order); the rest are left unknown. Ends within `resolution_seconds` of the next one are taken
@@ -117,8 +118,8 @@ def forecast_steps(
     live: dict[str, RunningJob] = {}
     for sequence, holder in enumerate(running):
         live[holder.job_id] = holder
-        end = holder.estimated_end_time
-        if end > now and math.isfinite(end):
+        end = now if holder.stopping else holder.estimated_end_time  # a stopping attempt ends within its grace
+        if (end > now or holder.stopping) and math.isfinite(end):
             ends.append((end, sequence, holder))
     heapq.heapify(ends)
     sequence = len(ends)
