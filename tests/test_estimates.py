@@ -3,11 +3,15 @@ restart, used for jobs without an estimate, refreshed; start-time estimates on p
 
 from __future__ import annotations
 
+import pytest
+
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import PREDICTION_REFRESH_SECONDS, Estimates
 from coordinator.control.job_manager import JobManager
 from coordinator.rules.liveness import LivenessPolicy
+from coordinator.scheduler import JobRequest
 from coordinator.scheduler.prediction import RuntimePredictor
+from coordinator.settings import CoordinatorSettings
 from coordinator.store.memory import MemoryJobStore
 from gpuorch.clock import FakeClock
 from gpuorch.v1 import agent_pb2, job_pb2
@@ -109,3 +113,39 @@ async def test_start_estimates_run_at_most_every_interval():
     assert not estimates.forecast_due(clock.monotonic() + 4.9)
     assert estimates.forecast_due(clock.monotonic() + 5)
     assert not Estimates(interval_seconds=0).forecast_due(clock.monotonic())
+
+
+async def test_an_estimate_stored_before_a_restart_is_cleared_by_the_first_forecast():
+    clock, store = FakeClock(), MemoryJobStore()
+    first = manager_with(store, clock)
+    await first.start()
+    blocker = await first.submit(spec(estimate=0))  # no estimate: what waits behind it is unknown
+    assert await first.schedule_pass() == [blocker]
+    queued = first.get(await first.submit(spec(name="next", estimate=60)))
+    queued.job.estimated_start_time.FromSeconds(int(clock.wall()) + 3600)  # an estimate from earlier times
+    await first.save([queued])
+    second = manager_with(store, clock)
+    await second.start()
+    assert second.get(queued.job.job_id).job.HasField("estimated_start_time")
+    second.scheduling.estimates.forecast(second.scheduling, clock.monotonic())
+    assert not second.get(queued.job.job_id).job.HasField("estimated_start_time")
+
+
+def test_the_estimate_is_the_user_s_else_the_time_limit_else_the_prediction():
+    estimates = Estimates(RuntimePredictor(min_samples=1, quantile=1.0))
+    estimates.predictor.observe(42, owner="alice", name="train", gpus=1)
+    told = JobRequest("j1", 1, owner="alice", estimated_runtime_seconds=10, time_limit_seconds=300)
+    limited = JobRequest("j2", 1, owner="alice", time_limit_seconds=300)
+    neither = JobRequest("j3", 1, owner="alice")
+    assert [estimates.with_estimate(r, "train").estimated_runtime_seconds for r in (told, limited, neither)] == [10, 300, 42]
+    assert set(estimates.predicted) == {"j3"}  # only a predicted estimate is refreshed later
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("runtime_prediction_quantile", 0.0), ("runtime_prediction_quantile", 1.5), ("runtime_prediction_min_samples", 0),
+     ("runtime_prediction_default", -1.0), ("start_estimate_interval_seconds", -1.0)],
+)  # fmt: skip
+def test_bad_prediction_and_estimate_settings_are_refused_naming_them(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        CoordinatorSettings(**{setting: value}).validate()

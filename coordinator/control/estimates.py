@@ -78,8 +78,9 @@ class Estimates:
     _learned_at: int = 0
     _next_refresh: float = 0.0
     _next_forecast: float = 0.0
-    _estimated: set[str] = field(default_factory=set)
-    """Jobs whose estimated_start_time this module set (cleared once they stop pending)."""
+    _estimated: set[str] | None = None
+    """Jobs whose estimated_start_time this module set (cleared once they stop pending); None until the first
+    forecast, which clears every other pending job's (an estimate stored before a restart is stale)."""
     last: Forecast | None = None
     last_seconds: float = 0.0
     """How long the last forecast took (the clock's monotonic time)."""
@@ -153,7 +154,7 @@ class Estimates:
         """Sets the estimate of every job the forecast placed that still pends; clears the others' old ones."""
         jobs, pending = loop.manager.jobs, loop.manager.pending
         starts = {job_id: start for job_id, start in forecast.starts.items() if job_id in pending}
-        for job_id in self._estimated - starts.keys():
+        for job_id in (pending.keys() if self._estimated is None else self._estimated) - starts.keys():
             entry = jobs.get(job_id)
             if entry is not None:
                 entry.job.ClearField("estimated_start_time")
