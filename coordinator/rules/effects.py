@@ -101,6 +101,18 @@ class AttemptFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Preempted:
+    """For the log and the metrics: the attempt was preempted for higher-ranked work; the job is requeued
+    without using a restart."""
+
+    job_id: str
+    attempt: int
+    for_job_id: str
+    """The pending job it makes room for."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """For the log: the job reached a final state."""
 
@@ -118,5 +130,17 @@ class AllStarted:
 
 
 Effect = (
-    Launch | Stop | AttemptOver | Fence | Release | Save | Notify | QueueChanged | Wake | AttemptFailed | Finished | AllStarted
+    Launch
+    | Stop
+    | AttemptOver
+    | Fence
+    | Release
+    | Save
+    | Notify
+    | QueueChanged
+    | Wake
+    | AttemptFailed
+    | Preempted
+    | Finished
+    | AllStarted
 )

@@ -24,6 +24,9 @@ them would only repeat the same error.
 A rank the agent stopped at the job's time limit (TaskStatus.time_limited; code time_limit:<rank>)
 fails the job at once with reason "time_limit: ...", whatever restarts are left: a new attempt would
 run into the same limit.
+
+One restart reason is no failure: `preempted` (coordinator/rules/preemption.py), the attempt before made
+room for higher-ranked work; it uses no restart of the budget and waits out no backoff.
 """
 
 from __future__ import annotations

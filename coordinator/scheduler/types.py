@@ -134,6 +134,9 @@ class RunningJob:
     """Wall time the attempt is predicted to end; 0 = unknown."""
     attained_service_seconds: float = 0.0
     """GPU-seconds of the job's earlier attempts (this attempt's own is gpus x (now - start_time))."""
+    stopping: bool = False
+    """The attempt is over (preempted, failed, cancelled) but some ranks have not confirmed their end: its GPUs
+    are still held, they free within the stop grace, and it is no candidate for preemption."""
 
     @property
     def gpus(self) -> int:

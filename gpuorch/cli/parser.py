@@ -164,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--min-memory-gib", type=float, default=0, help="only GPUs with at least this much memory")
     submit.add_argument("--gpu-model", default="", help="only GPUs whose name contains this, e.g. H100")
-    submit.add_argument("--estimated-runtime", type=int, default=0, metavar="SECONDS", help="for the sjf policy")
+    submit.add_argument(
+        "--estimated-runtime",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="for sjf, backfill and start estimates (default: predicted)",
+    )
     submit.add_argument("--spread", action="store_true", help="spread ranks over as many nodes as possible")
     submit.add_argument(
         "--pool", type=parse_pool, default="", help="node pool to run in (the agents' --pool; default: the default pool)"
@@ -178,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and the job fails with reason time_limit (no restart). Also the runtime estimate when --estimated-runtime is not given",
     )
     submit.add_argument("--max-restarts", type=int, default=0, help="restart a failed attempt up to this many times (default 0)")
+    submit.add_argument(
+        "--no-preempt",
+        action="store_true",
+        help="never preempt it for higher-priority work (default: it may be, after a grace to checkpoint, and is requeued)",
+    )
     submit.add_argument(
         "--min-gpus", type=int, default=0, help="elastic floor: after a failure, restart on as few as this many GPUs"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 
 from gpuorch.cli.printing import GIB, age, duration, job_state_name, node_state_name, printable, stamp, table
+from gpuorch.v1 import job_pb2
 
 
 def format_nodes(nodes) -> str:
@@ -91,6 +92,13 @@ def format_status(status) -> str:
     return "\n".join(printable(line) for line in lines)
 
 
+def start_column(job) -> str:
+    """When the job started; for a pending one, when it is estimated to start (like squeue --start), or unknown."""
+    if job.state == job_pb2.JOB_STATE_PENDING:
+        return stamp(job.estimated_start_time) if job.HasField("estimated_start_time") else "unknown"
+    return stamp(job.start_time)
+
+
 def format_jobs(found) -> str:
     rows = [
         (
@@ -103,11 +111,12 @@ def format_jobs(found) -> str:
             job.spec.priority,
             job.attempt,
             stamp(job.submit_time),
+            start_column(job),
             job.reason,
         )
         for job in found
     ]
-    return table(("JOB", "STATE", "NAME", "OWNER", "POOL", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "REASON"), rows)
+    return table(("JOB", "STATE", "NAME", "OWNER", "POOL", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "START", "REASON"), rows)
 
 
 def format_job(job) -> str:
@@ -130,11 +139,14 @@ def format_job(job) -> str:
         (
             f"Owner:      {spec.owner or '-'}   priority {spec.priority}   "
             f"attempt {job.attempt}   restarts {job.restarts} of {spec.max_restarts}"
+            + ("   never preempted" if spec.non_preemptible else "")
         ),
         f"Submitted:  {stamp(job.submit_time)}   started {stamp(job.start_time)}   ended {stamp(job.end_time)}",
     ]
     if spec.time_limit_seconds:
         limits.insert(0, f"time limit {duration(spec.time_limit_seconds)}")
+    if job.state == job_pb2.JOB_STATE_PENDING:
+        lines.append(f"Est. start: {start_column(job)}")
     if limits:
         lines.append(f"Limits:     {', '.join(limits)} per rank")
     lines = [printable(line) for line in lines]
