@@ -17,12 +17,14 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.estimates import Estimates
 from coordinator.control.running_view import RunningView
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine, preemption
 from coordinator.rules.effects import Effect, Preempted, Save, Stop
+from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ class SchedulingLoop:
         rendezvous_ports: tuple[int, int],
         rng: random.Random,
         elapsed_clock: Callable[[], float],
+        estimates: Estimates | None = None,
     ) -> None:
         self.manager = manager
         self.cluster = cluster
@@ -97,19 +100,25 @@ class SchedulingLoop:
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
+        self.estimates = estimates or Estimates()
+        """Runtime predictions for the requests, and start-time estimates (control/estimates.py)."""
         self.running = RunningView(self._request_of_live)
         """The jobs holding GPUs, as the scheduler sees them (`running_jobs`)."""
 
     async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), self._next_timer())
-            except TimeoutError:
-                pass
-            self.wake.clear()
-            self.manager.expire_expected_nodes()
-            self.manager.detect_hangs()
-            await self.schedule_pass()
+        forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self._next_timer())
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+                self.manager.expire_expected_nodes()
+                self.manager.detect_hangs()
+                await self.schedule_pass()
+        finally:
+            forecasts.cancel()
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""
@@ -137,6 +146,7 @@ class SchedulingLoop:
             cached.view = scheduler.NodeView(
                 node_id=node.node_id,
                 schedulable=node.schedulable,
+                pool=node.pool,
                 gpus=tuple(taken if uuid in allocations else free for uuid, free, taken in cached.pairs),
             )
             cached.allocation_version = allocation_version
@@ -165,11 +175,12 @@ class SchedulingLoop:
 
     def request(self, entry: JobEntry) -> scheduler.JobRequest:
         """The scheduler's view of the job, built once: a pass asks it of every ready job, and reading the
-        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it)."""
+        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it).
+        Its runtime estimate is the user's, else the time limit, else a prediction (control/estimates.py)."""
         request = self._requests.get(entry.job.job_id)
         if request is None:
             spec = entry.job.spec
-            request = self._requests[entry.job.job_id] = scheduler.JobRequest(
+            request = scheduler.JobRequest(
                 job_id=entry.job.job_id,
                 gpus=spec.gpus,
                 gpus_per_node=spec.gpus_per_node,
@@ -180,8 +191,12 @@ class SchedulingLoop:
                 min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
                 gpu_model=spec.requirements.gpu_model,
                 spread=spec.spread,
+                pool=spec.pool or DEFAULT_POOL,
+                time_limit_seconds=float(spec.time_limit_seconds),
+                group=self.manager.quotas.group_of(spec.owner),
                 preemptible=not spec.non_preemptible,
             )
+            request = self._requests[entry.job.job_id] = self.estimates.with_estimate(request, spec.name)
         return request
 
     def request_changed(self, job_id: str) -> None:
@@ -202,6 +217,11 @@ class SchedulingLoop:
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
         self._requests.pop(job_id, None)
+
+    def finished(self, entry: JobEntry, state: int, reason: str) -> None:
+        """The job reached a final state: its runtime teaches the predictor."""
+        log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
+        self.estimates.learn((entry,))
 
     def owner_usage(self, now: float) -> dict[str, float]:
         """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share)."""
@@ -239,6 +259,8 @@ class SchedulingLoop:
         if not ready:
             return []
         started = self.elapsed_clock()
+        if self.estimates.refresh(cached_requests, started):
+            requests = [cached_requests[entry.job.job_id] for entry in ready]
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
         result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage, running=self.running_jobs())
@@ -317,6 +339,7 @@ class SchedulingLoop:
             share.node_id: (session.session_id if (session := nodes[share.node_id].session) is not None else 0)
             for share in decision.nodes
         }
+        entry.job.ClearField("estimated_start_time")
         effects = job_machine.place(entry, placement, now, self.cluster.allocations, sessions, self.manager.machine)
         self.running.placed(entry, decision, now.wall, self._requests.get(entry.job.job_id) or self.request(entry))
         log.info(

@@ -16,7 +16,8 @@ The job (JobState, protos/gpuorch/v1/job.proto):
                |   |                                   |  every rank stopped, then
                |   |                                   |     restarts left --> PENDING (restart backoff; the next
                +---|-----------------------------------+        attempt waits for every rank of this one to end)
-                   |                                   |     none left, or a start failure a restart would repeat --> FAILED
+                   |                                   |     none left, a start failure a restart would repeat, or a rank
+                   |                                   |     stopped at the job's time limit --> FAILED
                    |                                   |
                    |                                   +--preempted for higher-ranked work (preempt): SIGTERM, the
                    |                                   |  preemption grace, SIGKILL; PENDING at once (no restart used,
@@ -164,7 +165,10 @@ def launches(entry: JobEntry, config: MachineConfig) -> list[Effect]:
     if job.state != job_pb2.JOB_STATE_RUNNING:
         return []
     environment = attempt_environment(job, config.checkpoint_root)
-    effects: list[Effect] = [Launch(node_id, launch) for node_id, launch in job_rules.launch_messages(job, environment).items()]
+    effects: list[Effect] = [
+        Launch(node_id, launch)
+        for node_id, launch in job_rules.launch_messages(job, environment, config.stop_grace_seconds).items()
+    ]
     return [*effects, Notify(job.job_id)]
 
 

@@ -61,14 +61,14 @@ def schedule(
     waiting = ""
     cached: dict[tuple, str] = {}
 
-    plain = state.plain
+    plain, only_pool = state.plain, state.only_pool
     reserve_after = config.reserve_after_seconds
     for job in jobs:
         g, k = job.gpus, job.gpus_per_node
         if g <= 0 or k < 0 or (k and g % k):
             reasons[job.job_id] = _invalid(job) or ""
             continue
-        pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model else plain
+        pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model or job.pool != only_pool else plain
         if pool.total_free >= g:
             decision = state.place(job, pool)
             if decision is not None:
@@ -92,13 +92,13 @@ def schedule(
             cached.clear()
             continue
         # Jobs of one shape wait for the same reason until capacity changes: cheap rejections when full.
-        shape = (g, k, job.min_memory_per_gpu_bytes, job.gpu_model)
+        shape = (g, k, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool)
         reason = cached.get(shape)
         if reason is None:
             if holder is not None and state.fits_with_held(job, pool):
                 reason = waiting
             else:
-                reason = _capacity_reason(job, pool)
+                reason = _capacity_reason(job, pool, state.known_pools)
             cached[shape] = reason
         reasons[job.job_id] = reason
 
