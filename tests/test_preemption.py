@@ -216,6 +216,7 @@ async def test_the_manager_applies_a_passs_preemptions_durably_before_stopping_a
         return real_send(message)
 
     monkeypatch.setattr(session, "send", send)
+    clock.advance(50)
     high = await manager.submit(job_pb2.JobSpec(argv=["t"], gpus=2, priority=10, non_preemptible=True))
     commits_before = store.commits
     assert await manager.schedule_pass() == [], "the high job waits for the victim's GPUs"
@@ -226,6 +227,9 @@ async def test_the_manager_applies_a_passs_preemptions_durably_before_stopping_a
     assert manager.restarts_by_reason == {"preempted": 1}
     victim = manager.get(low).job
     assert victim.state == job_pb2.JOB_STATE_PENDING and victim.restarts == 0
+    assert manager.scheduling.request(manager.get(low)).attained_service_seconds == 2 * 50, (
+        "requeued, it carries the GPU-seconds it ran (least-attained-service policies)"
+    )
     assert [(job.job_id, job.stopping) for job in manager.scheduling.running_jobs()] == [(low, True)]
     assert await manager.schedule_pass() == [], "nothing is placed on the GPUs the victim still holds"
     assert not [m for m in outbox(manager) if m.WhichOneof("payload") == "stop_task"], "the victim is not preempted twice"

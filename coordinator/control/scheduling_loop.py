@@ -18,7 +18,7 @@ import structlog
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
-from coordinator.control.running_view import RunningView
+from coordinator.control.running_view import RunningView, attained_service_seconds
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
@@ -195,6 +195,7 @@ class SchedulingLoop:
                 time_limit_seconds=float(spec.time_limit_seconds),
                 group=self.manager.quotas.group_of(spec.owner),
                 preemptible=not spec.non_preemptible,
+                attained_service_seconds=attained_service_seconds(entry.job, entry.job.attempt + 1) if entry.job.attempt else 0.0,
             )
             request = self._requests[entry.job.job_id] = self.estimates.with_estimate(request, spec.name)
         return request
@@ -300,6 +301,7 @@ class SchedulingLoop:
             victim = self.manager.jobs.get(chosen.victim_job_id)
             if victim is not None:
                 effects += job_machine.preempt(victim, chosen.for_job_id, chosen.reason, now, self.manager.machine)
+                self._requests.pop(chosen.victim_job_id, None)  # requeued: built again with the service it attained
         return effects
 
     def preempted(self, effect: Preempted) -> None:
