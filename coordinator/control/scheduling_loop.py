@@ -96,6 +96,8 @@ class SchedulingLoop:
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
+        self.reservations: tuple[scheduler.Reservation, ...] = ()
+        """The last pass's reservations, passed back so that each stays on its nodes."""
 
     async def run(self) -> None:
         while True:
@@ -226,7 +228,10 @@ class SchedulingLoop:
         started = self.elapsed_clock()
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
-        result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage)
+        result = scheduler.schedule(
+            views, requests, self.config, now=now.wall, usage_by_owner=usage, previous_reservations=self.reservations
+        )
+        self.reservations = result.reservations
         for job_id, reason in result.pending_reasons.items():
             waiting_entry = manager.pending.get(job_id)
             if waiting_entry is not None:

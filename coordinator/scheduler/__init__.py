@@ -38,15 +38,19 @@ from coordinator.scheduler.capacity import _Pass, _Pool
 from coordinator.scheduler.ordering import decayed_usage, order_jobs, score_gpu
 from coordinator.scheduler.placement import elastic_sizes, place, schedule
 from coordinator.scheduler.reasons import request_of_spec, too_big_for_cluster
+from coordinator.scheduler.timeline import estimated_start
 from coordinator.scheduler.types import (
     POLICIES,
+    SIMULATOR_POLICIES,
     Decision,
     GpuView,
     JobRequest,
     NodeShare,
     NodeView,
     Preemption,
+    PreemptionRule,
     Quotas,
+    Reservation,
     RunningJob,
     SchedulerConfig,
     SchedulingResult,
@@ -54,13 +58,16 @@ from coordinator.scheduler.types import (
 
 __all__ = [
     "POLICIES",
+    "SIMULATOR_POLICIES",
     "Decision",
     "GpuView",
     "JobRequest",
     "NodeShare",
     "NodeView",
     "Preemption",
+    "PreemptionRule",
     "Quotas",
+    "Reservation",
     "RunningJob",
     "SchedulerConfig",
     "SchedulingResult",
@@ -68,6 +75,7 @@ __all__ = [
     "_Pool",
     "decayed_usage",
     "elastic_sizes",
+    "estimated_start",
     "order_jobs",
     "place",
     "request_of_spec",
