@@ -10,7 +10,7 @@ from coordinator.scheduler.ordering import _FairShare, order_jobs
 from coordinator.scheduler.preemption import _Preemptor, preemption_records
 from coordinator.scheduler.quotas import _QuotaLedger
 from coordinator.scheduler.reasons import _capacity_reason, _invalid, _names
-from coordinator.scheduler.timeline import _Timeline, estimated_start, job_estimate, running_end
+from coordinator.scheduler.timeline import _estimated_start, _Timeline, job_estimate, running_end
 from coordinator.scheduler.types import (
     _NO_USAGE,
     Decision,
@@ -131,6 +131,7 @@ class _Schedule:
             indexes = [self.node_index.get(node_id) for node_id in before.node_ids]
             previous = None if None in indexes else [i for i in indexes if i is not None]
         chosen, start = self.timeline.reservation(job, pool, candidates, previous)
+        chosen = sorted(chosen)
         self.state.hold(chosen)
         self.held_nodes.update(chosen)
         node_ids = tuple(self.state.node_ids[i] for i in chosen)
@@ -148,7 +149,7 @@ class _Schedule:
         if stopping:
             return "waiting for preempted jobs to stop"
         # Never preempt for a job that would start by waiting about as long as a preemption costs.
-        wait = estimated_start(job, pool, self.timeline, closed) - self.now
+        wait = _estimated_start(job, pool, self.timeline, closed) - self.now
         if wait <= self.config.preemption_cost_seconds:
             return None
         self.preemptor.take(v for v, _ in victims)

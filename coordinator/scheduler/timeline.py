@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from coordinator.scheduler.capacity import _Pool
-from coordinator.scheduler.types import JobRequest, RunningJob, SchedulerConfig
+from coordinator.scheduler.capacity import _Pass, _Pool
+from coordinator.scheduler.types import JobRequest, NodeView, RunningJob, SchedulerConfig
 
 
 def job_estimate(job: JobRequest) -> float:
@@ -124,7 +124,32 @@ class _Timeline:
         return chosen, start
 
 
-def estimated_start(job: JobRequest, pool: _Pool, timeline: _Timeline, held_by_others: frozenset[int] = frozenset()) -> float:
+def _estimated_start(job: JobRequest, pool: _Pool, timeline: _Timeline, closed: frozenset[int] = frozenset()) -> float:
     """The earliest time `job` is estimated to fit, given the GPUs' estimated free times (math.inf: never known)."""
-    candidates = [i for i in range(len(pool.exist)) if i not in held_by_others]
+    candidates = [i for i in range(len(pool.exist)) if i not in closed]
     return timeline.reservation(job, pool, candidates, None)[1]
+
+
+def estimated_start(
+    job: JobRequest,
+    nodes: Sequence[NodeView],
+    running: Sequence[RunningJob],
+    config: SchedulerConfig,
+    *,
+    now: float,
+    on_nodes: Sequence[str] | None = None,
+) -> float:
+    """When `job` is estimated to fit (on `on_nodes` only, if given), from running jobs' estimated ends alone:
+    what a reservation's start time means, for checking and for start-time estimates."""
+    state = _Pass(nodes, config)
+    pool = state.pool_for(job)
+    node_index = {node_id: i for i, node_id in enumerate(state.node_ids)}
+    timeline = _Timeline(node_index, running, now, config)
+    if on_nodes is None:
+        return _estimated_start(job, pool, timeline)
+    indexes = [node_index.get(node_id) for node_id in on_nodes]
+    if None in indexes:
+        return math.inf
+    chosen = [i for i in indexes if i is not None]
+    times = {i: timeline.free_times(i, pool) for i in chosen}
+    return timeline._start_on(job, chosen, times)
