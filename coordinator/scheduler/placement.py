@@ -75,14 +75,16 @@ class _Schedule:
         self.preemptions: list[Preemption] = []
         self._timeline: _Timeline | None = None
         self._placed_spans: list[tuple[int, int, float]] = []
+        """(node index, GPUs, estimated end) of every placement this pass."""
+        self._known_ends: _Timeline | None = None
         self._preemptor: _Preemptor | None = None
 
     @property
     def timeline(self) -> _Timeline:
         if self._timeline is None:
             self._timeline = _Timeline(self.node_index, self.running, self.now, self.config)
-            for i, gpus, end in self._placed_spans:
-                self._timeline.add(i, gpus, end)
+            for span in self._placed_spans:
+                self._timeline.add(*span)
         return self._timeline
 
     @property
@@ -97,10 +99,10 @@ class _Schedule:
         end = self.now + (estimate if estimate > 0 else self.config.default_runtime_seconds)
         for share in decision.nodes:
             span = (self.node_index[share.node_id], len(share.gpu_uuids), end)
-            if self._timeline is not None:
-                self._timeline.add(*span)
-            else:
-                self._placed_spans.append(span)
+            self._placed_spans.append(span)
+            for timeline in (self._timeline, self._known_ends):
+                if timeline is not None:
+                    timeline.add(*span)
 
     def try_place(self, job: JobRequest, pool: _Pool) -> Decision | None:
         """Places the job on unreserved GPUs, or, if it is predicted to end before its pool's reservation
@@ -148,19 +150,24 @@ class _Schedule:
         victims, stopping = found
         if stopping:
             return "waiting for preempted jobs to stop"
-        # Never preempt for a job that would start by waiting about as long as a preemption costs.
-        wait = _estimated_start(job, pool, self.timeline, closed) - self.now
+        # Never preempt for a job that would start by waiting about as long as a preemption costs (by the
+        # running jobs' known estimated ends and what this pass placed; an unknown or overrun end is no reason to wait).
+        if self._known_ends is None:
+            self._known_ends = _Timeline(self.node_index, self.running, self.now, self.config, known_only=True)
+            for span in self._placed_spans:
+                self._known_ends.add(*span)
+        wait = _estimated_start(job, pool, self._known_ends, closed) - self.now
         if wait <= self.config.preemption_cost_seconds:
             return None
         self.preemptor.take(v for v, _ in victims)
         self.preemptions.extend(preemption_records(job, victims))
-        timeline = self.timeline
         for victim, _ in victims:  # stopping now, as far as planning goes (their GPUs are not reused this pass)
-            end = running_end(victim, self.now, self.config)
-            for share in victim.nodes:
-                i = self.node_index.get(share.node_id)
-                if i is not None:
-                    timeline.end_now(i, len(share.gpu_uuids), end)
+            for timeline, known_only in ((self.timeline, False), (self._known_ends, True)):
+                end = running_end(victim, self.now, self.config, known_only=known_only)
+                for share in victim.nodes:
+                    i = self.node_index.get(share.node_id)
+                    if i is not None:
+                        timeline.end_now(i, len(share.gpu_uuids), end)
         names = _names([v.job_id for v, _ in victims])
         return f"preempting {names} ({victims[0][1]}); starts once they stop"
 
