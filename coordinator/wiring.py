@@ -155,6 +155,7 @@ class Coordinator:
                 utilization_weight=settings.score_utilization_weight,
                 temperature_threshold_celsius=settings.score_temperature_threshold,
                 temperature_penalty_per_degree=settings.score_temperature_penalty,
+                preemption=settings.preemption_rules(),
             ),
             recovery_policy=RecoveryPolicy(
                 backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max

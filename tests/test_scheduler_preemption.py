@@ -161,3 +161,31 @@ def test_victims_suffice_are_all_needed_and_cost_no_more_than_twice_the_cheapest
             if fits_without(sizes, running, urgent, {v.job_id for v in subset})
         )
         assert sum(cost[v] for v in chosen) <= 2 * best + 1e-9
+
+
+# --- priority classes in the coordinator's settings ---------------------------------------------------------------
+
+
+def test_priority_classes_from_toml_become_preemption_rules(tmp_path):
+    from coordinator.settings import CoordinatorSettings
+    from gpuorch.settings import load_settings
+
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        "[priority_classes.low]\npriority = 0\n[priority_classes.normal]\npriority = 10\n"
+        '[priority_classes.high]\npriority = 100\npreempts = ["low", "normal"]\n'
+    )
+    settings = load_settings(CoordinatorSettings, config_file=config, env={})
+    settings.validate()
+    assert settings.preemption_rules() == (PreemptionRule(min_priority=100, preempts_below_priority=100),)
+    # A job of priority 100+ preempts everything of class normal (10..99) and low, nothing of its own class.
+    rules = SchedulerConfig(preemption=settings.preemption_rules())
+    for victim_priority, preempted in ((99, ["v"]), (10, ["v"]), (100, [])):
+        running = [holding("v", {"n1": [0, 1, 2, 3]}, start=0.0, priority=victim_priority)]
+        result = schedule(cluster({"n1": 4}, running), [job("h", 4, priority=100)], rules, now=NOW, running=running)
+        assert victims(result) == preempted
+    bad = CoordinatorSettings(priority_classes={"high": {"priority": 100, "preempts": ["normal"]}, "low": {"priority": 0}})
+    with pytest.raises(ValueError, match="preempts 'normal', which is not a priority class"):
+        bad.validate()
+    with pytest.raises(ValueError, match="must be TOML tables"):
+        load_settings(CoordinatorSettings, env={"GPUORCH_PRIORITY_CLASSES": "high"}).validate()
