@@ -69,10 +69,16 @@ def running_remaining(job: RunningJob, now: float, config: SchedulerConfig) -> f
 
 def _las_order(jobs: Sequence[JobRequest], config: SchedulerConfig, now: float) -> list[JobRequest]:
     """Higher priority first, then the least attained service's queue, FIFO (submit_time) within a queue."""
-    ordered = sorted(jobs, key=_by_submit)
-    ordered.sort(key=lambda job: pending_las_queue(job, config, now))
-    ordered.sort(key=_by_priority, reverse=True)
-    return ordered
+    thresholds, limit = config.las_thresholds_gpu_seconds, config.las_starve_limit_seconds
+
+    def key(job: JobRequest) -> tuple:
+        attained = job.attained_service_seconds
+        queue = bisect_right(thresholds, attained) if attained > 0 else 0
+        if queue and limit > 0 and now - job.submit_time - attained / max(job.gpus, 1) >= limit:
+            queue = 0  # pending_las_queue, inlined: this runs for every pending job each pass
+        return (-job.priority, queue, job.submit_time, job.job_id)
+
+    return sorted(jobs, key=key)
 
 
 def _srtf_order(jobs: Sequence[JobRequest], config: SchedulerConfig) -> list[JobRequest]:

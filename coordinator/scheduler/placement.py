@@ -10,7 +10,7 @@ from coordinator.scheduler.ordering import _FairShare, order_jobs
 from coordinator.scheduler.preemption import _Preemptor, preemption_records
 from coordinator.scheduler.quotas import _QuotaLedger
 from coordinator.scheduler.reasons import _capacity_reason, _invalid, _names
-from coordinator.scheduler.timeline import _estimated_start, _Timeline, job_estimate, running_end
+from coordinator.scheduler.timeline import _Timeline, job_estimate, running_end
 from coordinator.scheduler.types import (
     _NO_USAGE,
     Decision,
@@ -76,7 +76,8 @@ class _Schedule:
         self._timeline: _Timeline | None = None
         self._placed_spans: list[tuple[int, int, float]] = []
         """(node index, GPUs, estimated end) of every placement this pass."""
-        self._known_ends: _Timeline | None = None
+        self._soon: dict[int, int] | None = None
+        """Node index -> GPUs estimated to come free within preemption_cost_seconds (built when first needed)."""
         self._preemptor: _Preemptor | None = None
 
     @property
@@ -100,9 +101,10 @@ class _Schedule:
         for share in decision.nodes:
             span = (self.node_index[share.node_id], len(share.gpu_uuids), end)
             self._placed_spans.append(span)
-            for timeline in (self._timeline, self._known_ends):
-                if timeline is not None:
-                    timeline.add(*span)
+            if self._timeline is not None:
+                self._timeline.add(*span)
+            if self._soon is not None and end <= self.now + self.config.preemption_cost_seconds:
+                self._soon[span[0]] = self._soon.get(span[0], 0) + span[1]
 
     def try_place(self, job: JobRequest, pool: _Pool) -> Decision | None:
         """Places the job on unreserved GPUs, or, if it is predicted to end before its pool's reservation
@@ -112,6 +114,8 @@ class _Schedule:
             decision = state.place(job, pool)
             if decision is not None:
                 return decision
+        if not self.held:
+            return None
         held = self.held.get(job.pool)
         if held is None or not pool.held or pool.total_free + pool.held_free() < g:
             return None
@@ -141,6 +145,31 @@ class _Schedule:
         held = self.held[job.pool] = _Held(job, chosen, node_ids, start, waiting)
         return held
 
+    def _starts_soon(self, job: JobRequest, pool: _Pool, closed: frozenset[int]) -> bool:
+        """Whether the job would fit within preemption_cost_seconds by waiting: never preempt for such a job.
+        Counts only known estimated ends (of running jobs and this pass's placements) and stopping jobs: an
+        unknown or overrun end is no reason to wait."""
+        if self._soon is None:
+            deadline = self.now + self.config.preemption_cost_seconds
+            soon = self._soon = {}
+            for r in self.running:
+                if r.stopping or self.now < r.estimated_end_time <= deadline:
+                    for share in r.nodes:
+                        i = self.node_index.get(share.node_id)
+                        if i is not None:
+                            soon[i] = soon.get(i, 0) + len(share.gpu_uuids)
+            for i, gpus, end in self._placed_spans:
+                if end <= deadline:
+                    soon[i] = soon.get(i, 0) + gpus
+        soon, exist, k = self._soon, pool.exist, job.gpus_per_node
+        total = 0
+        for i, free in enumerate(pool.free):
+            if i in closed or not exist[i]:
+                continue
+            have = len(free) + min(soon.get(i, 0), exist[i] - len(free))
+            total += (1 if have >= k else 0) if k else have
+        return total >= (job.gpus // k if k else job.gpus)
+
     def preempt(self, job: JobRequest, pool: _Pool) -> str | None:
         """Looks for victims for a blocked job; the reason it waits if it found some (or GPUs already stopping)."""
         closed = frozenset(self.held_nodes)
@@ -150,24 +179,19 @@ class _Schedule:
         victims, stopping = found
         if stopping:
             return "waiting for preempted jobs to stop"
-        # Never preempt for a job that would start by waiting about as long as a preemption costs (by the
-        # running jobs' known estimated ends and what this pass placed; an unknown or overrun end is no reason to wait).
-        if self._known_ends is None:
-            self._known_ends = _Timeline(self.node_index, self.running, self.now, self.config, known_only=True)
-            for span in self._placed_spans:
-                self._known_ends.add(*span)
-        wait = _estimated_start(job, pool, self._known_ends, closed) - self.now
-        if wait <= self.config.preemption_cost_seconds:
+        if self._starts_soon(job, pool, closed):
             return None
         self.preemptor.take(v for v, _ in victims)
         self.preemptions.extend(preemption_records(job, victims))
+        timeline, soon = self.timeline, self._soon
         for victim, _ in victims:  # stopping now, as far as planning goes (their GPUs are not reused this pass)
-            for timeline, known_only in ((self.timeline, False), (self._known_ends, True)):
-                end = running_end(victim, self.now, self.config, known_only=known_only)
-                for share in victim.nodes:
-                    i = self.node_index.get(share.node_id)
-                    if i is not None:
-                        timeline.end_now(i, len(share.gpu_uuids), end)
+            end = running_end(victim, self.now, self.config)
+            for share in victim.nodes:
+                i = self.node_index.get(share.node_id)
+                if i is not None:
+                    timeline.end_now(i, len(share.gpu_uuids), end)
+                    if soon is not None:
+                        soon[i] = soon.get(i, 0) + len(share.gpu_uuids)
         names = _names([v.job_id for v, _ in victims])
         return f"preempting {names} ({victims[0][1]}); starts once they stop"
 
@@ -206,6 +230,8 @@ def schedule(
     reserve_after = config.reserve_after_seconds
     quotas = run.quotas if run.quotas.active else None
     preempting = bool(config.preemption) or config.policy in ("las", "srtf")
+    backfill = config.backfill
+    holds = run.held
     for job in jobs:
         g, k = job.gpus, job.gpus_per_node
         if g <= 0 or k < 0 or (k and g % k):
@@ -216,8 +242,8 @@ def schedule(
             if over is not None:
                 reasons[job.job_id] = over
                 continue
-        held = run.held.get(job.pool)
-        if held is not None and not config.backfill:
+        held = holds.get(job.pool) if holds else None
+        if held is not None and not backfill:
             reasons[job.job_id] = f"waiting behind {held.job.job_id} (strict order: no backfill)"
             continue
         pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model else plain
@@ -236,14 +262,14 @@ def schedule(
             and (reserve_after <= 0 or now - job.submit_time >= reserve_after)
             and (could_fit := state.fits_ever(job, pool))
         ):
-            why = run.preempt(job, pool) if preempting else None
+            why = run.preempt(job, pool) if preempting and run.preemptor.may_search(job) else None
             held = run.reserve(job, pool)
             so_far = sum(min(pool.held[i], k) for i in held.indexes) if k else min(sum(pool.held[i] for i in held.indexes), g)
             when = f"; estimated to start in {held.start - now:.0f} s" if held.start < math.inf else ""
             reasons[job.job_id] = why or f"reserving {_names(held.node_ids)}: {so_far} of {g} GPUs free so far{when}"
             cached.clear()
             continue
-        if preempting and (could_fit if could_fit is not None else state.fits_ever(job, pool)):
+        if preempting and run.preemptor.may_search(job) and (could_fit if could_fit is not None else state.fits_ever(job, pool)):
             why = run.preempt(job, pool)
             if why is not None:
                 reasons[job.job_id] = why

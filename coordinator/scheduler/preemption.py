@@ -13,18 +13,24 @@ whichever costs less), then drops every victim the rest do without.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from typing import Any
 
 from coordinator.scheduler.capacity import _Pool
 from coordinator.scheduler.ordering import las_queue, pending_las_queue, pending_remaining, running_attained, running_remaining
 from coordinator.scheduler.types import JobRequest, NodeView, Preemption, RunningJob, SchedulerConfig
 
-MAX_SEARCHES_PER_PASS = 16
+MAX_SEARCHES_PER_PASS = 8
 """Blocked jobs that look for victims in one pass (failures already seen for a shape do not count); the rest
 look in a later pass. Bounds the pass's time."""
 
 
 class _Candidate:
+    """A running job that may be preempted, with what the choice needs of it (built for jobs that pass the
+    cheap checks only: a pass may see thousands of running jobs)."""
+
     __slots__ = ("attained", "cost", "job", "layout", "queue", "ran", "remaining")
 
     def __init__(self, job: RunningJob, node_index: dict[str, int], now: float, config: SchedulerConfig) -> None:
@@ -48,41 +54,57 @@ class _Preemptor:
         config: SchedulerConfig,
         now: float,
     ) -> None:
-        self.config, self.now, self._nodes = config, now, nodes
-        self.enabled = bool(config.preemption) or config.policy in ("las", "srtf")
-        self.candidates: list[_Candidate] = []
+        self.config, self.now, self._nodes, self._node_index = config, now, nodes, node_index
+        self.policy = config.policy if config.policy in ("las", "srtf") else ""
+        self.jobs = sorted((job for job in running if job.preemptible and not job.stopping), key=_youngest_first)
+        """Youngest first: a victim's cost per GPU is the time it has run, so the cheapest per GPU come first."""
+        self._candidates: dict[str, _Candidate] = {}
         self.stopping: dict[int, list[tuple[str, ...]]] = {}
         """Node index -> the GPUs of stopping jobs there (coming free, for whoever needs them first)."""
         self.searches = 0
         self.failed: set[tuple] = set()
         self._eligible: dict[tuple[int, str], frozenset[str]] = {}
-        if not self.enabled:
-            return
         for job in running:
             if job.stopping:
                 for share in job.nodes:
                     i = node_index.get(share.node_id)
                     if i is not None:
                         self.stopping.setdefault(i, []).append(share.gpu_uuids)
-            elif job.preemptible:
-                self.candidates.append(_Candidate(job, node_index, now, config))
 
-    def _bound(self, job: JobRequest) -> int | None:
+    def bound(self, job: JobRequest) -> int | None:
         """The priority below which the job may preempt by the rules, if any rule applies."""
         bounds = [rule.preempts_below_priority for rule in self.config.preemption if job.priority >= rule.min_priority]
         return max(bounds) if bounds else None
 
-    def _why(self, job: JobRequest, c: _Candidate, bound: int | None, queue: int, remaining: float) -> str | None:
-        victim, config = c.job, self.config
-        if bound is not None and victim.priority < bound:
-            return f"priority {job.priority} preempts priority {victim.priority}"
-        if victim.priority > job.priority:
-            return None
-        if config.policy == "las" and c.queue > queue and c.ran >= config.preemption_cost_seconds:
-            return f"las queue {queue} before queue {c.queue}, {c.attained:.0f} GPU-seconds attained"
-        if config.policy == "srtf" and c.remaining > remaining + config.preemption_cost_seconds:
-            return f"srtf: {remaining:.0f} s remaining before {c.remaining:.0f} s"
-        return None
+    def may_search(self, job: JobRequest) -> bool:
+        """Cheap: whether looking for victims for this job is allowed at all now."""
+        return self.searches < MAX_SEARCHES_PER_PASS and bool(self.policy or self.bound(job) is not None)
+
+    def _candidate(self, job: RunningJob) -> _Candidate:
+        c = self._candidates.get(job.job_id)
+        if c is None:
+            c = self._candidates[job.job_id] = _Candidate(job, self._node_index, self.now, self.config)
+        return c
+
+    def _allowed(self, job: JobRequest, bound: int | None, queue: int, remaining: float) -> Iterator[tuple[_Candidate, tuple]]:
+        """The candidates this job may preempt, each with why (see _why_text), cheapest per GPU first."""
+        config, now, policy = self.config, self.now, self.policy
+        min_ran = config.preemption_cost_seconds
+        for victim in self.jobs:
+            if bound is not None and victim.priority < bound:
+                yield self._candidate(victim), ("priority", job.priority, victim.priority)
+            elif not policy or victim.priority > job.priority:
+                continue
+            elif policy == "las":
+                if now - victim.start_time < min_ran:
+                    continue
+                c = self._candidate(victim)
+                if c.queue > queue:
+                    yield c, ("las", queue, c.queue, c.attained)
+            else:
+                c = self._candidate(victim)
+                if c.remaining > remaining + min_ran:
+                    yield c, ("srtf", remaining, c.remaining)
 
     def _eligible_uuids(self, job: JobRequest) -> frozenset[str] | None:
         if not job.min_memory_per_gpu_bytes and not job.gpu_model:
@@ -101,15 +123,13 @@ class _Preemptor:
     def find(self, job: JobRequest, pool: _Pool, closed: frozenset[int]) -> tuple[list[tuple[RunningJob, str]], bool] | None:
         """Victims (each with why) that let `job` fit once they stop, or ([], True) when GPUs already stopping are
         enough for it, or None when preempting cannot make it fit. `closed`: nodes held for another job."""
-        if not self.enabled:
+        if not self.may_search(job):
             return None
-        bound = self._bound(job)
-        queue = pending_las_queue(job, self.config, self.now) if self.config.policy == "las" else 0
-        remaining = pending_remaining(job, self.config) if self.config.policy == "srtf" else 0.0
+        bound = self.bound(job)
+        queue = pending_las_queue(job, self.config, self.now) if self.policy == "las" else 0
+        remaining = pending_remaining(job, self.config) if self.policy == "srtf" else 0.0
         key = (job.gpus, job.gpus_per_node, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, bound, queue, job.priority)
-        if self.config.policy != "srtf" and key in self.failed:
-            return None
-        if self.searches >= MAX_SEARCHES_PER_PASS:
+        if self.policy != "srtf" and key in self.failed:
             return None
         self.searches += 1
         eligible = self._eligible_uuids(job)
@@ -122,19 +142,25 @@ class _Preemptor:
         for i, groups in self.stopping.items():
             if exist[i] and i not in closed:
                 have[i] += sum(count(u) for u in groups)
-        allowed: list[tuple[_Candidate, str, dict[int, int]]] = []
-        for c in self.candidates:
-            why = self._why(job, c, bound, queue, remaining)
-            if why is None:
-                continue
+        allowed: list[tuple[_Candidate, tuple, dict[int, int], int]] = []
+        per_node = job.gpus_per_node > 0
+        # Any shape: once the cheapest per GPU cover what is missing twice over (and a few more), a costlier
+        # victim could only be the single one that suffices alone; the scan stops there. A shape per node scans all.
+        missing, collected = job.gpus - sum(h for i, h in enumerate(have) if exist[i]), 0
+        for c, why in self._allowed(job, bound, queue, remaining):
+            if not per_node and collected >= 2 * missing and len(allowed) >= _ENOUGH_ENTRIES:
+                break
             freed: dict[int, int] = {}
+            total = 0
             for i, uuids in c.layout:
                 if exist[i] and i not in closed:
                     n = count(uuids)
-                    if n:
+                    if n and per_node:
                         freed[i] = freed.get(i, 0) + n
-            if freed:
-                allowed.append((c, why, freed))
+                    total += n
+            if total:
+                allowed.append((c, why, freed, total))
+                collected += total
         chosen = self._choose(job, have, exist, allowed)
         if chosen is None:
             self.failed.add(key)
@@ -144,7 +170,7 @@ class _Preemptor:
                 if exist[i] and i not in closed:
                     del self.stopping[i]
             return [], True
-        return [(c.job, why) for c, why, _ in chosen], False
+        return [(c.job, _why_text(why)) for c, why, _, _ in chosen], False
 
     def _choose(self, job: JobRequest, have: list[int], exist: list[int], allowed: list) -> list | None:
         g, k = job.gpus, job.gpus_per_node
@@ -153,7 +179,7 @@ class _Preemptor:
 
             def satisfied(picked: list) -> bool:
                 freed: dict[int, int] = {}
-                for _, _, f in picked:
+                for _, _, f, _ in picked:
                     for i, m in f.items():
                         freed[i] = freed.get(i, 0) + m
                 return sum(1 for i, e in enumerate(exist) if e >= k and have[i] + freed.get(i, 0) >= k) >= n
@@ -172,13 +198,9 @@ class _Preemptor:
                 if deficit <= 0:
                     options.append((0.0, i, []))
                     continue
-                picked, got = [], 0
-                for entry in sorted(by_node.get(i, ()), key=lambda en: (en[0].cost / en[2][i], en[0].cost)):
-                    picked.append(entry)
-                    got += entry[2][i]
-                    if got >= deficit:
-                        options.append((sum(en[0].cost for en in picked), i, picked))
-                        break
+                picked = _cover(by_node.get(i, []), deficit, partial(_on_node, i))
+                if picked is not None:
+                    options.append((sum(en[0].cost for en in picked), i, picked))
             if len(options) < n:
                 return None
             options.sort(key=lambda o: (o[0], o[1]))
@@ -191,23 +213,14 @@ class _Preemptor:
             need = g - sum(h for i, h in enumerate(have) if exist[i])
 
             def satisfied(picked: list) -> bool:
-                return sum(sum(f.values()) for _, _, f in picked) >= need
+                return sum(en[3] for en in picked) >= need
 
             if need <= 0:
                 return []
-            if sum(sum(f.values()) for _, _, f in allowed) < need:
+            picked = _cover(allowed, need, _total)
+            if picked is None:
                 return None
-            greedy, got = [], 0
-            for entry in sorted(allowed, key=lambda en: (en[0].cost / sum(en[2].values()), en[0].cost)):
-                greedy.append(entry)
-                got += sum(entry[2].values())
-                if got >= need:
-                    break
-            singles = [en for en in allowed if sum(en[2].values()) >= need]
-            single = min(singles, key=lambda en: en[0].cost, default=None)
-            chosen = greedy
-            if single is not None and single[0].cost < sum(en[0].cost for en in greedy):
-                chosen = [single]
+            chosen = picked
         if not satisfied(chosen):
             return None
         for entry in sorted(chosen, key=lambda en: -en[0].cost):  # drop every victim the others do without
@@ -218,7 +231,53 @@ class _Preemptor:
 
     def take(self, victims: Iterable[RunningJob]) -> None:
         gone = {v.job_id for v in victims}
-        self.candidates = [c for c in self.candidates if c.job.job_id not in gone]
+        self.jobs = [job for job in self.jobs if job.job_id not in gone]
+
+
+_COVER_SHORTLIST = 64
+_ENOUGH_ENTRIES = 16
+
+
+def _youngest_first(job: RunningJob) -> float:
+    return -job.start_time
+
+
+def _on_node(i: int, entry: tuple) -> int:
+    return entry[2][i]
+
+
+def _total(entry: tuple) -> int:
+    return entry[3]
+
+
+def _why_text(why: tuple) -> str:
+    if why[0] == "priority":
+        return f"priority {why[1]} preempts priority {why[2]}"
+    if why[0] == "las":
+        return f"las queue {why[1]} before queue {why[2]}, {why[3]:.0f} GPU-seconds attained"
+    return f"srtf: {why[1]:.0f} s remaining before {why[2]:.0f} s"
+
+
+def _cover(entries: list, need: int, size: Callable[[Any], int]) -> list | None:
+    """Victims freeing at least `need` GPUs at a low cost: greedy on cost per GPU that still counts (a victim
+    freeing more than is missing counts only what is missing), over the cheapest per GPU and the cheapest
+    outright; then the cheapest single victim that suffices, if it costs less. None if all together fall short."""
+    if sum(size(en) for en in entries) < need:
+        return None
+    shortlist = {id(en): en for en in heapq.nsmallest(_COVER_SHORTLIST, entries, key=lambda en: en[0].cost / size(en))}
+    shortlist.update((id(en), en) for en in heapq.nsmallest(_COVER_SHORTLIST, entries, key=lambda en: en[0].cost))
+    left, picked, missing = list(shortlist.values()), [], need
+    while missing > 0 and left:
+        best = min(left, key=lambda en: (en[0].cost / min(size(en), missing), -size(en)))
+        left.remove(best)
+        picked.append(best)
+        missing -= size(best)
+    if missing > 0:
+        picked = sorted(entries, key=lambda en: en[0].cost / size(en))  # the shortlist fell short: all, cheapest first
+    single = min((en for en in entries if size(en) >= need), key=lambda en: en[0].cost, default=None)
+    if single is not None and single[0].cost < sum(en[0].cost for en in picked):
+        return [single]
+    return picked
 
 
 def preemption_records(job: JobRequest, victims: Sequence[tuple[RunningJob, str]]) -> tuple[Preemption, ...]:

@@ -17,17 +17,14 @@ def job_estimate(job: JobRequest) -> float:
     return job.time_limit_seconds if job.time_limit_seconds > 0 else 0.0
 
 
-def running_end(job: RunningJob, now: float, config: SchedulerConfig, *, known_only: bool = False) -> float:
+def running_end(job: RunningJob, now: float, config: SchedulerConfig) -> float:
     """When a running job is estimated to end, never before now.
 
     A stopping (preempted) job ends now, as far as planning goes; an unknown end is start_time plus the
     default runtime; an end already past (the job overran its estimate) is now: it may end any moment.
-    With known_only (is waiting surely short?), an unknown or overrun end is math.inf instead.
     """
     if job.stopping:
         return now
-    if known_only:
-        return job.estimated_end_time if job.estimated_end_time > now else math.inf
     end = job.estimated_end_time if job.estimated_end_time > 0 else job.start_time + config.default_runtime_seconds
     return end if end > now else now
 
@@ -43,13 +40,11 @@ class _Timeline:
         running: Iterable[RunningJob],
         now: float,
         config: SchedulerConfig,
-        *,
-        known_only: bool = False,
     ) -> None:
         self.now = now
         self.ends: dict[int, list[float]] = {}
         for job in running:
-            end = running_end(job, now, config, known_only=known_only)
+            end = running_end(job, now, config)
             for share in job.nodes:
                 i = node_index.get(share.node_id)
                 if i is not None:
