@@ -106,21 +106,17 @@ class _Schedule:
             if self._soon is not None and end <= self.now + self.config.preemption_cost_seconds:
                 self._soon[span[0]] = self._soon.get(span[0], 0) + span[1]
 
-    def try_place(self, job: JobRequest, pool: _Pool) -> Decision | None:
-        """Places the job on unreserved GPUs, or, if it is predicted to end before its pool's reservation
-        starts, on the reserved ones too (EASY backfill: it cannot delay the reserved job)."""
+    def backfill(self, job: JobRequest, pool: _Pool) -> Decision | None:
+        """A job that does not fit the unreserved GPUs may use reserved ones if it is predicted to end before
+        its pool's reservation starts (EASY backfill: it cannot delay the reserved job)."""
         g, state = job.gpus, self.state
-        if pool.total_free >= g:
-            decision = state.place(job, pool)
-            if decision is not None:
-                return decision
-        if not self.held:
-            return None
         held = self.held.get(job.pool)
-        if held is None or not pool.held or pool.total_free + pool.held_free() < g:
+        if held is None or not pool.held:
             return None
         estimate = job_estimate(job)
         if not (estimate > 0 and held.start < math.inf and self.now + estimate <= held.start):
+            return None
+        if pool.total_free + pool.held_free() < g:
             return None
         state.release(held.indexes)
         try:
@@ -161,14 +157,20 @@ class _Schedule:
             for i, gpus, end in self._placed_spans:
                 if end <= deadline:
                     soon[i] = soon.get(i, 0) + gpus
-        soon, exist, k = self._soon, pool.exist, job.gpus_per_node
-        total = 0
-        for i, free in enumerate(pool.free):
-            if i in closed or not exist[i]:
-                continue
-            have = len(free) + min(soon.get(i, 0), exist[i] - len(free))
-            total += (1 if have >= k else 0) if k else have
-        return total >= (job.gpus // k if k else job.gpus)
+        soon, exist, free, k = self._soon, pool.exist, pool.free, job.gpus_per_node
+        open_held = [(i, count) for i, count in pool.held.items() if i not in closed]
+        if k:
+            ready = pool.nodes_with_free(k) + sum(1 for _, count in open_held if count >= k)
+            for i, coming in soon.items():
+                have = len(free[i])
+                if have < k and exist[i] and i not in closed and have + min(coming, exist[i] - have) >= k:
+                    ready += 1
+            return ready >= job.gpus // k
+        total = pool.total_free + sum(count for _, count in open_held)
+        for i, coming in soon.items():
+            if exist[i] and i not in closed:
+                total += min(coming, exist[i] - len(free[i]))
+        return total >= job.gpus
 
     def preempt(self, job: JobRequest, pool: _Pool) -> str | None:
         """Looks for victims for a blocked job; the reason it waits if it found some (or GPUs already stopping)."""
@@ -247,7 +249,9 @@ def schedule(
             reasons[job.job_id] = f"waiting behind {held.job.job_id} (strict order: no backfill)"
             continue
         pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model else plain
-        decision = run.try_place(job, pool)
+        decision = state.place(job, pool) if pool.total_free >= g else None
+        if decision is None and held is not None and held.start > now:
+            decision = run.backfill(job, pool)
         if decision is not None:
             placed.append(decision)
             run.placed(job, decision)

@@ -42,15 +42,27 @@ class _Timeline:
         config: SchedulerConfig,
     ) -> None:
         self.now = now
-        self.ends: dict[int, list[float]] = {}
+        ends: dict[int, list[float]] = {}
+        default = config.default_runtime_seconds
         for job in running:
-            end = running_end(job, now, config)
+            # running_end, inlined: this runs for every running job each pass that needs a reservation.
+            if job.stopping:
+                end = now
+            else:
+                end = job.estimated_end_time if job.estimated_end_time > 0 else job.start_time + default
+                if end < now:
+                    end = now
             for share in job.nodes:
                 i = node_index.get(share.node_id)
                 if i is not None:
-                    self.ends.setdefault(i, []).extend([end] * len(share.gpu_uuids))
-        for ends in self.ends.values():
-            ends.sort()
+                    on_node = ends.get(i)
+                    if on_node is None:
+                        ends[i] = [end] * len(share.gpu_uuids)
+                    else:
+                        on_node += [end] * len(share.gpu_uuids)
+        for on_node in ends.values():
+            on_node.sort()
+        self.ends = ends
 
     def add(self, i: int, gpus: int, end: float) -> None:
         """GPUs taken on node i this pass, until `end`."""
