@@ -189,3 +189,19 @@ def test_priority_classes_from_toml_become_preemption_rules(tmp_path):
         bad.validate()
     with pytest.raises(ValueError, match="must be TOML tables"):
         load_settings(CoordinatorSettings, env={"GPUORCH_PRIORITY_CLASSES": "high"}).validate()
+
+
+def test_a_preempting_job_holds_the_free_gpus_it_counts_on_until_it_starts():
+    # Without the hold, B takes the free GPU, J preempts B next, A takes it back: the two would preempt in turn.
+    running = [holding("a", {"n1": [0]}, start=NOW - 500)]
+    nodes = cluster({"n1": 2}, running)
+    jobs = [job("j", 2, priority=100, submit_time=1), job("b", 1, submit_time=2)]
+    first = schedule(nodes, jobs, HIGH_PREEMPTS_LOW, now=NOW, running=running)
+    assert victims(first) == ["a"] and first.placed == ()
+    assert first.pending_reasons["b"] == "waiting behind j, which holds a reservation on n1"
+    stopping = [holding("a", {"n1": [0]}, start=NOW - 500, stopping=True)]
+    second = schedule(nodes, jobs, HIGH_PREEMPTS_LOW, now=NOW + 5, running=stopping, previous_reservations=first.reservations)
+    assert second.placed == () and second.preemptions == ()
+    assert second.pending_reasons["j"] == "waiting for preempted jobs to stop"
+    stopped = schedule(cluster({"n1": 2}), jobs, HIGH_PREEMPTS_LOW, now=NOW + 10, running=[])
+    assert [d.job_id for d in stopped.placed] == ["j"]

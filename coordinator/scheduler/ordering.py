@@ -63,8 +63,13 @@ def pending_remaining(job: JobRequest, config: SchedulerConfig) -> float:
 
 
 def running_remaining(job: RunningJob, now: float, config: SchedulerConfig) -> float:
-    estimate = job.estimated_runtime_seconds if job.estimated_runtime_seconds > 0 else config.default_runtime_seconds
-    return estimate - running_attained(job, now) / max(job.gpus, 1)
+    """srtf: a running job's estimated seconds left: its whole estimate less the service it attained, else
+    its estimated end less now, else the default runtime less the service attained."""
+    if job.estimated_runtime_seconds > 0:
+        return job.estimated_runtime_seconds - running_attained(job, now) / max(job.gpus, 1)
+    if job.estimated_end_time > 0:
+        return job.estimated_end_time - now
+    return config.default_runtime_seconds - running_attained(job, now) / max(job.gpus, 1)
 
 
 def _las_order(jobs: Sequence[JobRequest], config: SchedulerConfig, now: float) -> list[JobRequest]:

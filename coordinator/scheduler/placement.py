@@ -172,30 +172,40 @@ class _Schedule:
                 total += min(coming, exist[i] - len(free[i]))
         return total >= job.gpus
 
-    def preempt(self, job: JobRequest, pool: _Pool) -> str | None:
-        """Looks for victims for a blocked job; the reason it waits if it found some (or GPUs already stopping)."""
+    def hold_for(self, job: JobRequest, nodes: list[int], now: float) -> None:
+        """The pool's reservation is the preempting head's nodes, starting as soon as its victims stop."""
+        node_ids = tuple(self.state.node_ids[i] for i in nodes)
+        waiting = f"waiting behind {job.job_id}, which holds a reservation on {_names(node_ids)}"
+        self.held[job.pool] = _Held(job, nodes, node_ids, now, waiting)
+
+    def preempt(self, job: JobRequest, pool: _Pool) -> tuple[str, list[int]] | None:
+        """Looks for victims for a blocked job; if it found some (or GPUs already stopping suffice), holds the
+        nodes it will start on and returns why it waits and those nodes."""
         closed = frozenset(self.held_nodes)
         found = self.preemptor.find(job, pool, closed)
         if found is None:
             return None
-        victims, stopping = found
+        victims, stopping, nodes = found
         if stopping:
-            return "waiting for preempted jobs to stop"
-        if self._starts_soon(job, pool, closed):
+            reason = "waiting for preempted jobs to stop"
+        elif self._starts_soon(job, pool, closed):
             return None
-        self.preemptor.take(v for v, _ in victims)
-        self.preemptions.extend(preemption_records(job, victims))
-        timeline, soon = self.timeline, self._soon
-        for victim, _ in victims:  # stopping now, as far as planning goes (their GPUs are not reused this pass)
-            end = running_end(victim, self.now, self.config)
-            for share in victim.nodes:
-                i = self.node_index.get(share.node_id)
-                if i is not None:
-                    timeline.end_now(i, len(share.gpu_uuids), end)
-                    if soon is not None:
-                        soon[i] = soon.get(i, 0) + len(share.gpu_uuids)
-        names = _names([v.job_id for v, _ in victims])
-        return f"preempting {names} ({victims[0][1]}); starts once they stop"
+        else:
+            self.preemptor.take(v for v, _ in victims)
+            self.preemptions.extend(preemption_records(job, victims))
+            timeline, soon = self.timeline, self._soon
+            for victim, _ in victims:  # stopping now, as far as planning goes (their GPUs are not reused this pass)
+                end = running_end(victim, self.now, self.config)
+                for share in victim.nodes:
+                    i = self.node_index.get(share.node_id)
+                    if i is not None:
+                        timeline.end_now(i, len(share.gpu_uuids), end)
+                        if soon is not None:
+                            soon[i] = soon.get(i, 0) + len(share.gpu_uuids)
+            reason = f"preempting {_names([v.job_id for v, _ in victims])} ({victims[0][1]}); starts once they stop"
+        self.state.hold(nodes)
+        self.held_nodes.update(nodes)
+        return reason, nodes
 
 
 def schedule(
@@ -266,17 +276,23 @@ def schedule(
             and (reserve_after <= 0 or now - job.submit_time >= reserve_after)
             and (could_fit := state.fits_ever(job, pool))
         ):
-            why = run.preempt(job, pool) if preempting and run.preemptor.may_search(job) else None
+            preempted = run.preempt(job, pool) if preempting and run.preemptor.may_search(job) else None
+            if preempted is not None:  # it holds the nodes it preempted on, until it starts there
+                reasons[job.job_id], preempted_on = preempted
+                run.hold_for(job, preempted_on, now)
+                cached.clear()
+                continue
             held = run.reserve(job, pool)
             so_far = sum(min(pool.held[i], k) for i in held.indexes) if k else min(sum(pool.held[i] for i in held.indexes), g)
             when = f"; estimated to start in {held.start - now:.0f} s" if held.start < math.inf else ""
-            reasons[job.job_id] = why or f"reserving {_names(held.node_ids)}: {so_far} of {g} GPUs free so far{when}"
+            reasons[job.job_id] = f"reserving {_names(held.node_ids)}: {so_far} of {g} GPUs free so far{when}"
             cached.clear()
             continue
         if preempting and run.preemptor.may_search(job) and (could_fit if could_fit is not None else state.fits_ever(job, pool)):
-            why = run.preempt(job, pool)
-            if why is not None:
-                reasons[job.job_id] = why
+            preempted = run.preempt(job, pool)
+            if preempted is not None:
+                reasons[job.job_id] = preempted[0]
+                cached.clear()
                 continue
         # Jobs of one shape wait for the same reason until capacity changes: cheap rejections when full.
         shape = (g, k, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool)

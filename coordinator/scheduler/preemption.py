@@ -120,9 +120,12 @@ class _Preemptor:
             )
         return found
 
-    def find(self, job: JobRequest, pool: _Pool, closed: frozenset[int]) -> tuple[list[tuple[RunningJob, str]], bool] | None:
-        """Victims (each with why) that let `job` fit once they stop, or ([], True) when GPUs already stopping are
-        enough for it, or None when preempting cannot make it fit. `closed`: nodes held for another job."""
+    def find(
+        self, job: JobRequest, pool: _Pool, closed: frozenset[int]
+    ) -> tuple[list[tuple[RunningJob, str]], bool, list[int]] | None:
+        """Victims (each with why) that let `job` fit once they stop, or ([], True, ...) when GPUs already stopping
+        are enough for it, with the nodes it will use; None when preempting cannot make it fit. `closed`: nodes
+        held for another job."""
         if not self.may_search(job):
             return None
         bound = self.bound(job)
@@ -165,12 +168,29 @@ class _Preemptor:
         if chosen is None:
             self.failed.add(key)
             return None
+        nodes = self._nodes_used(job, pool, have, chosen, closed)
         if not chosen:
             for i in list(self.stopping):  # the stopping GPUs are this job's now, not the next one's
                 if exist[i] and i not in closed:
                     del self.stopping[i]
-            return [], True
-        return [(c.job, _why_text(why)) for c, why, _, _ in chosen], False
+            return [], True, nodes
+        return [(c.job, _why_text(why)) for c, why, _, _ in chosen], False, nodes
+
+    def _nodes_used(self, job: JobRequest, pool: _Pool, have: list[int], chosen: list, closed: frozenset[int]) -> list[int]:
+        """The nodes the job will start on once its victims (or the jobs already stopping) have stopped: held
+        for it, so that nothing else takes the free GPUs it counts on (else two jobs could preempt in turn)."""
+        exist, free = pool.exist, pool.free
+        freed: dict[int, int] = {}
+        for c, _, _, _ in chosen:
+            for i, uuids in c.layout:
+                if exist[i] and i not in closed:
+                    freed[i] = freed.get(i, 0) + len(uuids)
+        k = job.gpus_per_node
+        if not k:
+            return sorted(i for i in range(len(exist)) if exist[i] and (have[i] > 0 or i in freed))
+        ready = [i for i, e in enumerate(exist) if e >= k and have[i] + freed.get(i, 0) >= k]
+        ready.sort(key=lambda i: (-freed.get(i, 0), -(have[i] - len(free[i])), i))  # victims' and stopping nodes first
+        return sorted(ready[: job.gpus // k])
 
     def _choose(self, job: JobRequest, have: list[int], exist: list[int], allowed: list) -> list | None:
         g, k = job.gpus, job.gpus_per_node
