@@ -9,6 +9,7 @@ import sys
 
 import structlog
 
+from coordinator.scheduler import POLICIES
 from coordinator.settings import CoordinatorSettings
 from coordinator.wiring import Coordinator
 from gpuorch import sdnotify
@@ -31,9 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--missed-heartbeats", type=int, help="silent heartbeat intervals before a connected node is DOWN (default 3)"
     )
-    parser.add_argument(
-        "--scheduler-policy", choices=("priority", "fcfs", "sjf", "fair_share"), help="queue order (default priority)"
-    )
+    parser.add_argument("--scheduler-policy", choices=POLICIES, help="queue order (default priority)")
     parser.add_argument(
         "--stop-grace-period", type=float, help="seconds between SIGTERM and SIGKILL when ranks are stopped (default 10)"
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.rules.quotas import QuotaPolicy, parse_quotas
+from coordinator.scheduler import POLICIES, PreemptionRule
 from gpuorch.metrics import parse_listen
 from gpuorch.tls import is_loopback_host
 
@@ -29,7 +30,12 @@ class CoordinatorSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
     scheduler_policy: str = "priority"
-    """Order of the queue: priority (ties by submit time), fcfs, sjf (estimated runtime), fair_share (owner's usage)."""
+    """Order of the queue: priority (ties by submit time), fcfs, sjf (estimated runtime, aged), fair_share (owner's
+    usage), las (least attained service, preemptive)."""
+    priority_classes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Named priority classes, TOML tables: [priority_classes.high] priority = 100, preempts = ["low", "normal"].
+    A job's class is the highest whose priority its priority reaches; a class may preempt running preemptible jobs
+    of the lower classes it names (which must be every class below some point). Empty = no preemption by priority."""
     score_memory_weight: float = 0.6
     """Device selection: weight of a GPU's free memory fraction."""
     score_utilization_weight: float = 0.4
@@ -153,8 +159,9 @@ class CoordinatorSettings:
             raise ValueError(f"telemetry_history must be >= 1, got {self.telemetry_history}")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
-        if self.scheduler_policy not in ("priority", "fcfs", "sjf", "fair_share"):
-            raise ValueError(f"scheduler_policy {self.scheduler_policy!r} is unknown: use priority, fcfs, sjf or fair_share")
+        if self.scheduler_policy not in POLICIES:
+            raise ValueError(f"scheduler_policy {self.scheduler_policy!r} is unknown: use one of {', '.join(POLICIES)}")
+        self.preemption_rules()
         if self.stop_grace_period < 0:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
         if self.preemption_grace_seconds < 0:
@@ -200,3 +207,46 @@ class CoordinatorSettings:
         for name in ("max_pending_jobs_per_user", "max_streams_per_client", "max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")
+
+    def preemption_rules(self) -> tuple[PreemptionRule, ...]:
+        """The scheduler's preemption rules from priority_classes; raises ValueError naming what is wrong."""
+        classes = self.priority_classes
+        if not isinstance(classes, dict):
+            raise ValueError("priority_classes must be TOML tables, e.g. [priority_classes.high] priority = 100")
+        priorities: dict[str, int] = {}
+        for name, table in classes.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"priority_classes.{name} must be a table with priority (and preempts), got {table!r}")
+            unknown = set(table) - {"priority", "preempts"}
+            if unknown:
+                raise ValueError(f"priority_classes.{name}: unknown key {sorted(unknown)[0]!r} (known: preempts, priority)")
+            priority = table.get("priority")
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise ValueError(f"priority_classes.{name}.priority must be an integer, got {priority!r}")
+            priorities[name] = priority
+        by_priority = sorted(priorities.items(), key=lambda item: item[1])
+        rules = []
+        for name, table in classes.items():
+            preempts = table.get("preempts", [])
+            if not isinstance(preempts, list) or not all(isinstance(v, str) for v in preempts):
+                raise ValueError(f"priority_classes.{name}.preempts must be a list of class names, got {preempts!r}")
+            if not preempts:
+                continue
+            for victim in preempts:
+                if victim not in priorities:
+                    raise ValueError(f"priority_classes.{name} preempts {victim!r}, which is not a priority class")
+                if priorities[victim] >= priorities[name]:
+                    raise ValueError(
+                        f"priority_classes.{name} (priority {priorities[name]}) preempts {victim} (priority "
+                        f"{priorities[victim]}): a class may preempt only lower ones"
+                    )
+            top = max(priorities[v] for v in preempts)
+            for other, priority in by_priority:
+                if priority <= top and other not in preempts:
+                    raise ValueError(
+                        f"priority_classes.{name} preempts classes up to priority {top} but not {other} (priority {priority}), "
+                        "which ranks below them: name it too"
+                    )
+            above = min(priority for _, priority in by_priority if priority > top)
+            rules.append(PreemptionRule(min_priority=priorities[name], preempts_below_priority=above))
+        return tuple(sorted(rules, key=lambda rule: rule.min_priority))

@@ -110,7 +110,7 @@ def make_state_dir(path: Path) -> None:
 
 
 def scheduler_config(settings: CoordinatorSettings) -> SchedulerConfig:
-    """The scheduler's configuration from the settings (the policy, GPU scores, running-GPU quotas)."""
+    """The scheduler's configuration from the settings (the policy, GPU scores, running-GPU quotas, preemption rules)."""
     max_gpus_per_owner, max_gpus_per_group = settings.quota_policy().max_gpus()
     return SchedulerConfig(
         policy=settings.scheduler_policy,
@@ -119,6 +119,7 @@ def scheduler_config(settings: CoordinatorSettings) -> SchedulerConfig:
         temperature_threshold_celsius=settings.score_temperature_threshold,
         temperature_penalty_per_degree=settings.score_temperature_penalty,
         quotas=Quotas(max_gpus_per_owner=max_gpus_per_owner, max_gpus_per_group=max_gpus_per_group),
+        preemption=settings.preemption_rules(),
     )
 
 

@@ -64,7 +64,6 @@ def test_gpuctl_jobs_shows_when_a_queued_job_should_start_and_a_pending_quota_re
     client.cancel_job(running)
 
 
-@pytest.mark.xfail(strict=True, reason="the scheduler's in-pass quota check (SchedulerConfig.quotas) is built on another branch")
 def test_a_user_s_second_job_waits_with_a_reason_naming_the_gpu_quota(cluster):
     client = start(cluster, "[quotas.users.alice]\nmax_gpus = 1\n", gpus=2)
     first = client.submit_job(argv=SLEEP, gpus=1, owner="alice")

@@ -80,7 +80,7 @@ def test_fcfs_orders_by_submit_time_alone():
     assert ids(order_jobs(jobs, SchedulerConfig(policy="fcfs"), {})) == ["early", "mid", "late"]
 
 
-def test_sjf_puts_short_jobs_first_and_unknown_runtimes_after_every_known_one():
+def test_sjf_puts_short_jobs_first_counts_an_unknown_runtime_as_the_default_and_ages_waiting_jobs():
     jobs = [
         job("unknown-early", 1, submit_time=0.0),
         job("long", 1, submit_time=1.0, estimated_runtime_seconds=3600),
@@ -88,12 +88,18 @@ def test_sjf_puts_short_jobs_first_and_unknown_runtimes_after_every_known_one():
         job("short-early", 1, submit_time=2.0, estimated_runtime_seconds=60),
         job("unknown-late", 1, submit_time=3.0),
     ]
-    assert ids(order_jobs(jobs, SchedulerConfig(policy="sjf"), {})) == [
+    assert ids(order_jobs(jobs, SchedulerConfig(policy="sjf", default_runtime_seconds=7200), {})) == [
         "short-early",
         "short-late",
         "long",
         "unknown-early",
         "unknown-late",
+    ]
+    # Aged: an unknown job that has waited longer than the default runtime goes before a new short one.
+    old_unknown, new_short = job("old", 1, submit_time=0.0), job("new", 1, submit_time=7300.0, estimated_runtime_seconds=60)
+    assert ids(order_jobs([new_short, old_unknown], SchedulerConfig(policy="sjf", default_runtime_seconds=7200), {})) == [
+        "old",
+        "new",
     ]
 
 

@@ -45,6 +45,11 @@ def running_job(
     estimate = request.estimated_runtime_seconds
     if request.time_limit_seconds > 0:
         estimate = min(estimate, request.time_limit_seconds) if estimate > 0 else request.time_limit_seconds
+    attained = attained_service_seconds(job, attempt_number) if len(job.attempts) > 1 else 0.0
+    gpus = sum(len(share.gpu_uuids) for share in nodes)
+    # A requeued (preempted) job resumes from its checkpoint: what is left of its estimate is what the
+    # earlier attempts did not run yet. Past its estimate it may end any moment (the scheduler's reading of 0 left).
+    remaining = max(0.0, estimate - attained / gpus) if estimate > 0 and gpus else 0.0
     return scheduler.RunningJob(
         job_id=job.job_id,
         nodes=nodes,
@@ -54,9 +59,10 @@ def running_job(
         pool=request.pool,
         priority=request.priority,
         preemptible=request.preemptible,
-        estimated_end_time=start + estimate if estimate > 0 else 0.0,
-        attained_service_seconds=attained_service_seconds(job, attempt_number) if len(job.attempts) > 1 else 0.0,
+        estimated_end_time=start + remaining if estimate > 0 else 0.0,
+        attained_service_seconds=attained,
         stopping=stopping,
+        estimated_runtime_seconds=estimate,
     )
 
 

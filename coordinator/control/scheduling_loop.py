@@ -104,6 +104,8 @@ class SchedulingLoop:
         """Runtime predictions for the requests, and start-time estimates (control/estimates.py)."""
         self.running = RunningView(self._request_of_live)
         """The jobs holding GPUs, as the scheduler sees them (`running_jobs`)."""
+        self.reservations: tuple[scheduler.Reservation, ...] = ()
+        """The last pass's reservations, passed back so that each stays on its nodes."""
 
     async def run(self) -> None:
         forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
@@ -264,7 +266,16 @@ class SchedulingLoop:
             requests = [cached_requests[entry.job.job_id] for entry in ready]
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
-        result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage, running=self.running_jobs())
+        result = scheduler.schedule(
+            views,
+            requests,
+            self.config,
+            now=now.wall,
+            usage_by_owner=usage,
+            running=self.running_jobs(),
+            previous_reservations=self.reservations,
+        )
+        self.reservations = result.reservations
         for job_id, reason in result.pending_reasons.items():
             waiting_entry = manager.pending.get(job_id)
             if waiting_entry is not None:

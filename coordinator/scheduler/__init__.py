@@ -8,8 +8,8 @@ replay traces through the same function.
 
 One pass:
 
-1. Order the pending jobs by the policy (`order_jobs`): priority, fcfs, sjf
-   or fair_share.
+1. Order the pending jobs by the policy (`order_jobs`): priority, fcfs, sjf (aged), fair_share
+   or las (least attained service); srtf for the simulator's oracle reference.
 2. Walk them in that order, placing each all-or-nothing against the free
    capacity left by the jobs before it (`place` for one job alone). Eligible
    GPUs: on a schedulable node, healthy, free, with at least the job's memory
@@ -18,19 +18,19 @@ One pass:
    stay whole for large jobs; `gpus_per_node` fixes the shape; `spread` uses
    as many nodes as it can, evenly. On each node the best-scored GPUs
    (`score_gpu`: free memory, idleness, coolness) are taken, then given local
-   ranks by index.
-3. Anti-starvation (reservation with backfill): the first job in order that
-   does not fit now but could fit the cluster as it stands (counting busy
-   GPUs) reserves the nodes likeliest to satisfy it soonest, and later jobs
-   this pass are placed only on the rest. Reserved nodes only gain free GPUs
-   (nothing else starts there), so the next pass picks them again and the job
-   starts once enough of their work has finished. A job that can never fit
-   takes no reservation.
+   ranks by index. A job over its owner's or group's quota waits (quotas.py).
+3. EASY backfill (timeline.py): in each pool the first job in order that does not fit now but
+   could fit the pool reserves the nodes where it is estimated to start soonest, given the
+   running jobs' estimated ends, and keeps last pass's nodes unless others are strictly
+   earlier. Later jobs use reserved GPUs only if predicted to end before that start.
+4. Preemption (preemption.py): a blocked job that outranks running preemptible jobs (priority
+   rules, or las/srtf) gets the victims that free its shape losing the fewest GPU-seconds.
 
 Every job not placed gets a one-line reason for operators.
 
 Imports nothing outside this package: types.py (the records), ordering.py (policies, fair-share
 usage, GPU scores), capacity.py (pools and gang placement), reasons.py (why a job waits),
+timeline.py (estimated ends, reservations), preemption.py (victims), quotas.py (running-GPU caps),
 placement.py (the pass, one job alone, elastic sizes).
 """
 
@@ -38,15 +38,19 @@ from coordinator.scheduler.capacity import _Pass, _Pool
 from coordinator.scheduler.ordering import decayed_usage, order_jobs, score_gpu
 from coordinator.scheduler.placement import elastic_sizes, place, schedule
 from coordinator.scheduler.reasons import request_of_spec, too_big_for_cluster
+from coordinator.scheduler.timeline import estimated_start
 from coordinator.scheduler.types import (
     POLICIES,
+    SIMULATOR_POLICIES,
     Decision,
     GpuView,
     JobRequest,
     NodeShare,
     NodeView,
     Preemption,
+    PreemptionRule,
     Quotas,
+    Reservation,
     RunningJob,
     SchedulerConfig,
     SchedulingResult,
@@ -54,13 +58,16 @@ from coordinator.scheduler.types import (
 
 __all__ = [
     "POLICIES",
+    "SIMULATOR_POLICIES",
     "Decision",
     "GpuView",
     "JobRequest",
     "NodeShare",
     "NodeView",
     "Preemption",
+    "PreemptionRule",
     "Quotas",
+    "Reservation",
     "RunningJob",
     "SchedulerConfig",
     "SchedulingResult",
@@ -68,6 +75,7 @@ __all__ = [
     "_Pool",
     "decayed_usage",
     "elastic_sizes",
+    "estimated_start",
     "order_jobs",
     "place",
     "request_of_spec",

@@ -67,6 +67,13 @@ class _Pool:
             del self.buckets[count][i]
             self.total_free -= count
 
+    def release(self, i: int) -> None:
+        """Opens a held node's free GPUs to every job again."""
+        count = self.held.pop(i, None)
+        if count:
+            self.buckets[count][i] = None
+            self.total_free += count
+
     def nodes_with_free(self, k: int) -> int:
         """Unreserved nodes with at least k free eligible GPUs."""
         return sum(len(b) for b in self.buckets[max(k, 1) :])
@@ -196,6 +203,12 @@ class _Pass:
         for pool in self._pools.values():
             for i in nodes:
                 pool.hold(i)
+
+    def release(self, nodes: Sequence[int]) -> None:
+        self._held = self._held - frozenset(nodes)
+        for pool in self._pools.values():
+            for i in nodes:
+                pool.release(i)
 
     # placement
 

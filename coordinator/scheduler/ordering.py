@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import attrgetter
 
-from coordinator.scheduler.types import _NO_USAGE, POLICIES, GpuView, JobRequest, SchedulerConfig
+from coordinator.scheduler.types import _NO_USAGE, POLICIES, GpuView, JobRequest, RunningJob, SchedulerConfig
 
 # --- ordering -----------------------------------------------------------------------------------------------
 
 
 _by_submit = attrgetter("submit_time", "job_id")
 _by_priority = attrgetter("priority")
-_by_runtime = attrgetter("estimated_runtime_seconds")
 
 
 def _by_priority_order(jobs: Sequence[JobRequest]) -> list[JobRequest]:
@@ -23,12 +23,74 @@ def _by_priority_order(jobs: Sequence[JobRequest]) -> list[JobRequest]:
     return ordered
 
 
-def _sjf_order(jobs: Sequence[JobRequest]) -> list[JobRequest]:
-    """Shortest known estimated runtime first, then unknown (<= 0) ones; ties by submit_time, job_id."""
+def _estimate_or_default(job: JobRequest, config: SchedulerConfig) -> float:
+    if job.estimated_runtime_seconds > 0:
+        return job.estimated_runtime_seconds
+    return job.time_limit_seconds if job.time_limit_seconds > 0 else config.default_runtime_seconds
+
+
+def _sjf_order(jobs: Sequence[JobRequest], config: SchedulerConfig) -> list[JobRequest]:
+    """Shortest estimate first, aged: key = estimate + sjf_aging x submit_time (an unknown estimate counts as
+    default_runtime_seconds). Ranking by `estimate - aging x waited` gives the same order at every instant,
+    and a job's rank among later arrivals only improves, so no stream of short jobs holds it back forever."""
     ordered = sorted(jobs, key=_by_submit)
-    known = [job for job in ordered if job.estimated_runtime_seconds > 0]
-    known.sort(key=_by_runtime)
-    return known + [job for job in ordered if not job.estimated_runtime_seconds > 0]
+    aging = config.sjf_aging
+    ordered.sort(key=lambda job: _estimate_or_default(job, config) + aging * job.submit_time)
+    return ordered
+
+
+def las_queue(attained_gpu_seconds: float, config: SchedulerConfig) -> int:
+    """The las queue of a job that attained this much service: 0 below the first threshold, and so on."""
+    return bisect_right(config.las_thresholds_gpu_seconds, attained_gpu_seconds)
+
+
+def pending_las_queue(job: JobRequest, config: SchedulerConfig, now: float) -> int:
+    """A pending job's las queue; one that waited (not running) las_starve_limit_seconds is promoted to 0."""
+    limit = config.las_starve_limit_seconds
+    if limit > 0 and now - job.submit_time - job.attained_service_seconds / max(job.gpus, 1) >= limit:
+        return 0
+    return las_queue(job.attained_service_seconds, config)
+
+
+def running_attained(job: RunningJob, now: float) -> float:
+    """GPU-seconds a running job has attained: its earlier attempts' plus this attempt's so far."""
+    return job.attained_service_seconds + job.gpus * max(0.0, now - job.start_time)
+
+
+def pending_remaining(job: JobRequest, config: SchedulerConfig) -> float:
+    """srtf: estimated seconds left = estimate - attained / gpus."""
+    return _estimate_or_default(job, config) - job.attained_service_seconds / max(job.gpus, 1)
+
+
+def running_remaining(job: RunningJob, now: float, config: SchedulerConfig) -> float:
+    """srtf: a running job's estimated seconds left: its whole estimate less the service it attained, else
+    its estimated end less now, else the default runtime less the service attained."""
+    if job.estimated_runtime_seconds > 0:
+        return job.estimated_runtime_seconds - running_attained(job, now) / max(job.gpus, 1)
+    if job.estimated_end_time > 0:
+        return job.estimated_end_time - now
+    return config.default_runtime_seconds - running_attained(job, now) / max(job.gpus, 1)
+
+
+def _las_order(jobs: Sequence[JobRequest], config: SchedulerConfig, now: float) -> list[JobRequest]:
+    """Higher priority first, then the least attained service's queue, FIFO (submit_time) within a queue."""
+    thresholds, limit = config.las_thresholds_gpu_seconds, config.las_starve_limit_seconds
+
+    def key(job: JobRequest) -> tuple:
+        attained = job.attained_service_seconds
+        queue = bisect_right(thresholds, attained) if attained > 0 else 0
+        if queue and limit > 0 and now - job.submit_time - attained / max(job.gpus, 1) >= limit:
+            queue = 0  # pending_las_queue, inlined: this runs for every pending job each pass
+        return (-job.priority, queue, job.submit_time, job.job_id)
+
+    return sorted(jobs, key=key)
+
+
+def _srtf_order(jobs: Sequence[JobRequest], config: SchedulerConfig) -> list[JobRequest]:
+    ordered = sorted(jobs, key=_by_submit)
+    ordered.sort(key=lambda job: pending_remaining(job, config))
+    ordered.sort(key=_by_priority, reverse=True)
+    return ordered
 
 
 class _FairShare:
@@ -74,12 +136,14 @@ class _FairShare:
 
 
 def order_jobs(
-    jobs: Sequence[JobRequest], config: SchedulerConfig, usage_by_owner: Mapping[str, float] = _NO_USAGE
+    jobs: Sequence[JobRequest], config: SchedulerConfig, usage_by_owner: Mapping[str, float] = _NO_USAGE, now: float = 0.0
 ) -> list[JobRequest]:
     """The order in which a pass considers `jobs`.
 
     priority: higher first, then earlier submit_time, then job_id. fcfs: submit_time.
-    sjf: shortest estimated runtime first, unknown (0) after all known. fair_share: the
+    sjf: shortest estimate first, aged by submit time (see _sjf_order). las: priority, then the
+    attained-service queue (a job starved for las_starve_limit_seconds goes to queue 0), then FIFO.
+    srtf (simulator only): priority, then least estimated remaining time. fair_share: the
     owner with the least usage (GPU-seconds) first, each job charged to its owner as it
     is taken so that owners interleave; within an owner by priority then submit_time.
     For fair_share this is the order if every job were placed; `schedule` charges only
@@ -90,7 +154,11 @@ def order_jobs(
     if config.policy == "fcfs":
         return sorted(jobs, key=_by_submit)
     if config.policy == "sjf":
-        return _sjf_order(jobs)
+        return _sjf_order(jobs, config)
+    if config.policy == "las":
+        return _las_order(jobs, config, now)
+    if config.policy == "srtf":
+        return _srtf_order(jobs, config)
     if config.policy == "fair_share":
         queue = _FairShare(jobs, config, usage_by_owner)
         ordered = []

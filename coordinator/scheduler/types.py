@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-POLICIES = ("priority", "fcfs", "sjf", "fair_share")
+POLICIES = ("priority", "fcfs", "sjf", "fair_share", "las")
+"""The policies an operator may choose (scheduler_policy)."""
+SIMULATOR_POLICIES = (*POLICIES, "srtf")
+"""Also srtf, which orders by true remaining time: an oracle reference for the simulator, not for a live cluster."""
 
 _NO_USAGE: Mapping[str, float] = MappingProxyType({})
 
@@ -80,9 +83,35 @@ class Quotas:
 
 
 @dataclass(frozen=True, slots=True)
+class PreemptionRule:
+    """Pending jobs of priority >= min_priority may preempt running preemptible jobs of priority < preempts_below_priority."""
+
+    min_priority: int
+    preempts_below_priority: int
+
+    def __post_init__(self) -> None:
+        if self.preempts_below_priority > self.min_priority:
+            raise ValueError(
+                f"a preemption rule lets priority {self.min_priority} preempt priorities below {self.preempts_below_priority}: "
+                "a job may preempt only lower priorities"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The blocked head job of a pool and the nodes it holds, with the time it is estimated to start there."""
+
+    job_id: str
+    node_ids: tuple[str, ...]
+    start_time: float
+    """Estimated from running jobs' estimated ends (math.inf: no estimate is possible)."""
+    pool: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     policy: str = "priority"
-    """One of POLICIES."""
+    """One of SIMULATOR_POLICIES (live coordinators offer POLICIES)."""
     memory_weight: float = 0.6
     utilization_weight: float = 0.4
     temperature_threshold_celsius: float = 80.0
@@ -95,10 +124,36 @@ class SchedulerConfig:
     """fair_share charges a placed job gpus x runtime; this stands in for an unknown runtime."""
     quotas: Quotas = field(default_factory=Quotas)
     """Running-GPU caps per owner and group; a capped job waits with a reason naming the quota."""
+    backfill: bool = True
+    """Later jobs may start around a reservation (EASY backfill); False = nothing starts behind a blocked head
+    job of the same pool (strict order)."""
+    default_runtime_seconds: float = 3600.0
+    """What the scheduler assumes of a job with no estimate (sjf order, srtf, estimated ends of running jobs)."""
+    preemption: tuple[PreemptionRule, ...] = ()
+    """Which priorities may preempt which (priority classes); empty = no preemption by priority."""
+    preemption_cost_seconds: float = 60.0
+    """What a preemption costs the victim (grace, requeue, restart): a job that would start by waiting this long
+    preempts nobody, and las/srtf preempt only for a gain larger than it."""
+    las_thresholds_gpu_seconds: tuple[float, ...] = (3600.0, 36000.0)
+    """las queue boundaries in attained GPU-seconds: queue 0 below the first, and so on (ascending)."""
+    las_starve_limit_seconds: float = 3600.0
+    """las: a pending job that waited this long (not running) is promoted to queue 0; 0 = never."""
+    sjf_aging: float = 1.0
+    """sjf: seconds of estimated runtime forgiven per second waited (order key = estimate + aging x submit time),
+    so no job waits forever behind a stream of shorter ones; 0 = pure sjf."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
+        if self.policy not in SIMULATOR_POLICIES:
             raise ValueError(f"unknown scheduling policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.default_runtime_seconds <= 0:
+            raise ValueError(f"default_runtime_seconds must be > 0, got {self.default_runtime_seconds}")
+        if self.preemption_cost_seconds < 0:
+            raise ValueError(f"preemption_cost_seconds must be >= 0, got {self.preemption_cost_seconds}")
+        thresholds = self.las_thresholds_gpu_seconds
+        if any(t <= 0 for t in thresholds) or list(thresholds) != sorted(set(thresholds)):
+            raise ValueError(f"las_thresholds_gpu_seconds must be positive and strictly ascending, got {thresholds}")
+        if self.las_starve_limit_seconds < 0 or self.sjf_aging < 0:
+            raise ValueError("las_starve_limit_seconds and sjf_aging must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +190,11 @@ class RunningJob:
     attained_service_seconds: float = 0.0
     """GPU-seconds of the job's earlier attempts (this attempt's own is gpus x (now - start_time))."""
     stopping: bool = False
-    """The attempt is over (preempted, failed, cancelled) but some ranks have not confirmed their end: its GPUs
-    are still held, they free within the stop grace, and it is no candidate for preemption."""
+    """Asked to stop (preempted, failed, cancelled) but some ranks have not confirmed their end: holds its GPUs
+    until it ends (they free within the stop grace), is not preempted again, and its GPUs count as coming free
+    for the job it was preempted for."""
+    estimated_runtime_seconds: float = 0.0
+    """The job's whole estimated runtime (srtf's remaining time); 0 = unknown."""
 
     @property
     def gpus(self) -> int:
@@ -165,3 +223,7 @@ class SchedulingResult:
     """The nodes it holds."""
     preemptions: tuple[Preemption, ...] = ()
     """Running jobs to stop (with their grace) to make room; their GPUs are not reused in this pass."""
+    reserved_start_time: float = 0.0
+    """When reserved_for is estimated to start on reserved_nodes (0 = no reservation)."""
+    reservations: tuple[Reservation, ...] = ()
+    """Every pool's reservation (reserved_for/reserved_nodes are the first); pass it back as previous_reservations."""
