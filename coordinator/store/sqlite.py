@@ -182,8 +182,8 @@ class SqliteJobStore(JobStore):
                     connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            for _, _, done in writes:
-                loop.call_soon_threadsafe(_settle, done, error)
+            # One wake-up of the event loop per commit, not one per write it grouped.
+            loop.call_soon_threadsafe(_settle, [done for _, _, done in writes], error)
         connection.close()
 
     async def close(self) -> None:
@@ -193,10 +193,11 @@ class SqliteJobStore(JobStore):
             self._thread = None
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(StoreError(f"job store write failed: {error}"))
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(StoreError(f"job store write failed: {error}"))
