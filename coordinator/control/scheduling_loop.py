@@ -21,7 +21,7 @@ from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine
-from coordinator.rules.effects import Effect, Save
+from coordinator.rules.effects import Effect
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
@@ -96,6 +96,12 @@ class SchedulingLoop:
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
+        self._shown_waits: dict[str, str] = {}
+        """Pending job id -> the scheduler's reason last rendered into its `reason` (dropped as it enters or
+        leaves the queue): a reason is written only when it changes, not for every waiting job every pass."""
+        self.restarting: set[str] = set()
+        """Pending job ids whose next attempt is a restart (Job.pending_restart_reason set, read once as the job
+        enters the queue): only these have a restart to tell in their reason, or may shrink (elastic)."""
 
     async def run(self) -> None:
         while True:
@@ -121,6 +127,7 @@ class SchedulingLoop:
         once per telemetry refresh or health change; an allocation change only re-picks between them."""
         telemetry_epoch = int(self.manager.clock.monotonic() // TELEMETRY_REFRESH_SECONDS)
         allocations = self.cluster.allocations
+        held = allocations.held
         views = []
         for node in self.cluster.nodes.values():
             allocation_version = allocations.version(node.node_id)
@@ -134,7 +141,7 @@ class SchedulingLoop:
             cached.view = scheduler.NodeView(
                 node_id=node.node_id,
                 schedulable=node.schedulable,
-                gpus=tuple(taken if uuid in allocations else free for uuid, free, taken in cached.pairs),
+                gpus=tuple(taken if uuid in held else free for uuid, free, taken in cached.pairs),
             )
             cached.allocation_version = allocation_version
             views.append(cached.view)
@@ -184,9 +191,20 @@ class SchedulingLoop:
         """The job's spec changed (its priority): its request is built again at the next pass."""
         self._requests.pop(job_id, None)
 
+    def queue_changed(self, job_id: str, restarting: bool = False) -> None:
+        """The job entered the queue (`restarting`: for a restart) or left it; the rules wrote its reason, so the
+        next wait is rendered anew."""
+        self._shown_waits.pop(job_id, None)
+        if restarting:
+            self.restarting.add(job_id)
+        else:
+            self.restarting.discard(job_id)
+
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
         self._requests.pop(job_id, None)
+        self._shown_waits.pop(job_id, None)
+        self.restarting.discard(job_id)
 
     def owner_usage(self, now: float) -> dict[str, float]:
         """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share)."""
@@ -211,26 +229,33 @@ class SchedulingLoop:
         wall, backoffs, cached_requests = now.wall, manager.backoffs, self._requests
         ready: list[JobEntry] = []
         requests: list[scheduler.JobRequest] = []
+        shown = self._shown_waits
         # Every pending job, every pass: only plain data here (message fields are slow to read).
         for job_id, entry in manager.pending.items():
             if backoffs and backoffs.get(job_id, 0.0) > wall:
                 continue
-            waiting = job_machine.waiting_for_previous(entry)
-            if waiting is None:
-                ready.append(entry)
-                requests.append(cached_requests.get(job_id) or self.request(entry))
-            elif not entry.job.reason.endswith(waiting):
-                entry.job.reason = job_machine.pending_reason(entry.job, waiting)
+            if entry.attempts:  # a restart waits until every rank of the earlier attempt has ended
+                waiting = job_machine.waiting_for_previous(entry)
+                if waiting is not None:
+                    shown.pop(job_id, None)
+                    if not entry.job.reason.endswith(waiting):
+                        entry.job.reason = job_machine.pending_reason(entry.job, waiting)
+                    continue
+            ready.append(entry)
+            requests.append(cached_requests.get(job_id) or self.request(entry))
         if not ready:
             return []
         started = self.elapsed_clock()
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
         result = scheduler.schedule(views, requests, self.config, now=now.wall, usage_by_owner=usage)
+        restarting = self.restarting
         for job_id, reason in result.pending_reasons.items():
-            waiting_entry = manager.pending.get(job_id)
-            if waiting_entry is not None:
-                waiting_entry.job.reason = job_machine.pending_reason(waiting_entry.job, reason)
+            # Written only when it changes, and rendered from the job only when it has a restart to tell first.
+            if shown.get(job_id) != reason and (waiting_entry := manager.pending.get(job_id)) is not None:
+                job = waiting_entry.job
+                job.reason = job_machine.pending_reason(job, reason) if job_id in restarting else reason
+                shown[job_id] = reason
         effects: list[Effect] = []
         placed: list[JobEntry] = []
         for decision in result.placed:
@@ -245,23 +270,26 @@ class SchedulingLoop:
         self.decision_seconds.append(self.elapsed_clock() - started)
         del self.decision_seconds[:-KEPT_TIMINGS]
         self.placements += len(placed)
-        manager.apply([effect for effect in effects if not isinstance(effect, Save)])  # placed jobs leave the queue now
+        write = manager.apply(effects)  # placed jobs leave the queue now, their placements in one write
         # Durable before launching: a coordinator that dies now restarts knowing these attempts,
         # so it can adopt or fence ranks that agents report.
-        await manager.save([manager.jobs[job_id] for job_id in dict.fromkeys(e.job_id for e in effects if isinstance(e, Save))])
-        for entry in placed:
-            manager.apply(job_machine.launches(entry, manager.machine))
+        if write is not None:
+            await write
+        manager.apply([effect for entry in placed for effect in job_machine.launches(entry, manager.machine)])
         return [entry.job.job_id for entry in placed]
 
     def _place_elastic(
         self, ready: list[JobEntry], result: scheduler.SchedulingResult, now: job_machine.Now
     ) -> list[tuple[JobEntry, list[Effect]]]:
         """Restarting elastic jobs that did not fit at full size try smaller sizes, down to min_gpus."""
+        restarting = self.restarting
+        if not restarting:
+            return []  # only a restart may shrink; most ready jobs are first attempts
         placed_ids = {decision.job_id for decision in result.placed}
         placed = []
         for entry in ready:
-            if not entry.restart_reason:
-                continue  # only a restart may shrink; most ready jobs are first attempts
+            if entry.job.job_id not in restarting:
+                continue
             spec = entry.job.spec
             if spec.min_gpus >= spec.gpus or entry.job.job_id in placed_ids:
                 continue

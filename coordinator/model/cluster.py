@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from coordinator.model.jobs import RankKey
@@ -102,6 +103,9 @@ class Allocations(Mapping[str, tuple[str, int]]):
 
     def __init__(self) -> None:
         self._holders: dict[str, tuple[str, int]] = {}
+        self.held: Mapping[str, tuple[str, int]] = MappingProxyType(self._holders)
+        """The same, read-only, for lookups at the dict's speed (no method of ours in between): the scheduler's
+        node views ask it of every GPU of every node whose allocation changed."""
         self._versions: dict[str, int] = {}
         """Node id -> increases whenever a device on it is taken or given back (the scheduler's view cache keys on it)."""
         self._fence_holds: dict[RankKey, tuple[str, tuple[str, ...]]] = {}

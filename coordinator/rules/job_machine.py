@@ -241,15 +241,18 @@ def rank_ended(entry: JobEntry, attempt: Attempt, rank: int, outcome: RankOutcom
     attempt.running.discard(rank)
     effects: list[Effect] = []
     where = attempt.where(rank)
-    if where is not None and allocations.release(where[1], (entry.job.job_id, attempt.attempt), where[0]):
+    released = where is not None and allocations.release(where[1], (entry.job.job_id, attempt.attempt), where[0])
+    if released:
         effects.append(Wake())
     if attempt.ranks_left == 0:
         # Every rank is accounted for: agents may forget this attempt, and so may we.
-        effects += [AttemptOver(node, entry.job.job_id, attempt.attempt) for node in dict.fromkeys(attempt.nodes())]
+        nodes = attempt.nodes()
+        effects += [AttemptOver(node, entry.job.job_id, attempt.attempt) for node in dict.fromkeys(nodes)]
         del entry.attempts[attempt.attempt]
-        effects.append(Wake())  # a restart waiting for this attempt's end may go now
-        if attempt.placement.nodes:
-            effects.append(Release(attempt.placement.nodes[0].node_id, attempt.placement.master_port))
+        if not released:
+            effects.append(Wake())  # a restart waiting for this attempt's end may go now
+        if nodes:
+            effects.append(Release(nodes[0], attempt.placement.master_port))
     return effects
 
 
