@@ -143,3 +143,16 @@ async def test_a_group_commit_wakes_the_event_loop_once(tmp_path):
         del loop.call_soon_threadsafe
     assert calls_into_loop == store.commits - commits_before < 200
     await store.close()
+
+
+async def test_saves_made_while_the_writer_is_busy_share_one_write(tmp_path):
+    """Saves queued before the writer thread takes them join one write: one future (and one settle) for all."""
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    writes = [store.save([job(i)]) for i in range(1, 201)]
+    assert len({id(write) for write in writes}) < 100, "each save queued a write of its own"
+    await asyncio.gather(*writes)
+    await store.close()
+    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    assert [stored.sequence for stored in (await reopened.open()).jobs] == list(range(1, 201))
+    await reopened.close()

@@ -26,6 +26,7 @@ class JobWrites:
         """Writes that failed (each logged); a failed job's change is in memory only until its next write."""
         self._unsaved: dict[str, JobEntry] = {}
         """Job id -> job asked for since the last write, in the order first asked."""
+        self._watched: asyncio.Future[None] | None = None
 
     def ask(self, entry: JobEntry) -> None:
         """The job goes in the next write (`save`, or `save_unsaved` once the event's effects are applied)."""
@@ -37,7 +38,9 @@ class JobWrites:
         for entry in entries:
             batch.setdefault(entry.job.job_id, entry)
         write = self.store.save([StoredJob(entry.sequence, entry.job, entry.client_request_id) for entry in batch.values()])
-        write.add_done_callback(self._done)
+        if write is not self._watched:  # a store may answer several saves with one future (they joined one write)
+            self._watched = write
+            write.add_done_callback(self._done)
         return write
 
     def save_unsaved(self) -> asyncio.Future[None] | None:
