@@ -7,6 +7,7 @@ import asyncio
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
+from coordinator.rules.effects import Notify, Save, Wake
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.store.memory import MemoryJobStore
 from coordinator.store.sqlite import SqliteJobStore
@@ -74,4 +75,52 @@ async def test_a_failed_write_that_nobody_awaits_is_seen():
     assert manager.get(job_id).job.state == job_pb2.JOB_STATE_PENDING
     for _ in range(3):
         await asyncio.sleep(0)
-    assert manager.store_write_failures == 1
+    assert manager.writes.failures == 1
+
+
+async def test_one_event_makes_one_store_write():
+    """The effects of one event may save a job more than once, and several jobs: they go as one write, each job
+    once, queued before the event's handler returns; that write is what the caller may await."""
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    register(cluster, "n1")
+    store = MemoryJobStore()
+    manager = JobManager(cluster, store)
+    await manager.start()
+    first = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    second = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    manager.scheduling.wake.clear()
+    commits = store.commits
+    write = manager.apply([Save(second), Wake(), Notify(first), Save(first), Wake(), Save(second)])
+    assert store.commits == commits + 1, "queued at once, as one write"
+    assert write is not None
+    await write
+    assert manager.scheduling.wake.is_set()
+    assert manager.apply([Notify(first)]) is None
+    assert store.commits == commits + 1
+
+
+async def test_a_restarting_job_that_waits_again_says_why_it_restarts():
+    """A pending job's reason is written only when the scheduler's reason for it changes; one that was placed
+    and comes back to the queue shows its restart, even when it waits for the same thing as before."""
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    register(cluster, "n1")
+    manager = JobManager(cluster, MemoryJobStore())
+    await manager.start()
+    holder = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    assert await manager.schedule_pass() == [holder]
+    waiter = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=1))
+    assert await manager.schedule_pass() == []
+    first_wait = manager.get(waiter).job.reason
+    assert first_wait and "restart" not in first_wait
+    assert await manager.schedule_pass() == []
+    assert manager.get(waiter).job.reason == first_wait
+    ended = agent_pb2.TaskStatus(job_id=holder, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED, exit_code=0)
+    manager.on_task_status("n1", ended)
+    assert await manager.schedule_pass() == [waiter]
+    holder_again = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, priority=5))
+    failed = agent_pb2.TaskStatus(job_id=waiter, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED, exit_code=1)
+    manager.on_task_status("n1", failed)
+    assert await manager.schedule_pass() == [holder_again]
+    reason = manager.get(waiter).job.reason
+    assert reason.startswith("restart 1 of 1 after "), reason
+    assert reason.endswith(first_wait.rsplit(";", 1)[-1].strip()), (reason, first_wait)

@@ -119,3 +119,40 @@ async def test_a_request_id_is_unique_per_owner_also_in_a_store_made_when_it_was
         ("bob", "req-1"),
     ]
     await reopened.close()
+
+
+async def test_a_group_commit_wakes_the_event_loop_once(tmp_path):
+    """The writer thread settles every write of one commit with one call into the loop, not one per write:
+    each such call is a wake-up of the loop (a write to its self-pipe) and a callback to run."""
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    loop = asyncio.get_running_loop()
+    calls_into_loop = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args, **kwargs):
+        nonlocal calls_into_loop
+        calls_into_loop += 1
+        return call_soon_threadsafe(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    try:
+        commits_before = store.commits
+        await asyncio.gather(*(store.save([job(i)]) for i in range(1, 201)))
+    finally:
+        del loop.call_soon_threadsafe
+    assert calls_into_loop == store.commits - commits_before < 200
+    await store.close()
+
+
+async def test_saves_made_while_the_writer_is_busy_share_one_write(tmp_path):
+    """Saves queued before the writer thread takes them join one write: one future (and one settle) for all."""
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    writes = [store.save([job(i)]) for i in range(1, 201)]
+    assert len({id(write) for write in writes}) < 100, "each save queued a write of its own"
+    await asyncio.gather(*writes)
+    await store.close()
+    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    assert [stored.sequence for stored in (await reopened.open()).jobs] == list(range(1, 201))
+    await reopened.close()

@@ -22,6 +22,7 @@ from coordinator import scheduler
 from coordinator.control import reconcile
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.job_writes import JobWrites
 from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
 from coordinator.control.scheduling_loop import SchedulingLoop
 from coordinator.model import jobs as job_queries
@@ -47,7 +48,7 @@ from coordinator.rules.effects import (
 from coordinator.rules.health import DeviceHealth
 from coordinator.rules.liveness import Liveness
 from coordinator.rules.quotas import QuotaPolicy, pending_quota_problem
-from coordinator.store.api import JobStore, StoredJob
+from coordinator.store.api import JobStore
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, job_pb2
 
@@ -128,7 +129,7 @@ class JobManager:
         self.restarts_by_reason: dict[str, int] = {}
         self.launch_latencies: list[float] = []
         """Recent placement -> every rank's process started, in seconds."""
-        self.store_write_failures = 0
+        self.writes = JobWrites(store)
         self._appliers = self._applier_table()
         cluster.listeners.append(self._on_transition)
         cluster.device_listeners.append(self._on_device_unhealthy)
@@ -179,13 +180,15 @@ class JobManager:
 
     def _queue_follows_state(self, entry: JobEntry) -> None:
         """`pending` holds exactly the PENDING jobs."""
-        job_id, owner = entry.job.job_id, entry.job.spec.owner
-        if entry.job.state == job_pb2.JOB_STATE_PENDING:
+        job = entry.job
+        job_id, owner, state = job.job_id, job.spec.owner, job.state
+        if state == job_pb2.JOB_STATE_PENDING:
             if job_id not in self.pending:
                 self.pending[job_id] = entry
                 self.pending_by_owner[owner] = self.pending_by_owner.get(owner, 0) + 1
-                if entry.job.HasField("restart_not_before"):
+                if job.HasField("restart_not_before"):
                     self.backoffs[job_id] = entry.not_before
+                self.scheduling.queue_changed(job_id, restarting=bool(job.pending_restart_reason))
         elif self.pending.pop(job_id, None) is not None:
             self.backoffs.pop(job_id, None)
             left = self.pending_by_owner.get(owner, 0) - 1
@@ -193,34 +196,34 @@ class JobManager:
                 self.pending_by_owner[owner] = left
             else:
                 self.pending_by_owner.pop(owner, None)
-        if entry.final:
+            self.scheduling.queue_changed(job_id)
+        if state in FINAL_STATES:
             self.scheduling.forget(job_id)
 
     # -- effects -----------------------------------------------------------------------------
 
-    def apply(self, effects: Iterable[Effect]) -> list[asyncio.Future[None]]:
-        """Applies the rules' effects in order; returns the store writes they made (each also watched)."""
-        writes = []
+    def apply(self, effects: Iterable[Effect]) -> asyncio.Future[None] | None:
+        """Applies the rules' effects in order, the jobs to save as one write after the rest (control/job_writes.py):
+        one event's effects may save a job twice, or several. Returns that write, if any (it is watched)."""
+        appliers = self._appliers
         for effect in effects:
-            if isinstance(effect, Save):
-                writes.append(self.save([self.jobs[effect.job_id]]))
-            else:
-                self._appliers[type(effect)](effect)
-        return writes
+            appliers[type(effect)](effect)
+        return self.writes.save_unsaved()
 
     def _applier_table(self) -> dict[type, Callable[[Any], object]]:
-        send = self.links.send
+        send, jobs, ask, wake = self.links.send, self.jobs, self.writes.ask, self.scheduling.wake
         return {
-            Notify: lambda effect: self._notify(self.jobs[effect.job_id]),
-            Wake: lambda effect: self.scheduling.wake.set(),
-            QueueChanged: lambda effect: self._queue_follows_state(self.jobs[effect.job_id]),
+            Save: lambda effect: ask(jobs[effect.job_id]),
+            Wake: lambda effect: wake.set(),
+            Notify: lambda effect: self._notify(jobs[effect.job_id]),
+            QueueChanged: lambda effect: self._queue_follows_state(jobs[effect.job_id]),
             Launch: lambda effect: send(effect.node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch)),
             Stop: lambda effect: send(
                 effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason)
             ),
             AttemptOver: lambda effect: send(effect.node_id, attempt_over_message(effect.job_id, effect.attempt)),
             Fence: lambda effect: reconcile.fence(self, effect),
-            Release: lambda effect: self.scheduling.port_released(effect.node_id, effect.port),
+            Release: lambda effect: self.scheduling.ports.release(effect.node_id, effect.port),
             AttemptFailed: self._attempt_failed,
             Preempted: self.scheduling.preempted,
             Finished: lambda effect: self.scheduling.finished(self.jobs[effect.job_id], effect.state, effect.reason),
@@ -236,18 +239,9 @@ class JobManager:
         self.launch_latencies.append(effect.seconds)
         del self.launch_latencies[:-KEPT_TIMINGS]
 
-    def save(self, entries: list[JobEntry]) -> asyncio.Future[None]:
-        """Queues a write; its failure is logged and counted even when nobody awaits it."""
-        write = self.store.save([StoredJob(entry.sequence, entry.job, entry.client_request_id) for entry in entries])
-        write.add_done_callback(self._write_done)
-        return write
-
-    def _write_done(self, write: asyncio.Future[None]) -> None:
-        if not write.cancelled() and write.exception() is not None:
-            self.store_write_failures += 1
-            log.error(
-                "job store write failed; the change is in memory only until the job's next write", error=str(write.exception())
-            )
+    def save(self, entries: Iterable[JobEntry] = ()) -> asyncio.Future[None]:
+        """One write: the jobs the rules asked to save since the last, then `entries`; its failure is logged and counted."""
+        return self.writes.save(entries)
 
     def _notify(self, entry: JobEntry) -> None:
         for watcher in self.watchers.get(entry.job.job_id, ()):
@@ -297,7 +291,8 @@ class JobManager:
         entry = self.get(job_id)
         if entry.final:
             raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
-        for write in self.apply(job_machine.cancel(entry, self.now(), self.machine)):
+        write = self.apply(job_machine.cancel(entry, self.now(), self.machine))
+        if write is not None:
             await write
         return entry.job
 
@@ -370,8 +365,9 @@ class JobManager:
         ended = status.state != agent_pb2.TASK_STATE_RUNNING
         if ended and allocations.fencing and allocations.fence_confirmed(node_id, (status.job_id, status.attempt, status.rank)):
             self.scheduling.wake.set()
-        entry = self.jobs.get(status.job_id)
-        self.apply(job_machine.rank_reported(entry, node_id, status, self.now(), allocations, self.machine))
+        entry, clock = self.jobs.get(status.job_id), self.clock
+        now = job_machine.Now(clock.wall(), clock.monotonic())
+        self.apply(job_machine.rank_reported(entry, node_id, status, now, allocations, self.machine))
 
     def _on_transition(self, transition: Transition) -> None:
         if transition.after is Liveness.DOWN:

@@ -53,7 +53,7 @@ def restore(manager: JobManager, state: StoredState) -> None:
         job_machine.restore(entry, record, now, manager.cluster.allocations)
         manager.scheduling.running.track(entry)
         if record.placement.nodes:
-            manager.scheduling.ports_in_use.setdefault(record.placement.nodes[0].node_id, set()).add(record.placement.master_port)
+            manager.scheduling.ports.note(record.placement.nodes[0].node_id, record.placement.master_port)
         for node in record.placement.nodes:
             manager.expected_nodes.setdefault(node.node_id, now.wall + manager.node_grace_period)
 

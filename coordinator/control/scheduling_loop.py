@@ -18,12 +18,13 @@ import structlog
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.placements import RendezvousPorts, placement_of
 from coordinator.control.running_view import RunningView, attained_service_seconds
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine, preemption
-from coordinator.rules.effects import Effect, Preempted, Save, Stop
+from coordinator.rules.effects import Effect, Preempted, Stop
 from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
 
@@ -52,25 +53,6 @@ class _CachedView:
     view: scheduler.NodeView | None
 
 
-def placement_of(decision: scheduler.Decision, nodes: dict[str, NodeRecord], port: int) -> job_pb2.Placement:
-    """The wire placement of a scheduler decision: node ranks, first ranks, device indexes, the rendezvous."""
-    first = nodes[decision.nodes[0].node_id]
-    placement = job_pb2.Placement(master_addr=first.addresses[0] if first.addresses else first.hostname, master_port=port)
-    rank = 0
-    for node_rank, share in enumerate(decision.nodes):
-        devices = nodes[share.node_id].devices
-        placement.nodes.add(
-            node_id=share.node_id,
-            node_rank=node_rank,
-            device_uuids=share.gpu_uuids,
-            first_rank=rank,
-            device_indexes=[devices[uuid].info.index for uuid in share.gpu_uuids],
-        )
-        rank += len(share.gpu_uuids)
-    placement.world_size = rank
-    return placement
-
-
 class SchedulingLoop:
     """Runs passes for one JobManager: whenever something changed, and at least every second."""
 
@@ -87,16 +69,14 @@ class SchedulingLoop:
         self.manager = manager
         self.cluster = cluster
         self.config = config
-        self.rendezvous_ports = rendezvous_ports
-        self.rng = rng
+        self.ports = RendezvousPorts(rendezvous_ports, rng)
+        """MASTER_PORTs of the attempts not yet over, by the node of their rank 0."""
         self.elapsed_clock = elapsed_clock
         """Times passes (the clock's monotonic time)."""
         self.wake = asyncio.Event()
         self.placements = 0
         self.decision_seconds: list[float] = []
         """Duration of recent scheduling passes that placed something (for benchmarks and metrics)."""
-        self.ports_in_use: dict[str, set[int]] = {}
-        """Node id -> MASTER_PORTs of attempts not yet over whose rank 0 is on that node."""
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
@@ -106,6 +86,12 @@ class SchedulingLoop:
         """The jobs holding GPUs, as the scheduler sees them (`running_jobs`)."""
         self.reservations: tuple[scheduler.Reservation, ...] = ()
         """The last pass's reservations, passed back so that each stays on its nodes."""
+        self._shown_waits: dict[str, str] = {}
+        """Pending job id -> the scheduler's reason last rendered into its `reason` (dropped as it enters or
+        leaves the queue): a reason is written only when it changes, not for every waiting job every pass."""
+        self.restarting: set[str] = set()
+        """Pending job ids whose next attempt is a restart (Job.pending_restart_reason set, read once as the job
+        enters the queue): only these have a restart to tell in their reason, or may shrink (elastic)."""
 
     async def run(self) -> None:
         forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
@@ -135,6 +121,7 @@ class SchedulingLoop:
         once per telemetry refresh or health change; an allocation change only re-picks between them."""
         telemetry_epoch = int(self.manager.clock.monotonic() // TELEMETRY_REFRESH_SECONDS)
         allocations = self.cluster.allocations
+        held = allocations.held
         views = []
         for node in self.cluster.nodes.values():
             allocation_version = allocations.version(node.node_id)
@@ -149,7 +136,7 @@ class SchedulingLoop:
                 node_id=node.node_id,
                 schedulable=node.schedulable,
                 pool=node.pool,
-                gpus=tuple(taken if uuid in allocations else free for uuid, free, taken in cached.pairs),
+                gpus=tuple(taken if uuid in held else free for uuid, free, taken in cached.pairs),
             )
             cached.allocation_version = allocation_version
             views.append(cached.view)
@@ -217,9 +204,20 @@ class SchedulingLoop:
         """Every job with a live attempt (placed, starting, running, or stopping), as the scheduler sees it."""
         return self.running.jobs()
 
+    def queue_changed(self, job_id: str, restarting: bool = False) -> None:
+        """The job entered the queue (`restarting`: for a restart) or left it; the rules wrote its reason, so the
+        next wait is rendered anew."""
+        self._shown_waits.pop(job_id, None)
+        if restarting:
+            self.restarting.add(job_id)
+        else:
+            self.restarting.discard(job_id)
+
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
         self._requests.pop(job_id, None)
+        self._shown_waits.pop(job_id, None)
+        self.restarting.discard(job_id)
 
     def finished(self, entry: JobEntry, state: int, reason: str) -> None:
         """The job reached a final state: its runtime teaches the predictor."""
@@ -249,16 +247,20 @@ class SchedulingLoop:
         wall, backoffs, cached_requests = now.wall, manager.backoffs, self._requests
         ready: list[JobEntry] = []
         requests: list[scheduler.JobRequest] = []
+        shown = self._shown_waits
         # Every pending job, every pass: only plain data here (message fields are slow to read).
         for job_id, entry in manager.pending.items():
             if backoffs and backoffs.get(job_id, 0.0) > wall:
                 continue
-            waiting = job_machine.waiting_for_previous(entry)
-            if waiting is None:
-                ready.append(entry)
-                requests.append(cached_requests.get(job_id) or self.request(entry))
-            elif not entry.job.reason.endswith(waiting):
-                entry.job.reason = job_machine.pending_reason(entry.job, waiting)
+            if entry.attempts:  # a restart waits until every rank of the earlier attempt has ended
+                waiting = job_machine.waiting_for_previous(entry)
+                if waiting is not None:
+                    shown.pop(job_id, None)
+                    if not entry.job.reason.endswith(waiting):
+                        entry.job.reason = job_machine.pending_reason(entry.job, waiting)
+                    continue
+            ready.append(entry)
+            requests.append(cached_requests.get(job_id) or self.request(entry))
         if not ready:
             return []
         started = self.elapsed_clock()
@@ -276,10 +278,13 @@ class SchedulingLoop:
             previous_reservations=self.reservations,
         )
         self.reservations = result.reservations
+        restarting = self.restarting
         for job_id, reason in result.pending_reasons.items():
-            waiting_entry = manager.pending.get(job_id)
-            if waiting_entry is not None:
-                waiting_entry.job.reason = job_machine.pending_reason(waiting_entry.job, reason)
+            # Written only when it changes, and rendered from the job only when it has a restart to tell first.
+            if shown.get(job_id) != reason and (waiting_entry := manager.pending.get(job_id)) is not None:
+                job = waiting_entry.job
+                job.reason = job_machine.pending_reason(job, reason) if job_id in restarting else reason
+                shown[job_id] = reason
         effects: list[Effect] = self._preempt(result.preemptions, now)
         placed: list[JobEntry] = []
         for decision in result.placed:
@@ -295,14 +300,15 @@ class SchedulingLoop:
             self.decision_seconds.append(self.elapsed_clock() - started)
             del self.decision_seconds[:-KEPT_TIMINGS]
             self.placements += len(placed)
-        manager.apply([effect for effect in effects if not isinstance(effect, Save | Stop)])  # placed jobs leave the queue now
+        stops = [effect for effect in effects if isinstance(effect, Stop)]
+        # Placed jobs leave the queue now, their placements (and preemptions) in one write.
+        write = manager.apply([effect for effect in effects if not isinstance(effect, Stop)])
         # Durable before launching: a coordinator that dies now restarts knowing these attempts,
         # so it can adopt or fence ranks that agents report. And before a preempted job's ranks are
         # stopped: restarted, it knows them preempted (a rank that checkpoints and exits 0 is no success).
-        await manager.save([manager.jobs[job_id] for job_id in dict.fromkeys(e.job_id for e in effects if isinstance(e, Save))])
-        manager.apply([effect for effect in effects if isinstance(effect, Stop)])
-        for entry in placed:
-            manager.apply(job_machine.launches(entry, manager.machine))
+        if write is not None:
+            await write
+        manager.apply(stops + [effect for entry in placed for effect in job_machine.launches(entry, manager.machine)])
         return [entry.job.job_id for entry in placed]
 
     def _preempt(self, preemptions: tuple[scheduler.Preemption, ...], now: job_machine.Now) -> list[Effect]:
@@ -325,11 +331,14 @@ class SchedulingLoop:
         self, ready: list[JobEntry], result: scheduler.SchedulingResult, now: job_machine.Now
     ) -> list[tuple[JobEntry, list[Effect]]]:
         """Restarting elastic jobs that did not fit at full size try smaller sizes, down to min_gpus."""
+        restarting = self.restarting
+        if not restarting:
+            return []  # only a restart may shrink; most ready jobs are first attempts
         placed_ids = {decision.job_id for decision in result.placed}
         placed = []
         for entry in ready:
-            if not entry.restart_reason:
-                continue  # only a restart may shrink; most ready jobs are first attempts
+            if entry.job.job_id not in restarting:
+                continue
             spec = entry.job.spec
             if spec.min_gpus >= spec.gpus or entry.job.job_id in placed_ids:
                 continue
@@ -346,8 +355,7 @@ class SchedulingLoop:
     def _start(self, entry: JobEntry, decision: scheduler.Decision, now: job_machine.Now) -> list[Effect]:
         nodes = self.cluster.nodes
         first = decision.nodes[0].node_id
-        placement = placement_of(decision, nodes, self._rendezvous_port(first))
-        self.ports_in_use.setdefault(first, set()).add(placement.master_port)
+        placement = placement_of(decision, nodes, self.ports.take(first))
         sessions = {
             share.node_id: (session.session_id if (session := nodes[share.node_id].session) is not None else 0)
             for share in decision.nodes
@@ -363,15 +371,3 @@ class SchedulingLoop:
             gpus=placement.world_size,
         )
         return effects
-
-    def port_released(self, node_id: str, port: int) -> None:
-        self.ports_in_use.get(node_id, set()).discard(port)
-
-    def _rendezvous_port(self, node_id: str) -> int:
-        """A port for MASTER_PORT, not used by another attempt whose rank 0 is on the same node."""
-        in_use = self.ports_in_use.setdefault(node_id, set())
-        low, high = self.rendezvous_ports
-        while True:
-            port = self.rng.randrange(low, high)
-            if port not in in_use:
-                return port

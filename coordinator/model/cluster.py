@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from coordinator.model.jobs import RankKey
@@ -104,6 +105,9 @@ class Allocations(Mapping[str, tuple[str, int]]):
 
     def __init__(self) -> None:
         self._holders: dict[str, tuple[str, int]] = {}
+        self.held: Mapping[str, tuple[str, int]] = MappingProxyType(self._holders)
+        """The same, read-only, for lookups at the dict's speed (no method of ours in between): the scheduler's
+        node views ask it of every GPU of every node whose allocation changed."""
         self._versions: dict[str, int] = {}
         """Node id -> increases whenever a device on it is taken or given back (the scheduler's view cache keys on it)."""
         self._fence_holds: dict[RankKey, tuple[str, tuple[str, ...]]] = {}
@@ -137,12 +141,17 @@ class Allocations(Mapping[str, tuple[str, int]]):
     def take(self, uuid: str, holder: tuple[str, int], node_id: str, restoring: bool = False) -> None:
         """Gives `uuid` to `holder`; refuses a device another attempt holds (unless restoring stored attempts,
         where the later attempt wins)."""
-        current = self._holders.get(uuid)
-        if current is not None and current != holder and not restoring:
-            raise AssertionError(f"device {uuid} is held by {current}; refusing to give it to {holder[0]}")
-        self._holders[uuid] = holder
-        versions = self._versions  # inline `changed`: taken and given back once per rank
-        versions[node_id] = versions.get(node_id, 0) + 1
+        self.take_all(((node_id, uuid),), holder, restoring)
+
+    def take_all(self, devices: Iterable[tuple[str, str]], holder: tuple[str, int], restoring: bool = False) -> None:
+        """`take` for each (node id, uuid): an attempt's devices are taken together, in one call."""
+        holders, versions = self._holders, self._versions  # `changed` inlined: once per rank placed
+        for node_id, uuid in devices:
+            current = holders.get(uuid)
+            if current is not None and current != holder and not restoring:
+                raise AssertionError(f"device {uuid} is held by {current}; refusing to give it to {holder[0]}")
+            holders[uuid] = holder
+            versions[node_id] = versions.get(node_id, 0) + 1
 
     def release(self, uuid: str, holder: tuple[str, int], node_id: str) -> bool:
         """Gives `uuid` back if `holder` holds it; returns whether it did."""

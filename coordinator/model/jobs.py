@@ -71,11 +71,15 @@ class Attempt:
     _ranks: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
     """Rank -> (node id, device uuid): an index over `placement`, built once (a placement never changes
     once made), because message fields are slow to walk for every rank's report."""
+    _nodes: list[str] = field(default_factory=list, repr=False)
+    """The placement's node ids in node-rank order (the same index)."""
 
     def __post_init__(self) -> None:
         for node in self.placement.nodes:
+            node_id = node.node_id
+            self._nodes.append(node_id)
             for local, uuid in enumerate(node.device_uuids):
-                self._ranks[node.first_rank + local] = (node.node_id, uuid)
+                self._ranks[node.first_rank + local] = (node_id, uuid)
 
     @property
     def world_size(self) -> int:
@@ -107,7 +111,7 @@ class Attempt:
 
     def nodes(self) -> list[str]:
         """The attempt's nodes, in node-rank order."""
-        return [node.node_id for node in self.placement.nodes]
+        return list(self._nodes)
 
 
 @dataclass(eq=False)

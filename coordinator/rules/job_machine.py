@@ -187,12 +187,10 @@ def _take(
     entry: JobEntry, record: job_pb2.Attempt, now: Now, allocations: Allocations, node_sessions: dict[str, int], restoring: bool
 ) -> Attempt:
     attempt = Attempt(record.attempt, record.placement, launched_at=now.monotonic)
-    holder = (entry.job.job_id, record.attempt)
     # From the attempt's own index of the placement, not the message again: its fields are slow to walk.
-    for node_id, uuid in attempt.devices():
-        if node_id not in attempt.node_sessions:
-            attempt.node_sessions[node_id] = node_sessions.get(node_id, 0)
-        allocations.take(uuid, holder, node_id, restoring=restoring)
+    for node_id in attempt.nodes():
+        attempt.node_sessions.setdefault(node_id, node_sessions.get(node_id, 0))
+    allocations.take_all(attempt.devices(), (entry.job.job_id, record.attempt), restoring)
     entry.attempts[record.attempt] = attempt
     return attempt
 
@@ -204,13 +202,14 @@ def rank_reported(
     entry: JobEntry | None, node_id: str, status: agent_pb2.TaskStatus, now: Now, allocations: Allocations, config: MachineConfig
 ) -> list[Effect]:
     """A rank's state as its agent reports it (a TaskStatus, or one listed in a registration)."""
-    attempt = entry.attempts.get(status.attempt) if entry is not None else None
+    number, rank = status.attempt, status.rank  # message fields: read once
+    attempt = entry.attempts.get(number) if entry is not None else None
     running = status.state == agent_pb2.TASK_STATE_RUNNING
-    if entry is None or attempt is None or attempt.node_of(status.rank) != node_id:
+    if entry is None or attempt is None or attempt.node_of(rank) != node_id:
         if running:
             return [_fence(entry, node_id, status, "fenced: attempt not run by the coordinator")]
         return []
-    live = entry.job.state == job_pb2.JOB_STATE_RUNNING and status.attempt == entry.job.attempt
+    live = entry.job.state == job_pb2.JOB_STATE_RUNNING and number == entry.job.attempt
     if running:
         if not live:
             if preemption.being_preempted(entry, status.attempt):  # in its grace: not killed at once
@@ -218,25 +217,25 @@ def rank_reported(
                 return preemption.stop_again(entry, attempt, node_id, status.rank, now.wall, now.monotonic, grace)
             return [_fence(entry, node_id, status, "fenced: attempt superseded")]
         if status.working_dir:
-            record = entry.record(status.attempt)
+            record = entry.record(number)
             if record is not None and record.working_dirs.get(node_id) != status.working_dir:
                 record.working_dirs[node_id] = status.working_dir
-        attempt.running.add(status.rank)
+        attempt.running.add(rank)
         if len(attempt.running) == attempt.world_size and not attempt.all_started_at:
             attempt.all_started_at = now.monotonic
             if attempt.state is AttemptState.LAUNCHING:
                 attempt.state = AttemptState.RUNNING
             return [AllStarted(entry.job.job_id, attempt.all_started_at - attempt.launched_at)]
         return []
-    if status.rank in attempt.ended:
+    if rank in attempt.ended:
         return []
     outcome = job_rules.rank_outcome(status, node_id)
-    effects = rank_ended(entry, attempt, status.rank, outcome, allocations)
+    effects = rank_ended(entry, attempt, rank, outcome, allocations)
     if not live:
         return effects
     if outcome.failed:
         return effects + attempt_failed(entry, recovery.failure_code(status), outcome.description, now, config)
-    if not entry.attempts.get(status.attempt):  # every rank ended, each with code 0
+    if not entry.attempts.get(number):  # every rank ended, each with code 0
         reason = f"all {attempt.world_size} ranks exited with code 0"
         _end_record(entry, reason, now)
         return effects + finish(entry, job_pb2.JOB_STATE_SUCCEEDED, reason, now)
@@ -259,15 +258,18 @@ def rank_ended(entry: JobEntry, attempt: Attempt, rank: int, outcome: RankOutcom
     attempt.running.discard(rank)
     effects: list[Effect] = []
     where = attempt.where(rank)
-    if where is not None and allocations.release(where[1], (entry.job.job_id, attempt.attempt), where[0]):
+    released = where is not None and allocations.release(where[1], (entry.job.job_id, attempt.attempt), where[0])
+    if released:
         effects.append(Wake())
     if attempt.ranks_left == 0:
         # Every rank is accounted for: agents may forget this attempt, and so may we.
-        effects += [AttemptOver(node, entry.job.job_id, attempt.attempt) for node in dict.fromkeys(attempt.nodes())]
+        nodes = attempt.nodes()
+        effects += [AttemptOver(node, entry.job.job_id, attempt.attempt) for node in dict.fromkeys(nodes)]
         del entry.attempts[attempt.attempt]
-        effects.append(Wake())  # a restart waiting for this attempt's end may go now
-        if attempt.placement.nodes:
-            effects.append(Release(attempt.placement.nodes[0].node_id, attempt.placement.master_port))
+        if not released:
+            effects.append(Wake())  # a restart waiting for this attempt's end may go now
+        if nodes:
+            effects.append(Release(nodes[0], attempt.placement.master_port))
     return effects
 
 

@@ -2,8 +2,10 @@
 
 A job is durable before SubmitJob answers. The event loop never touches the
 disk: one writer thread takes every write queued since its last commit and
-commits them in one transaction (group commit), then wakes each waiter. Under
-load, many submissions share one fsync, so throughput holds.
+commits them in one transaction (group commit), then wakes the waiters with one
+call into the event loop. Under load, many submissions share one fsync, so
+throughput holds; saves made while the writer is busy join one queued write
+(one future for all of them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -60,6 +63,17 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _CLOSE = object()
+
+
+@dataclass(eq=False)
+class _Write:
+    """Rows and settings to commit, and the future of everyone who asked for them."""
+
+    rows: list[tuple]
+    settings: dict[str, str | None]
+    done: asyncio.Future[None]
+
+
 DRAIN_KEY_PREFIX = "drain:"
 """Drains are rows of the settings table, keyed by this and the node id."""
 
@@ -88,6 +102,9 @@ class SqliteJobStore(JobStore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
         """Transactions committed: fewer than save() calls when writes are grouped."""
+        self._lock = threading.Lock()
+        self._open_write: _Write | None = None
+        """The write queued last, while the writer has not taken it: saves until then join it."""
 
     def _connect(self) -> sqlite3.Connection:
         make_private(self.path)
@@ -137,9 +154,15 @@ class SqliteJobStore(JobStore):
             for stored in jobs
         ]
         settings = {DRAIN_KEY_PREFIX + node_id: reason for node_id, reason in (drains or {}).items()}
-        done: asyncio.Future[None] = self._loop.create_future()
-        self._queue.put((rows, settings, done))
-        return done
+        with self._lock:
+            write = self._open_write
+            if write is None:
+                write = self._open_write = _Write(rows, settings, self._loop.create_future())
+                self._queue.put(write)
+            else:  # joins the write the writer has not taken yet: one future, one queue item, one settle
+                write.rows += rows
+                write.settings.update(settings)
+        return write.done
 
     def _writer(self, connection: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         closing = False
@@ -150,14 +173,17 @@ class SqliteJobStore(JobStore):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            writes = [item for item in batch if item is not _CLOSE]
+            with self._lock:  # what is taken takes no more rows; a save from now on queues a new write
+                self._open_write = None
+            writes = [item for item in batch if isinstance(item, _Write)]
             closing = len(writes) != len(batch)
             if not writes:
                 continue
             error: BaseException | None = None
             try:
                 connection.execute("BEGIN")
-                for rows, settings, _ in writes:
+                for write in writes:
+                    rows, settings = write.rows, write.settings
                     if rows:
                         connection.executemany(
                             "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, data) VALUES (?, ?, ?, ?, ?, ?) "
@@ -182,8 +208,8 @@ class SqliteJobStore(JobStore):
                     connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            for _, _, done in writes:
-                loop.call_soon_threadsafe(_settle, done, error)
+            # One wake-up of the event loop per commit, not one per write it grouped.
+            loop.call_soon_threadsafe(_settle, [write.done for write in writes], error)
         connection.close()
 
     async def close(self) -> None:
@@ -193,10 +219,11 @@ class SqliteJobStore(JobStore):
             self._thread = None
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(StoreError(f"job store write failed: {error}"))
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(StoreError(f"job store write failed: {error}"))

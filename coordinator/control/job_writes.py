@@ -1,0 +1,55 @@
+"""The job manager's writes to the store: in the order of the events, one per event, every failure seen.
+
+The effects of one event may ask for the same job to be saved twice, and for several jobs: they go
+as one write, queued before the event's handler returns (so a write is never left behind a store
+that closes, nor behind a later event's). A job is serialized when its write is queued, so it is
+written as it is then. Every write's failure is logged and counted here, awaited or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import structlog
+
+from coordinator.model.jobs import JobEntry
+from coordinator.store.api import JobStore, StoredJob
+
+log = structlog.get_logger("coordinator.jobs")
+
+
+class JobWrites:
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.failures = 0
+        """Writes that failed (each logged); a failed job's change is in memory only until its next write."""
+        self._unsaved: dict[str, JobEntry] = {}
+        """Job id -> job asked for since the last write, in the order first asked."""
+        self._watched: asyncio.Future[None] | None = None
+
+    def ask(self, entry: JobEntry) -> None:
+        """The job goes in the next write (`save`, or `save_unsaved` once the event's effects are applied)."""
+        self._unsaved.setdefault(entry.job.job_id, entry)
+
+    def save(self, entries: Iterable[JobEntry] = ()) -> asyncio.Future[None]:
+        """Queues one write: the jobs asked for since the last write, then `entries` (each job once)."""
+        batch, self._unsaved = self._unsaved, {}
+        for entry in entries:
+            batch.setdefault(entry.job.job_id, entry)
+        write = self.store.save([StoredJob(entry.sequence, entry.job, entry.client_request_id) for entry in batch.values()])
+        if write is not self._watched:  # a store may answer several saves with one future (they joined one write)
+            self._watched = write
+            write.add_done_callback(self._done)
+        return write
+
+    def save_unsaved(self) -> asyncio.Future[None] | None:
+        """Writes the jobs asked for since the last write, if any."""
+        return self.save() if self._unsaved else None
+
+    def _done(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and write.exception() is not None:
+            self.failures += 1
+            log.error(
+                "job store write failed; the change is in memory only until the job's next write", error=str(write.exception())
+            )
