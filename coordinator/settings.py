@@ -6,6 +6,8 @@ import dataclasses
 import grp
 from dataclasses import dataclass
 
+from coordinator.rules.recovery import RecoveryPolicy
+from coordinator.scheduler import SchedulerConfig
 from gpuorch.metrics import parse_listen
 from gpuorch.tls import is_loopback_host
 
@@ -100,6 +102,19 @@ class CoordinatorSettings:
     def local_socket_path(self) -> str:
         """local_socket with <state_dir> filled in; empty = no local socket."""
         return self.local_socket.replace("<state_dir>", self.state_dir.rstrip("/") or "/")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduler's settings: what the coordinator runs, and what the simulator runs without --policy."""
+        return SchedulerConfig(
+            policy=self.scheduler_policy,
+            memory_weight=self.score_memory_weight,
+            utilization_weight=self.score_utilization_weight,
+            temperature_threshold_celsius=self.score_temperature_threshold,
+            temperature_penalty_per_degree=self.score_temperature_penalty,
+        )
+
+    def recovery_policy(self) -> RecoveryPolicy:
+        return RecoveryPolicy(backoff_base_seconds=self.restart_backoff_base, backoff_max_seconds=self.restart_backoff_max)
 
     def missing_protections(self) -> list[str]:
         """What a port open to other machines needs and these settings lack, each saying what it exposes.

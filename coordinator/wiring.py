@@ -30,8 +30,6 @@ from coordinator.control.job_manager import JobManager
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
 from coordinator.observe.prometheus import CoordinatorMetrics
 from coordinator.rules.liveness import LivenessPolicy
-from coordinator.rules.recovery import RecoveryPolicy
-from coordinator.scheduler import SchedulerConfig
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.sqlite import SqliteJobStore
 from gpuorch import tls
@@ -149,16 +147,8 @@ class Coordinator:
         self.jobs = JobManager(
             self.cluster,
             self.store,
-            config=SchedulerConfig(
-                policy=settings.scheduler_policy,
-                memory_weight=settings.score_memory_weight,
-                utilization_weight=settings.score_utilization_weight,
-                temperature_threshold_celsius=settings.score_temperature_threshold,
-                temperature_penalty_per_degree=settings.score_temperature_penalty,
-            ),
-            recovery_policy=RecoveryPolicy(
-                backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max
-            ),
+            config=settings.scheduler_config(),
+            recovery_policy=settings.recovery_policy(),
             stop_grace_seconds=settings.stop_grace_period,
             node_grace_period=settings.node_grace_period,
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),

@@ -104,9 +104,14 @@ class SchedulingLoop:
             except TimeoutError:
                 pass
             self.wake.clear()
-            self.manager.expire_expected_nodes()
-            self.manager.detect_hangs()
-            await self.schedule_pass()
+            await self.step()
+
+    async def step(self) -> list[str]:
+        """What the loop does at each wake: deadlines of expected nodes, hangs, then a pass. The
+        simulator (coordinator/sim/) calls this at each event time, so it runs the same path."""
+        self.manager.expire_expected_nodes()
+        self.manager.detect_hangs()
+        return await self.schedule_pass()
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""
