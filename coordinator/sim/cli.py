@@ -39,6 +39,10 @@ class Options:
     oracle: bool = False
     seed: int = 0
     keep_gaps: bool = False
+    per_job: bool = False
+    """Add every job's submit, start and end to the report."""
+    rank_end_spacing: float = 0.0
+    """Seconds between the ends of one attempt's ranks (0: together); see SimSettings."""
 
 
 def simulate(options: Options, cpu_timer: Callable[[], float] = time.process_time) -> dict:
@@ -51,6 +55,8 @@ def simulate(options: Options, cpu_timer: Callable[[], float] = time.process_tim
         pools = dict(traces.PHILLY_POOLS)
     else:
         raise traces.TraceError("--pools is required for a jsonl trace (NAME=NODESxGPUS,...)")
+    if options.rank_end_spacing < 0:
+        raise traces.TraceError(f"--rank-end-spacing must be >= 0 seconds, got {options.rank_end_spacing}")
     if options.preemption_cost < 0:
         raise traces.TraceError(f"--preemption-cost must be >= 0 seconds, got {options.preemption_cost}")
     gaps: list[traces.Gap] = []
@@ -71,6 +77,7 @@ def simulate(options: Options, cpu_timer: Callable[[], float] = time.process_tim
         oracle=oracle,
         preemption_cost=options.preemption_cost,
         seed=options.seed,
+        rank_end_spacing=options.rank_end_spacing,
     )
     outcome = asyncio.run(Replay(jobs, settings, cpu_timer).run())
     return report(
@@ -85,6 +92,7 @@ def simulate(options: Options, cpu_timer: Callable[[], float] = time.process_tim
             "seed": options.seed,
             "gaps_closed": [{"after_submit": gap.after_submit, "removed_seconds": gap.removed_seconds} for gap in gaps],
         },
+        jobs=options.per_job,
     )
 
 
@@ -101,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--oracle", action="store_true", help="give the scheduler the true durations as runtime estimates")
     parse.add_argument("--seed", type=int, default=0)
     parse.add_argument("--keep-gaps", action="store_true", help="philly: keep the Oct-Nov hole in submit times")
+    parse.add_argument("--rank-end-spacing", type=float, default=0.0, help="seconds between one attempt's ranks' ends")
+    parse.add_argument("--per-job", action="store_true", help="add each job's submit, start and end times (-o json)")
     parse.add_argument("-o", "--output", choices=("json", "text"), default="text")
     return parse
 
@@ -131,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         oracle=args.oracle,
         seed=args.seed,
         keep_gaps=args.keep_gaps,
+        per_job=args.per_job,
+        rank_end_spacing=args.rank_end_spacing,
     )
     try:
         result = simulate(options)

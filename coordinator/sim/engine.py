@@ -60,6 +60,9 @@ class SimSettings:
     preemption_cost: float = 0.0
     """Seconds an attempt after a preemption runs before it makes progress again."""
     seed: int = 0
+    rank_end_spacing: float = 0.0
+    """0: an attempt's ranks all exit at once. s > 0: rank r exits r x s seconds after rank 0, each end its own
+    event (as a real cluster sees ranks' processes end one by one; for comparing with one)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -103,6 +106,10 @@ class Cell:
     manager: JobManager
     sessions: list[AgentSession]
     gpus: int
+    busy: int = 0
+    """GPUs the simulated agents run ranks on now."""
+    timeline: list[tuple[float, bool, int]] = field(default_factory=list)
+    """(time, whether jobs are pending, busy GPUs) at every change, from the first event on."""
 
 
 @dataclass
@@ -118,6 +125,7 @@ class Outcome:
     records: list[JobRecord]
     refused: list[Refusal]
     pools: dict[str, tuple[int, int]]
+    timelines: dict[str, list[tuple[float, bool, int]]]
     scheduler_cpu_seconds: float
     passes: int
     placements: int
@@ -215,6 +223,7 @@ class Replay:
             list(self.records.values()),
             self.refused,
             dict(self.settings.pools),
+            {pool: cell.timeline for pool, cell in self.cells.items()},
             self.cpu_seconds,
             self.passes,
             placements,
@@ -249,16 +258,31 @@ class Replay:
         return cell
 
     def _exit(self, run: AttemptRun) -> Cell | None:
-        if run.end is not None:
+        """The attempt's ranks exit with code 0: all at once, or (rank_end_spacing) one at a time in rank order."""
+        if run.stopped or not run.ranks:
             return None  # stopped before it could finish
-        self._ended(run)
-        for node_id, ranks in run.ranks.items():
+        spacing = self.settings.rank_end_spacing
+        if spacing > 0:
+            node_id, rank = min(((node, rank) for node, ranks in run.ranks.items() for rank in ranks), key=lambda item: item[1])
+            ending = {node_id: [rank]}
+        else:
+            ending = dict(run.ranks)
+        for node_id, ranks in ending.items():
+            left = [rank for rank in run.ranks[node_id] if rank not in ranks]
+            if left:
+                run.ranks[node_id] = left
+            else:
+                del run.ranks[node_id]
+            run.cell.busy -= len(ranks)
             for rank in ranks:
                 status = agent_pb2.TaskStatus(
                     job_id=run.job_id, attempt=run.attempt, rank=rank, state=agent_pb2.TASK_STATE_EXITED, exit_code=0
                 )
                 run.cell.manager.on_task_status(node_id, status)
-        run.ranks.clear()
+        if run.ranks:
+            self._push(self.now() + spacing, _EXIT, run)
+            return run.cell
+        self._ended(run)
         self._forget(run)
         record = self.records[run.job_id]
         record.work_left = 0.0
@@ -286,6 +310,9 @@ class Replay:
                 break
         else:
             raise RuntimeError(f"pool {cell.pool}: {MAX_PASSES_PER_INSTANT} passes at t={self.now():.0f}s without settling")
+        point = (self.now(), bool(cell.manager.pending), cell.busy)
+        if not cell.timeline or cell.timeline[-1][1:] != point[1:]:
+            cell.timeline.append(point)
         self._queue_wake(cell)
 
     def _queue_wake(self, cell: Cell) -> None:
@@ -334,6 +361,7 @@ class Replay:
         ranks = [rank.rank for rank in launch.ranks]
         run.ranks[node_id] = ranks
         run.gpus += len(ranks)
+        cell.busy += len(ranks)
         for rank in ranks:
             status = agent_pb2.TaskStatus(
                 job_id=launch.job_id, attempt=launch.attempt, rank=rank, state=agent_pb2.TASK_STATE_RUNNING
@@ -349,6 +377,7 @@ class Replay:
             ranks = run.ranks.pop(node_id, [])
             if not ranks:
                 continue
+            cell.busy -= len(ranks)
             if run.end is None:
                 self._ended(run)
                 run.stopped = True

@@ -7,13 +7,16 @@ Definitions (seconds unless said otherwise):
 - Utilisation, `utilization_window`: GPU-seconds allocated to attempts (placement to the ranks' end)
   inside the window from the first to the last submit, divided by (pool GPUs x that window): how busy
   the GPUs are while jobs keep arriving. `utilization_makespan`: the same from the first submit to the
-  last job's end (the tail, where the queue drains, included).
+  last job's end (the tail, where the queue drains, included). `utilization_queued`: the same over the
+  times at which jobs were pending (waiting for GPUs): what share of the GPUs the scheduler keeps busy
+  when there is work waiting, i.e. how little it leaves idle behind a blocked job. None if no job waited.
 - Makespan: last end - first submit.
 - Percentiles are nearest-rank.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -39,8 +42,23 @@ def _allocated(records: Iterable[JobRecord], start: float, end: float) -> float:
     return total
 
 
-def summary(records: Sequence[JobRecord], gpus: int) -> dict:
-    """The metrics of `records` on `gpus` GPUs."""
+Timeline = Sequence[tuple[float, bool, int]]
+
+
+def queued_utilization(timelines: Iterable[tuple[Timeline, int]]) -> float | None:
+    """Busy GPU-seconds / available GPU-seconds over the stretches during which a pool had jobs pending,
+    from (timeline, the pool's GPUs) pairs."""
+    busy = available = 0.0
+    for timeline, gpus in timelines:
+        for (start, pending, in_use), (end, _, _) in itertools.pairwise(timeline):
+            if pending:
+                busy += in_use * (end - start)
+                available += gpus * (end - start)
+    return busy / available if available > 0 else None
+
+
+def summary(records: Sequence[JobRecord], gpus: int, timelines: Iterable[tuple[Timeline, int]] = ()) -> dict:
+    """The metrics of `records` on `gpus` GPUs (`timelines`: their pools' pending and busy changes)."""
     done = [record for record in records if record.end is not None]
     jct = [record.end - record.submit for record in done if record.end is not None]
     waits = [record.first_start - record.submit for record in records if record.first_start is not None]
@@ -54,6 +72,7 @@ def summary(records: Sequence[JobRecord], gpus: int) -> dict:
         "avg_queueing_delay": sum(waits) / len(waits) if waits else 0.0,
         "p99_queueing_delay": percentile(waits, 0.99),
         "preemptions": sum(record.preemptions for record in records),
+        "utilization_queued": queued_utilization(timelines),
     }
     if not records:
         return {**result, "makespan": 0.0, "utilization_window": 0.0, "utilization_makespan": 0.0}
@@ -67,8 +86,25 @@ def summary(records: Sequence[JobRecord], gpus: int) -> dict:
     return result
 
 
-def report(outcome: Outcome, extra: dict | None = None) -> dict:
-    """The whole replay: totals over every pool, then each pool's, the refusals and the scheduler's cost."""
+def per_job(records: Iterable[JobRecord]) -> list[dict]:
+    """Each job's times (simulated seconds), in submit order."""
+    return [
+        {
+            "name": record.trace.name,
+            "pool": record.trace.pool,
+            "gpus": record.trace.gpus,
+            "submit": record.submit,
+            "start": record.first_start,
+            "end": record.end,
+            "attempts": record.attempts,
+        }
+        for record in sorted(records, key=lambda record: (record.submit, record.trace.line))
+    ]
+
+
+def report(outcome: Outcome, extra: dict | None = None, jobs: bool = False) -> dict:
+    """The whole replay: totals over every pool, then each pool's, the refusals and the scheduler's cost
+    (and, with `jobs`, every job's times)."""
     by_pool: dict[str, list[JobRecord]] = {pool: [] for pool in outcome.pools}
     for record in outcome.records:
         by_pool[record.trace.pool].append(record)
@@ -78,7 +114,8 @@ def report(outcome: Outcome, extra: dict | None = None) -> dict:
     for refusal in outcome.refused:
         refused_by_reason[refusal.kind] = refused_by_reason.get(refusal.kind, 0) + 1
         refused_by_pool[refusal.job.pool] = refused_by_pool.get(refusal.job.pool, 0) + 1
-    total = summary(outcome.records, sum(sizes.values()))
+    timelines = [(outcome.timelines[pool], sizes[pool]) for pool in outcome.pools]
+    total = summary(outcome.records, sum(sizes.values()), timelines)
     return {
         **total,
         "refused": len(outcome.refused),
@@ -88,6 +125,11 @@ def report(outcome: Outcome, extra: dict | None = None) -> dict:
         "passes": outcome.passes,
         "placements": outcome.placements,
         "per_pool": {
-            pool: {**summary(records, sizes[pool]), "refused": refused_by_pool.get(pool, 0)} for pool, records in by_pool.items()
+            pool: {
+                **summary(records, sizes[pool], [(outcome.timelines[pool], sizes[pool])]),
+                "refused": refused_by_pool.get(pool, 0),
+            }
+            for pool, records in by_pool.items()
         },
+        **({"per_job": per_job(outcome.records)} if jobs else {}),
     }
