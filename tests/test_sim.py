@@ -175,6 +175,29 @@ def test_metrics_of_a_hand_computed_replay(tmp_path):
     assert result["per_pool"]["default"]["avg_jct"] == pytest.approx(35 / 3)
 
 
+def test_utilisation_while_jobs_wait_counts_the_gpus_left_idle_behind_a_blocked_job(tmp_path):
+    """a holds one GPU of two for 0-10 s; b needs both and waits from 1 s to 10 s with one GPU idle."""
+    trace = [{"submit_time": 0, "duration": 10, "gpus": 1}, {"submit_time": 1, "duration": 5, "gpus": 2}]
+    result = run(tmp_path, trace, "default=1x2")
+    assert result["utilization_queued"] == pytest.approx(0.5)
+    assert result["utilization_window"] == pytest.approx(0.5)  # 0-1 s: one GPU of two
+    assert result["utilization_makespan"] == pytest.approx((10 + 10) / (2 * 15))
+
+
+def test_total_utilisation_adds_up_each_pools_own_window(tmp_path):
+    trace = [
+        {"submit_time": 0, "duration": 10, "gpus": 1, "pool": "x"},
+        {"submit_time": 10, "duration": 10, "gpus": 1, "pool": "x"},
+        {"submit_time": 0, "duration": 1, "gpus": 1, "pool": "y"},
+        {"submit_time": 100, "duration": 1, "gpus": 1, "pool": "y"},
+    ]
+    result = run(tmp_path, trace, "x=1x1,y=1x1")
+    assert result["per_pool"]["x"]["utilization_window"] == pytest.approx(1.0)
+    assert result["per_pool"]["y"]["utilization_window"] == pytest.approx(0.01)
+    assert result["utilization_window"] == pytest.approx((10 + 1) / (10 + 100))
+    assert result["utilization_queued"] is None, "nothing ever waited"
+
+
 def test_jobs_larger_than_their_pool_or_of_an_unknown_pool_are_refused_and_counted(tmp_path):
     trace = [
         *HAND_TRACE,

@@ -5,11 +5,13 @@ Definitions (seconds unless said otherwise):
 - Queueing delay: first start - submit (the wait before the first attempt; later waits after a
   preemption are in the JCT, not here).
 - Utilisation, `utilization_window`: GPU-seconds allocated to attempts (placement to the ranks' end)
-  inside the window from the first to the last submit, divided by (pool GPUs x that window): how busy
-  the GPUs are while jobs keep arriving. `utilization_makespan`: the same from the first submit to the
-  last job's end (the tail, where the queue drains, included). `utilization_queued`: the same over the
-  times at which jobs were pending (waiting for GPUs): what share of the GPUs the scheduler keeps busy
-  when there is work waiting, i.e. how little it leaves idle behind a blocked job. None if no job waited.
+  inside the pool's window from its first to its last submit, divided by (pool GPUs x that window): how
+  busy the GPUs are while jobs keep arriving. `utilization_makespan`: the same from the pool's first
+  submit to its last job's end (the tail, where the queue drains, included). `utilization_queued`: the
+  same over the times at which the pool had jobs pending (waiting for GPUs): the share of GPUs the
+  scheduler keeps busy while work waits, i.e. how little it leaves idle behind a blocked job; None if no
+  job waited. Totals add up each pool's allocated and available GPU-seconds over its own windows (pools
+  scaled to one load have windows of different lengths).
 - Makespan: last end - first submit.
 - Percentiles are nearest-rank.
 """
@@ -57,33 +59,49 @@ def queued_utilization(timelines: Iterable[tuple[Timeline, int]]) -> float | Non
     return busy / available if available > 0 else None
 
 
-def summary(records: Sequence[JobRecord], gpus: int, timelines: Iterable[tuple[Timeline, int]] = ()) -> dict:
-    """The metrics of `records` on `gpus` GPUs (`timelines`: their pools' pending and busy changes)."""
+Group = tuple[Sequence[JobRecord], int, Timeline]
+"""One pool: its jobs, its GPUs, its timeline."""
+
+
+def _utilization_parts(records: Sequence[JobRecord], gpus: int) -> tuple[float, float, float, float]:
+    """(allocated, available) GPU-seconds over the pool's window of submits, then over its makespan."""
+    if not records or not gpus:
+        return 0.0, 0.0, 0.0, 0.0
+    first = min(record.submit for record in records)
+    last_submit = max(record.submit for record in records)
+    last_end = max((record.end for record in records if record.end is not None), default=first)
+    return (
+        _allocated(records, first, last_submit),
+        gpus * (last_submit - first),
+        _allocated(records, first, last_end),
+        gpus * (last_end - first),
+    )
+
+
+def summary(groups: Sequence[Group]) -> dict:
+    """The metrics of one pool, or of several together (utilisation then adds up each pool's own window)."""
+    records = [record for group in groups for record in group[0]]
     done = [record for record in records if record.end is not None]
     jct = [record.end - record.submit for record in done if record.end is not None]
     waits = [record.first_start - record.submit for record in records if record.first_start is not None]
-    result: dict = {
+    parts = [_utilization_parts(members, gpus) for members, gpus, _ in groups]
+    window_busy, window_all, span_busy, span_all = (sum(column) for column in zip(*parts, strict=True)) if parts else (0, 0, 0, 0)
+    first = min((record.submit for record in records), default=0.0)
+    return {
         "jobs": len(records),
         "completed": len(done),
-        "gpus": gpus,
+        "gpus": sum(gpus for _, gpus, _ in groups),
         "avg_jct": sum(jct) / len(jct) if jct else 0.0,
         "p50_jct": percentile(jct, 0.50),
         "p99_jct": percentile(jct, 0.99),
         "avg_queueing_delay": sum(waits) / len(waits) if waits else 0.0,
         "p99_queueing_delay": percentile(waits, 0.99),
         "preemptions": sum(record.preemptions for record in records),
-        "utilization_queued": queued_utilization(timelines),
+        "makespan": max((record.end for record in done if record.end is not None), default=first) - first,
+        "utilization_window": window_busy / window_all if window_all > 0 else 0.0,
+        "utilization_makespan": span_busy / span_all if span_all > 0 else 0.0,
+        "utilization_queued": queued_utilization((timeline, gpus) for _, gpus, timeline in groups),
     }
-    if not records:
-        return {**result, "makespan": 0.0, "utilization_window": 0.0, "utilization_makespan": 0.0}
-    first = min(record.submit for record in records)
-    last_submit = max(record.submit for record in records)
-    last_end = max((record.end for record in done if record.end is not None), default=first)
-    window, makespan = last_submit - first, last_end - first
-    result["makespan"] = makespan
-    result["utilization_window"] = _allocated(records, first, last_submit) / (gpus * window) if window > 0 and gpus else 0.0
-    result["utilization_makespan"] = _allocated(records, first, last_end) / (gpus * makespan) if makespan > 0 and gpus else 0.0
-    return result
 
 
 def per_job(records: Iterable[JobRecord]) -> list[dict]:
@@ -114,8 +132,8 @@ def report(outcome: Outcome, extra: dict | None = None, jobs: bool = False) -> d
     for refusal in outcome.refused:
         refused_by_reason[refusal.kind] = refused_by_reason.get(refusal.kind, 0) + 1
         refused_by_pool[refusal.job.pool] = refused_by_pool.get(refusal.job.pool, 0) + 1
-    timelines = [(outcome.timelines[pool], sizes[pool]) for pool in outcome.pools]
-    total = summary(outcome.records, sum(sizes.values()), timelines)
+    groups: dict[str, Group] = {pool: (by_pool[pool], sizes[pool], outcome.timelines[pool]) for pool in outcome.pools}
+    total = summary(list(groups.values()))
     return {
         **total,
         "refused": len(outcome.refused),
@@ -124,12 +142,6 @@ def report(outcome: Outcome, extra: dict | None = None, jobs: bool = False) -> d
         "scheduler_cpu_seconds": outcome.scheduler_cpu_seconds,
         "passes": outcome.passes,
         "placements": outcome.placements,
-        "per_pool": {
-            pool: {
-                **summary(records, sizes[pool], [(outcome.timelines[pool], sizes[pool])]),
-                "refused": refused_by_pool.get(pool, 0),
-            }
-            for pool, records in by_pool.items()
-        },
+        "per_pool": {pool: {**summary([group]), "refused": refused_by_pool.get(pool, 0)} for pool, group in groups.items()},
         **({"per_job": per_job(outcome.records)} if jobs else {}),
     }
