@@ -21,8 +21,9 @@ import structlog
 
 from coordinator.settings import CoordinatorSettings
 from coordinator.sim import traces
-from coordinator.sim.engine import Replay, SimSettings
+from coordinator.sim.engine import Replay
 from coordinator.sim.policies import UnsupportedPolicy, policy_names, resolve
+from coordinator.sim.records import SimSettings
 from coordinator.sim.report import report
 
 

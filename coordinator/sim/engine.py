@@ -25,15 +25,12 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager, QuotaExceeded
-from coordinator.control.node_links import AgentSession
 from coordinator.rules import job_rules
 from coordinator.rules.liveness import LivenessPolicy
-from coordinator.rules.recovery import RecoveryPolicy
-from coordinator.scheduler import SchedulerConfig
+from coordinator.sim.records import AttemptRun, Cell, JobRecord, Outcome, Refusal, SimSettings
 from coordinator.sim.traces import TraceJob
 from coordinator.store.memory import MemoryJobStore
 from gpuorch.clock import FakeClock
@@ -47,89 +44,6 @@ MAX_PASSES_PER_INSTANT = 1000
 
 _SUBMIT, _WAKE, _EXIT = 0, 1, 2
 """Event kinds, in the order events of one instant are handled."""
-
-
-@dataclass(frozen=True, slots=True)
-class SimSettings:
-    pools: dict[str, tuple[int, int]]
-    """Pool -> (nodes, GPUs per node)."""
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
-    oracle: bool = False
-    """Give the scheduler each job's true duration as its runtime estimate."""
-    preemption_cost: float = 0.0
-    """Seconds an attempt after a preemption runs before it makes progress again."""
-    seed: int = 0
-    rank_end_spacing: float = 0.0
-    """0: an attempt's ranks all exit at once. s > 0: rank r exits r x s seconds after rank 0, each end its own
-    event (as a real cluster sees ranks' processes end one by one; for comparing with one)."""
-
-
-@dataclass(eq=False, slots=True)
-class AttemptRun:
-    """An attempt as the simulated agents run it."""
-
-    cell: Cell
-    job_id: str
-    attempt: int
-    start: float
-    overhead: float
-    """Seconds of this attempt spent restoring before it makes progress (the preemption cost)."""
-    ranks: dict[str, list[int]] = field(default_factory=dict)
-    """Node id -> ranks still running there."""
-    gpus: int = 0
-    end: float | None = None
-    stopped: bool = False
-
-
-@dataclass(slots=True)
-class JobRecord:
-    """What the simulator measures of one trace job."""
-
-    trace: TraceJob
-    submit: float
-    first_start: float | None = None
-    end: float | None = None
-    work_left: float = 0.0
-    attempts: int = 0
-    preemptions: int = 0
-    runs: list[tuple[float, float, int]] = field(default_factory=list)
-    """(start, end, GPUs) of each attempt: GPUs allocated."""
-
-
-@dataclass(eq=False)
-class Cell:
-    """One pool's coordinator state: a cluster view and a job manager over it."""
-
-    pool: str
-    cluster: ClusterView
-    manager: JobManager
-    sessions: list[AgentSession]
-    gpus: int
-    busy: int = 0
-    """GPUs the simulated agents run ranks on now."""
-    timeline: list[tuple[float, bool, int]] = field(default_factory=list)
-    """(time, whether jobs are pending, busy GPUs) at every change, from the first event on."""
-
-
-@dataclass
-class Refusal:
-    job: TraceJob
-    kind: str
-    """unknown_pool, larger_than_pool or invalid (what the coordinator refused at submit)."""
-    reason: str
-
-
-@dataclass
-class Outcome:
-    records: list[JobRecord]
-    refused: list[Refusal]
-    pools: dict[str, tuple[int, int]]
-    timelines: dict[str, list[tuple[float, bool, int]]]
-    scheduler_cpu_seconds: float
-    passes: int
-    placements: int
-    simulated_until: float
 
 
 class Replay:

@@ -22,7 +22,7 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 
-from coordinator.sim.engine import JobRecord, Outcome
+from coordinator.sim.records import JobRecord, Outcome
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
