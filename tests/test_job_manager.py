@@ -75,3 +75,27 @@ async def test_a_failed_write_that_nobody_awaits_is_seen():
     for _ in range(3):
         await asyncio.sleep(0)
     assert manager.store_write_failures == 1
+
+
+async def test_hang_checks_look_at_running_jobs_only_and_still_find_a_hang():
+    """The manager keeps an index of RUNNING jobs (hang checks ran over every job ever submitted, each pass)."""
+    from gpuorch.clock import FakeClock
+
+    clock = FakeClock()
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, clock=clock)
+    register(cluster, "n1", gpus=2)
+    manager = JobManager(cluster, MemoryJobStore(), clock=clock)
+    await manager.start()
+    quick = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    watched = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, progress_timeout_seconds=5))
+    assert sorted(await manager.schedule_pass()) == sorted([quick, watched])
+    assert set(manager.running) == {quick, watched}
+    done = agent_pb2.TaskStatus(job_id=quick, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED, exit_code=0)
+    manager.on_task_status("n1", done)
+    assert manager.get(quick).job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert set(manager.running) == {watched}
+    clock.advance(6)
+    manager.detect_hangs()
+    assert manager.get(watched).job.state == job_pb2.JOB_STATE_FAILED
+    assert "hang" in manager.get(watched).job.reason
+    assert manager.running == {}
