@@ -318,3 +318,29 @@ def test_percentiles_are_nearest_rank():
     assert percentile([], 0.5) == 0.0
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile(list(range(1, 101)), 0.99) == 99
+
+
+async def test_a_stopped_attempt_keeps_its_progress_and_the_next_pays_the_preemption_cost():
+    """The simulated agents end a stopped attempt's ranks by SIGTERM; the job keeps the 30 s it ran, and its next
+    attempt (here a restart the job rules make of it) runs the 70 s left plus the 10 s preemption cost."""
+    from coordinator.rules import job_machine
+    from coordinator.sim.engine import Replay
+    from coordinator.sim.records import SimSettings
+    from coordinator.sim.report import report
+
+    def stop(cell):
+        (entry,) = cell.manager.jobs.values()
+        entry.job.spec.max_restarts = 1
+        cell.manager.apply(job_machine.stop_attempt(entry, entry.job.attempt, "preempted", cell.manager.machine))
+
+    replay = Replay(
+        [traces.TraceJob(0.0, 100.0, 2, name="long"), traces.TraceJob(50.0, 5.0, 1, name="later")],
+        SimSettings(pools={"default": (1, 2)}, preemption_cost=10.0),
+    )
+    replay.at(30.0, "default", stop)
+    result = report(await replay.run(), jobs=True)
+    long, later = result["per_job"]
+    assert (long["start"], long["end"], long["attempts"]) == (0.0, 110.0, 2)
+    assert (later["start"], later["end"]) == (110.0, 115.0), "the GPUs were the long job's again until 110 s"
+    assert result["preemptions"] == 1
+    assert result["utilization_makespan"] == pytest.approx((2 * 110 + 5) / (2 * 115))

@@ -20,6 +20,7 @@ own pool: every pass then sees only that pool's nodes and queue.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import math
 import random
@@ -42,7 +43,7 @@ GPU_MEMORY_BYTES = 80 * 2**30
 MAX_PASSES_PER_INSTANT = 1000
 """Passes at one simulated instant (each stop may free GPUs for another): more means a livelock."""
 
-_SUBMIT, _WAKE, _EXIT = 0, 1, 2
+_SUBMIT, _WAKE, _EXIT, _ACTION = 0, 1, 2, 3
 """Event kinds, in the order events of one instant are handled."""
 
 
@@ -144,7 +145,19 @@ class Replay:
             self.now(),
         )
 
+    def at(self, seconds: float, pool: str, action: Callable[[Cell], object]) -> None:
+        """Calls `action(cell)` at `seconds` of simulated time (before run(), or from another action); the pool's
+        scheduling step follows. For what-if scripts and tests: an operator's cancel, a drain."""
+        self._push(seconds, _ACTION, (pool, action))
+
     async def _handle(self, kind: int, payload: object) -> Cell | None:
+        if kind == _ACTION:
+            assert isinstance(payload, tuple)
+            cell, action = self.cells[payload[0]], payload[1]
+            result = action(cell)
+            if inspect.isawaitable(result):
+                await result
+            return cell
         if kind == _SUBMIT:
             assert isinstance(payload, TraceJob)
             return await self._submit(payload)
