@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.rules.quotas import QuotaPolicy, parse_quotas
-from coordinator.scheduler import POLICIES, PreemptionRule
+from coordinator.rules.recovery import RecoveryPolicy
+from coordinator.scheduler import POLICIES, PreemptionRule, Quotas, SchedulerConfig
+from coordinator.scheduler.prediction import RuntimePredictor
 from gpuorch.metrics import parse_listen
 from gpuorch.tls import is_loopback_host
 
@@ -130,6 +132,31 @@ class CoordinatorSettings:
     def local_socket_path(self) -> str:
         """local_socket with <state_dir> filled in; empty = no local socket."""
         return self.local_socket.replace("<state_dir>", self.state_dir.rstrip("/") or "/")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduler's settings (the policy, GPU scores, running-GPU quotas, preemption rules): what the
+        coordinator runs, and what the simulator runs without --policy."""
+        max_gpus_per_owner, max_gpus_per_group = self.quota_policy().max_gpus()
+        return SchedulerConfig(
+            policy=self.scheduler_policy,
+            memory_weight=self.score_memory_weight,
+            utilization_weight=self.score_utilization_weight,
+            temperature_threshold_celsius=self.score_temperature_threshold,
+            temperature_penalty_per_degree=self.score_temperature_penalty,
+            quotas=Quotas(max_gpus_per_owner=max_gpus_per_owner, max_gpus_per_group=max_gpus_per_group),
+            preemption=self.preemption_rules(),
+        )
+
+    def runtime_predictor(self) -> RuntimePredictor:
+        """Runtime prediction as the settings ask (the coordinator's and the simulator's)."""
+        return RuntimePredictor(
+            quantile=self.runtime_prediction_quantile,
+            min_samples=self.runtime_prediction_min_samples,
+            default_seconds=self.runtime_prediction_default,
+        )
+
+    def recovery_policy(self) -> RecoveryPolicy:
+        return RecoveryPolicy(backoff_base_seconds=self.restart_backoff_base, backoff_max_seconds=self.restart_backoff_max)
 
     def missing_protections(self) -> list[str]:
         """What a port open to other machines needs and these settings lack, each saying what it exposes.

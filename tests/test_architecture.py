@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-LAYERS = ("api", "control", "rules", "scheduler", "store", "model", "observe")
+LAYERS = ("api", "control", "rules", "scheduler", "store", "model", "observe", "sim")
 """The layer packages of coordinator/: a coordinator module's layer is the package it sits in."""
 
 LAYER_MAY_IMPORT = {
@@ -33,6 +33,9 @@ LAYER_MAY_IMPORT = {
     "scheduler": {"scheduler"},
     # Plain data.
     "model": {"model"},
+    # The trace simulator: drives the loops and the layers below on simulated time; nothing imports it
+    # (its console script gpuorch-sim is the one entry).
+    "sim": {"sim", "control", "rules", "scheduler", "store", "model"},
 }
 """Which layers (of coordinator/) each layer's modules may import."""
 
@@ -46,7 +49,7 @@ COORDINATOR_ROOT_MODULES = {
 """The coordinator's modules outside any layer: the package, the entry points, settings, and the wiring
 that builds the parts. They may import every layer; no layer imports them (settings aside, see below)."""
 
-SETTINGS_READERS = {"api", "control", "observe", "store"}
+SETTINGS_READERS = {"api", "control", "observe", "store", "sim"}
 """Layers that may read coordinator.settings; the pure ones (rules, scheduler, model) get values passed in."""
 
 PURE_LAYERS = {"model", "rules", "scheduler"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
 from coordinator.rules.effects import Notify, Save, Wake
@@ -124,3 +126,78 @@ async def test_a_restarting_job_that_waits_again_says_why_it_restarts():
     reason = manager.get(waiter).job.reason
     assert reason.startswith("restart 1 of 1 after "), reason
     assert reason.endswith(first_wait.rsplit(";", 1)[-1].strip()), (reason, first_wait)
+
+
+async def test_hang_checks_look_at_running_jobs_only_and_still_find_a_hang():
+    """The manager keeps an index of RUNNING jobs (hang checks ran over every job ever submitted, each pass)."""
+    from gpuorch.clock import FakeClock
+
+    clock = FakeClock()
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, clock=clock)
+    register(cluster, "n1", gpus=2)
+    manager = JobManager(cluster, MemoryJobStore(), clock=clock)
+    await manager.start()
+    quick = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    watched = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, progress_timeout_seconds=5))
+    assert sorted(await manager.schedule_pass()) == sorted([quick, watched])
+    assert set(manager.running) == {quick, watched}
+    done = agent_pb2.TaskStatus(job_id=quick, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED, exit_code=0)
+    manager.on_task_status("n1", done)
+    assert manager.get(quick).job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert set(manager.running) == {watched}
+    clock.advance(6)
+    manager.detect_hangs()
+    assert manager.get(watched).job.state == job_pb2.JOB_STATE_FAILED
+    assert "hang" in manager.get(watched).job.reason
+    assert manager.running == {}
+
+
+async def test_fair_share_usage_settled_as_jobs_end_equals_usage_read_from_every_job():
+    """owner_usage adds final jobs once, as they end, instead of rereading every job ever held each pass; the
+    sums agree with the decayed usage of every attempt of every job."""
+    import random
+
+    from coordinator import scheduler
+    from coordinator.control.scheduling_loop import FAIR_SHARE_HALF_LIFE_SECONDS
+    from gpuorch.clock import FakeClock
+
+    def everything(now: float) -> dict[str, float]:
+        intervals = [
+            (
+                entry.job.spec.owner,
+                attempt.placement.world_size,
+                attempt.start_time.ToNanoseconds() / 1e9,
+                attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now,
+            )
+            for entry in manager.jobs.values()
+            for attempt in entry.job.attempts
+        ]
+        return scheduler.decayed_usage(intervals, now, FAIR_SHARE_HALF_LIFE_SECONDS)
+
+    rng = random.Random(5)
+    clock = FakeClock()
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, clock=clock)
+    register(cluster, "n1", gpus=4)
+    manager = JobManager(cluster, MemoryJobStore(), config=scheduler.SchedulerConfig(policy="fair_share"), clock=clock)
+    await manager.start()
+    mixed = 0
+    for step in range(60):
+        if rng.random() < 0.6:
+            await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=rng.choice((1, 2)), owner=rng.choice(("ann", "bob", "cy"))))
+        await manager.schedule_pass()
+        for job_id in list(manager.running):
+            if rng.random() < 0.3:
+                entry = manager.get(job_id)
+                for rank in range(entry.job.placement.world_size):
+                    node = entry.job.placement.nodes[0].node_id
+                    status = agent_pb2.TaskStatus(
+                        job_id=job_id, attempt=entry.job.attempt, rank=rank, state=agent_pb2.TASK_STATE_EXITED, exit_code=0
+                    )
+                    manager.on_task_status(node, status)
+        clock.advance(rng.choice((1.0, 60.0, 1800.0)))
+        mixed += bool(manager.running) and any(entry.final for entry in manager.jobs.values())
+        expected, got = everything(clock.wall()), manager.scheduling.owner_usage(clock.wall())
+        assert got.keys() == expected.keys(), step
+        for owner, used in expected.items():
+            assert got[owner] == pytest.approx(used, rel=1e-9, abs=1e-9), (step, owner)
+    assert mixed > 10, "running and final jobs were summed together"

@@ -105,30 +105,25 @@ class JobManager:
         )
         self.node_grace_period = node_grace_period
         self.max_pending_jobs_per_user = max_pending_jobs_per_user
-        self.quotas = quotas or QuotaPolicy()
-        """Per-user and per-group quotas (rules/quotas.py): pending jobs at submit, a job's group for the scheduler."""
-        self.epoch = 0
-        """The coordinator epoch, from the store once started."""
+        self.quotas = quotas or QuotaPolicy()  # per user and group (rules/quotas.py): pending at submit, the job's group
+        self.epoch = 0  # the coordinator epoch, from the store once started
         self.jobs: dict[str, JobEntry] = {}
         self.pending: dict[str, JobEntry] = {}
         """Jobs waiting for placement (new, or restarting), in submission order: those in PENDING."""
+        self.running: dict[str, JobEntry] = {}  # those in RUNNING: hang checks look at these, not at every job ever
         self.backoffs: dict[str, float] = {}
         """Pending job id -> the end of its restart backoff, read from the job once as it enters the queue (the
         rules set it only then): every pass looks at every pending job, and message fields are slow to read."""
-        self.pending_by_owner: dict[str, int] = {}
-        """Owner -> how many of `pending` are theirs, for max_pending_jobs_per_user."""
-        self.by_request_id: dict[tuple[str, str], JobEntry] = {}
-        """(owner, client_request_id) -> the job that submission made: one user's ids never name another's jobs."""
+        self.pending_by_owner: dict[str, int] = {}  # owner -> how many of `pending` are theirs, for max_pending_jobs_per_user
+        self.by_request_id: dict[tuple[str, str], JobEntry] = {}  # (owner, client_request_id) -> the job it made, per user
         self.watchers: dict[str, set[asyncio.Queue[job_pb2.Job]]] = {}
-        self.expected_nodes: dict[str, float] = {}
-        """After a coordinator restart: node id -> wall time by which it must re-register."""
+        self.expected_nodes: dict[str, float] = {}  # after a coordinator restart: node id -> when it must re-register
         self._sequence = itertools.count(1)
         self.links = NodeLinks(cluster)
         config, rng = config or scheduler.SchedulerConfig(), rng or random.Random()
         self.scheduling = SchedulingLoop(self, cluster, config, rendezvous_ports, rng, clock.monotonic, estimates)
         self.restarts_by_reason: dict[str, int] = {}
-        self.launch_latencies: list[float] = []
-        """Recent placement -> every rank's process started, in seconds."""
+        self.launch_latencies: list[float] = []  # recent placement -> every rank's process started, in seconds
         self.writes = JobWrites(store)
         self._appliers = self._applier_table()
         cluster.listeners.append(self._on_transition)
@@ -179,7 +174,7 @@ class JobManager:
         self._queue_follows_state(entry)
 
     def _queue_follows_state(self, entry: JobEntry) -> None:
-        """`pending` holds exactly the PENDING jobs."""
+        """`pending` holds exactly the PENDING jobs, `running` the RUNNING ones."""
         job = entry.job
         job_id, owner, state = job.job_id, job.spec.owner, job.state
         if state == job_pb2.JOB_STATE_PENDING:
@@ -197,6 +192,10 @@ class JobManager:
             else:
                 self.pending_by_owner.pop(owner, None)
             self.scheduling.queue_changed(job_id)
+        if state == job_pb2.JOB_STATE_RUNNING:
+            self.running[job_id] = entry
+        else:
+            self.running.pop(job_id, None)
         if state in FINAL_STATES:
             self.scheduling.forget(job_id)
 
@@ -393,4 +392,4 @@ class JobManager:
         self.apply(job_machine.node_lost(self.jobs.values(), node_id, reason, self.now(), self.cluster.allocations, self.machine))
 
     def detect_hangs(self) -> None:
-        self.apply(job_machine.detect_hangs(self.jobs.values(), self.now(), self.machine))
+        self.apply(job_machine.detect_hangs(self.running.values(), self.now(), self.machine))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,15 @@ class _CachedView:
     view: scheduler.NodeView | None
 
 
+def _intervals(entries: Iterable[JobEntry], now: float) -> Iterator[tuple[str, int, float, float]]:
+    """(owner, GPUs, start, end) of every attempt of the jobs; an attempt not ended counts until `now`."""
+    for entry in entries:
+        owner = entry.job.spec.owner
+        for attempt in entry.job.attempts:
+            end = attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now
+            yield owner, attempt.placement.world_size, attempt.start_time.ToNanoseconds() / 1e9, end
+
+
 class SchedulingLoop:
     """Runs passes for one JobManager: whenever something changed, and at least every second."""
 
@@ -93,6 +102,12 @@ class SchedulingLoop:
         """Pending job ids whose next attempt is a restart (Job.pending_restart_reason set, read once as the job
         enters the queue): only these have a restart to tell in their reason, or may shrink (elastic)."""
 
+        self._settled_usage: dict[str, float] = {}
+        """Owner -> decayed GPU-seconds of final jobs' attempts as of `_settled_at`: each final job is added once,
+        so a fair_share pass reads only the jobs still pending or running, not every job ever held."""
+        self._settled_at = 0.0
+        self._settled_jobs: set[str] = set()
+
     async def run(self) -> None:
         forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
         try:
@@ -102,11 +117,16 @@ class SchedulingLoop:
                 except TimeoutError:
                     pass
                 self.wake.clear()
-                self.manager.expire_expected_nodes()
-                self.manager.detect_hangs()
-                await self.schedule_pass()
+                await self.step()
         finally:
             forecasts.cancel()
+
+    async def step(self) -> list[str]:
+        """What the loop does at each wake: deadlines of expected nodes, hangs, then a pass. The
+        simulator (coordinator/sim/) calls this at each event time, so it runs the same path."""
+        self.manager.expire_expected_nodes()
+        self.manager.detect_hangs()
+        return await self.schedule_pass()
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""
@@ -214,10 +234,21 @@ class SchedulingLoop:
             self.restarting.discard(job_id)
 
     def forget(self, job_id: str) -> None:
-        """The job is final: it will not be scheduled again."""
+        """The job is final: it will not be scheduled again; its usage joins the settled usage."""
         self._requests.pop(job_id, None)
         self._shown_waits.pop(job_id, None)
         self.restarting.discard(job_id)
+        entry = self.manager.jobs.get(job_id)
+        if entry is None or not entry.job.attempts or job_id in self._settled_jobs:
+            return
+        self._settled_jobs.add(job_id)
+        # Decay is exponential, so usage as of one time is usage as of another times one factor.
+        at = max(self.manager.clock.wall(), self._settled_at)
+        factor = 0.5 ** ((at - self._settled_at) / FAIR_SHARE_HALF_LIFE_SECONDS)
+        settled = {owner: used * factor for owner, used in self._settled_usage.items()}
+        for owner, used in scheduler.decayed_usage(_intervals([entry], at), at, FAIR_SHARE_HALF_LIFE_SECONDS).items():
+            settled[owner] = settled.get(owner, 0.0) + used
+        self._settled_usage, self._settled_at = settled, at
 
     def finished(self, entry: JobEntry, state: int, reason: str) -> None:
         """The job reached a final state: its runtime teaches the predictor."""
@@ -225,18 +256,14 @@ class SchedulingLoop:
         self.estimates.learn((entry,))
 
     def owner_usage(self, now: float) -> dict[str, float]:
-        """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share)."""
-        intervals = (
-            (
-                entry.job.spec.owner,
-                attempt.placement.world_size,
-                attempt.start_time.ToNanoseconds() / 1e9,
-                attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now,
-            )
-            for entry in self.manager.jobs.values()
-            for attempt in entry.job.attempts
-        )
-        return scheduler.decayed_usage(intervals, now, FAIR_SHARE_HALF_LIFE_SECONDS)
+        """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share): the jobs still pending
+        or running, read now, and the final ones, settled as they ended."""
+        live = (*self.manager.pending.values(), *self.manager.running.values())
+        usage = scheduler.decayed_usage(_intervals(live, now), now, FAIR_SHARE_HALF_LIFE_SECONDS)
+        factor = 0.5 ** (max(0.0, now - self._settled_at) / FAIR_SHARE_HALF_LIFE_SECONDS)
+        for owner, used in self._settled_usage.items():
+            usage[owner] = usage.get(owner, 0.0) + used * factor
+        return usage
 
     # -- a pass --
 
