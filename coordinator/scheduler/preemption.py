@@ -59,6 +59,9 @@ class _Preemptor:
         self.jobs = sorted((job for job in running if job.preemptible and not job.stopping), key=_youngest_first)
         """Youngest first: a victim's cost per GPU is the time it has run, so the cheapest per GPU come first."""
         self._candidates: dict[str, _Candidate] = {}
+        self._by_queue: dict[int, list[_Candidate]] | None = None
+        self.gone: set[str] = set()
+        """Victims chosen this pass."""
         self.stopping: dict[int, list[tuple[str, ...]]] = {}
         """Node index -> the GPUs of stopping jobs there (coming free, for whoever needs them first)."""
         self.searches = 0
@@ -87,24 +90,39 @@ class _Preemptor:
         return c
 
     def _allowed(self, job: JobRequest, bound: int | None, queue: int, remaining: float) -> Iterator[tuple[_Candidate, tuple]]:
-        """The candidates this job may preempt, each with why (see _why_text), cheapest per GPU first."""
-        config, now, policy = self.config, self.now, self.policy
-        min_ran = config.preemption_cost_seconds
-        for victim in self.jobs:
-            if bound is not None and victim.priority < bound:
-                yield self._candidate(victim), ("priority", job.priority, victim.priority)
-            elif not policy or victim.priority > job.priority:
+        """The candidates this job may preempt, each with why (see _why_text), cheapest per GPU first (by rule,
+        then by policy)."""
+        if bound is not None:
+            for victim in self.jobs:
+                if victim.priority < bound:
+                    yield self._candidate(victim), ("priority", job.priority, victim.priority)
+        if not self.policy:
+            return
+        by_queue = self._policy_candidates()
+        gone, min_ran = self.gone, self.config.preemption_cost_seconds
+        for q in sorted(by_queue) if self.policy == "las" else [0]:
+            if self.policy == "las" and q <= queue:
                 continue
-            elif policy == "las":
-                if now - victim.start_time < min_ran:
+            for c in by_queue[q]:
+                victim = c.job
+                if victim.job_id in gone or victim.priority > job.priority or (bound is not None and victim.priority < bound):
                     continue
-                c = self._candidate(victim)
-                if c.queue > queue:
-                    yield c, ("las", queue, c.queue, c.attained)
-            else:
-                c = self._candidate(victim)
-                if c.remaining > remaining + min_ran:
+                if self.policy == "las":
+                    yield c, ("las", queue, q, c.attained)
+                elif c.remaining > remaining + min_ran:
                     yield c, ("srtf", remaining, c.remaining)
+
+    def _policy_candidates(self) -> dict[int, list[_Candidate]]:
+        """las: the candidates that ran at least preemption_cost_seconds, by queue (youngest first); srtf: all, as
+        queue 0. Built once per pass: a blocked job looks only at the queues after its own."""
+        if self._by_queue is None:
+            self._by_queue = {}
+            min_ran = self.config.preemption_cost_seconds if self.policy == "las" else 0.0
+            for victim in self.jobs:
+                if self.now - victim.start_time >= min_ran:
+                    c = self._candidate(victim)
+                    self._by_queue.setdefault(c.queue if self.policy == "las" else 0, []).append(c)
+        return self._by_queue
 
     def _eligible_uuids(self, job: JobRequest) -> frozenset[str] | None:
         if not job.min_memory_per_gpu_bytes and not job.gpu_model:
@@ -251,6 +269,7 @@ class _Preemptor:
 
     def take(self, victims: Iterable[RunningJob]) -> None:
         gone = {v.job_id for v in victims}
+        self.gone |= gone
         self.jobs = [job for job in self.jobs if job.job_id not in gone]
 
 
