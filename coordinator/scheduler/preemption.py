@@ -3,8 +3,9 @@ losing the fewest GPU-seconds of work.
 
 A pending job may preempt a running, preemptible job that is not already stopping when
 - a priority rule lets it (config.preemption: its priority >= min_priority, the victim's < preempts_below_priority), or
-- under las, the victim sits in a later attained-service queue, has no higher priority, and has run at least
-  preemption_cost_seconds in its attempt (so that jobs do not thrash), or
+- under las, the victim sits in a later attained-service queue (the job's own by its service, not promoted),
+  has no higher priority, and has run at least las_min_run_seconds (and preemption_cost_seconds) in its attempt,
+  so that a resumed job makes progress before it can be preempted again, or
 - under srtf, the victim's estimated remaining time exceeds the job's by more than preemption_cost_seconds.
 The work a victim loses is its GPUs x (now - start_time) (what it ran since its attempt started, if it had not
 checkpointed). Selection is greedy (cheapest per freed GPU first, or the cheapest single victim that suffices,
@@ -19,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from coordinator.scheduler.capacity import _Pool
-from coordinator.scheduler.ordering import las_queue, pending_las_queue, pending_remaining, running_attained, running_remaining
+from coordinator.scheduler.ordering import las_queue, pending_remaining, running_attained, running_remaining
 from coordinator.scheduler.types import JobRequest, NodeView, Preemption, RunningJob, SchedulerConfig
 
 MAX_SEARCHES_PER_PASS = 8
@@ -117,7 +118,8 @@ class _Preemptor:
         queue 0. Built once per pass: a blocked job looks only at the queues after its own."""
         if self._by_queue is None:
             self._by_queue = {}
-            min_ran = self.config.preemption_cost_seconds if self.policy == "las" else 0.0
+            config = self.config
+            min_ran = max(config.las_min_run_seconds, config.preemption_cost_seconds) if self.policy == "las" else 0.0
             for victim in self.jobs:
                 if self.now - victim.start_time >= min_ran:
                     c = self._candidate(victim)
@@ -147,7 +149,10 @@ class _Preemptor:
         if not self.may_search(job):
             return None
         bound = self.bound(job)
-        queue = pending_las_queue(job, self.config, self.now) if self.policy == "las" else 0
+        # By attained service alone: a job promoted for having starved goes first in order (and so gets the
+        # next free GPUs and the reservation), but preempts only as its service says; else promoted jobs,
+        # once preempted, would promote and preempt in turn.
+        queue = las_queue(job.attained_service_seconds, self.config) if self.policy == "las" else 0
         remaining = pending_remaining(job, self.config) if self.policy == "srtf" else 0.0
         key = (job.gpus, job.gpus_per_node, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, bound, queue, job.priority)
         if self.policy != "srtf" and key in self.failed:
