@@ -106,6 +106,7 @@ class CoordinatorLink:
         source: TelemetrySource,
         heartbeat_interval: float = 0.0,
         advertise_address: str = "",
+        pool: str = "",
         backoff: Backoff | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -116,6 +117,8 @@ class CoordinatorLink:
         self.node_id = node_id
         self.source = source
         self.requested_interval = heartbeat_interval
+        self.pool = pool
+        """The node pool the agent registers in (empty: the default pool)."""
         self.addresses = [advertise_address or local_address_towards(coordinator)]
         self.backoff = backoff or Backoff()
         self.clock = clock
@@ -181,6 +184,7 @@ class CoordinatorLink:
                 devices=self.source.devices(),
                 heartbeat_interval_seconds=self.requested_interval,
                 agent_version=gpuorch.__version__,
+                pool=self.pool,
                 tasks=self.task_snapshot(),
             )
         )

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats (default: the coordinator's)"
     )
     parser.add_argument("--advertise-address", help="address other nodes reach this one on")
+    parser.add_argument("--pool", help="node pool this node serves (default: default); jobs that ask for a pool run only there")
     parser.add_argument("--tls-ca", metavar="PEM", help="CA of the coordinator's certificate; turns TLS on")
     parser.add_argument(
         "--tls-cert", metavar="PEM", help="this node's client certificate (mutual TLS; node id must be one of its names)"
@@ -114,6 +115,7 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         source=source,
         heartbeat_interval=settings.heartbeat_interval,
         advertise_address=settings.advertise_address,
+        pool=settings.pool,
         backoff=Backoff(initial=settings.reconnect_initial, cap=settings.reconnect_max),
         credentials=credentials,
         clock=clock,

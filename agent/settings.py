@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpuorch.metrics import parse_listen
+from gpuorch.pools import DEFAULT_POOL, pool_name_problem
 
 
 @dataclass
@@ -23,6 +24,8 @@ class AgentSettings:
     """Seconds between heartbeats; 0 = what the coordinator asks for."""
     advertise_address: str = ""
     """Address other nodes reach this one on; empty = the one the coordinator is reached from."""
+    pool: str = DEFAULT_POOL
+    """The node pool this node serves: jobs that ask for a pool run only on its nodes."""
     reconnect_initial: float = 0.1
     """First reconnect delay in seconds; doubles per failure."""
     reconnect_max: float = 3.0
@@ -62,6 +65,9 @@ class AgentSettings:
             raise ValueError(f"heartbeat_interval must be between 0.05 and 300 seconds, got {self.heartbeat_interval}")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and reconnect_max >= reconnect_initial")
+        problem = pool_name_problem(self.pool) if self.pool else "pool must not be empty (the default pool is 'default')"
+        if problem:
+            raise ValueError(problem)
         if ":" not in self.coordinator:
             raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
         if self.metrics_listen:

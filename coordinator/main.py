@@ -32,11 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--missed-heartbeats", type=int, help="silent heartbeat intervals before a connected node is DOWN (default 3)"
     )
-    parser.add_argument(
-        "--scheduler-policy", choices=POLICIES, help="queue order (default priority)"
-    )
+    parser.add_argument("--scheduler-policy", choices=POLICIES, help="queue order (default priority)")
     parser.add_argument(
         "--stop-grace-period", type=float, help="seconds between SIGTERM and SIGKILL when ranks are stopped (default 10)"
+    )
+    parser.add_argument(
+        "--preemption-grace-seconds", type=float, help="seconds a preempted job has to checkpoint before SIGKILL (default 30)"
     )
     parser.add_argument(
         "--restart-backoff-base", type=float, help="seconds before a job's second restart; doubles after (default 1)"

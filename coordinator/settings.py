@@ -7,6 +7,7 @@ import grp
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.rules.quotas import QuotaPolicy, parse_quotas
 from coordinator.scheduler import POLICIES, PreemptionRule
 from gpuorch.metrics import parse_listen
 from gpuorch.tls import is_loopback_host
@@ -45,6 +46,8 @@ class CoordinatorSettings:
     """Device selection: score penalty per degree above the threshold."""
     stop_grace_period: float = 10.0
     """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
+    preemption_grace_seconds: float = 30.0
+    """Seconds between SIGTERM and SIGKILL when a job is preempted for higher-priority work: its time to checkpoint."""
     restart_backoff_base: float = 1.0
     """Seconds before a job's second restart (the first is immediate); doubles per restart."""
     restart_backoff_max: float = 60.0
@@ -87,6 +90,22 @@ class CoordinatorSettings:
     a coordinator that lacks any of the three listens on loopback only."""
     max_pending_jobs_per_user: int = 1000
     """Pending jobs one owner may have queued; a submission beyond it gets RESOURCE_EXHAUSTED. 0 = no limit."""
+    quotas: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[quotas.users.NAME] and [quotas.groups.NAME] tables of max_gpus (running) and max_pending_jobs; NAME "*" is
+    everyone not named. A user's max_pending_jobs overrides max_pending_jobs_per_user. See coordinator/rules/quotas.py."""
+    groups: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[groups] table: group = ["user", ...]; a user is in at most one group (for group quotas)."""
+    runtime_prediction_quantile: float = 0.8
+    """A job with no estimate and no time limit is predicted to run this quantile of the recent runtimes of similar
+    finished jobs (same owner, name and GPUs; else owner and GPUs; pool and GPUs; pool; cluster). Higher: fewer
+    under-estimates, less backfill."""
+    runtime_prediction_min_samples: int = 3
+    """Finished jobs a tier of the prediction needs before it answers."""
+    runtime_prediction_default: float = 0.0
+    """Seconds predicted when no tier has enough samples; 0 = unknown."""
+    start_estimate_interval_seconds: float = 5.0
+    """Every pending job's estimated start time is recomputed at most this often (the scheduler run forward on
+    estimated runtimes); 0 = no estimates."""
     max_streams_per_client: int = 64
     """Open server streams (watches, log reads, health watches, reflection) per client (user, or peer host
     without tokens). 0 = no limit."""
@@ -102,6 +121,10 @@ class CoordinatorSettings:
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
+
+    def quota_policy(self) -> QuotaPolicy:
+        """The quotas and groups settings, parsed; raises ValueError naming what is wrong."""
+        return parse_quotas(self.quotas, self.groups)
 
     @property
     def local_socket_path(self) -> str:
@@ -141,6 +164,8 @@ class CoordinatorSettings:
         self.preemption_rules()
         if self.stop_grace_period < 0:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
+        if self.preemption_grace_seconds < 0:
+            raise ValueError(f"preemption_grace_seconds must be >= 0, got {self.preemption_grace_seconds}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         if self.metrics_listen:
@@ -170,6 +195,15 @@ class CoordinatorSettings:
             raise ValueError(f"handshake_timeout must be > 0 seconds, got {self.handshake_timeout}")
         if self.max_connections < 0:
             raise ValueError(f"max_connections must be >= 0 (0 = from the open-file limit), got {self.max_connections}")
+        self.quota_policy()
+        if not 0 < self.runtime_prediction_quantile <= 1:
+            raise ValueError(f"runtime_prediction_quantile must be in (0, 1], got {self.runtime_prediction_quantile}")
+        if self.runtime_prediction_min_samples < 1:
+            raise ValueError(f"runtime_prediction_min_samples must be >= 1, got {self.runtime_prediction_min_samples}")
+        if self.runtime_prediction_default < 0:
+            raise ValueError(f"runtime_prediction_default must be >= 0 (0 = unknown), got {self.runtime_prediction_default}")
+        if self.start_estimate_interval_seconds < 0:
+            raise ValueError(f"start_estimate_interval_seconds must be >= 0, got {self.start_estimate_interval_seconds}")
         for name in ("max_pending_jobs_per_user", "max_streams_per_client", "max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")

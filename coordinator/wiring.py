@@ -26,12 +26,14 @@ from coordinator.api.local_socket import LocalSocketRelay
 from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.estimates import Estimates
 from coordinator.control.job_manager import JobManager
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
 from coordinator.observe.prometheus import CoordinatorMetrics
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.recovery import RecoveryPolicy
-from coordinator.scheduler import SchedulerConfig
+from coordinator.scheduler import Quotas, SchedulerConfig
+from coordinator.scheduler.prediction import RuntimePredictor
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.sqlite import SqliteJobStore
 from gpuorch import tls
@@ -107,6 +109,30 @@ def make_state_dir(path: Path) -> None:
         log.warning("state dir is readable or writable by others; chmod it 0711 or 0700", state_dir=str(path), mode=oct(mode))
 
 
+def scheduler_config(settings: CoordinatorSettings) -> SchedulerConfig:
+    """The scheduler's configuration from the settings (the policy, GPU scores, running-GPU quotas, preemption rules)."""
+    max_gpus_per_owner, max_gpus_per_group = settings.quota_policy().max_gpus()
+    return SchedulerConfig(
+        policy=settings.scheduler_policy,
+        memory_weight=settings.score_memory_weight,
+        utilization_weight=settings.score_utilization_weight,
+        temperature_threshold_celsius=settings.score_temperature_threshold,
+        temperature_penalty_per_degree=settings.score_temperature_penalty,
+        quotas=Quotas(max_gpus_per_owner=max_gpus_per_owner, max_gpus_per_group=max_gpus_per_group),
+        preemption=settings.preemption_rules(),
+    )
+
+
+def runtime_estimates(settings: CoordinatorSettings) -> Estimates:
+    """Runtime prediction and start-time estimates as the settings ask."""
+    predictor = RuntimePredictor(
+        quantile=settings.runtime_prediction_quantile,
+        min_samples=settings.runtime_prediction_min_samples,
+        default_seconds=settings.runtime_prediction_default,
+    )
+    return Estimates(predictor, interval_seconds=settings.start_estimate_interval_seconds)
+
+
 class Coordinator:
     """The control-plane daemon; `await start()`, then `await stop()`."""
 
@@ -149,21 +175,17 @@ class Coordinator:
         self.jobs = JobManager(
             self.cluster,
             self.store,
-            config=SchedulerConfig(
-                policy=settings.scheduler_policy,
-                memory_weight=settings.score_memory_weight,
-                utilization_weight=settings.score_utilization_weight,
-                temperature_threshold_celsius=settings.score_temperature_threshold,
-                temperature_penalty_per_degree=settings.score_temperature_penalty,
-                preemption=settings.preemption_rules(),
-            ),
+            config=scheduler_config(settings),
             recovery_policy=RecoveryPolicy(
                 backoff_base_seconds=settings.restart_backoff_base, backoff_max_seconds=settings.restart_backoff_max
             ),
             stop_grace_seconds=settings.stop_grace_period,
+            preemption_grace_seconds=settings.preemption_grace_seconds,
             node_grace_period=settings.node_grace_period,
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
+            quotas=settings.quota_policy(),
+            estimates=runtime_estimates(settings),
             clock=self.clock,
             rng=self.rng,
         )

@@ -17,6 +17,7 @@ from typing import Any, Self
 import grpc
 
 from gpuorch import settings, tls
+from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError, from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
 
@@ -115,9 +116,13 @@ def build_job_spec(
     gpus: int = 1,
     requirements: Mapping[str, Any] | job_pb2.JobRequirements | None = None,
     env: Mapping[str, str] | None = None,
+    time_limit: str | int | None = None,
     **fields: Any,
 ) -> job_pb2.JobSpec:
-    """A JobSpec from keyword arguments named like its fields."""
+    """A JobSpec from keyword arguments named like its fields. `time_limit` sets time_limit_seconds from
+    seconds or a duration such as "90m", "2h", "1h30m" or "01:30:00" (ValueError naming it otherwise)."""
+    if time_limit is not None:
+        fields["time_limit_seconds"] = time_limit if isinstance(time_limit, int) else parse_duration(time_limit)
     if isinstance(requirements, Mapping):
         requirements = job_pb2.JobRequirements(**requirements)
     return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +90,8 @@ def checkpoint_dir() -> str:
 class RestartReason:
     """Why this attempt was started, parsed from GPUORCH_RESTART_REASON.
 
-    kind is "" for a first attempt, else "rank_exit", "rank_start", "node_down", "gpu_unhealthy" or "hang".
+    kind is "" for a first attempt, else "rank_exit", "rank_start", "node_down", "gpu_unhealthy", "hang", or
+    "preempted" (the attempt before was preempted for higher-priority work: resume from your checkpoint).
     """
 
     kind: str = ""
@@ -102,6 +105,11 @@ class RestartReason:
     @property
     def is_restart(self) -> bool:
         return bool(self.kind)
+
+    @property
+    def preempted(self) -> bool:
+        """The attempt before was preempted (not a failure: it used no restart of max_restarts)."""
+        return self.kind == "preempted"
 
 
 def restart_reason() -> RestartReason:
@@ -118,6 +126,18 @@ def restart_reason() -> RestartReason:
     if kind == "gpu_unhealthy":
         return RestartReason(kind, gpu_uuid=rest, raw=raw)
     return RestartReason(kind, raw=raw)
+
+
+_stop_requested = threading.Event()
+
+
+def stop_on_sigterm() -> threading.Event:
+    """Turns SIGTERM into a request to stop: the returned event is set and the process goes on. gpuorch stops
+    a rank with SIGTERM, then SIGKILL after a grace: `preemption_grace_seconds` (30 s by default) when the job
+    is preempted for higher-priority work, `stop_grace_period` otherwise. Check the event between steps; when it
+    is set, write a checkpoint into checkpoint_dir() and exit (examples/preemptible.py)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: _stop_requested.set())
+    return _stop_requested
 
 
 _last_progress = 0.0

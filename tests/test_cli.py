@@ -234,10 +234,11 @@ def test_request_ids_make_submissions_idempotent(one_node):
 def test_submit_sends_the_directory_it_runs_in_and_the_limits(one_node, tmp_path):
     submitted = gpuctl(
         "--coordinator", one_node.address, "submit", "--pids-max", "256", "--memory-max", "1.5G", "--hold-if-too-big",
-        "--gpus", "64", "--", "python", "train.py", cwd=tmp_path,
+        "--no-preempt", "--gpus", "64", "--", "python", "train.py", cwd=tmp_path,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     spec = one_node.client().get_job(submitted.stdout.strip()).spec
+    assert spec.non_preemptible
     assert spec.submit_dir == str(tmp_path.resolve()) and spec.working_dir == ""
     assert spec.pids_max == 256 and spec.memory_max_bytes == int(1.5 * 1024**3)
     given = gpuctl(
@@ -245,6 +246,7 @@ def test_submit_sends_the_directory_it_runs_in_and_the_limits(one_node, tmp_path
     )
     spec = one_node.client().get_job(given.stdout.strip()).spec
     assert spec.working_dir == "/srv/jobs" and spec.submit_dir == "", "an explicit working dir needs no submit dir"
+    assert not spec.non_preemptible, "preemptible unless asked otherwise"
     bad = gpuctl("--coordinator", one_node.address, "submit", "--memory-max", "lots", "--", "x")
     assert bad.returncode == 2 and "64G" in bad.stderr
 
@@ -312,6 +314,8 @@ def test_format_job_prints_each_attempts_working_dirs():
     attempt.working_dirs["n2"] = "/var/lib/gpuorch/agent/jobs/j-1/attempt-1/work"
     job.attempts.add(attempt=2).working_dirs["n1"] = "/home/al/exp"
     text = cli.format_job(job)
+    assert "never preempted" not in text
+    assert "never preempted" in cli.format_job(job_pb2.Job(job_id="j-2", spec=job_pb2.JobSpec(non_preemptible=True)))
     assert "Command:    python train.py --out 'a b'" in text
     assert "Submitted from: /home/al/exp" in text
     assert "attempt 1 working dir on n1: /home/al/exp" in text

@@ -86,6 +86,15 @@ def sigterm_reason() -> str:
     return "stopped with SIGTERM"
 
 
+def time_limit_deadline(started_wall: float, time_limit_seconds: float) -> float:
+    """Wall time a rank started at `started_wall` must end by; 0 = no limit."""
+    return started_wall + time_limit_seconds if time_limit_seconds > 0 else 0.0
+
+
+def time_limit_reason(time_limit_seconds: float) -> str:
+    return f"reached its time limit of {time_limit_seconds:g}s"
+
+
 def sigkill_reason(grace: float) -> str:
     return f"killed with SIGKILL after a {grace:g}s grace period"
 

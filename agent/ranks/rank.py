@@ -68,7 +68,12 @@ class Rank:
         )
         meaning = exit_meaning(facts)
         self.final_status = self.status(
-            meaning.state, exit_code=meaning.exit_code, signal=meaning.signal, message=meaning.message, pid=meaning.pid
+            meaning.state,
+            exit_code=meaning.exit_code,
+            signal=meaning.signal,
+            message=meaning.message,
+            pid=meaning.pid,
+            time_limited=record.time_limited,
         )
         self.ended_at = ended_at
         self.state = RankState.ENDED

@@ -305,6 +305,8 @@ def start_rank(
         cgroup=cgroup,
         pids_max=limits.pids_max,
         memory_max_bytes=limits.memory_max_bytes,
+        time_limit_seconds=launch.time_limit_seconds,
+        stop_grace_seconds=launch.stop_grace_seconds,
     )
     return record, notify_read
 

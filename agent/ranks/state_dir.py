@@ -68,6 +68,14 @@ class RankRecord:
     """The limits of its cgroup, re-applied by a restarted agent (see cgroups.RankCgroups.release_controllers)."""
     working_dir: str = ""
     """The directory the rank runs in, as the shim reported it."""
+    time_limit_seconds: float = 0.0
+    stop_grace_seconds: float = 0.0
+    """The job's time limit (0 = none) and the grace between SIGTERM and SIGKILL at it (LaunchTask)."""
+    deadline_wall: float = 0.0
+    """Wall time the rank must have ended by: its start plus the time limit; 0 = none. Recorded so that a
+    restarted agent still enforces it on the ranks it re-attaches to."""
+    time_limited: bool = False
+    """The agent stopped the rank at its time limit (reported with its end, also by a restarted agent)."""
 
     def read_pid_file(self) -> int:
         try:

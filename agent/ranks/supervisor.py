@@ -100,9 +100,11 @@ class Supervisor:
                 self._finish_once_empty(rank, exit_status, ended_at=os.stat(record.exit_path).st_mtime)
             elif self._watch(rank, record.shim_pid, record.shim_start_time):
                 log.info("rank re-attached", **fields)
+                self._enforce_time_limit(rank)
             elif record.rank_pid and self._watch(rank, record.rank_pid, record.rank_start_time):
                 rank.watching_rank_only = True
                 log.warning("rank re-attached without its shim; its exit status will be lost", **fields)
+                self._enforce_time_limit(rank)
             else:
                 self._finish_once_empty(rank, None)
         self._expire_old_exits()
@@ -254,9 +256,11 @@ class Supervisor:
             else:
                 record.rank_pid, record.working_dir = notice.rank_pid, notice.working_dir
                 record.rank_start_time = watch.process_start_time(record.rank_pid)
+                record.deadline_wall = lifecycle.time_limit_deadline(self.clock.wall(), record.time_limit_seconds)
                 self.state.save_record(record, rank.record_path)
                 log.info("rank started", **fields, pid=record.rank_pid)
                 self._report(rank.running_status())
+                self._enforce_time_limit(rank)
         finally:
             os.close(notify_fd)
             if rank.state is RankState.STARTING:
@@ -329,7 +333,22 @@ class Supervisor:
 
     # ---- stopping ---------------------------------------------------------------------------
 
-    async def _stop_rank(self, rank: Rank, grace: float) -> None:
+    def _enforce_time_limit(self, rank: Rank) -> None:
+        """At the rank's deadline (if it has one) it is stopped as a stop would, and its end marked time-limited."""
+        if rank.record.deadline_wall:
+            self._background(self._stop_at_deadline(rank))
+
+    async def _stop_at_deadline(self, rank: Rank) -> None:
+        record = rank.record
+        await asyncio.sleep(max(0.0, record.deadline_wall - self.clock.wall()))
+        if not rank.ended.is_set():
+            log.warning("rank reached its time limit; stopping it", **rank.fields, time_limit=record.time_limit_seconds)
+            record.time_limited = True
+            self.state.save_record(record, rank.record_path)
+            why = lifecycle.time_limit_reason(record.time_limit_seconds)
+            await self._stop_rank(rank, max(0.0, record.stop_grace_seconds), why)
+
+    async def _stop_rank(self, rank: Rank, grace: float, why: str = "") -> None:
         await rank.started.wait()  # a launch still in progress: its pid is known once it started
         if rank.ended.is_set():
             return
@@ -339,12 +358,12 @@ class Supervisor:
         if not record.rank_pid:
             log.warning("cannot stop a rank whose pid is unknown", **fields)
             return
-        rank.kill_reason = lifecycle.sigterm_reason()
+        rank.kill_reason = f"{why}; {lifecycle.sigterm_reason()}" if why else lifecycle.sigterm_reason()
         watch.signal_group(record.rank_pid, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(rank.ended.wait(), grace)
             return
-        rank.kill_reason = lifecycle.sigkill_reason(grace)
+        rank.kill_reason = f"{why}; {lifecycle.sigkill_reason(grace)}" if why else lifecycle.sigkill_reason(grace)
         log.warning("rank outlived its grace period; killing it", **fields, grace=grace)
         watch.signal_group(record.rank_pid, signal.SIGKILL)
         if record.cgroup:

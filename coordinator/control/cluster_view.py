@@ -32,6 +32,7 @@ from coordinator.rules import health, liveness
 from coordinator.rules.liveness import Liveness, LivenessPolicy
 from coordinator.rules.registration import InvalidMessage
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 
@@ -98,6 +99,7 @@ class ClusterView:
             drained=register.node_id in self.drained,
             drain_reason=self.drained.get(register.node_id, ""),
             agent_version=register.agent_version,
+            pool=register.pool or DEFAULT_POOL,
         )
         self.nodes[node.node_id] = node
         if previous is not None and previous.liveness.state is not Liveness.READY:
@@ -250,6 +252,7 @@ class ClusterView:
             last_heartbeat_sequence=node.last_sequence,
             drained=node.drained,
             agent_version=node.agent_version,
+            pool=node.pool,
             registered_time=_timestamp(node.registered_wall),
         )
         if node.last_heartbeat_wall:

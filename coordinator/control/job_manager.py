@@ -21,6 +21,7 @@ import structlog
 from coordinator import scheduler
 from coordinator.control import reconcile
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.estimates import Estimates
 from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
 from coordinator.control.scheduling_loop import SchedulingLoop
 from coordinator.model import jobs as job_queries
@@ -36,6 +37,7 @@ from coordinator.rules.effects import (
     Finished,
     Launch,
     Notify,
+    Preempted,
     QueueChanged,
     Release,
     Save,
@@ -44,6 +46,7 @@ from coordinator.rules.effects import (
 )
 from coordinator.rules.health import DeviceHealth
 from coordinator.rules.liveness import Liveness
+from coordinator.rules.quotas import QuotaPolicy, pending_quota_problem
 from coordinator.store.api import JobStore, StoredJob
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, job_pb2
@@ -83,10 +86,13 @@ class JobManager:
         config: scheduler.SchedulerConfig | None = None,
         recovery_policy: recovery.RecoveryPolicy | None = None,
         stop_grace_seconds: float = 10.0,
+        preemption_grace_seconds: float = 30.0,
         node_grace_period: float = 10.0,
         checkpoint_root: str = "",
         rendezvous_ports: tuple[int, int] = (20000, 30000),
         max_pending_jobs_per_user: int = 0,
+        quotas: QuotaPolicy | None = None,
+        estimates: Estimates | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
@@ -94,10 +100,12 @@ class JobManager:
         self.store = store
         self.clock = clock
         self.machine = job_machine.MachineConfig(
-            recovery_policy or recovery.RecoveryPolicy(), stop_grace_seconds, checkpoint_root
+            recovery_policy or recovery.RecoveryPolicy(), stop_grace_seconds, checkpoint_root, preemption_grace_seconds
         )
         self.node_grace_period = node_grace_period
         self.max_pending_jobs_per_user = max_pending_jobs_per_user
+        self.quotas = quotas or QuotaPolicy()
+        """Per-user and per-group quotas (rules/quotas.py): pending jobs at submit, a job's group for the scheduler."""
         self.epoch = 0
         """The coordinator epoch, from the store once started."""
         self.jobs: dict[str, JobEntry] = {}
@@ -115,9 +123,8 @@ class JobManager:
         """After a coordinator restart: node id -> wall time by which it must re-register."""
         self._sequence = itertools.count(1)
         self.links = NodeLinks(cluster)
-        self.scheduling = SchedulingLoop(
-            self, cluster, config or scheduler.SchedulerConfig(), rendezvous_ports, rng or random.Random(), clock.monotonic
-        )
+        config, rng = config or scheduler.SchedulerConfig(), rng or random.Random()
+        self.scheduling = SchedulingLoop(self, cluster, config, rendezvous_ports, rng, clock.monotonic, estimates)
         self.restarts_by_reason: dict[str, int] = {}
         self.launch_latencies: list[float] = []
         """Recent placement -> every rank's process started, in seconds."""
@@ -215,9 +222,8 @@ class JobManager:
             Fence: lambda effect: reconcile.fence(self, effect),
             Release: lambda effect: self.scheduling.port_released(effect.node_id, effect.port),
             AttemptFailed: self._attempt_failed,
-            Finished: lambda effect: log.info(
-                "job finished", job=effect.job_id, state=job_pb2.JobState.Name(effect.state), reason=effect.reason
-            ),
+            Preempted: self.scheduling.preempted,
+            Finished: lambda effect: self.scheduling.finished(self.jobs[effect.job_id], effect.state, effect.reason),
             AllStarted: self._all_started,
         }
 
@@ -257,12 +263,9 @@ class JobManager:
             return self.by_request_id[(spec.owner, client_request_id)].job.job_id
         spec = job_rules.normalized(spec)
         job_rules.validate_spec(spec)
-        queued = self.pending_by_owner.get(spec.owner, 0)
-        if self.max_pending_jobs_per_user and queued >= self.max_pending_jobs_per_user:
-            raise QuotaExceeded(
-                f"{spec.owner or 'the anonymous owner'} already has {queued} pending jobs; "
-                f"the limit is max_pending_jobs_per_user={self.max_pending_jobs_per_user}"
-            )
+        problem = pending_quota_problem(self.quotas, spec.owner, self.pending_by_owner, self.max_pending_jobs_per_user)
+        if problem is not None:
+            raise QuotaExceeded(problem)
         sequence = next(self._sequence)
         job = job_pb2.Job(
             job_id=job_rules.new_job_id(sequence),
@@ -338,10 +341,7 @@ class JobManager:
         attempt = attempt or entry.job.attempt
         if attempt == 0:
             raise LookupError(f"job {job_id} has not started yet; it has no logs")
-        record = entry.record(attempt)
-        node_id = next(
-            (n.node_id for n in record.placement.nodes if n.first_rank <= rank < n.first_rank + len(n.device_uuids)), None
-        ) if record is not None else None  # fmt: skip
+        node_id = entry.node_of_rank(attempt, rank)
         if node_id is None:
             raise NoSuchRank(f"job {job_id} has no rank {rank} in attempt {attempt}")
         read = agent_pb2.ReadLogs(job_id=job_id, attempt=attempt, rank=rank, offset=offset, max_bytes=max_bytes)

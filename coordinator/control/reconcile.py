@@ -46,10 +46,12 @@ def restore(manager: JobManager, state: StoredState) -> None:
     # may still have ranks in their stop grace: its restart waits until the agents report them ended, or
     # their nodes stay away past the grace. Restored first, so that a running attempt on the same GPUs
     # (placed after those ranks ended) owns them.
+    manager.scheduling.estimates.learn_history(manager.jobs.values())  # the predictor learns the finished jobs' runtimes
     running.sort(key=lambda entry: entry.job.start_time.ToNanoseconds())
     for entry in restarting + running:
         record = entry.job.attempts[-1]
         job_machine.restore(entry, record, now, manager.cluster.allocations)
+        manager.scheduling.running.track(entry)
         if record.placement.nodes:
             manager.scheduling.ports_in_use.setdefault(record.placement.nodes[0].node_id, set()).add(record.placement.master_port)
         for node in record.placement.nodes:

@@ -17,11 +17,14 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.estimates import Estimates
+from coordinator.control.running_view import RunningView, attained_service_seconds
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
-from coordinator.rules import job_machine
-from coordinator.rules.effects import Effect, Save
+from coordinator.rules import job_machine, preemption
+from coordinator.rules.effects import Effect, Preempted, Save, Stop
+from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
@@ -79,6 +82,7 @@ class SchedulingLoop:
         rendezvous_ports: tuple[int, int],
         rng: random.Random,
         elapsed_clock: Callable[[], float],
+        estimates: Estimates | None = None,
     ) -> None:
         self.manager = manager
         self.cluster = cluster
@@ -96,19 +100,27 @@ class SchedulingLoop:
         self._views: dict[str, _CachedView] = {}
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
+        self.estimates = estimates or Estimates()
+        """Runtime predictions for the requests, and start-time estimates (control/estimates.py)."""
+        self.running = RunningView(self._request_of_live)
+        """The jobs holding GPUs, as the scheduler sees them (`running_jobs`)."""
         self.reservations: tuple[scheduler.Reservation, ...] = ()
         """The last pass's reservations, passed back so that each stays on its nodes."""
 
     async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), self._next_timer())
-            except TimeoutError:
-                pass
-            self.wake.clear()
-            self.manager.expire_expected_nodes()
-            self.manager.detect_hangs()
-            await self.schedule_pass()
+        forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self._next_timer())
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+                self.manager.expire_expected_nodes()
+                self.manager.detect_hangs()
+                await self.schedule_pass()
+        finally:
+            forecasts.cancel()
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""
@@ -136,6 +148,7 @@ class SchedulingLoop:
             cached.view = scheduler.NodeView(
                 node_id=node.node_id,
                 schedulable=node.schedulable,
+                pool=node.pool,
                 gpus=tuple(taken if uuid in allocations else free for uuid, free, taken in cached.pairs),
             )
             cached.allocation_version = allocation_version
@@ -164,11 +177,12 @@ class SchedulingLoop:
 
     def request(self, entry: JobEntry) -> scheduler.JobRequest:
         """The scheduler's view of the job, built once: a pass asks it of every ready job, and reading the
-        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it)."""
+        spec's message fields each time cost more than the scheduler's own ordering (`request_changed` drops it).
+        Its runtime estimate is the user's, else the time limit, else a prediction (control/estimates.py)."""
         request = self._requests.get(entry.job.job_id)
         if request is None:
             spec = entry.job.spec
-            request = self._requests[entry.job.job_id] = scheduler.JobRequest(
+            request = scheduler.JobRequest(
                 job_id=entry.job.job_id,
                 gpus=spec.gpus,
                 gpus_per_node=spec.gpus_per_node,
@@ -179,16 +193,38 @@ class SchedulingLoop:
                 min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
                 gpu_model=spec.requirements.gpu_model,
                 spread=spec.spread,
+                pool=spec.pool or DEFAULT_POOL,
+                time_limit_seconds=float(spec.time_limit_seconds),
+                group=self.manager.quotas.group_of(spec.owner),
+                preemptible=not spec.non_preemptible,
+                attained_service_seconds=attained_service_seconds(entry.job, entry.job.attempt + 1) if entry.job.attempt else 0.0,
             )
+            request = self._requests[entry.job.job_id] = self.estimates.with_estimate(request, spec.name)
         return request
 
     def request_changed(self, job_id: str) -> None:
         """The job's spec changed (its priority): its request is built again at the next pass."""
         self._requests.pop(job_id, None)
+        self.running.changed(job_id)
+
+    def _request_of_live(self, entry: JobEntry) -> scheduler.JobRequest:
+        request = self._requests.get(entry.job.job_id) or self.request(entry)
+        if entry.final:  # a cancelled job's ranks still stopping: not kept once they are gone
+            self._requests.pop(entry.job.job_id, None)
+        return request
+
+    def running_jobs(self) -> list[scheduler.RunningJob]:
+        """Every job with a live attempt (placed, starting, running, or stopping), as the scheduler sees it."""
+        return self.running.jobs()
 
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again."""
         self._requests.pop(job_id, None)
+
+    def finished(self, entry: JobEntry, state: int, reason: str) -> None:
+        """The job reached a final state: its runtime teaches the predictor."""
+        log.info("job finished", job=entry.job.job_id, state=job_pb2.JobState.Name(state), reason=reason)
+        self.estimates.learn((entry,))
 
     def owner_usage(self, now: float) -> dict[str, float]:
         """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share)."""
@@ -226,17 +262,25 @@ class SchedulingLoop:
         if not ready:
             return []
         started = self.elapsed_clock()
+        if self.estimates.refresh(cached_requests, started):
+            requests = [cached_requests[entry.job.job_id] for entry in ready]
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
         result = scheduler.schedule(
-            views, requests, self.config, now=now.wall, usage_by_owner=usage, previous_reservations=self.reservations
+            views,
+            requests,
+            self.config,
+            now=now.wall,
+            usage_by_owner=usage,
+            running=self.running_jobs(),
+            previous_reservations=self.reservations,
         )
         self.reservations = result.reservations
         for job_id, reason in result.pending_reasons.items():
             waiting_entry = manager.pending.get(job_id)
             if waiting_entry is not None:
                 waiting_entry.job.reason = job_machine.pending_reason(waiting_entry.job, reason)
-        effects: list[Effect] = []
+        effects: list[Effect] = self._preempt(result.preemptions, now)
         placed: list[JobEntry] = []
         for decision in result.placed:
             entry = manager.jobs[decision.job_id]
@@ -245,18 +289,37 @@ class SchedulingLoop:
         for entry, started_effects in self._place_elastic(ready, result, now):
             effects += started_effects
             placed.append(entry)
-        if not placed:
+        if not effects:
             return []
-        self.decision_seconds.append(self.elapsed_clock() - started)
-        del self.decision_seconds[:-KEPT_TIMINGS]
-        self.placements += len(placed)
-        manager.apply([effect for effect in effects if not isinstance(effect, Save)])  # placed jobs leave the queue now
+        if placed:
+            self.decision_seconds.append(self.elapsed_clock() - started)
+            del self.decision_seconds[:-KEPT_TIMINGS]
+            self.placements += len(placed)
+        manager.apply([effect for effect in effects if not isinstance(effect, Save | Stop)])  # placed jobs leave the queue now
         # Durable before launching: a coordinator that dies now restarts knowing these attempts,
-        # so it can adopt or fence ranks that agents report.
+        # so it can adopt or fence ranks that agents report. And before a preempted job's ranks are
+        # stopped: restarted, it knows them preempted (a rank that checkpoints and exits 0 is no success).
         await manager.save([manager.jobs[job_id] for job_id in dict.fromkeys(e.job_id for e in effects if isinstance(e, Save))])
+        manager.apply([effect for effect in effects if isinstance(effect, Stop)])
         for entry in placed:
             manager.apply(job_machine.launches(entry, manager.machine))
         return [entry.job.job_id for entry in placed]
+
+    def _preempt(self, preemptions: tuple[scheduler.Preemption, ...], now: job_machine.Now) -> list[Effect]:
+        """The job rules' effects of stopping the running jobs the pass chose to make room (job_machine.preempt)."""
+        effects: list[Effect] = []
+        for chosen in preemptions:
+            victim = self.manager.jobs.get(chosen.victim_job_id)
+            if victim is not None:
+                effects += job_machine.preempt(victim, chosen.for_job_id, chosen.reason, now, self.manager.machine)
+                self._requests.pop(chosen.victim_job_id, None)  # requeued: built again with the service it attained
+        return effects
+
+    def preempted(self, effect: Preempted) -> None:
+        """For the log and the metrics (gpuorch_job_restarts_total{reason="preempted"})."""
+        log.info("attempt preempted", job=effect.job_id, attempt=effect.attempt, for_job=effect.for_job_id, reason=effect.reason)
+        restarts = self.manager.restarts_by_reason
+        restarts[preemption.PREEMPTED] = restarts.get(preemption.PREEMPTED, 0) + 1
 
     def _place_elastic(
         self, ready: list[JobEntry], result: scheduler.SchedulingResult, now: job_machine.Now
@@ -289,7 +352,9 @@ class SchedulingLoop:
             share.node_id: (session.session_id if (session := nodes[share.node_id].session) is not None else 0)
             for share in decision.nodes
         }
+        entry.job.ClearField("estimated_start_time")
         effects = job_machine.place(entry, placement, now, self.cluster.allocations, sessions, self.manager.machine)
+        self.running.placed(entry, decision, now.wall, self._requests.get(entry.job.job_id) or self.request(entry))
         log.info(
             "job placed",
             job=entry.job.job_id,

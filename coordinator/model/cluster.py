@@ -73,6 +73,8 @@ class NodeRecord:
     drained: bool = False
     drain_reason: str = ""
     agent_version: str = ""
+    pool: str = "default"
+    """The node pool the agent registered with (its --pool)."""
 
     @property
     def schedulable(self) -> bool:

@@ -64,6 +64,10 @@ class Attempt:
     last_progress_wall: float = 0.0
     """Latest progress any rank reported (wall clock), 0 if none."""
     all_started_at: float = 0.0
+    stops_sent: dict[str, float] = field(default_factory=dict)
+    """Node id -> monotonic time a stop of a preemption was last sent there (rules/preemption.py)."""
+    stop_covers: dict[str, set[int]] = field(default_factory=dict)
+    """Node id -> the ranks there that the preemption's stops are known to have reached (rules/preemption.py)."""
     _ranks: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
     """Rank -> (node id, device uuid): an index over `placement`, built once (a placement never changes
     once made), because message fields are slow to walk for every rank's report."""
@@ -140,6 +144,14 @@ class JobEntry:
         for record in reversed(self.job.attempts):
             if record.attempt == attempt:
                 return record
+        return None
+
+    def node_of_rank(self, attempt: int, rank: int) -> str | None:
+        """The node one rank of an attempt was placed on (from its stored record); None: no such rank."""
+        record = self.record(attempt)
+        for node in record.placement.nodes if record is not None else ():
+            if node.first_rank <= rank < node.first_rank + len(node.device_uuids):
+                return node.node_id
         return None
 
 

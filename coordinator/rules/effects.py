@@ -94,10 +94,22 @@ class AttemptFailed:
     job_id: str
     attempt: int
     kind: str
-    """The failure code's kind: rank_exit, rank_start, start_failed, node_down, gpu_unhealthy, hang."""
+    """The failure code's kind: rank_exit, rank_start, start_failed, time_limit, node_down, gpu_unhealthy, hang."""
     code: str
     reason: str
     restart: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Preempted:
+    """For the log and the metrics: the attempt was preempted for higher-ranked work; the job is requeued
+    without using a restart."""
+
+    job_id: str
+    attempt: int
+    for_job_id: str
+    """The pending job it makes room for."""
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,5 +130,17 @@ class AllStarted:
 
 
 Effect = (
-    Launch | Stop | AttemptOver | Fence | Release | Save | Notify | QueueChanged | Wake | AttemptFailed | Finished | AllStarted
+    Launch
+    | Stop
+    | AttemptOver
+    | Fence
+    | Release
+    | Save
+    | Notify
+    | QueueChanged
+    | Wake
+    | AttemptFailed
+    | Preempted
+    | Finished
+    | AllStarted
 )

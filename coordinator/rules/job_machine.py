@@ -16,7 +16,12 @@ The job (JobState, protos/gpuorch/v1/job.proto):
                |   |                                   |  every rank stopped, then
                |   |                                   |     restarts left --> PENDING (restart backoff; the next
                +---|-----------------------------------+        attempt waits for every rank of this one to end)
-                   |                                   |     none left, or a start failure a restart would repeat --> FAILED
+                   |                                   |     none left, a start failure a restart would repeat, or a rank
+                   |                                   |     stopped at the job's time limit --> FAILED
+                   |                                   |
+                   |                                   +--preempted for higher-ranked work (preempt): SIGTERM, the
+                   |                                   |  preemption grace, SIGKILL; PENDING at once (no restart used,
+                   |                                   |  no backoff; the next attempt waits for every rank to end)
                    |                                   |
                    +--cancel-------------------------> CANCELLED <--cancel (ranks stopped)--+
 
@@ -43,7 +48,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coordinator.model.cluster import Allocations
 from coordinator.model.jobs import Attempt, AttemptState, JobEntry, RankOutcome
-from coordinator.rules import job_rules, recovery
+from coordinator.rules import job_rules, preemption, recovery
 from coordinator.rules.effects import (
     AllStarted,
     AttemptFailed,
@@ -53,6 +58,7 @@ from coordinator.rules.effects import (
     Finished,
     Launch,
     Notify,
+    Preempted,
     QueueChanged,
     Release,
     Save,
@@ -78,6 +84,8 @@ class MachineConfig:
     stop_grace_seconds: float = 10.0
     checkpoint_root: str = ""
     """Each job's GPUORCH_CHECKPOINT_DIR is <checkpoint_root>/<job id>; empty: none."""
+    preemption_grace_seconds: float = 30.0
+    """SIGTERM to SIGKILL for a preempted attempt's ranks: their time to checkpoint."""
 
 
 def stamp(wall: float) -> Timestamp:
@@ -93,6 +101,8 @@ def restart_text(job: job_pb2.Job) -> str:
     """What a restarting job's reason starts with; empty for a job that is not restarting."""
     if not job.pending_restart_reason:
         return ""
+    if job.pending_restart_reason == preemption.PREEMPTED:
+        return f"requeued after preemption (uses no restart: {job.restarts} of {job.spec.max_restarts} used)"
     return f"restart {job.restarts} of {job.spec.max_restarts} after {job.pending_restart_reason}"
 
 
@@ -155,7 +165,10 @@ def launches(entry: JobEntry, config: MachineConfig) -> list[Effect]:
     if job.state != job_pb2.JOB_STATE_RUNNING:
         return []
     environment = attempt_environment(job, config.checkpoint_root)
-    effects: list[Effect] = [Launch(node_id, launch) for node_id, launch in job_rules.launch_messages(job, environment).items()]
+    effects: list[Effect] = [
+        Launch(node_id, launch)
+        for node_id, launch in job_rules.launch_messages(job, environment, config.stop_grace_seconds).items()
+    ]
     return [*effects, Notify(job.job_id)]
 
 
@@ -165,6 +178,8 @@ def restore(entry: JobEntry, record: job_pb2.Attempt, now: Now, allocations: All
     attempt = _take(entry, record, now, allocations, {}, restoring=True)
     if entry.job.state == job_pb2.JOB_STATE_RUNNING and record.attempt == entry.job.attempt:
         attempt.started_wall = attempt.last_progress_wall = now.wall
+    else:
+        attempt.state = AttemptState.STOPPING  # its job restarts or ended: what ranks are left were being stopped
     return attempt
 
 
@@ -198,6 +213,9 @@ def rank_reported(
     live = entry.job.state == job_pb2.JOB_STATE_RUNNING and status.attempt == entry.job.attempt
     if running:
         if not live:
+            if preemption.being_preempted(entry, status.attempt):  # in its grace: not killed at once
+                grace = config.preemption_grace_seconds
+                return preemption.stop_again(entry, attempt, node_id, status.rank, now.wall, now.monotonic, grace)
             return [_fence(entry, node_id, status, "fenced: attempt superseded")]
         if status.working_dir:
             record = entry.record(status.attempt)
@@ -278,12 +296,38 @@ def attempt_failed(entry: JobEntry, code: FailureCode, description: str, now: No
     return [*effects, QueueChanged(job.job_id), Notify(job.job_id), Save(job.job_id), Wake()]
 
 
-def stop_attempt(entry: JobEntry, number: int, reason: str, config: MachineConfig) -> list[Effect]:
+def stop_attempt(entry: JobEntry, number: int, reason: str, config: MachineConfig, grace: float | None = None) -> list[Effect]:
     attempt = entry.attempts.get(number)
     if attempt is None:
         return []
     attempt.state = AttemptState.STOPPING
-    return [Stop(node, entry.job.job_id, number, config.stop_grace_seconds, reason) for node in dict.fromkeys(attempt.nodes())]
+    grace = config.stop_grace_seconds if grace is None else grace
+    return [Stop(node, entry.job.job_id, number, grace, reason) for node in dict.fromkeys(attempt.nodes())]
+
+
+def preempt(entry: JobEntry, for_job_id: str, reason: str, now: Now, config: MachineConfig) -> list[Effect]:
+    """RUNNING -> PENDING: the current attempt makes room for `for_job_id`. Its ranks get SIGTERM and the
+    preemption grace to checkpoint, then SIGKILL; their GPUs stay held until each end is confirmed (the next
+    attempt waits for them: waiting_for_previous). Not a failure: no restart used, no backoff, and the next
+    attempt starts with GPUORCH_RESTART_REASON=preempted. A job not running, or not preemptible, is left alone."""
+    job = entry.job
+    attempt = entry.current
+    if job.state != job_pb2.JOB_STATE_RUNNING or attempt is None or job.spec.non_preemptible:
+        return []
+    if not reason.startswith(preemption.PREEMPTED):
+        reason = f"{preemption.PREEMPTED}: {reason}"
+    if for_job_id not in reason:
+        reason += f" (for {for_job_id})"
+    effects = stop_attempt(entry, job.attempt, reason, config, config.preemption_grace_seconds)
+    attempt.stops_sent = dict.fromkeys(attempt.nodes(), now.monotonic)
+    attempt.stop_covers = {node: {rank for rank in attempt.ranks_on(node) if rank in attempt.running} for node in attempt.nodes()}
+    _end_record(entry, reason, now)
+    job.state = job_pb2.JOB_STATE_PENDING
+    job.pending_restart_reason = preemption.PREEMPTED
+    job.reason = restart_text(job)
+    job.ClearField("restart_not_before")
+    effects.append(Preempted(job.job_id, job.attempt, for_job_id, reason))
+    return [*effects, QueueChanged(job.job_id), Notify(job.job_id), Save(job.job_id), Wake()]
 
 
 def _end_record(entry: JobEntry, end_reason: str, now: Now) -> None:

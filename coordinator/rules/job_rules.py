@@ -10,6 +10,7 @@ import re
 import secrets
 
 from coordinator.model.jobs import FINAL_STATES, RankOutcome
+from gpuorch.pools import DEFAULT_POOL, pool_name_problem
 from gpuorch.v1 import agent_pb2, job_pb2
 
 __all__ = ["FINAL_STATES", "RankOutcome"]
@@ -23,6 +24,7 @@ MAX_NAME_LENGTH = 256
 MAX_OWNER_LENGTH = 128
 MAX_WORKING_DIR_BYTES = 4096
 """Linux's PATH_MAX."""
+MAX_TIME_LIMIT_SECONDS = 365 * 86400
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -79,6 +81,13 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidSpec(f"spec.submit_dir is {len(spec.submit_dir.encode())} bytes; the limit is {MAX_WORKING_DIR_BYTES}")
     if "\0" in spec.submit_dir:
         raise InvalidSpec("spec.submit_dir contains a NUL character")
+    problem = pool_name_problem(spec.pool)
+    if problem:
+        raise InvalidSpec(f"spec.pool: {problem}")
+    if spec.time_limit_seconds > MAX_TIME_LIMIT_SECONDS:
+        raise InvalidSpec(
+            f"spec.time_limit_seconds is {spec.time_limit_seconds}; the limit is {MAX_TIME_LIMIT_SECONDS} (one year)"
+        )
     if len(spec.requirements.gpu_model) > MAX_NAME_LENGTH:
         raise InvalidSpec(
             f"spec.requirements.gpu_model is {len(spec.requirements.gpu_model)} characters; the limit is {MAX_NAME_LENGTH}"
@@ -93,6 +102,7 @@ def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
     result.DiscardUnknownFields()
     result.backend = spec.backend or "nccl"
     result.min_gpus = spec.min_gpus or spec.gpus
+    result.pool = spec.pool or DEFAULT_POOL
     return result
 
 
@@ -141,11 +151,13 @@ def rank_environment(
     return {**node_environment(job, placement, node), **rank_variables(node, local_rank)}
 
 
-def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None) -> dict[str, agent_pb2.LaunchTask]:
+def launch_messages(
+    job: job_pb2.Job, attempt_env: dict[str, str] | None = None, stop_grace_seconds: float = 0.0
+) -> dict[str, agent_pb2.LaunchTask]:
     """One LaunchTask per node of the job's current placement, keyed by node id.
 
     `attempt_env` adds what the coordinator knows of this attempt (GPUORCH_RESTART_REASON,
-    GPUORCH_CHECKPOINT_DIR)."""
+    GPUORCH_CHECKPOINT_DIR); `stop_grace_seconds` is the grace the agent gives a rank at its time limit."""
     placement = job.placement
     messages = {}
     for node in placement.nodes:
@@ -157,6 +169,8 @@ def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None)
             submit_dir=job.spec.submit_dir,
             pids_max=job.spec.pids_max,
             memory_max_bytes=job.spec.memory_max_bytes,
+            time_limit_seconds=job.spec.time_limit_seconds,
+            stop_grace_seconds=stop_grace_seconds,
             owner=job.spec.owner,
             env={**node_environment(job, placement, node), **(attempt_env or {})},
         )
@@ -169,6 +183,10 @@ def launch_messages(job: job_pb2.Job, attempt_env: dict[str, str] | None = None)
 def rank_outcome(status: agent_pb2.TaskStatus, node_id: str) -> RankOutcome:
     """What one rank's end means for its attempt."""
     where = f"rank {status.rank} on node {node_id}"
+    if status.time_limited:  # before the exit code: a rank that exits 0 at its SIGTERM still ran out of time
+        return RankOutcome(
+            True, f"{where} was stopped at the job's time limit" + (f" ({status.message})" if status.message else "")
+        )
     if status.state == agent_pb2.TASK_STATE_FAILED_TO_START:
         return RankOutcome(True, f"{where} failed to start: {status.message}")
     if status.state == agent_pb2.TASK_STATE_REJECTED:

@@ -20,6 +20,13 @@ them would only repeat the same error.
     node_down:<node>            the node holding ranks went DOWN
     gpu_unhealthy:<uuid>        a GPU of the attempt turned unhealthy
     hang                        no progress from any rank for the job's progress timeout
+
+A rank the agent stopped at the job's time limit (TaskStatus.time_limited; code time_limit:<rank>)
+fails the job at once with reason "time_limit: ...", whatever restarts are left: a new attempt would
+run into the same limit.
+
+One restart reason is no failure: `preempted` (coordinator/rules/preemption.py), the attempt before made
+room for higher-ranked work; it uses no restart of the budget and waits out no backoff.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class GiveUp:
 
 PERMANENT_START_FAILURE = "start_failed"
 """Code prefix of a start failure that a restart would repeat; never a restart reason."""
+TIME_LIMIT = "time_limit"
+"""Code (and the failed job's reason prefix) of a rank stopped at the job's time limit; never a restart reason."""
 TRANSIENT_START_FAILURES = (
     "shim ended",  # the agent's shim died before it could start the rank (killed, OOM)
     "Resource temporarily unavailable",  # EAGAIN: out of processes for now
@@ -77,7 +86,7 @@ class FailureCode:
     """Why an attempt failed, as structured fields; `str()` renders the GPUORCH_RESTART_REASON text."""
 
     kind: str
-    """rank_exit, rank_start, start_failed, node_down, gpu_unhealthy or hang."""
+    """rank_exit, rank_start, start_failed, time_limit, node_down, gpu_unhealthy or hang."""
     details: tuple[str, ...] = ()
     """The rank and exit code, the node, the GPU: whatever the kind names."""
 
@@ -91,6 +100,8 @@ class FailureCode:
 
 def failure_code(status: agent_pb2.TaskStatus) -> FailureCode:
     """What one failed rank's end means for its attempt, as a code."""
+    if status.time_limited:
+        return FailureCode(TIME_LIMIT, (str(status.rank),))
     if permanent_start_failure(status):
         return FailureCode(PERMANENT_START_FAILURE, (str(status.rank),))
     if status.state in (agent_pb2.TASK_STATE_FAILED_TO_START, agent_pb2.TASK_STATE_REJECTED):
@@ -121,6 +132,8 @@ def decide(
         history: how each attempt so far ended, oldest first (the failed one last).
         code: the failure's code (rank_exit:..., start_failed:..., ...); a permanent start failure gives up at once.
     """
+    if isinstance(code, FailureCode) and code.kind == TIME_LIMIT:
+        return GiveUp(f"{TIME_LIMIT}: {history[-1]} (not restarted: a new attempt would reach the same limit)")
     permanent = code.permanent if isinstance(code, FailureCode) else code.startswith(PERMANENT_START_FAILURE + ":")
     if permanent and restarts_used < max_restarts:
         return GiveUp(f"{history[-1]} (not restarted: every restart would fail to start the same way)")

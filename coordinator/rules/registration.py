@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from gpuorch.pools import pool_name_problem
 from gpuorch.v1 import agent_pb2
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
@@ -31,6 +32,9 @@ def validate_register(register: agent_pb2.Register) -> None:
             f"register.heartbeat_interval_seconds {interval!r} is outside "
             f"[{MIN_HEARTBEAT_INTERVAL}, {MAX_HEARTBEAT_INTERVAL}] (or 0 for the coordinator's)"
         )
+    problem = pool_name_problem(register.pool)
+    if problem:
+        raise InvalidMessage(f"register.pool: {problem}")
     if len(register.devices) > MAX_DEVICES_PER_NODE:
         raise InvalidMessage(f"register.devices has {len(register.devices)} devices; at most {MAX_DEVICES_PER_NODE}")
     seen: set[str] = set()

@@ -94,6 +94,8 @@ class _Pass:
 
     def __init__(self, nodes: Sequence[NodeView], config: SchedulerConfig) -> None:
         self.node_ids: list[str] = []
+        node_pools: list[str] = []
+        known_pools: set[str] = set()
         self._type_counts: list[dict[tuple[int, str], int]] = []
         free_lists: list[list[GpuView]] = []
         types: set[tuple[int, str]] = set()
@@ -101,12 +103,14 @@ class _Pass:
         memory_weight, utilization_weight = config.memory_weight, config.utilization_weight
         threshold, penalty = config.temperature_threshold_celsius, config.temperature_penalty_per_degree
         for node in nodes:
+            known_pools.add(node.pool)
             if not node.schedulable:
                 continue
             healthy = [g for g in node.gpus if g.healthy]
             if not healthy:
                 continue
             self.node_ids.append(node.node_id)
+            node_pools.append(node.pool)
             max_per_node = max(max_per_node, len(healthy))
             counts: dict[tuple[int, str], int] = {}
             for g in healthy:
@@ -136,28 +140,45 @@ class _Pass:
         self._types = types
         self._held: frozenset[int] = frozenset()
         self.plain = _Pool(free_lists, [sum(c.values()) for c in self._type_counts], max_per_node, self._held)
-        self._pools: dict[frozenset | None, _Pool] = {None: self.plain}
-        self._pool_of: dict[tuple[int, str], _Pool] = {(0, ""): self.plain}
+        self.known_pools = known_pools
+        """The pools of every node given, schedulable or not (for pending reasons)."""
+        self._node_pools = node_pools
+        eligible_pools = set(node_pools)
+        self.only_pool: str | None = eligible_pools.pop() if len(eligible_pools) == 1 else None
+        """The one pool every eligible node is in, if there is one: `plain` is that pool's capacity. With
+        several pools (or none) no job uses `plain`: every job goes through `pool_for`."""
+        self._pools: dict[tuple[str | None, frozenset | None], _Pool] = {(None, None): self.plain}
+        self._pool_of: dict[tuple[int, str, str], _Pool] = {}
+        if self.only_pool is not None:
+            self._pool_of[(0, "", self.only_pool)] = self.plain
 
     # pools
 
     def pool_for(self, job: JobRequest) -> _Pool:
-        """The capacity the job may use. Requirements that admit the same GPU types share a pool."""
-        req = (job.min_memory_per_gpu_bytes, job.gpu_model)
+        """The capacity the job may use: its node pool's nodes only. Requirements that admit the same GPU
+        types in the same node pool share a capacity pool."""
+        req = (job.min_memory_per_gpu_bytes, job.gpu_model, job.pool)
         pool = self._pool_of.get(req)
         if pool is None:
             min_memory, model = req[0], req[1].lower()
             eligible = frozenset(t for t in self._types if t[0] >= min_memory and (not model or model in t[1].lower()))
-            pool = self._pool_of[req] = self._pool(None if eligible == self._types else eligible)
+            node_pool = None if job.pool == self.only_pool else job.pool
+            pool = self._pool_of[req] = self._pool(node_pool, None if eligible == self._types else eligible)
         return pool
 
-    def _pool(self, key: frozenset | None) -> _Pool:
-        pool = self._pools.get(key)
+    def _pool(self, node_pool: str | None, key: frozenset | None) -> _Pool:
+        """The capacity of the given GPU types (None: all) on the nodes of `node_pool` (None: every node);
+        nodes of other pools have no free and no existing GPUs in it."""
+        pool = self._pools.get((node_pool, key))
         if pool is None:
             types = self._types if key is None else key
             free: list[list[GpuView]] = []
             exist: list[int] = []
-            for counts, gpus in zip(self._type_counts, self.plain.free, strict=True):
+            for counts, gpus, in_pool in zip(self._type_counts, self.plain.free, self._node_pools, strict=True):
+                if node_pool is not None and in_pool != node_pool:
+                    exist.append(0)
+                    free.append([])
+                    continue
                 eligible = sum(n for gpu_type, n in counts.items() if gpu_type in types)
                 exist.append(eligible)
                 if eligible == 0 or not gpus:
@@ -166,7 +187,7 @@ class _Pass:
                     free.append(gpus)
                 else:
                     free.append([g for g in gpus if (g.memory_total_bytes, g.model) in types])
-            pool = self._pools[key] = _Pool(free, exist, self.max_per_node, self._held)
+            pool = self._pools[(node_pool, key)] = _Pool(free, exist, self.max_per_node, self._held)
         return pool
 
     def _take(self, i: int, gpus: list[GpuView]) -> NodeShare:

@@ -238,7 +238,7 @@ def schedule(
     placed: list[Decision] = []
     reasons: dict[str, str] = {}
     cached: dict[tuple, str] = {}
-    plain = state.plain
+    plain, only_pool = state.plain, state.only_pool
     reserve_after = config.reserve_after_seconds
     quotas = run.quotas if run.quotas.active else None
     preempting = bool(config.preemption) or config.policy in ("las", "srtf")
@@ -258,7 +258,7 @@ def schedule(
         if held is not None and not backfill:
             reasons[job.job_id] = f"waiting behind {held.job.job_id} (strict order: no backfill)"
             continue
-        pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model else plain
+        pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model or job.pool != only_pool else plain
         decision = state.place(job, pool) if pool.total_free >= g else None
         if decision is None and held is not None and held.start > now:
             decision = run.backfill(job, pool)
@@ -301,7 +301,7 @@ def schedule(
             if held is not None and state.fits_with_held(job, pool):
                 reason = held.waiting
             else:
-                reason = _capacity_reason(job, pool)
+                reason = _capacity_reason(job, pool, state.known_pools)
             cached[shape] = reason
         reasons[job.job_id] = reason
 

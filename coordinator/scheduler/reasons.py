@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from coordinator.scheduler.capacity import _Pool
@@ -11,6 +11,7 @@ from coordinator.scheduler.types import JobRequest, NodeView
 _GIB = 1 << 30
 _MIB = 1 << 20
 _MAX_NAMES = 8
+DEFAULT_POOL = "default"
 
 
 # --- reasons ------------------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _requirements(job: JobRequest) -> str:
-    text = ""
+    text = f" in pool {job.pool!r}" if job.pool != DEFAULT_POOL else ""
     if job.min_memory_per_gpu_bytes > 0:
         text += f" with >= {_fmt_bytes(job.min_memory_per_gpu_bytes)}"
     if job.gpu_model:
@@ -51,7 +52,12 @@ def _invalid(job: JobRequest) -> str | None:
     return None
 
 
-def _capacity_reason(job: JobRequest, pool: _Pool) -> str:
+def _capacity_reason(job: JobRequest, pool: _Pool, known_pools: Collection[str] = ()) -> str:
+    if job.pool not in known_pools and known_pools:
+        return (
+            f"asks for pool {job.pool!r}, which no registered node is in "
+            f"(known pools: {_names(sorted(known_pools))}); it waits for an agent started with --pool {job.pool}"
+        )
     req = _requirements(job)
     k = job.gpus_per_node
     if k:
@@ -82,6 +88,7 @@ def request_of_spec(spec: Any) -> JobRequest:
         gpus_per_node=spec.gpus_per_node,
         min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,
         gpu_model=spec.requirements.gpu_model,
+        pool=spec.pool or DEFAULT_POOL,
     )
 
 
@@ -93,7 +100,10 @@ def too_big_for_cluster(job: JobRequest, nodes: Sequence[NodeView]) -> str | Non
     SUSPECT and DOWN nodes count, because they may come back; only the job's own requirements
     (model, minimum memory, GPUs per node) narrow the pool. So this refuses what no repair or
     resume could ever place, and the scheduler's pending reason covers what waits for capacity.
+    Only the job's node pool counts; a pool no node has registered in is not refused (its nodes
+    may not have started yet): the job waits with a reason naming the known pools.
     """
+    nodes = [node for node in nodes if node.pool == job.pool]
     if not nodes or job.gpus <= 0 or job.gpus_per_node < 0 or (job.gpus_per_node and job.gpus % job.gpus_per_node):
         return None  # no cluster known yet, or a spec validation will refuse with its own reason
     model = job.gpu_model.lower()

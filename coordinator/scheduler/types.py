@@ -192,8 +192,9 @@ class RunningJob:
     attained_service_seconds: float = 0.0
     """GPU-seconds of the job's earlier attempts (this attempt's own is gpus x (now - start_time))."""
     stopping: bool = False
-    """Already asked to stop (preempted): holds its GPUs until it ends, is not preempted again, and its GPUs
-    count as coming free for the job it was preempted for."""
+    """Asked to stop (preempted, failed, cancelled) but some ranks have not confirmed their end: holds its GPUs
+    until it ends (they free within the stop grace), is not preempted again, and its GPUs count as coming free
+    for the job it was preempted for."""
     estimated_runtime_seconds: float = 0.0
     """The job's whole estimated runtime (srtf's remaining time); 0 = unknown."""
 

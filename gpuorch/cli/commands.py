@@ -73,6 +73,9 @@ def run(args: argparse.Namespace, client: Client) -> int:
             pids_max=args.pids_max,
             memory_max_bytes=args.memory_max,
             hold_if_too_big=args.hold_if_too_big,
+            pool=args.pool,
+            time_limit_seconds=args.time_limit,
+            non_preemptible=args.no_preempt,
         )
         # One id for this submission, however often grpc retries it: a retry never queues a second job.
         job_id = client.submit_job(spec, client_request_id=args.request_id or new_request_id())

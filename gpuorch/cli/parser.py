@@ -6,6 +6,8 @@ import argparse
 import re
 
 from gpuorch.client import default_address
+from gpuorch.durations import parse_duration
+from gpuorch.pools import pool_name_problem
 from gpuorch.v1 import cluster_pb2, job_pb2
 
 OUTPUT_FORMATS = ("table", "json")
@@ -18,6 +20,21 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size such as 64G, 512M or 1073741824, got {text!r}")
     return int(float(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()])
+
+
+def parse_time_limit(text: str) -> int:
+    """--time-limit: seconds, 90m, 2h, 1h30m or HH:MM:SS."""
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_pool(text: str) -> str:
+    problem = pool_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -147,9 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--min-memory-gib", type=float, default=0, help="only GPUs with at least this much memory")
     submit.add_argument("--gpu-model", default="", help="only GPUs whose name contains this, e.g. H100")
-    submit.add_argument("--estimated-runtime", type=int, default=0, metavar="SECONDS", help="for the sjf policy")
+    submit.add_argument(
+        "--estimated-runtime",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="for sjf, backfill and start estimates (default: predicted)",
+    )
     submit.add_argument("--spread", action="store_true", help="spread ranks over as many nodes as possible")
+    submit.add_argument(
+        "--pool", type=parse_pool, default="", help="node pool to run in (the agents' --pool; default: the default pool)"
+    )
+    submit.add_argument(
+        "--time-limit",
+        type=parse_time_limit,
+        default=0,
+        metavar="T",
+        help="longest each rank may run: seconds, 90m, 2h, 1h30m or HH:MM:SS; then SIGTERM, SIGKILL after the grace, "
+        "and the job fails with reason time_limit (no restart). Also the runtime estimate when --estimated-runtime is not given",
+    )
     submit.add_argument("--max-restarts", type=int, default=0, help="restart a failed attempt up to this many times (default 0)")
+    submit.add_argument(
+        "--no-preempt",
+        action="store_true",
+        help="never preempt it for higher-priority work (default: it may be, after a grace to checkpoint, and is requeued)",
+    )
     submit.add_argument(
         "--min-gpus", type=int, default=0, help="elastic floor: after a failure, restart on as few as this many GPUs"
     )

@@ -59,3 +59,11 @@ def stamp(timestamp) -> str:
     if not TIME_ZONE["utc"]:
         moment = moment.astimezone()
     return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def duration(seconds: int) -> str:
+    """5400 -> "1h30m", 90 -> "1m30s", 2 -> "2s": as --time-limit accepts it back."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shlex
 
-from gpuorch.cli.printing import GIB, age, job_state_name, node_state_name, printable, stamp, table
+from gpuorch.cli.printing import GIB, age, duration, job_state_name, node_state_name, printable, stamp, table
+from gpuorch.v1 import job_pb2
 
 
 def format_nodes(nodes) -> str:
@@ -18,6 +19,7 @@ def format_nodes(nodes) -> str:
             (
                 node.node_id,
                 node_state_name(node.state),
+                node.pool or "default",
                 f"{len(node.devices)}",
                 f"{healthy}",
                 f"{free}",
@@ -27,7 +29,7 @@ def format_nodes(nodes) -> str:
                 node.state_reason,
             )
         )
-    return table(("NODE", "STATE", "GPUS", "HEALTHY", "FREE", "UTIL", "MAX TEMP", "LAST HEARTBEAT", "REASON"), rows)
+    return table(("NODE", "STATE", "POOL", "GPUS", "HEALTHY", "FREE", "UTIL", "MAX TEMP", "LAST HEARTBEAT", "REASON"), rows)
 
 
 def format_node(node) -> str:
@@ -36,6 +38,7 @@ def format_node(node) -> str:
         f"State:           {node_state_name(node.state)}" + (f" ({node.state_reason})" if node.state_reason else ""),
         f"Hostname:        {node.hostname}",
         f"Addresses:       {', '.join(node.addresses) or '-'}",
+        f"Pool:            {node.pool or 'default'}",
         f"Agent version:   {node.agent_version or '-'}",
         (
             f"Heartbeat:       every {node.heartbeat_interval_seconds:g}s, "
@@ -89,6 +92,13 @@ def format_status(status) -> str:
     return "\n".join(printable(line) for line in lines)
 
 
+def start_column(job) -> str:
+    """When the job started; for a pending one, when it is estimated to start (like squeue --start), or unknown."""
+    if job.state == job_pb2.JOB_STATE_PENDING:
+        return stamp(job.estimated_start_time) if job.HasField("estimated_start_time") else "unknown"
+    return stamp(job.start_time)
+
+
 def format_jobs(found) -> str:
     rows = [
         (
@@ -96,15 +106,17 @@ def format_jobs(found) -> str:
             job_state_name(job.state),
             job.spec.name or "-",
             job.spec.owner or "-",
+            job.spec.pool or "default",
             job.spec.gpus,
             job.spec.priority,
             job.attempt,
             stamp(job.submit_time),
+            start_column(job),
             job.reason,
         )
         for job in found
     ]
-    return table(("JOB", "STATE", "NAME", "OWNER", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "REASON"), rows)
+    return table(("JOB", "STATE", "NAME", "OWNER", "POOL", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "START", "REASON"), rows)
 
 
 def format_job(job) -> str:
@@ -123,13 +135,18 @@ def format_job(job) -> str:
         else f"Submitted from: {spec.submit_dir or '-'} (ranks run there where the node has it)",
         f"GPUs:       {spec.gpus}"
         + (f", {spec.gpus_per_node} per node" if spec.gpus_per_node else "")
-        + f", backend {spec.backend}",
+        + f", backend {spec.backend}, pool {spec.pool or 'default'}",
         (
             f"Owner:      {spec.owner or '-'}   priority {spec.priority}   "
             f"attempt {job.attempt}   restarts {job.restarts} of {spec.max_restarts}"
+            + ("   never preempted" if spec.non_preemptible else "")
         ),
         f"Submitted:  {stamp(job.submit_time)}   started {stamp(job.start_time)}   ended {stamp(job.end_time)}",
     ]
+    if spec.time_limit_seconds:
+        limits.insert(0, f"time limit {duration(spec.time_limit_seconds)}")
+    if job.state == job_pb2.JOB_STATE_PENDING:
+        lines.append(f"Est. start: {start_column(job)}")
     if limits:
         lines.append(f"Limits:     {', '.join(limits)} per rank")
     lines = [printable(line) for line in lines]

@@ -25,7 +25,7 @@ TASK_STATE_FAILED_TO_START: TaskState
 TASK_STATE_REJECTED: TaskState
 
 class Register(_message.Message):
-    __slots__ = ("node_id", "hostname", "addresses", "devices", "heartbeat_interval_seconds", "agent_version", "tasks")
+    __slots__ = ("node_id", "hostname", "addresses", "devices", "heartbeat_interval_seconds", "agent_version", "tasks", "pool")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Register(_message.Message):
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     hostname: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
@@ -40,7 +41,8 @@ class Register(_message.Message):
     heartbeat_interval_seconds: float
     agent_version: str
     tasks: _containers.RepeatedCompositeFieldContainer[TaskStatus]
-    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[_cluster_pb2.DeviceInfo, _Mapping]]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ...) -> None: ...
+    pool: str
+    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[_cluster_pb2.DeviceInfo, _Mapping]]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sequence", "sent_time", "devices", "progress")
@@ -67,7 +69,7 @@ class RankProgress(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir")
+    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir", "time_limited")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class TaskStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMITED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -86,7 +89,8 @@ class TaskStatus(_message.Message):
     message: str
     pid: int
     working_dir: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ...) -> None: ...
+    time_limited: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ..., time_limited: _Optional[bool] = ...) -> None: ...
 
 class LogChunk(_message.Message):
     __slots__ = ("request_id", "data", "offset", "file_size", "error", "running")
@@ -131,7 +135,7 @@ class RegisterAck(_message.Message):
     def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ..., owners_authenticated: _Optional[bool] = ..., down_after_seconds: _Optional[float] = ...) -> None: ...
 
 class LaunchTask(_message.Message):
-    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes")
+    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes", "time_limit_seconds", "stop_grace_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +153,8 @@ class LaunchTask(_message.Message):
     SUBMIT_DIR_FIELD_NUMBER: _ClassVar[int]
     PIDS_MAX_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -159,7 +165,9 @@ class LaunchTask(_message.Message):
     submit_dir: str
     pids_max: int
     memory_max_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ...) -> None: ...
+    time_limit_seconds: float
+    stop_grace_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., stop_grace_seconds: _Optional[float] = ...) -> None: ...
 
 class RankLaunch(_message.Message):
     __slots__ = ("rank", "local_rank", "env")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuorch/v1/cluster.proto\x12\ngpuorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\nDeviceInfo\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x12\n\npci_bus_id\x18\x05 \x01(\t\x12!\n\x19temperature_limit_celsius\x18\x06 \x01(\x02\x12\x19\n\x11power_limit_watts\x18\x07 \x01(\x02\"\xa2\x02\n\x0f\x44\x65viceTelemetry\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1f\n\x17gpu_utilization_percent\x18\x03 \x01(\x02\x12\"\n\x1amemory_utilization_percent\x18\x04 \x01(\x02\x12\x1b\n\x13temperature_celsius\x18\x05 \x01(\x02\x12\x13\n\x0bpower_watts\x18\x06 \x01(\x02\x12\x1c\n\x14\x65\x63\x63_corrected_errors\x18\x07 \x01(\x04\x12\x1e\n\x16\x65\x63\x63_uncorrected_errors\x18\x08 \x01(\x04\x12\x11\n\txid_count\x18\t \x01(\x04\x12\x10\n\x08last_xid\x18\n \x01(\r\x12\x0c\n\x04lost\x18\x0b \x01(\x08\"\xf3\x01\n\x06\x44\x65vice\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x12\n\npci_bus_id\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x18\n\x10unhealthy_reason\x18\x07 \x01(\t\x12.\n\ttelemetry\x18\x08 \x01(\x0b\x32\x1b.gpuorch.v1.DeviceTelemetry\x12\x18\n\x10\x61llocated_job_id\x18\t \x01(\t\x12\x19\n\x11\x61llocated_attempt\x18\n \x01(\r\"\xf8\x02\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.gpuorch.v1.NodeState\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12#\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x12.gpuorch.v1.Device\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x01\x12\x37\n\x13last_heartbeat_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fregistered_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17last_heartbeat_sequence\x18\t \x01(\x04\x12\x14\n\x0cstate_reason\x18\n \x01(\t\x12\x0f\n\x07\x64rained\x18\x0b \x01(\x08\x12\x15\n\ragent_version\x18\x0c \x01(\t\"9\n\x10ListNodesRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.gpuorch.v1.NodeState\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.gpuorch.v1.Node\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"1\n\x0fGetNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpuorch.v1.Node\"3\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x11\x44rainNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpuorch.v1.Node\"$\n\x11ResumeNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"4\n\x12ResumeNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpuorch.v1.Node\"\x19\n\x17GetClusterStatusRequest\"\xa5\x04\n\rClusterStatus\x12\x43\n\x0enodes_by_state\x18\x01 \x03(\x0b\x32+.gpuorch.v1.ClusterStatus.NodesByStateEntry\x12\x13\n\x0bnodes_total\x18\x02 \x01(\r\x12\x12\n\ngpus_total\x18\x03 \x01(\r\x12\x14\n\x0cgpus_healthy\x18\x04 \x01(\r\x12\x11\n\tgpus_free\x18\x05 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12$\n\x1cmean_gpu_utilization_percent\x18\x08 \x01(\x01\x12\x1d\n\x15heartbeats_per_second\x18\t \x01(\x01\x12\x1c\n\x14heartbeat_lag_p50_ms\x18\n \x01(\x01\x12\x1c\n\x14heartbeat_lag_p99_ms\x18\x0b \x01(\x01\x12\x41\n\rjobs_by_state\x18\x0c \x03(\x0b\x32*.gpuorch.v1.ClusterStatus.JobsByStateEntry\x12\x19\n\x11\x63oordinator_epoch\x18\r \x01(\x04\x1a\x33\n\x11NodesByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"E\n\x18GetClusterStatusResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.gpuorch.v1.ClusterStatus*\x9b\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x13\n\x0fNODE_STATE_DOWN\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x16\n\x12NODE_STATE_DRAINED\x10\x05\x32\x94\x03\n\x0e\x43lusterService\x12H\n\tListNodes\x12\x1c.gpuorch.v1.ListNodesRequest\x1a\x1d.gpuorch.v1.ListNodesResponse\x12\x42\n\x07GetNode\x12\x1a.gpuorch.v1.GetNodeRequest\x1a\x1b.gpuorch.v1.GetNodeResponse\x12]\n\x10GetClusterStatus\x12#.gpuorch.v1.GetClusterStatusRequest\x1a$.gpuorch.v1.GetClusterStatusResponse\x12H\n\tDrainNode\x12\x1c.gpuorch.v1.DrainNodeRequest\x1a\x1d.gpuorch.v1.DrainNodeResponse\x12K\n\nResumeNode\x12\x1d.gpuorch.v1.ResumeNodeRequest\x1a\x1e.gpuorch.v1.ResumeNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuorch/v1/cluster.proto\x12\ngpuorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\nDeviceInfo\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x12\n\npci_bus_id\x18\x05 \x01(\t\x12!\n\x19temperature_limit_celsius\x18\x06 \x01(\x02\x12\x19\n\x11power_limit_watts\x18\x07 \x01(\x02\"\xa2\x02\n\x0f\x44\x65viceTelemetry\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1f\n\x17gpu_utilization_percent\x18\x03 \x01(\x02\x12\"\n\x1amemory_utilization_percent\x18\x04 \x01(\x02\x12\x1b\n\x13temperature_celsius\x18\x05 \x01(\x02\x12\x13\n\x0bpower_watts\x18\x06 \x01(\x02\x12\x1c\n\x14\x65\x63\x63_corrected_errors\x18\x07 \x01(\x04\x12\x1e\n\x16\x65\x63\x63_uncorrected_errors\x18\x08 \x01(\x04\x12\x11\n\txid_count\x18\t \x01(\x04\x12\x10\n\x08last_xid\x18\n \x01(\r\x12\x0c\n\x04lost\x18\x0b \x01(\x08\"\xf3\x01\n\x06\x44\x65vice\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x12\n\npci_bus_id\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x18\n\x10unhealthy_reason\x18\x07 \x01(\t\x12.\n\ttelemetry\x18\x08 \x01(\x0b\x32\x1b.gpuorch.v1.DeviceTelemetry\x12\x18\n\x10\x61llocated_job_id\x18\t \x01(\t\x12\x19\n\x11\x61llocated_attempt\x18\n \x01(\r\"\x86\x03\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.gpuorch.v1.NodeState\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12#\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x12.gpuorch.v1.Device\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x01\x12\x37\n\x13last_heartbeat_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fregistered_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17last_heartbeat_sequence\x18\t \x01(\x04\x12\x14\n\x0cstate_reason\x18\n \x01(\t\x12\x0f\n\x07\x64rained\x18\x0b \x01(\x08\x12\x15\n\ragent_version\x18\x0c \x01(\t\x12\x0c\n\x04pool\x18\r \x01(\t\"9\n\x10ListNodesRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.gpuorch.v1.NodeState\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.gpuorch.v1.Node\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"1\n\x0fGetNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpuorch.v1.Node\"3\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x11\x44rainNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpuorch.v1.Node\"$\n\x11ResumeNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"4\n\x12ResumeNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpuorch.v1.Node\"\x19\n\x17GetClusterStatusRequest\"\xa5\x04\n\rClusterStatus\x12\x43\n\x0enodes_by_state\x18\x01 \x03(\x0b\x32+.gpuorch.v1.ClusterStatus.NodesByStateEntry\x12\x13\n\x0bnodes_total\x18\x02 \x01(\r\x12\x12\n\ngpus_total\x18\x03 \x01(\r\x12\x14\n\x0cgpus_healthy\x18\x04 \x01(\r\x12\x11\n\tgpus_free\x18\x05 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12$\n\x1cmean_gpu_utilization_percent\x18\x08 \x01(\x01\x12\x1d\n\x15heartbeats_per_second\x18\t \x01(\x01\x12\x1c\n\x14heartbeat_lag_p50_ms\x18\n \x01(\x01\x12\x1c\n\x14heartbeat_lag_p99_ms\x18\x0b \x01(\x01\x12\x41\n\rjobs_by_state\x18\x0c \x03(\x0b\x32*.gpuorch.v1.ClusterStatus.JobsByStateEntry\x12\x19\n\x11\x63oordinator_epoch\x18\r \x01(\x04\x1a\x33\n\x11NodesByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"E\n\x18GetClusterStatusResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.gpuorch.v1.ClusterStatus*\x9b\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x13\n\x0fNODE_STATE_DOWN\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x16\n\x12NODE_STATE_DRAINED\x10\x05\x32\x94\x03\n\x0e\x43lusterService\x12H\n\tListNodes\x12\x1c.gpuorch.v1.ListNodesRequest\x1a\x1d.gpuorch.v1.ListNodesResponse\x12\x42\n\x07GetNode\x12\x1a.gpuorch.v1.GetNodeRequest\x1a\x1b.gpuorch.v1.GetNodeResponse\x12]\n\x10GetClusterStatus\x12#.gpuorch.v1.GetClusterStatusRequest\x1a$.gpuorch.v1.GetClusterStatusResponse\x12H\n\tDrainNode\x12\x1c.gpuorch.v1.DrainNodeRequest\x1a\x1d.gpuorch.v1.DrainNodeResponse\x12K\n\nResumeNode\x12\x1d.gpuorch.v1.ResumeNodeRequest\x1a\x1e.gpuorch.v1.ResumeNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERSTATUS_JOBSBYSTATEENTRY']._loaded_options = None
   _globals['_CLUSTERSTATUS_JOBSBYSTATEENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=2207
-  _globals['_NODESTATE']._serialized_end=2362
+  _globals['_NODESTATE']._serialized_start=2221
+  _globals['_NODESTATE']._serialized_end=2376
   _globals['_DEVICEINFO']._serialized_start=74
   _globals['_DEVICEINFO']._serialized_end=239
   _globals['_DEVICETELEMETRY']._serialized_start=242
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICE']._serialized_start=535
   _globals['_DEVICE']._serialized_end=778
   _globals['_NODE']._serialized_start=781
-  _globals['_NODE']._serialized_end=1157
-  _globals['_LISTNODESREQUEST']._serialized_start=1159
-  _globals['_LISTNODESREQUEST']._serialized_end=1216
-  _globals['_LISTNODESRESPONSE']._serialized_start=1218
-  _globals['_LISTNODESRESPONSE']._serialized_end=1270
-  _globals['_GETNODEREQUEST']._serialized_start=1272
-  _globals['_GETNODEREQUEST']._serialized_end=1305
-  _globals['_GETNODERESPONSE']._serialized_start=1307
-  _globals['_GETNODERESPONSE']._serialized_end=1356
-  _globals['_DRAINNODEREQUEST']._serialized_start=1358
-  _globals['_DRAINNODEREQUEST']._serialized_end=1409
-  _globals['_DRAINNODERESPONSE']._serialized_start=1411
-  _globals['_DRAINNODERESPONSE']._serialized_end=1462
-  _globals['_RESUMENODEREQUEST']._serialized_start=1464
-  _globals['_RESUMENODEREQUEST']._serialized_end=1500
-  _globals['_RESUMENODERESPONSE']._serialized_start=1502
-  _globals['_RESUMENODERESPONSE']._serialized_end=1554
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1556
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1581
-  _globals['_CLUSTERSTATUS']._serialized_start=1584
-  _globals['_CLUSTERSTATUS']._serialized_end=2133
-  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_start=2030
-  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_end=2081
-  _globals['_CLUSTERSTATUS_JOBSBYSTATEENTRY']._serialized_start=2083
-  _globals['_CLUSTERSTATUS_JOBSBYSTATEENTRY']._serialized_end=2133
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=2135
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2204
-  _globals['_CLUSTERSERVICE']._serialized_start=2365
-  _globals['_CLUSTERSERVICE']._serialized_end=2769
+  _globals['_NODE']._serialized_end=1171
+  _globals['_LISTNODESREQUEST']._serialized_start=1173
+  _globals['_LISTNODESREQUEST']._serialized_end=1230
+  _globals['_LISTNODESRESPONSE']._serialized_start=1232
+  _globals['_LISTNODESRESPONSE']._serialized_end=1284
+  _globals['_GETNODEREQUEST']._serialized_start=1286
+  _globals['_GETNODEREQUEST']._serialized_end=1319
+  _globals['_GETNODERESPONSE']._serialized_start=1321
+  _globals['_GETNODERESPONSE']._serialized_end=1370
+  _globals['_DRAINNODEREQUEST']._serialized_start=1372
+  _globals['_DRAINNODEREQUEST']._serialized_end=1423
+  _globals['_DRAINNODERESPONSE']._serialized_start=1425
+  _globals['_DRAINNODERESPONSE']._serialized_end=1476
+  _globals['_RESUMENODEREQUEST']._serialized_start=1478
+  _globals['_RESUMENODEREQUEST']._serialized_end=1514
+  _globals['_RESUMENODERESPONSE']._serialized_start=1516
+  _globals['_RESUMENODERESPONSE']._serialized_end=1568
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1570
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1595
+  _globals['_CLUSTERSTATUS']._serialized_start=1598
+  _globals['_CLUSTERSTATUS']._serialized_end=2147
+  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_start=2044
+  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_end=2095
+  _globals['_CLUSTERSTATUS_JOBSBYSTATEENTRY']._serialized_start=2097
+  _globals['_CLUSTERSTATUS_JOBSBYSTATEENTRY']._serialized_end=2147
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=2149
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2218
+  _globals['_CLUSTERSERVICE']._serialized_start=2379
+  _globals['_CLUSTERSERVICE']._serialized_end=2783
 # @@protoc_insertion_point(module_scope)

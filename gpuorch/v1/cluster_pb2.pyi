@@ -94,7 +94,7 @@ class Device(_message.Message):
     def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., pci_bus_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., unhealthy_reason: _Optional[str] = ..., telemetry: _Optional[_Union[DeviceTelemetry, _Mapping]] = ..., allocated_job_id: _Optional[str] = ..., allocated_attempt: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "state", "hostname", "addresses", "devices", "heartbeat_interval_seconds", "last_heartbeat_time", "registered_time", "last_heartbeat_sequence", "state_reason", "drained", "agent_version")
+    __slots__ = ("node_id", "state", "hostname", "addresses", "devices", "heartbeat_interval_seconds", "last_heartbeat_time", "registered_time", "last_heartbeat_sequence", "state_reason", "drained", "agent_version", "pool")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class Node(_message.Message):
     STATE_REASON_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     state: NodeState
     hostname: str
@@ -119,7 +120,8 @@ class Node(_message.Message):
     state_reason: str
     drained: bool
     agent_version: str
-    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_sequence: _Optional[int] = ..., state_reason: _Optional[str] = ..., drained: _Optional[bool] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    pool: str
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_sequence: _Optional[int] = ..., state_reason: _Optional[str] = ..., drained: _Optional[bool] = ..., agent_version: _Optional[str] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ("states",)

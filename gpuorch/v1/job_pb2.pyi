@@ -34,7 +34,7 @@ class JobRequirements(_message.Message):
     def __init__(self, min_memory_per_gpu_bytes: _Optional[int] = ..., gpu_model: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds", "hold_if_too_big", "submit_dir", "pids_max", "memory_max_bytes")
+    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds", "hold_if_too_big", "submit_dir", "pids_max", "memory_max_bytes", "pool", "time_limit_seconds", "non_preemptible")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,9 @@ class JobSpec(_message.Message):
     SUBMIT_DIR_FIELD_NUMBER: _ClassVar[int]
     PIDS_MAX_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NON_PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -80,7 +83,10 @@ class JobSpec(_message.Message):
     submit_dir: str
     pids_max: int
     memory_max_bytes: int
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ...) -> None: ...
+    pool: str
+    time_limit_seconds: int
+    non_preemptible: bool
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("attempt", "placement", "start_time", "end_time", "restart_reason", "end_reason", "working_dirs")
@@ -134,7 +140,7 @@ class Placement(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeAssignment, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "attempt", "reason", "placement", "submit_time", "start_time", "end_time", "attempts", "restarts", "restart_not_before", "env_redacted", "pending_restart_reason")
+    __slots__ = ("job_id", "spec", "state", "attempt", "reason", "placement", "submit_time", "start_time", "end_time", "attempts", "restarts", "restart_not_before", "env_redacted", "pending_restart_reason", "estimated_start_time")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +155,7 @@ class Job(_message.Message):
     RESTART_NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ENV_REDACTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_RESTART_REASON_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_START_TIME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -163,7 +170,8 @@ class Job(_message.Message):
     restart_not_before: _timestamp_pb2.Timestamp
     env_redacted: bool
     pending_restart_reason: str
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., restarts: _Optional[int] = ..., restart_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., env_redacted: _Optional[bool] = ..., pending_restart_reason: _Optional[str] = ...) -> None: ...
+    estimated_start_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., restarts: _Optional[int] = ..., restart_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., env_redacted: _Optional[bool] = ..., pending_restart_reason: _Optional[str] = ..., estimated_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "client_request_id")

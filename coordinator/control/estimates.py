@@ -1,0 +1,201 @@
+"""Runtime estimates for the scheduling loop's requests, learned from finished jobs, and start-time estimates.
+
+A job's estimate is the user's `estimated_runtime_seconds`, else its time limit, else a prediction from the
+runtimes of finished jobs (coordinator/scheduler/prediction.py). The predictor learns from every job that
+ends (and, after a restart, from the store's final jobs). A request carrying a prediction is cached like any
+other; its estimate is brought up to date at most every PREDICTION_REFRESH_SECONDS, and only once something
+new was observed, so a pass never re-predicts 10,000 jobs.
+
+Every `interval_seconds` (not every pass) the scheduler is run forward from a snapshot of the live state
+(coordinator/scheduler/forecast.py) and every pending job's `estimated_start_time` is set or cleared. The
+snapshot is plain frozen data, so the forecast needs no lock; it runs in its own task, one scheduling pass
+at a time, giving the event loop back between passes (a pass at 1,000 nodes takes ~10-15 ms), so it never
+holds up the scheduling loop or the API for longer than one pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import structlog
+
+from coordinator import scheduler
+from coordinator.model.jobs import JobEntry
+from coordinator.rules import job_machine
+from coordinator.scheduler.forecast import (
+    DEFAULT_MAX_JOBS,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_RESOLUTION_SECONDS,
+    Forecast,
+    forecast_steps,
+)
+from coordinator.scheduler.prediction import RuntimePredictor
+from gpuorch.v1 import job_pb2
+
+if TYPE_CHECKING:
+    from coordinator.control.scheduling_loop import SchedulingLoop
+
+log = structlog.get_logger("coordinator.jobs")
+
+FORECAST_CPU_SHARE = 0.1
+"""The forecasts' share of the event loop at most: after one that took s seconds of steps, the next starts no
+sooner than s / FORECAST_CPU_SHARE later (the interval is a floor; a big cluster's forecasts run less often)."""
+PREDICTION_REFRESH_SECONDS = 5.0
+"""Cached requests' predicted runtimes are refreshed at most this often (when something new was learned)."""
+LEARNED_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED})
+"""Jobs whose last attempt's runtime is learned from. A cancelled job's runtime is the user's choice, not the
+job's length; a failed one held its GPUs that long, which is what backfill and start estimates need to know."""
+
+
+def pool_of(spec: job_pb2.JobSpec) -> str:
+    """The job's pool: JobSpec.pool where the wire has it, else the default pool."""
+    return getattr(spec, "pool", "") or "default"
+
+
+def runtime_of(job: job_pb2.Job) -> float:
+    """Seconds the last attempt of a final job ran; 0 if it never ran."""
+    if not job.attempts:
+        return 0.0
+    last = job.attempts[-1]
+    if not last.HasField("start_time") or not last.HasField("end_time"):
+        return 0.0
+    return (last.end_time.ToNanoseconds() - last.start_time.ToNanoseconds()) / 1e9
+
+
+@dataclass(eq=False)
+class Estimates:
+    predictor: RuntimePredictor = field(default_factory=RuntimePredictor)
+    interval_seconds: float = 5.0
+    """Start-time estimates are recomputed at most this often; 0 = never (every job's estimate unknown)."""
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_jobs: int = DEFAULT_MAX_JOBS
+    resolution_seconds: float = DEFAULT_RESOLUTION_SECONDS
+    predicted: dict[str, str] = field(default_factory=dict)
+    """Job id -> name, for the cached requests whose estimate is a prediction."""
+    _learned_at: int = 0
+    _next_refresh: float = 0.0
+    _next_forecast: float = 0.0
+    _estimated: set[str] | None = None
+    """Jobs whose estimated_start_time this module set (cleared once they stop pending); None until the first
+    forecast, which clears every other pending job's (an estimate stored before a restart is stale)."""
+    last: Forecast | None = None
+    last_seconds: float = 0.0
+    """How long the last forecast took (the clock's monotonic time)."""
+
+    # -- runtime prediction --
+
+    def with_estimate(self, request: scheduler.JobRequest, name: str) -> scheduler.JobRequest:
+        """The request with its runtime estimate: the user's, else the time limit, else a prediction."""
+        if request.estimated_runtime_seconds > 0:
+            return request
+        if request.time_limit_seconds > 0:
+            return replace(request, estimated_runtime_seconds=request.time_limit_seconds)
+        self.predicted[request.job_id] = name
+        prediction = self.predictor.predict(owner=request.owner, name=name, gpus=request.gpus, pool=request.pool)
+        return replace(request, estimated_runtime_seconds=prediction.seconds) if prediction.seconds else request
+
+    def learn(self, entries: Iterable[JobEntry]) -> None:
+        """Observes the runtime of each final job (oldest end first, so the windows keep the newest)."""
+        for entry in entries:
+            job = entry.job
+            runtime = runtime_of(job) if job.state in LEARNED_STATES else 0.0
+            if runtime > 0:
+                spec = job.spec
+                self.predictor.observe(runtime, owner=spec.owner, name=spec.name, gpus=spec.gpus, pool=pool_of(spec))
+
+    def learn_history(self, entries: Iterable[JobEntry]) -> None:
+        """After a restart: every final job of the store, in the order they ended."""
+        self.learn(sorted((e for e in entries if e.final), key=lambda e: e.job.end_time.ToNanoseconds()))
+
+    def refresh(self, requests: dict[str, scheduler.JobRequest], monotonic: float) -> int:
+        """Brings predicted estimates of cached requests up to date; returns how many changed."""
+        if self.predictor.observed == self._learned_at or monotonic < self._next_refresh:
+            return 0
+        self._learned_at, self._next_refresh = self.predictor.observed, monotonic + PREDICTION_REFRESH_SECONDS
+        memo: dict[tuple, float] = {}
+        changed = 0
+        for job_id, name in list(self.predicted.items()):
+            request = requests.get(job_id)
+            if request is None:
+                del self.predicted[job_id]  # final, or its request is rebuilt (and re-predicted) next pass
+                continue
+            key = (request.owner, name, request.gpus, request.pool)
+            seconds = memo.get(key)
+            if seconds is None:
+                seconds = memo[key] = self.predictor.predict(owner=key[0], name=name, gpus=key[2], pool=key[3]).seconds
+            if seconds != request.estimated_runtime_seconds:
+                requests[job_id] = replace(request, estimated_runtime_seconds=seconds)
+                changed += 1
+        return changed
+
+    # -- start-time estimates --
+
+    def forecast_due(self, monotonic: float) -> bool:
+        return self.interval_seconds > 0 and monotonic >= self._next_forecast
+
+    def _begin(self, loop: SchedulingLoop) -> Generator[int, None, Forecast]:
+        """The forecast over a snapshot of the live state: the ready pending jobs, the nodes, the running jobs."""
+        manager = loop.manager
+        wall = manager.clock.wall()
+        views = loop.node_views()
+        pending = [
+            loop.request(entry)
+            for job_id, entry in manager.pending.items()
+            if manager.backoffs.get(job_id, 0.0) <= wall and job_machine.waiting_for_previous(entry) is None
+        ]
+        running = loop.running_jobs()
+        return forecast_steps(views, pending, running, loop.config, now=wall, max_steps=self.max_steps,
+                              max_jobs=self.max_jobs, resolution_seconds=self.resolution_seconds)  # fmt: skip
+
+    def _publish(self, loop: SchedulingLoop, forecast: Forecast, started: float) -> None:
+        """Sets the estimate of every job the forecast placed that still pends; clears the others' old ones."""
+        jobs, pending = loop.manager.jobs, loop.manager.pending
+        starts = {job_id: start for job_id, start in forecast.starts.items() if job_id in pending}
+        for job_id in (pending.keys() if self._estimated is None else self._estimated) - starts.keys():
+            entry = jobs.get(job_id)
+            if entry is not None:
+                entry.job.ClearField("estimated_start_time")
+        for job_id, start in starts.items():
+            jobs[job_id].job.estimated_start_time.FromNanoseconds(int(start * 1e9))
+        self._estimated = set(starts)
+        self.last = forecast
+        self.last_seconds = loop.elapsed_clock() - started
+        log.debug("start times estimated", estimated=len(starts), pending=len(pending), steps=forecast.steps,
+                  seconds=round(self.last_seconds, 4))  # fmt: skip
+
+    def forecast(self, loop: SchedulingLoop, monotonic: float) -> Forecast:
+        """Runs the whole forecast now (tests; the daemon uses `run`) and publishes it."""
+        self._next_forecast = monotonic + self.interval_seconds
+        steps = self._begin(loop)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                self._publish(loop, done.value, monotonic)
+                return done.value
+
+    async def run(self, loop: SchedulingLoop) -> None:
+        """The daemon's forecasts: every interval_seconds, one pass at a time with the event loop given back between."""
+        while self.interval_seconds > 0:
+            await asyncio.sleep(max(0.0, self._next_forecast - loop.elapsed_clock()))
+            started = loop.elapsed_clock()
+            busy = 0.0
+            try:
+                step_started = started
+                steps = self._begin(loop)
+                while True:
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        self._publish(loop, done.value, started)
+                        break
+                    finally:
+                        busy += loop.elapsed_clock() - step_started
+                    await asyncio.sleep(0)
+                    step_started = loop.elapsed_clock()
+            except Exception:  # a failed forecast leaves the estimates as they were; the next one tries again
+                log.exception("start-time estimate failed; trying again next interval")
+            self._next_forecast = started + max(self.interval_seconds, busy / FORECAST_CPU_SHARE)
