@@ -3,8 +3,9 @@ losing the fewest GPU-seconds of work.
 
 A pending job may preempt a running, preemptible job that is not already stopping when
 - a priority rule lets it (config.preemption: its priority >= min_priority, the victim's < preempts_below_priority), or
-- under las, the victim sits in a later attained-service queue, has no higher priority, and has run at least
-  preemption_cost_seconds in its attempt (so that jobs do not thrash), or
+- under las, the victim sits in a later attained-service queue (the job's own by its service, not promoted),
+  has no higher priority, and has run at least las_min_run_seconds (and preemption_cost_seconds) in its attempt,
+  so that a resumed job makes progress before it can be preempted again, or
 - under srtf, the victim's estimated remaining time exceeds the job's by more than preemption_cost_seconds.
 The work a victim loses is its GPUs x (now - start_time) (what it ran since its attempt started, if it had not
 checkpointed). Selection is greedy (cheapest per freed GPU first, or the cheapest single victim that suffices,
@@ -19,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from coordinator.scheduler.capacity import _Pool
-from coordinator.scheduler.ordering import las_queue, pending_las_queue, pending_remaining, running_attained, running_remaining
+from coordinator.scheduler.ordering import las_queue, pending_remaining, running_attained, running_remaining
 from coordinator.scheduler.types import JobRequest, NodeView, Preemption, RunningJob, SchedulerConfig
 
 MAX_SEARCHES_PER_PASS = 8
@@ -59,6 +60,9 @@ class _Preemptor:
         self.jobs = sorted((job for job in running if job.preemptible and not job.stopping), key=_youngest_first)
         """Youngest first: a victim's cost per GPU is the time it has run, so the cheapest per GPU come first."""
         self._candidates: dict[str, _Candidate] = {}
+        self._by_queue: dict[int, list[_Candidate]] | None = None
+        self.gone: set[str] = set()
+        """Victims chosen this pass."""
         self.stopping: dict[int, list[tuple[str, ...]]] = {}
         """Node index -> the GPUs of stopping jobs there (coming free, for whoever needs them first)."""
         self.searches = 0
@@ -87,24 +91,40 @@ class _Preemptor:
         return c
 
     def _allowed(self, job: JobRequest, bound: int | None, queue: int, remaining: float) -> Iterator[tuple[_Candidate, tuple]]:
-        """The candidates this job may preempt, each with why (see _why_text), cheapest per GPU first."""
-        config, now, policy = self.config, self.now, self.policy
-        min_ran = config.preemption_cost_seconds
-        for victim in self.jobs:
-            if bound is not None and victim.priority < bound:
-                yield self._candidate(victim), ("priority", job.priority, victim.priority)
-            elif not policy or victim.priority > job.priority:
+        """The candidates this job may preempt, each with why (see _why_text), cheapest per GPU first (by rule,
+        then by policy)."""
+        if bound is not None:
+            for victim in self.jobs:
+                if victim.priority < bound:
+                    yield self._candidate(victim), ("priority", job.priority, victim.priority)
+        if not self.policy:
+            return
+        by_queue = self._policy_candidates()
+        gone, min_ran = self.gone, self.config.preemption_cost_seconds
+        for q in sorted(by_queue) if self.policy == "las" else [0]:
+            if self.policy == "las" and q <= queue:
                 continue
-            elif policy == "las":
-                if now - victim.start_time < min_ran:
+            for c in by_queue[q]:
+                victim = c.job
+                if victim.job_id in gone or victim.priority > job.priority or (bound is not None and victim.priority < bound):
                     continue
-                c = self._candidate(victim)
-                if c.queue > queue:
-                    yield c, ("las", queue, c.queue, c.attained)
-            else:
-                c = self._candidate(victim)
-                if c.remaining > remaining + min_ran:
+                if self.policy == "las":
+                    yield c, ("las", queue, q, c.attained)
+                elif c.remaining > remaining + min_ran:
                     yield c, ("srtf", remaining, c.remaining)
+
+    def _policy_candidates(self) -> dict[int, list[_Candidate]]:
+        """las: the candidates that ran at least preemption_cost_seconds, by queue (youngest first); srtf: all, as
+        queue 0. Built once per pass: a blocked job looks only at the queues after its own."""
+        if self._by_queue is None:
+            self._by_queue = {}
+            config = self.config
+            min_ran = max(config.las_min_run_seconds, config.preemption_cost_seconds) if self.policy == "las" else 0.0
+            for victim in self.jobs:
+                if self.now - victim.start_time >= min_ran:
+                    c = self._candidate(victim)
+                    self._by_queue.setdefault(c.queue if self.policy == "las" else 0, []).append(c)
+        return self._by_queue
 
     def _eligible_uuids(self, job: JobRequest) -> frozenset[str] | None:
         if not job.min_memory_per_gpu_bytes and not job.gpu_model:
@@ -129,7 +149,10 @@ class _Preemptor:
         if not self.may_search(job):
             return None
         bound = self.bound(job)
-        queue = pending_las_queue(job, self.config, self.now) if self.policy == "las" else 0
+        # By attained service alone: a job promoted for having starved goes first in order (and so gets the
+        # next free GPUs and the reservation), but preempts only as its service says; else promoted jobs,
+        # once preempted, would promote and preempt in turn.
+        queue = las_queue(job.attained_service_seconds, self.config) if self.policy == "las" else 0
         remaining = pending_remaining(job, self.config) if self.policy == "srtf" else 0.0
         key = (job.gpus, job.gpus_per_node, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, bound, queue, job.priority)
         if self.policy != "srtf" and key in self.failed:
@@ -251,6 +274,7 @@ class _Preemptor:
 
     def take(self, victims: Iterable[RunningJob]) -> None:
         gone = {v.job_id for v in victims}
+        self.gone |= gone
         self.jobs = [job for job in self.jobs if job.job_id not in gone]
 
 

@@ -136,6 +136,8 @@ class SchedulerConfig:
     preempts nobody, and las/srtf preempt only for a gain larger than it."""
     las_thresholds_gpu_seconds: tuple[float, ...] = (3600.0, 36000.0)
     """las queue boundaries in attained GPU-seconds: queue 0 below the first, and so on (ascending)."""
+    las_min_run_seconds: float = 300.0
+    """las preempts a running job only once its attempt has run this long (and preemption_cost_seconds)."""
     las_starve_limit_seconds: float = 3600.0
     """las: a pending job that waited this long (not running) is promoted to queue 0; 0 = never."""
     sjf_aging: float = 1.0
@@ -152,8 +154,8 @@ class SchedulerConfig:
         thresholds = self.las_thresholds_gpu_seconds
         if any(t <= 0 for t in thresholds) or list(thresholds) != sorted(set(thresholds)):
             raise ValueError(f"las_thresholds_gpu_seconds must be positive and strictly ascending, got {thresholds}")
-        if self.las_starve_limit_seconds < 0 or self.sjf_aging < 0:
-            raise ValueError("las_starve_limit_seconds and sjf_aging must be >= 0")
+        if self.las_starve_limit_seconds < 0 or self.sjf_aging < 0 or self.las_min_run_seconds < 0:
+            raise ValueError("las_starve_limit_seconds, las_min_run_seconds and sjf_aging must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
