@@ -3,10 +3,13 @@ starvation-freedom under every policy an operator may choose."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.scheduler import POLICIES, SIMULATOR_POLICIES, SchedulerConfig, order_jobs, schedule
+from coordinator.scheduler.ordering import pending_las_queue
 from tests.scheduler_cases import Loop, cluster, holding, job
 
 LAS = SchedulerConfig(policy="las", las_thresholds_gpu_seconds=(100.0, 1000.0), las_starve_limit_seconds=500.0)
@@ -30,8 +33,21 @@ def test_las_orders_by_attained_service_queue_then_fifo_and_priority_comes_first
 def test_las_promotes_a_job_that_waited_past_the_starve_limit_to_the_first_queue():
     served = job("served", 2, submit_time=0, attained_service_seconds=2000)  # ran 1000 s on 2 GPUs
     fresh = job("fresh", 1, submit_time=1400)
-    assert ids(order_jobs([served, fresh], LAS, now=1450.0)) == ["fresh", "served"]  # waited 450 s: not yet
-    assert ids(order_jobs([served, fresh], LAS, now=1550.0)) == ["served", "fresh"]  # waited 550 s: promoted, and older
+    absolute = replace(LAS, las_starve_factor=0.0)  # the limit alone: 500 s of waiting
+    assert ids(order_jobs([served, fresh], absolute, now=1450.0)) == ["fresh", "served"]  # waited 450 s: not yet
+    assert ids(order_jobs([served, fresh], absolute, now=1550.0)) == ["served", "fresh"]  # waited 550 s: promoted, and older
+
+
+def test_las_promotes_a_long_served_job_only_after_waiting_its_starve_factor_times_its_run():
+    """Relative, as in Tiresias: a job that ran 1000 s waits 8 x 1000 s (the default factor), not just the
+    500 s limit, so a long job is not promoted only to be preempted again by the next arrival."""
+    served = job("served", 2, submit_time=0, attained_service_seconds=2000)  # ran 1000 s on 2 GPUs
+    assert LAS.las_starve_factor == 8.0
+    fresh = job("fresh", 1, submit_time=8000)
+    assert ids(order_jobs([served, fresh], LAS, now=1550.0)) == ["fresh", "served"]
+    assert ids(order_jobs([served, fresh], LAS, now=8999.0)) == ["fresh", "served"]  # waited 7,999 s
+    assert ids(order_jobs([served, fresh], LAS, now=9001.0)) == ["served", "fresh"]  # waited 8,001 s: promoted
+    assert pending_las_queue(served, LAS, now=9001.0) == 0 and pending_las_queue(served, LAS, now=8999.0) == 2
 
 
 def test_las_preempts_a_job_of_a_later_queue_that_has_run_longer_than_a_preemption_costs():

@@ -45,9 +45,11 @@ def las_queue(attained_gpu_seconds: float, config: SchedulerConfig) -> int:
 
 
 def pending_las_queue(job: JobRequest, config: SchedulerConfig, now: float) -> int:
-    """A pending job's las queue; one that waited (not running) las_starve_limit_seconds is promoted to 0."""
+    """A pending job's las queue; one that waited (not running) las_starve_limit_seconds, and las_starve_factor
+    times as long as it ran, is promoted to 0."""
     limit = config.las_starve_limit_seconds
-    if limit > 0 and now - job.submit_time - job.attained_service_seconds / max(job.gpus, 1) >= limit:
+    ran = job.attained_service_seconds / max(job.gpus, 1)
+    if limit > 0 and now - job.submit_time - ran >= max(limit, config.las_starve_factor * ran):
         return 0
     return las_queue(job.attained_service_seconds, config)
 
@@ -74,12 +76,13 @@ def running_remaining(job: RunningJob, now: float, config: SchedulerConfig) -> f
 
 def _las_order(jobs: Sequence[JobRequest], config: SchedulerConfig, now: float) -> list[JobRequest]:
     """Higher priority first, then the least attained service's queue, FIFO (submit_time) within a queue."""
-    thresholds, limit = config.las_thresholds_gpu_seconds, config.las_starve_limit_seconds
+    thresholds, limit, factor = config.las_thresholds_gpu_seconds, config.las_starve_limit_seconds, config.las_starve_factor
 
     def key(job: JobRequest) -> tuple:
         attained = job.attained_service_seconds
         queue = bisect_right(thresholds, attained) if attained > 0 else 0
-        if queue and limit > 0 and now - job.submit_time - attained / max(job.gpus, 1) >= limit:
+        ran = attained / max(job.gpus, 1)
+        if queue and limit > 0 and now - job.submit_time - ran >= max(limit, factor * ran):
             queue = 0  # pending_las_queue, inlined: this runs for every pending job each pass
         return (-job.priority, queue, job.submit_time, job.job_id)
 

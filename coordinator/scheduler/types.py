@@ -140,6 +140,10 @@ class SchedulerConfig:
     """las preempts a running job only once its attempt has run this long (and preemption_cost_seconds)."""
     las_starve_limit_seconds: float = 3600.0
     """las: a pending job that waited this long (not running) is promoted to queue 0; 0 = never."""
+    las_starve_factor: float = 8.0
+    """las: ... and waited at least this many times as long as it already ran. Relative, as in Tiresias: a job that
+    ran for days is not promoted after an hour's wait, only to be preempted again by the next arrival (churn that
+    cost ~25% average JCT on the Philly trace); every job still gets its turn after a bounded wait."""
     sjf_aging: float = 1.0
     """sjf: seconds of estimated runtime forgiven per second waited (order key = estimate + aging x submit time),
     so no job waits forever behind a stream of shorter ones; 0 = pure sjf."""
@@ -154,8 +158,8 @@ class SchedulerConfig:
         thresholds = self.las_thresholds_gpu_seconds
         if any(t <= 0 for t in thresholds) or list(thresholds) != sorted(set(thresholds)):
             raise ValueError(f"las_thresholds_gpu_seconds must be positive and strictly ascending, got {thresholds}")
-        if self.las_starve_limit_seconds < 0 or self.sjf_aging < 0 or self.las_min_run_seconds < 0:
-            raise ValueError("las_starve_limit_seconds, las_min_run_seconds and sjf_aging must be >= 0")
+        if self.las_starve_limit_seconds < 0 or self.sjf_aging < 0 or self.las_min_run_seconds < 0 or self.las_starve_factor < 0:
+            raise ValueError("las_starve_limit_seconds, las_starve_factor, las_min_run_seconds and sjf_aging must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
