@@ -21,7 +21,9 @@ def test_an_owner_at_the_cap_waits_with_a_reason_naming_the_quota():
         nodes, [job("a2", 1, owner="alice"), job("b1", 2, owner="bob", submit_time=1)], config, now=0.0, running=running
     )
     assert [d.job_id for d in result.placed] == ["b1"]
-    assert result.pending_reasons == {"a2": "quota: alice runs 8 of the 8 GPUs max_gpus_per_owner allows and this job needs 1"}
+    assert result.pending_reasons == {
+        "a2": "quota: alice runs 8 of the 8 GPUs quotas.users.alice.max_gpus allows and this job needs 1"
+    }
 
 
 def test_placements_of_the_same_pass_count_and_the_star_is_everyone_elses_cap():
@@ -30,7 +32,9 @@ def test_placements_of_the_same_pass_count_and_the_star_is_everyone_elses_cap():
     jobs = [job(f"d{i}", 2, owner="dave", submit_time=i) for i in range(3)] + [job("c", 8, owner="carol", submit_time=9)]
     result = schedule(nodes, jobs, config, now=0.0)
     assert sorted(d.job_id for d in result.placed) == ["c", "d0", "d1"]  # carol's 0 = no cap
-    assert result.pending_reasons["d2"] == "quota: dave runs 4 of the 4 GPUs max_gpus_per_owner allows and this job needs 2"
+    assert (
+        result.pending_reasons["d2"] == 'quota: dave runs 4 of the 4 GPUs quotas.users."*".max_gpus allows and this job needs 2'
+    )
 
 
 def test_a_group_cap_holds_every_member_and_a_capped_job_takes_no_reservation():
@@ -41,7 +45,7 @@ def test_a_group_cap_holds_every_member_and_a_capped_job_takes_no_reservation():
     result = schedule(nodes, jobs, config, now=0.0, running=running)
     assert [d.job_id for d in result.placed] == ["ok"]
     assert result.pending_reasons == {
-        "big": "quota: group ml runs 3 of the 4 GPUs max_gpus_per_group allows and this job needs 2"
+        "big": "quota: group ml runs 3 of the 4 GPUs quotas.groups.ml.max_gpus allows and this job needs 2"
     }
     assert result.reserved_for is None
 

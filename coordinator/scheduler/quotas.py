@@ -7,11 +7,17 @@ from collections.abc import Iterable, Mapping
 from coordinator.scheduler.types import JobRequest, Quotas, RunningJob
 
 
-def _cap(caps: Mapping[str, int], name: str) -> int:
-    cap = caps.get(name)
+def _cap(caps: Mapping[str, int], name: str) -> tuple[int, str]:
+    """(the cap on `name`, the key it came from: the name, or "*" for everyone not named)."""
+    cap, key = caps.get(name), name
     if cap is None:
-        cap = caps.get("*", 0)
-    return cap if cap > 0 else 0
+        cap, key = caps.get("*", 0), "*"
+    return (cap if cap > 0 else 0), key
+
+
+def _setting(table: str, key: str) -> str:
+    """The coordinator setting a cap came from, as operators write it (coordinator/rules/quotas.py)."""
+    return f'quotas.{table}."*".max_gpus' if key == "*" else f"quotas.{table}.{key}.max_gpus"
 
 
 class _QuotaLedger:
@@ -45,19 +51,19 @@ class _QuotaLedger:
         """Why the job may not start now because of a quota, naming it and the numbers; None if no quota holds it."""
         quotas = self.quotas
         if quotas.max_gpus_per_owner:
-            cap = _cap(quotas.max_gpus_per_owner, job.owner)
+            cap, key = _cap(quotas.max_gpus_per_owner, job.owner)
             held = self.by_owner.get(job.owner, 0)
             if cap and held + job.gpus > cap:
                 return (
-                    f"quota: {job.owner or 'the anonymous owner'} runs {held} of the {cap} GPUs max_gpus_per_owner allows "
-                    f"and this job needs {job.gpus}"
+                    f"quota: {job.owner or 'the anonymous owner'} runs {held} of the {cap} GPUs {_setting('users', key)} "
+                    f"allows and this job needs {job.gpus}"
                 )
         if quotas.max_gpus_per_group and job.group:
-            cap = _cap(quotas.max_gpus_per_group, job.group)
+            cap, key = _cap(quotas.max_gpus_per_group, job.group)
             held = self.by_group.get(job.group, 0)
             if cap and held + job.gpus > cap:
                 return (
-                    f"quota: group {job.group} runs {held} of the {cap} GPUs max_gpus_per_group allows "
+                    f"quota: group {job.group} runs {held} of the {cap} GPUs {_setting('groups', key)} allows "
                     f"and this job needs {job.gpus}"
                 )
         return None
