@@ -10,7 +10,6 @@ from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.quotas import QuotaPolicy, parse_quotas, pending_quota_problem
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.memory import MemoryJobStore
-from coordinator.wiring import scheduler_config
 from gpuorch.settings import load_settings
 from gpuorch.v1 import job_pb2
 
@@ -52,7 +51,7 @@ def test_the_toml_gives_users_groups_and_defaults(tmp_path):
 
 
 def test_the_scheduler_is_given_the_running_gpu_caps(tmp_path):
-    quotas = scheduler_config(settings_from(tmp_path, CONFIG)).quotas
+    quotas = settings_from(tmp_path, CONFIG).scheduler_config().quotas
     assert quotas.max_gpus_per_owner == {"*": 16, "alice": 8}
     assert quotas.max_gpus_per_group == {"vision": 12}
 
