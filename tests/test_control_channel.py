@@ -315,8 +315,8 @@ def test_gpuctl_tables_json_and_errors(cluster):
     cluster.wait_for_nodes(1)
     wait_for(lambda: cluster.client().get_node("n1").last_heartbeat_sequence >= 1, what="a heartbeat")
     table = gpuctl(cluster, "nodes")
-    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["NODE", "STATE", "GPUS"]
-    assert table.stdout.splitlines()[1].split()[:3] == ["n1", "READY", "2"]
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["NODE", "STATE", "POOL", "GPUS"]
+    assert table.stdout.splitlines()[1].split()[:4] == ["n1", "READY", "default", "2"]
     as_json = json.loads(gpuctl(cluster, "-o", "json", "nodes").stdout)
     assert as_json["nodes"][0]["node_id"] == "n1" and len(as_json["nodes"][0]["devices"]) == 2
     node = gpuctl(cluster, "node", "n1")
