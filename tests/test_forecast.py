@@ -122,3 +122,16 @@ def test_no_estimate_is_before_now_and_gpus_are_never_overcommitted(running_ends
         busy = sum(by_id[j].gpus for j, s in starts.items() if s <= moment < s + by_id[j].estimated_runtime_seconds)
         busy += sum(8 for r in running if r.estimated_end_time > moment)
         assert busy <= 8 * len(nodes)
+
+
+def test_the_jobs_forecast_are_the_first_in_the_live_order_a_starved_las_job_included():
+    """The forecast estimates the first max_jobs in the order a live pass uses at `now`: under las a job
+    promoted for having starved is among them, ahead of a fresh one."""
+    las = SchedulerConfig(policy="las", las_starve_limit_seconds=100.0, las_starve_factor=0.0)
+    later = NOW + 36000.0 + 500  # the starved job ran 36,000 s and has waited 500 s since
+    nodes = [node("n1", 8, free=0)]
+    running = [running_on("r1", "n1", range(8), start=later - 10, end=later + 300)]
+    starved = JobRequest("starved", 8, submit_time=NOW, attained_service_seconds=8 * 36000.0, estimated_runtime_seconds=100)
+    fresh = JobRequest("fresh", 8, submit_time=later - 1, estimated_runtime_seconds=100)
+    forecast = forecast_starts(nodes, [fresh, starved], running, las, now=later, max_jobs=1)
+    assert set(forecast.starts) == {"starved"}

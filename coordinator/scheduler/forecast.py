@@ -111,7 +111,7 @@ def forecast_steps(
     resolution_seconds: float = DEFAULT_RESOLUTION_SECONDS,
 ) -> Generator[int, None, Forecast]:
     """The forecast one pass at a time: yields the passes run so far after each, returns the Forecast."""
-    ordered = list(pending) if config.policy == "fair_share" else order_jobs(pending, config)
+    ordered = list(pending) if config.policy == "fair_share" else order_jobs(pending, config, now=now)
     waiting = ordered[:max_jobs]
     gpus = _Gpus(nodes)
     ends: list[tuple[float, int, RunningJob]] = []
