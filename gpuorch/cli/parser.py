@@ -56,7 +56,9 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument(
         "--coordinator",
         default=default(None),
-        help=f"HOST[:PORT], port 50051 if none (default $GPUORCH_COORDINATOR or {default_address()})",
+        metavar="HOST[:PORT][,...]",
+        help="the coordinator, or a comma-separated list of them (their leader is followed); port 50051 if none "
+        f"(default $GPUORCH_COORDINATOR or {default_address()})",
     )
     group.add_argument(
         "-o", "--output", choices=OUTPUT_FORMATS, default=default("table"), help="output format: table (default) or json"
