@@ -43,6 +43,13 @@ UPSERT_JOB = (
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sequence) DO UPDATE "
     "SET state = excluded.state, end_time = excluded.end_time, data = excluded.data"
 )
+UPSERT_JOBS = (
+    "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, submit_time, end_time, data) "
+    "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::smallint[], %s::text[], %s::text[], %s::float8[], "
+    "%s::float8[], %s::bytea[]) ON CONFLICT (sequence) DO UPDATE "
+    "SET state = excluded.state, end_time = excluded.end_time, data = excluded.data"
+)
+"""One statement for a whole batch (one version per sequence: an upsert may not touch a row twice)."""
 JOB_COLUMNS = "sequence, data, client_request_id"
 
 
@@ -200,7 +207,8 @@ class PostgresJobStore(JobStore):
             with connection.transaction(), connection.cursor() as cursor:
                 check_fence(cursor, self.lease.epoch)
                 if rows:
-                    cursor.executemany(UPSERT_JOB, rows)
+                    latest = {row[0]: row for row in rows}  # a later save of a job replaces an earlier one
+                    cursor.execute(UPSERT_JOBS, [list(column) for column in zip(*latest.values(), strict=True)])
                 if resumed:
                     cursor.execute("DELETE FROM drains WHERE node_id = ANY(%s)", (resumed,))
                 if drained:
