@@ -32,7 +32,8 @@ from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log
 from coordinator.observe.prometheus import CoordinatorMetrics
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.settings import CoordinatorSettings
-from coordinator.store.sqlite import SqliteJobStore
+from coordinator.store.lease import LeaseLost
+from coordinator.store.open_url import open_store
 from gpuorch import tls
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
@@ -149,7 +150,14 @@ class Coordinator:
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
         settings = self.settings
-        self.store = SqliteJobStore(self.state_dir / "jobs.db")
+        self.store, self.lease = open_store(
+            settings.store_url,
+            self.state_dir,
+            lease_seconds=settings.leader_lease_seconds,
+            advertised_address=settings.listen,
+            clock=self.clock,
+        )
+        await self.lease.acquire()
         self.jobs = JobManager(
             self.cluster,
             self.store,
@@ -227,6 +235,7 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
+        self._tasks.append(asyncio.create_task(self._hold_lease()))
         log.info(
             "coordinator serving",
             listen=self.settings.listen,
@@ -241,6 +250,13 @@ class Coordinator:
             owners_authenticated=self.guard.owners_authenticated,
         )
         self._warn_about_exposure()
+
+    async def _hold_lease(self) -> None:
+        """Keeps the leader lease; once it is lost the store refuses this coordinator's writes (they are fenced)."""
+        try:
+            await self.lease.hold()
+        except LeaseLost as lost:
+            log.error("this coordinator no longer leads: its writes are refused", error=str(lost))
 
     def _connection_cap(self) -> int:
         """max_connections, or (0) what the open-file limit allows once raised: connections must not take the fds
@@ -328,6 +344,7 @@ class Coordinator:
         if self.server is not None:
             await self.server.stop(grace)
         await self.store.close()
+        await self.lease.release()
         if self.metrics is not None:
             self.metrics.close()
         log.info("coordinator stopped")
