@@ -27,6 +27,7 @@ from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.job_history import prune_history
 from coordinator.control.job_manager import JobManager
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
 from coordinator.observe.prometheus import CoordinatorMetrics
@@ -164,6 +165,7 @@ class Coordinator:
             estimates=runtime_estimates(settings),
             clock=self.clock,
             rng=self.rng,
+            recent_ended_jobs=settings.recent_ended_jobs,
         )
         try:
             await self.jobs.start()
@@ -227,6 +229,11 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
+        if settings.history_retention_days:
+            retention = settings.history_retention_days * 86400
+            self._tasks.append(
+                asyncio.create_task(self._supervise("history retention", lambda: prune_history(self.jobs, self.clock, retention)))
+            )
         log.info(
             "coordinator serving",
             listen=self.settings.listen,
