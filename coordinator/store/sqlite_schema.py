@@ -79,7 +79,7 @@ SELECTED = "SELECT sequence, data, client_request_id FROM jobs"
 NOT_FINAL = f"{SELECTED} WHERE state IN ({', '.join(str(state) for state in history.NOT_FINAL_STATES)})"
 RECENT_ENDED = f"{SELECTED} WHERE end_time > 0 ORDER BY end_time DESC, sequence DESC LIMIT ?"
 BY_ID = f"{SELECTED} WHERE job_id = ?"
-BY_REQUEST = f"{SELECTED} WHERE owner = ? AND client_request_id = ?"
+BY_REQUEST = f"{SELECTED} WHERE owner = ? AND client_request_id = ? AND client_request_id != ''"  # the unique partial index
 PRUNE_BATCH = (
     "DELETE FROM jobs WHERE sequence IN (SELECT sequence FROM jobs WHERE end_time > 0 AND end_time < ? ORDER BY end_time LIMIT ?)"
 )

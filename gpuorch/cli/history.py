@@ -59,7 +59,7 @@ def add_history_arguments(history: argparse.ArgumentParser, states: str) -> None
     history.add_argument("--state", "-s", action="append", default=[], help=f"only jobs in this state (repeatable): {states}")
     history.add_argument(
         "--limit", "-n", type=_positive, default=1000, help="at most this many jobs, newest first (default 1000)"
-    )  # noqa: E501
+    )
 
 
 def _positive(text: str) -> int:
