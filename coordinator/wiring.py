@@ -27,6 +27,7 @@ from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.job_history import prune_history
 from coordinator.control.job_manager import JobManager
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
 from coordinator.observe.prometheus import CoordinatorMetrics
@@ -172,6 +173,7 @@ class Coordinator:
             estimates=runtime_estimates(settings),
             clock=self.clock,
             rng=self.rng,
+            recent_ended_jobs=settings.recent_ended_jobs,
         )
         try:
             await self.jobs.start()
@@ -236,6 +238,11 @@ class Coordinator:
         self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
         self._tasks.append(asyncio.create_task(self._hold_lease()))
+        if settings.history_retention_days:
+            retention = settings.history_retention_days * 86400
+            self._tasks.append(
+                asyncio.create_task(self._supervise("history retention", lambda: prune_history(self.jobs, self.clock, retention)))
+            )
         log.info(
             "coordinator serving",
             listen=self.settings.listen,

@@ -21,6 +21,8 @@ from gpuorch.channels import DEFAULT_ADDRESS, Channels, default_address, insecur
 from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError
 from gpuorch.v1 import cluster_pb2, job_pb2
+from gpuorch.wire_values import When, every_job, every_job_async, timestamp
+from gpuorch.wire_values import enum_values as _enum_values
 
 __all__ = [
     "DEFAULT_ADDRESS", "DEFAULT_PORT", "AsyncClient", "Client", "build_job_spec", "default_address",
@@ -31,30 +33,6 @@ __all__ = [
 def new_request_id() -> str:
     """A fresh client_request_id: random, so two submissions never share one by accident."""
     return f"gpuctl-{uuid.uuid4().hex}"
-
-
-def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[Any]:
-    """Accepts enum numbers or names with or without the prefix ("READY", "NODE_STATE_READY").
-
-    Returns the enum's numbers. Typed Any: each request's stub wants its own enum class there,
-    which at run time is a plain int."""
-    values: list[Any] = []
-    for name in names:
-        if isinstance(name, int):
-            values.append(name)
-            continue
-        key = name.upper()
-        key = key if key.startswith(prefix) else prefix + key
-        try:
-            values.append(enum.Value(key))
-        except ValueError:
-            known = ", ".join(
-                n[len(prefix) :].lower()
-                for n in (value.name for value in enum.DESCRIPTOR.values)
-                if not n.endswith("UNSPECIFIED")
-            )
-            raise ValueError(f"unknown state {name!r}: use one of {known}") from None
-    return values
 
 
 def build_job_spec(
@@ -128,11 +106,15 @@ class _Api:
     def get_job(self, job_id: str):
         return self._unary("job", "GetJob", job_pb2.GetJobRequest(job_id=job_id), lambda r: r.job)
 
-    def list_jobs(self, states: Iterable[str | int] = (), owner: str = "", page_size: int = 0, page_token: str = ""):
-        """One page of jobs, newest first: returns (jobs, next_page_token)."""
-        request = job_pb2.ListJobsRequest(
-            states=_enum_values(job_pb2.JobState, "JOB_STATE_", states), owner=owner, page_size=page_size, page_token=page_token
-        )
+    def list_jobs(
+        self, states: Iterable[str | int] = (), owner: str = "", page_size: int = 0, page_token: str = "", *,
+        since: When = None, until: When = None,
+    ):  # fmt: skip
+        """One page of jobs, newest first: returns (jobs, next_page_token). `since`/`until` (wall seconds or
+        datetimes) keep the jobs that were in the system at some time between them (job history, like sacct)."""
+        states = _enum_values(job_pb2.JobState, "JOB_STATE_", states)
+        request = job_pb2.ListJobsRequest(states=states, owner=owner, page_size=page_size, page_token=page_token,
+                                          active_since=timestamp(since), active_until=timestamp(until))  # fmt: skip
         return self._unary("job", "ListJobs", request, lambda r: (list(r.jobs), r.next_page_token))
 
     def cancel_job(self, job_id: str):
@@ -237,6 +219,10 @@ class Client(_Api, Channels):
                 call.cancel()
             time.sleep(delay)
 
+    def iter_jobs(self, page_size: int = 0, **filters: Any):
+        """Every job list_jobs(**filters) matches, newest first, fetching page after page."""
+        return every_job(self, page_size, **filters)
+
     def close(self) -> None:
         for link in self._links.values():
             link.channel.close()
@@ -329,6 +315,10 @@ class AsyncClient(_Api, Channels):
             finally:
                 call.cancel()
             await asyncio.sleep(delay)
+
+    def iter_jobs(self, page_size: int = 0, **filters: Any):
+        """Every job list_jobs(**filters) matches, newest first (an async iterator), fetching page after page."""
+        return every_job_async(self, page_size, **filters)
 
     async def close(self) -> None:
         for link in self._links.values():

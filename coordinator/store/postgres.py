@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 
+from coordinator.store import history
 from coordinator.store.api import RECENT_ENDED_JOBS, Fenced, JobQuery, JobStore, StoredJob, StoredState, StoreError
 from coordinator.store.lease import Lease
 from coordinator.store.postgres_lease import PostgresLease
@@ -35,8 +36,6 @@ __all__ = ["PostgresJobStore", "PostgresLease", "job_row"]
 log = structlog.get_logger("coordinator.store")
 
 T = TypeVar("T")
-
-FINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 
 UPSERT_JOB = (
     "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, submit_time, end_time, data) "
@@ -68,10 +67,8 @@ class _Write:
 def job_row(stored: StoredJob) -> tuple:
     """The columns of one job: what the history reads filter on, and the whole job serialized."""
     job = stored.job
-    submitted = job.submit_time.ToNanoseconds() / 1e9
-    ended = None
-    if job.state in FINAL_STATES:  # NULL while not final; a final job without an end time ended when it was submitted
-        ended = job.end_time.ToNanoseconds() / 1e9 if job.HasField("end_time") else submitted
+    submitted = history.submitted_at(job)
+    ended = history.ended_at(job) or None  # NULL while not final
     return (
         stored.sequence,
         job.job_id,
@@ -236,8 +233,7 @@ class PostgresJobStore(JobStore):
     # -- history --
 
     async def query(self, query: JobQuery) -> list[StoredJob]:
-        if query.limit < 1:
-            return []
+        history.validate(query)
         where: list[str] = ["TRUE"]
         parameters: list[object] = []
         if query.owner:
@@ -282,7 +278,7 @@ class PostgresJobStore(JobStore):
                 check_fence(cursor, self.lease.epoch)
                 cursor.execute(
                     "DELETE FROM jobs WHERE end_time IS NOT NULL AND end_time < %s AND state = ANY(%s)",
-                    (ended_before, list(FINAL_STATES)),
+                    (ended_before, sorted(history.FINAL_STATES)),
                 )
                 return cursor.rowcount
 

@@ -10,6 +10,7 @@ import secrets
 import sys
 
 from gpuorch.cli.completion import completion_script
+from gpuorch.cli.history import run_history
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
 from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
             print(json.dumps({"jobs": [as_json(job) for job in found]}, indent=2))
         else:
             print(format_jobs(found))
+    elif args.command == "history":
+        return run_history(args, client)
     elif args.command == "job":
         show(client.get_job(args.job_id), format_job)
     elif args.command == "cancel":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from gpuorch.cli.history import add_history_arguments
 from gpuorch.client import default_address
 from gpuorch.durations import parse_duration
 from gpuorch.pools import pool_name_problem
@@ -222,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", action="append", default=[], help=f"only jobs in this state (repeatable): {JOB_STATES}")
     jobs.add_argument("--owner", default="", help="only jobs of this owner")
     jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    history = command(
+        "history",
+        "jobs that ran or ended in a time window (like sacct), newest first, old ones included",
+        "gpuctl history --user alice --since 7d --state failed -o json",
+    )
+    add_history_arguments(history, JOB_STATES)
     command("job", "show one job: spec, placement, every attempt and where it ran", "gpuctl job j-000001 --utc").add_argument(
         "job_id"
     )
