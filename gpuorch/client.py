@@ -17,6 +17,7 @@ from typing import Any, Self
 import grpc
 
 from gpuorch import settings, tls
+from gpuorch.client_usage import USAGE_METHODS, UsageCalls
 from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError, from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
@@ -25,7 +26,7 @@ DEFAULT_PORT = 50051
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
 RETRIED_METHODS = {
-    "gpuorch.v1.ClusterService": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode"),
+    "gpuorch.v1.ClusterService": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode", *USAGE_METHODS),
     # SubmitJob is safe to repeat because every submission carries a client_request_id (see
     # submit_job); CancelJob is not retried: a repeat would answer FAILED_PRECONDITION.
     "gpuorch.v1.JobService": ("SubmitJob", "GetJob", "ListJobs", "SetJobPriority", "WatchJob", "GetJobLogs"),
@@ -128,8 +129,8 @@ def build_job_spec(
     return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)
 
 
-class _Api:
-    """Every RPC of the public API once; `_unary`/`_stream` decide sync or async."""
+class _Api(UsageCalls):
+    """Every RPC of the public API once (GetUsageHistory and WhoAmI in UsageCalls); `_unary`/`_stream` decide sync or async."""
 
     address: str
 
@@ -146,8 +147,9 @@ class _Api:
         request = cluster_pb2.ListNodesRequest(states=_enum_values(cluster_pb2.NodeState, "NODE_STATE_", states))
         return self._unary("cluster", "ListNodes", request, lambda response: list(response.nodes))
 
-    def get_node(self, node_id: str):
-        return self._unary("cluster", "GetNode", cluster_pb2.GetNodeRequest(node_id=node_id), lambda r: r.node)
+    def get_node(self, node_id: str, include_telemetry_history: bool = False):
+        request = cluster_pb2.GetNodeRequest(node_id=node_id, include_telemetry_history=include_telemetry_history)
+        return self._unary("cluster", "GetNode", request, lambda r: r.node)
 
     def cluster_status(self):
         return self._unary("cluster", "GetClusterStatus", cluster_pb2.GetClusterStatusRequest(), lambda r: r.status)
