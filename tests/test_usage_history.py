@@ -13,7 +13,9 @@ START = 1_800_000_000.0 - 1_800_000_000.0 % HOUR  # on an hour boundary, so the 
 
 
 def busy(allocated: int, owner: str = "alice", pool: str = "default", total: int = 8, utilization: float = 50.0):
-    return UsageSample(total, allocated, utilization, {owner: allocated} if allocated else {}, {pool: allocated} if allocated else {})
+    return UsageSample(
+        total, allocated, utilization, {owner: allocated} if allocated else {}, {pool: allocated} if allocated else {}
+    )
 
 
 def run(history: UsageHistory, clock: FakeClock, seconds: float, sample: UsageSample, step: float = 10.0) -> None:
