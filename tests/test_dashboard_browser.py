@@ -111,7 +111,6 @@ def test_cluster_queue_job_page_logs_and_cancel_by_the_owner_only(site, browser)
     alice.wait_for_function("document.querySelectorAll('.gpu').length === 8")
     assert alice.locator(".gpu.held").count() == 0
     assert "alice (user)" in alice.inner_text("#who")
-    shot(alice, "cluster-idle")
 
     with client_of(cluster, "alice") as sdk:
         running = sdk.submit_job(argv=[sys.executable, str(root / "worker.py")], gpus=4, name="train", backend="gloo")

@@ -102,3 +102,49 @@ def test_bad_requests_are_named():
     request.end_time.FromSeconds(100)
     assert usage_problem(request) == "start_time is after end_time"
     assert usage_problem(cluster_pb2.GetUsageHistoryRequest()) is None
+
+
+def test_a_real_coordinator_serves_usage_who_am_i_and_gpu_history(tmp_path):
+    """GetUsageHistory, WhoAmI and GetNode's telemetry history over the wire, and gpuctl usage."""
+    import subprocess
+    import sys
+
+    from tests.harness import LocalCluster, wait_for
+
+    cluster = LocalCluster(tmp_path)
+    cluster.start_coordinator()
+    cluster.add_agent("node-a", 2)
+    try:
+        cluster.wait_for_nodes(1)
+        client = cluster.client()
+        job_id = client.submit_job(argv=["sleep", "60"], gpus=2, owner="alice")
+        wait_for(lambda: client.get_job(job_id).state == 2, timeout=20, what="the job to run")
+        # The sampler takes one sample at start and one every 10 s: wait for one that sees the job.
+        usage = wait_for(
+            lambda: (found := client.usage_history()) and any(total.name == "alice" for total in found.owners) and found,
+            timeout=30,
+            interval=0.5,
+            what="alice's GPU-seconds",
+        )
+        assert usage.point_seconds == 60 and usage.points and usage.points[-1].gpus_total == 2
+        assert client.usage_history("hour").point_seconds == 3600
+        with pytest.raises(ValueError, match="unknown resolution"):
+            client.usage_history("second")
+        me = client.who_am_i()
+        assert (me.authenticated, me.role) == (False, "admin")
+        node = client.get_node("node-a", include_telemetry_history=True)
+        assert all(len(device.telemetry_history) >= 1 for device in node.devices)
+        assert not any(device.telemetry_history for device in client.get_node("node-a").devices)
+        shown = subprocess.run(
+            [sys.executable, "-m", "gpuorch.cli", "--coordinator", cluster.address, "usage", "--days", "1"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "alice" in shown.stdout and "GPU-HOURS" in shown.stdout
+        refused = subprocess.run(
+            [sys.executable, "-m", "gpuorch.cli", "--coordinator", cluster.address, "usage", "--days", "0"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert refused.returncode != 0 and "--days must be > 0" in refused.stderr
+    finally:
+        cluster.stop()

@@ -28,7 +28,7 @@ PENDING_PUBLISHED = 1000
 """Pending jobs sent to the queue page at each refresh (the rest are counted; /api/v1/jobs has them all)."""
 CLIENTS_KEPT = 64
 USAGE_RANGES = {"day": ("minute", 86400.0), "week": ("hour", 7 * 86400.0), "90d": ("hour", 90 * 86400.0)}
-USAGE_CACHE_SECONDS = 20.0
+USAGE_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,10 @@ function lineChart(canvas, series, options) {
     g.strokeStyle = line.color; g.lineWidth = 1.6; g.beginPath();
     line.points.forEach((p, i) => (i ? g.lineTo(x(p[0]), y(p[1])) : g.moveTo(x(p[0]), y(p[1]))));
     g.stroke();
+    if (line.points.length <= 60) {  // few points (a fresh history): dots, so a single one shows
+      g.fillStyle = line.color;
+      for (const p of line.points) { g.beginPath(); g.arc(x(p[0]), y(p[1]), 2.5, 0, 2 * Math.PI); g.fill(); }
+    }
     if (line.name) { g.fillStyle = line.color; g.fillText(line.name, legend, 12); legend += g.measureText(line.name).width + 14; }
   }
 }
