@@ -30,7 +30,9 @@ from coordinator.control.estimates import Estimates
 from coordinator.control.job_history import prune_history
 from coordinator.control.job_manager import JobManager
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
+from coordinator.model.usage import UsageHistory
 from coordinator.observe.prometheus import CoordinatorMetrics
+from coordinator.observe.usage_sampler import SAMPLE_INTERVAL_SECONDS, run_usage_sampler
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.lease import LeaseLost
@@ -144,6 +146,8 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
         self.agent_port = 0
+        self.usage = UsageHistory(SAMPLE_INTERVAL_SECONDS, clock.wall())
+        """GPUs, allocation, utilisation and GPU-seconds by owner and pool over time (in memory, lost on restart)."""
 
     async def start(self) -> None:
         try:
@@ -202,13 +206,11 @@ class Coordinator:
         # Every service, the stock health and reflection ones included, parses its own requests
         # (coordinator/api/request_parsing.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
         add_strict_service(self.server, AGENT_SERVICE, self.agents)
-        add_strict_service(
-            self.server,
-            CLUSTER_SERVICE,
-            ClusterService(
-                self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
-            ),
+        cluster_service = ClusterService(
+            self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
         )
+        cluster_service.usage = self.usage
+        add_strict_service(self.server, CLUSTER_SERVICE, cluster_service)
         job_service = JobService(
             self.jobs, self.guard, self.streams, settings.max_message_bytes, max_user_priority=settings.max_user_priority
         )
@@ -243,6 +245,8 @@ class Coordinator:
             self._tasks.append(
                 asyncio.create_task(self._supervise("history retention", lambda: prune_history(self.jobs, self.clock, retention)))
             )
+        usage = functools.partial(run_usage_sampler, self.usage, self.cluster, self.jobs, self.clock, SAMPLE_INTERVAL_SECONDS)
+        self._tasks.append(asyncio.create_task(self._supervise("usage", usage)))
         log.info(
             "coordinator serving",
             listen=self.settings.listen,

@@ -21,6 +21,7 @@ import grpc
 from gpuorch import settings, tls
 from gpuorch.addresses import DEFAULT_PORT, AddressError, is_local_address, parse_address, parse_address_list
 from gpuorch.backoff import Backoff
+from gpuorch.client_usage import USAGE_METHODS
 from gpuorch.clock import SYSTEM_CLOCK
 from gpuorch.errors import GpuorchError, from_rpc_error
 from gpuorch.leader import Outcome, advance, begin, standby_leader
@@ -29,7 +30,7 @@ from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2_grpc
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
 RETRIED_METHODS = {
-    "cluster": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode"),
+    "cluster": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode", *USAGE_METHODS),
     # SubmitJob is safe to repeat because every submission carries a client_request_id (see
     # submit_job); CancelJob is not retried: a repeat would answer FAILED_PRECONDITION.
     "job": ("SubmitJob", "GetJob", "ListJobs", "SetJobPriority", "WatchJob", "GetJobLogs"),

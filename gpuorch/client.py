@@ -18,6 +18,7 @@ import grpc
 
 from gpuorch.addresses import DEFAULT_PORT, is_local_address, with_default_port
 from gpuorch.channels import DEFAULT_ADDRESS, Channels, default_address, insecure_from_environment
+from gpuorch.client_usage import UsageCalls
 from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError
 from gpuorch.v1 import cluster_pb2, job_pb2
@@ -53,8 +54,8 @@ def build_job_spec(
     return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)
 
 
-class _Api:
-    """Every RPC of the public API once; `_unary`/`_stream` decide sync or async."""
+class _Api(UsageCalls):
+    """Every RPC of the public API once (GetUsageHistory and WhoAmI in UsageCalls); `_unary`/`_stream` decide sync or async."""
 
     address: str
 
@@ -71,8 +72,9 @@ class _Api:
         request = cluster_pb2.ListNodesRequest(states=_enum_values(cluster_pb2.NodeState, "NODE_STATE_", states))
         return self._unary("cluster", "ListNodes", request, lambda response: list(response.nodes))
 
-    def get_node(self, node_id: str):
-        return self._unary("cluster", "GetNode", cluster_pb2.GetNodeRequest(node_id=node_id), lambda r: r.node)
+    def get_node(self, node_id: str, include_telemetry_history: bool = False):
+        request = cluster_pb2.GetNodeRequest(node_id=node_id, include_telemetry_history=include_telemetry_history)
+        return self._unary("cluster", "GetNode", request, lambda r: r.node)
 
     def cluster_status(self):
         return self._unary("cluster", "GetClusterStatus", cluster_pb2.GetClusterStatusRequest(), lambda r: r.status)

@@ -3,6 +3,7 @@
     gpuctl nodes                 every node, one line each
     gpuctl node ID               one node and its GPUs
     gpuctl status                cluster totals
+    gpuctl usage [--days N]      GPU-hours by owner and pool, allocation and utilisation over time
     gpuctl drain ID [--reason]   stop placing work on a node
     gpuctl resume ID             open it again
     gpuctl submit --gpus N [...] -- CMD ARGS...    queue a job, print its id

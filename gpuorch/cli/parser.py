@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--state", action="append", default=[], help=f"only nodes in this state (repeatable): {NODE_STATES}")
     command("node", "show one node and its GPUs", "gpuctl node node-a").add_argument("node_id")
     command("status", "cluster totals", "gpuctl status")
+    usage = command(
+        "usage",
+        "GPU-hours by owner and by pool, allocation and utilisation over time",
+        "gpuctl usage --days 7",
+        "From the coordinator's usage history (GetUsageHistory), kept in memory since it last started.",
+    )
+    usage.add_argument("--days", type=float, default=1.0, help="how far back, in days (default 1; at most 7 by minute)")
+    usage.add_argument("--hourly", action="store_true", help="hourly points, kept 90 days (default: a point a minute, 7 days)")
     drain = command("drain", "stop placing new work on a node", 'gpuctl drain node-b --reason "swap PSU"')
     drain.add_argument("node_id")
     drain.add_argument("--reason", default="", help="why, shown on the node")
