@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import structlog
 
+from gpuorch.addresses import AddressError, parse_address_list
 from gpuorch.client import AsyncClient
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.dashboard.shapes import GPU_COLUMNS, job_summary, node_json, pending_order, usage_json
-from gpuorch.errors import GpuorchError, Unauthenticated, Unavailable
+from gpuorch.errors import GpuorchError, Unauthenticated
 
 log = structlog.get_logger("gpuorch.dashboard")
 
@@ -33,7 +34,7 @@ USAGE_CACHE_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class ClientOptions:
-    """How to reach the coordinator: its addresses (the first that answers is used) and the SDK's TLS options."""
+    """How to reach the coordinator: its addresses (the SDK follows the leader among them) and the SDK's TLS options."""
 
     addresses: tuple[str, ...]
     tls_ca: str | None = None
@@ -44,25 +45,24 @@ class ClientOptions:
 
 
 def parse_addresses(text: str) -> tuple[str, ...]:
-    """ADDR[,ADDR...] -> the addresses; ValueError naming the flag when there is none."""
-    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not addresses:
-        raise ValueError(f"--coordinator {text!r} names no address; give HOST:PORT[,HOST:PORT...]")
-    return addresses
+    """ADDR[,ADDR...] -> the addresses, each checked as gpuctl checks them; ValueError naming the flag."""
+    try:
+        return tuple(parse_address_list(text, setting="--coordinator"))
+    except AddressError as error:
+        raise ValueError(str(error)) from None
 
 
 class Coordinators:
-    """SDK clients by token, on the coordinator address in use. With several addresses (ADDR,ADDR),
-    a call that finds its coordinator unavailable moves every client on to the next address."""
+    """SDK clients by token. With several addresses (ADDR,ADDR) each client follows the leader among
+    them itself (gpuorch/leader.py), as gpuctl does."""
 
     def __init__(self, options: ClientOptions) -> None:
         self.options = options
-        self.index = 0
         self._clients: collections.OrderedDict[str, AsyncClient] = collections.OrderedDict()
 
     @property
     def address(self) -> str:
-        return self.options.addresses[self.index]
+        return ",".join(self.options.addresses)
 
     def client(self, token: str = "") -> AsyncClient:
         """The client that calls with `token` ("" = none); kept for the next call with it."""
@@ -79,15 +79,6 @@ class Coordinators:
                 asyncio.get_running_loop().create_task(old.close())
         self._clients.move_to_end(token)
         return client
-
-    async def failed(self, error: GpuorchError) -> None:
-        """After `error`: when the coordinator was unavailable and there are others, use the next one."""
-        if isinstance(error, Unavailable) and len(self.options.addresses) > 1:
-            self.index = (self.index + 1) % len(self.options.addresses)
-            log.warning("coordinator unavailable; trying the next address", address=self.address)
-            clients, self._clients = list(self._clients.values()), collections.OrderedDict()
-            for client in clients:
-                await client.close()
 
     async def forget(self, token: str) -> None:
         """Drops the client of a token that turned out bad (a refused sign-in)."""
@@ -152,7 +143,6 @@ class Feed:
                 self.error = str(error)
                 if isinstance(error, Unauthenticated) and not self.own_token:
                     self.error = "the coordinator wants a token: sign in, or give the dashboard one (--token-file)"
-                await self.coordinators.failed(error)
                 self._publish_status()
             await asyncio.sleep(max(0.2, self.interval - (self.clock.monotonic() - started)))
 
