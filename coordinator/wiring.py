@@ -165,6 +165,7 @@ class Coordinator:
             clock=self.clock,
             rng=self.rng,
         )
+        self.jobs.arrays.dependencies.capacities = settings.device_capacities()  # GPUORCH_DEVICE_CAPACITY of ranks
         try:
             await self.jobs.start()
         except OSError as error:

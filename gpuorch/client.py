@@ -17,6 +17,7 @@ from typing import Any, Self
 import grpc
 
 from gpuorch import settings, tls
+from gpuorch.array_api import ArrayApi, array_fields
 from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError, from_rpc_error
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
@@ -123,12 +124,13 @@ def build_job_spec(
     seconds or a duration such as "90m", "2h", "1h30m" or "01:30:00" (ValueError naming it otherwise)."""
     if time_limit is not None:
         fields["time_limit_seconds"] = time_limit if isinstance(time_limit, int) else parse_duration(time_limit)
+    fields = array_fields(fields)  # array="0-99%8", after=["j-...:ok"] (gpuorch/array_api.py)
     if isinstance(requirements, Mapping):
         requirements = job_pb2.JobRequirements(**requirements)
     return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)
 
 
-class _Api:
+class _Api(ArrayApi):
     """Every RPC of the public API once; `_unary`/`_stream` decide sync or async."""
 
     address: str

@@ -20,6 +20,7 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control import reconcile
+from coordinator.control.arrays import Arrays
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.job_writes import JobWrites
@@ -122,6 +123,7 @@ class JobManager:
         self.links = NodeLinks(cluster)
         config, rng = config or scheduler.SchedulerConfig(), rng or random.Random()
         self.scheduling = SchedulingLoop(self, cluster, config, rendezvous_ports, rng, clock.monotonic, estimates)
+        self.arrays = Arrays(self)  # job arrays and dependencies (control/arrays.py): hooked in where jobs change
         self.restarts_by_reason: dict[str, int] = {}
         self.launch_latencies: list[float] = []  # recent placement -> every rank's process started, in seconds
         self.writes = JobWrites(store)
@@ -198,6 +200,7 @@ class JobManager:
             self.running.pop(job_id, None)
         if state in FINAL_STATES:
             self.scheduling.forget(job_id)
+        self.arrays.state_changed(entry)
 
     # -- effects -----------------------------------------------------------------------------
 
@@ -283,8 +286,8 @@ class JobManager:
     def list(
         self, states: Iterable[int] = (), owner: str = "", page_size: int = 0, page_token: str = "", max_bytes: int = 0
     ) -> tuple[list[job_pb2.Job], str]:
-        """Newest first, a page at a time (model/jobs.job_page)."""
-        return job_queries.job_page(self.jobs.values(), states, owner, page_size, page_token, max_bytes)
+        """Newest first, a page at a time (model/jobs.job_page); an array is one job, its view (control/arrays.py)."""
+        return job_queries.job_page(self.arrays.listed(), states, owner, page_size, page_token, max_bytes)
 
     async def cancel(self, job_id: str) -> job_pb2.Job:
         entry = self.get(job_id)
@@ -365,6 +368,7 @@ class JobManager:
         if ended and allocations.fencing and allocations.fence_confirmed(node_id, (status.job_id, status.attempt, status.rank)):
             self.scheduling.wake.set()
         entry, clock = self.jobs.get(status.job_id), self.clock
+        self.arrays.record_result(entry, status)  # a reported result goes with the job's write of this end
         now = job_machine.Now(clock.wall(), clock.monotonic())
         self.apply(job_machine.rank_reported(entry, node_id, status, now, allocations, self.machine))
 
