@@ -146,7 +146,7 @@ async def test_dependencies_on_unknown_jobs_and_bad_arrays_are_refused():
         await manager.arrays.submit(spec(after=("j-999999-nosuch",)))
     bad = spec(array="0-3")
     bad.array.last = 10**8
-    with pytest.raises(InvalidSpec, match="spec.array: index 100000000 is above the largest"):
+    with pytest.raises(InvalidSpec, match=r"spec\.array: index 100000000 is above the largest"):
         await manager.arrays.submit(bad)
 
 

@@ -61,7 +61,8 @@ def task_jobs(spec: job_pb2.JobSpec, array_id: str, submit_time, reason: str) ->
 
 def cap_reason(record: ArrayRecord) -> str:
     """A task's pending reason while its array runs (or this pass starts) as many tasks as it may."""
-    return f"array {record.array_id} runs its most tasks at once ({record.max_running}, %{record.max_running}); waiting for one to end"
+    cap = record.max_running
+    return f"array {record.array_id} runs its most tasks at once ({cap}, %{cap}); waiting for one to end"
 
 
 def view_state(record: ArrayRecord) -> job_pb2.JobState:
