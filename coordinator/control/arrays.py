@@ -23,7 +23,7 @@ from coordinator.rules import arrays as array_rules
 from coordinator.rules import job_machine, job_rules
 from coordinator.rules.effects import Effect
 from coordinator.rules.quotas import pending_quota_problem
-from gpuorch.arrays import MAX_RESULT_BYTES
+from gpuorch.arrays import MAX_RESULT_BYTES, array_indexes, array_problem
 from gpuorch.v1 import agent_pb2, job_pb2
 
 if TYPE_CHECKING:
@@ -93,12 +93,15 @@ class Arrays:
         from coordinator.control.job_manager import QuotaExceeded  # the manager imports this module
 
         manager = self.manager
-        size = len(range(spec.array.first, spec.array.last + 1, spec.array.step or 1))
+        problem = array_problem(spec.array)
+        if problem:
+            raise job_rules.InvalidSpec(f"spec.array: {problem}")
+        size = len(array_indexes(spec.array))
         pending = dict(manager.pending_by_owner)
         pending[spec.owner] = pending.get(spec.owner, 0) + max(size - 1, 0)  # as if all but one were queued already
-        problem = pending_quota_problem(manager.quotas, spec.owner, pending, manager.max_pending_jobs_per_user)
-        if problem is not None:
-            raise QuotaExceeded(f"an array of {size} tasks counts as {size} pending jobs: {problem}")
+        over_quota = pending_quota_problem(manager.quotas, spec.owner, pending, manager.max_pending_jobs_per_user)
+        if over_quota is not None:
+            raise QuotaExceeded(f"an array of {size} tasks counts as {size} pending jobs: {over_quota}")
         first = next(manager._sequence)  # the tasks take `size` consecutive sequences, as if submitted one by one
         array_id = job_rules.new_job_id(first)
         jobs = array_rules.task_jobs(spec, array_id, job_machine.stamp(manager.clock.wall()), QUEUED)

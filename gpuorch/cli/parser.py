@@ -75,7 +75,7 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
         help=f"HOST[:PORT], port 50051 if none (default $GPUORCH_COORDINATOR or {default_address()})",
     )
     group.add_argument(
-        "-o", "--output", choices=OUTPUT_FORMATS, default=default("table"), help="table (default), json, or csv (results)"
+        "-o", "--output", choices=OUTPUT_FORMATS, default=default("table"), help="table (default) or json; csv for results"
     )
     group.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for the coordinator (default 10)")
     group.add_argument(
