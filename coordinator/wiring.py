@@ -179,6 +179,7 @@ class Coordinator:
             rng=self.rng,
             recent_ended_jobs=settings.recent_ended_jobs,
         )
+        self.jobs.arrays.dependencies.capacities = settings.device_capacities()  # GPUORCH_DEVICE_CAPACITY of ranks
         try:
             await self.jobs.start()
         except OSError as error:

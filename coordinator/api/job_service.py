@@ -8,6 +8,8 @@ import grpc
 
 from coordinator import scheduler
 from coordinator.api.auth import Action, Guard, StreamQuota, priority_problem, redact_env
+from coordinator.control.arrays import ArrayFinished
+from coordinator.control.dependencies import DependencyNeverMet
 from coordinator.control.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, NoSuchRank, QuotaExceeded
 from coordinator.rules import job_rules
 from coordinator.rules.job_rules import InvalidSpec
@@ -85,7 +87,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
                     f"{too_big}; submit with hold_if_too_big (gpuctl --hold-if-too-big) to queue it anyway",
                 )
         try:
-            job_id = await self.manager.submit(request.spec, request.client_request_id)
+            job_id = await self.manager.arrays.submit(request.spec, request.client_request_id)
+        except DependencyNeverMet as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except InvalidSpec as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except QuotaExceeded as error:
@@ -108,6 +112,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def GetJob(self, request: job_pb2.GetJobRequest, context):
         caller = await self.guard.check(context, Action.READ)
+        view = self.manager.arrays.view(request.job_id)  # a job array's own view: its tasks counted by state
+        if view is not None:
+            return job_pb2.GetJobResponse(job=redact_env(view, caller))
         return job_pb2.GetJobResponse(job=redact_env((await self._entry(request.job_id, context)).job, caller))
 
     async def ListJobs(self, request: job_pb2.ListJobsRequest, context):
@@ -115,6 +122,8 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         for state in request.states:
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
+        if request.array_id and self.manager.arrays.view(request.array_id) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"array {request.array_id[:128]!r} does not exist")
         query = JobQuery(
             owner=request.owner,
             states=frozenset(request.states),
@@ -122,7 +131,12 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             active_until=_seconds(request, "active_until"),
         )
         try:
-            found, token = await self.manager.list(query, request.page_size, request.page_token, self.max_list_bytes)
+            if request.tasks or request.array_id:  # every task on its own line, or one array's tasks (in memory)
+                found, token = self.manager.arrays.list_tasks(
+                    request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes, request.array_id
+                )
+            else:
+                found, token = await self.manager.list(query, request.page_size, request.page_token, self.max_list_bytes)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except RuntimeError as error:  # the store could not read the job history
@@ -131,6 +145,13 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context):
         caller = await self.guard.authenticate(context)
+        arrays = self.manager.arrays
+        if arrays.view(request.job_id) is not None:  # every task of the array not final yet, in one write
+            await self.guard.permit(context, caller, Action.CHANGE_JOB, arrays.owner_of(request.job_id))
+            try:
+                return job_pb2.CancelJobResponse(job=await arrays.cancel(request.job_id))
+            except ArrayFinished as error:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
         try:
@@ -141,6 +162,14 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def SetJobPriority(self, request: job_pb2.SetJobPriorityRequest, context):
         caller = await self.guard.authenticate(context)
+        arrays = self.manager.arrays
+        if arrays.view(request.job_id) is not None:  # every task of the array not final yet, in one write
+            await self.guard.permit(context, caller, Action.CHANGE_JOB, arrays.owner_of(request.job_id))
+            await self._permit_priority(context, caller, request.priority)
+            try:
+                return job_pb2.SetJobPriorityResponse(job=await arrays.set_priority(request.job_id, request.priority))
+            except ArrayFinished as error:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
         await self._permit_priority(context, caller, request.priority)
@@ -152,13 +181,23 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def WatchJob(self, request: job_pb2.WatchJobRequest, context):
         caller = await self.guard.check(context, Action.READ)
-        entry = await self._entry(request.job_id, context)
+        arrays = self.manager.arrays
+        is_array = arrays.view(request.job_id) is not None  # its view after every task's change of state
+        entry = None if is_array else await self._entry(request.job_id, context)
         async with self._stream_slot(context):
-            async for job in self.manager.history.watch(entry):
+            watch = arrays.watch(request.job_id) if entry is None else self.manager.history.watch(entry)
+            async for job in watch:
                 yield job_pb2.WatchJobResponse(job=redact_env(job, caller))
 
     async def GetJobLogs(self, request: job_pb2.GetJobLogsRequest, context):
         caller = await self.guard.authenticate(context)
+        view = self.manager.arrays.view(request.job_id)
+        if view is not None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.job_id} is an array of {view.array.size} tasks: read one task's logs, e.g. '{request.job_id}"
+                f"[{view.spec.array.first}]'",
+            )
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.READ_PRIVATE, entry.job.spec.owner)
         # Every read counts, not only followed ones: a one-shot read of a large log holds memory as long.
