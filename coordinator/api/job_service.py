@@ -13,6 +13,7 @@ from coordinator.rules import job_rules
 from coordinator.rules.job_rules import InvalidSpec
 from coordinator.store.api import JobQuery
 from gpuorch.v1 import job_pb2, job_pb2_grpc
+from gpuorch.wire_values import timestamp_seconds
 
 MAX_CLIENT_REQUEST_ID = 128
 FOLLOW_POLL_SECONDS = 0.5
@@ -22,11 +23,6 @@ CLIENT_RECEIVE_LIMIT_BYTES = 4 * 1024 * 1024
 """grpc's default limit on a message a client receives: gpuctl's and most tools' (grpcurl's too)."""
 MAX_TAIL_BYTES = 2**62
 """tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
-
-
-def _seconds(request: job_pb2.ListJobsRequest, field: str) -> float:
-    """A Timestamp field of the request in wall seconds; 0 when unset."""
-    return getattr(request, field).ToNanoseconds() / 1e9 if request.HasField(field) else 0.0
 
 
 class JobService(job_pb2_grpc.JobServiceServicer):
@@ -115,13 +111,13 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         for state in request.states:
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
-        query = JobQuery(
-            owner=request.owner,
-            states=frozenset(request.states),
-            active_since=_seconds(request, "active_since"),
-            active_until=_seconds(request, "active_until"),
-        )
         try:
+            query = JobQuery(
+                owner=request.owner,
+                states=frozenset(request.states),
+                active_since=timestamp_seconds(request, "active_since"),
+                active_until=timestamp_seconds(request, "active_until"),
+            )
             found, token = await self.manager.list(query, request.page_size, request.page_token, self.max_list_bytes)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
