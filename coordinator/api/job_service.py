@@ -15,6 +15,7 @@ from coordinator.rules import job_rules
 from coordinator.rules.job_rules import InvalidSpec
 from coordinator.store.api import JobQuery
 from gpuorch.v1 import job_pb2, job_pb2_grpc
+from gpuorch.wire_values import timestamp_seconds
 
 MAX_CLIENT_REQUEST_ID = 128
 FOLLOW_POLL_SECONDS = 0.5
@@ -24,11 +25,6 @@ CLIENT_RECEIVE_LIMIT_BYTES = 4 * 1024 * 1024
 """grpc's default limit on a message a client receives: gpuctl's and most tools' (grpcurl's too)."""
 MAX_TAIL_BYTES = 2**62
 """tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
-
-
-def _seconds(request: job_pb2.ListJobsRequest, field: str) -> float:
-    """A Timestamp field of the request in wall seconds; 0 when unset."""
-    return getattr(request, field).ToNanoseconds() / 1e9 if request.HasField(field) else 0.0
 
 
 class JobService(job_pb2_grpc.JobServiceServicer):
@@ -124,13 +120,13 @@ class JobService(job_pb2_grpc.JobServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
         if request.array_id and self.manager.arrays.view(request.array_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"array {request.array_id[:128]!r} does not exist")
-        query = JobQuery(
-            owner=request.owner,
-            states=frozenset(request.states),
-            active_since=_seconds(request, "active_since"),
-            active_until=_seconds(request, "active_until"),
-        )
         try:
+            query = JobQuery(
+                owner=request.owner,
+                states=frozenset(request.states),
+                active_since=timestamp_seconds(request, "active_since"),
+                active_until=timestamp_seconds(request, "active_until"),
+            )
             if request.tasks or request.array_id:  # every task on its own line, or one array's tasks (in memory)
                 found, token = self.manager.arrays.list_tasks(
                     request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes, request.array_id
