@@ -1,13 +1,13 @@
 """Job history at scale: a store seeded with a million ended jobs, history reads and coordinator start-up timed.
 
     python bench/history.py --store sqlite --jobs 1000000
+    python bench/history.py --store postgresql --jobs 1000000   # starts its own PostgreSQL (fsync on)
 
-Seeding: SQLite rows go straight into the store's own schema (made by the store's open, so the columns
-and indexes are the ones it writes), in batched executemany transactions; the memory store is seeded
-through its own save. Then it times `query` for typical history reads (median of --repeat runs) and
-`open` as a restarted coordinator makes it. Prints one JSON object.
-
-A backend is a `make_store` entry (and, for SQL stores, a seeding function): add PostgreSQL there.
+Seeding: SQL rows go straight into the store's own schema (made by the store's open, so the columns
+and indexes are the ones it writes): SQLite in batched executemany transactions, PostgreSQL with
+COPY; the memory store is seeded through its own save. Then it times `query` for typical history
+reads (median of --repeat runs) and `open` as a restarted coordinator makes it (on PostgreSQL with
+its lease taken first, as a coordinator does). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import random
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 from coordinator.store import history
 from coordinator.store.api import JobQuery, JobStore, StoredJob
 from coordinator.store.memory import MemoryJobStore
+from coordinator.store.postgres import job_row
 from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.v1 import job_pb2
 
@@ -90,6 +92,18 @@ def seed_sqlite(path: Path, jobs) -> None:
     connection.close()
 
 
+def seed_postgres(url: str, jobs) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection, connection.cursor() as cursor:
+        with cursor.copy(
+            "COPY jobs (sequence, job_id, state, owner, client_request_id, submit_time, end_time, data) FROM STDIN"
+        ) as copy:
+            for stored in jobs:
+                copy.write_row(job_row(stored))  # the columns exactly as the store writes them
+        cursor.execute("ANALYZE jobs")
+
+
 async def seed_memory(store: MemoryJobStore, jobs) -> None:
     batch = []
     for stored in jobs:
@@ -111,29 +125,54 @@ async def timed(read, repeat: int) -> dict:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", choices=("sqlite", "memory"), default="sqlite")
+    parser.add_argument("--store", choices=("sqlite", "postgresql", "memory"), default="sqlite")
     parser.add_argument("--jobs", type=int, default=1_000_000, help="ended jobs to seed")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--dir", default="", help="where the SQLite database goes (default: a temporary directory)")
     args = parser.parse_args()
     rng = random.Random(14)
     now = time.time()
+    server, url = None, ""
+    if args.store == "postgresql":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.postgres_server import PostgresServer
+
+        server = PostgresServer.start(fsync=True)
+        url = server.create_database("history")
+    try:
+        await run(args, rng, now, url)
+    finally:
+        if server is not None:
+            server.destroy()
+
+
+async def run(args: argparse.Namespace, rng: random.Random, now: float, url: str) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir or None) as directory:
         path = Path(directory) / "jobs.db"
         seeding = time.perf_counter()
         memory = MemoryJobStore()
+
+        def make_store() -> JobStore:
+            if args.store == "postgresql":
+                from tests.store_backends import leading_postgres_store
+
+                return leading_postgres_store(url)
+            return SqliteJobStore(path) if args.store == "sqlite" else memory
+
         if args.store == "sqlite":
             empty = SqliteJobStore(path)
             await empty.open()  # the store makes its schema
             await empty.close()
             seed_sqlite(path, make_jobs(args.jobs, now, rng))
+        elif args.store == "postgresql":
+            empty = make_store()
+            await empty.open()
+            await empty.close()
+            seed_postgres(url, make_jobs(args.jobs, now, rng))
         else:
             await memory.open()
             await seed_memory(memory, make_jobs(args.jobs, now, rng))
         seed_seconds = time.perf_counter() - seeding
-
-        def make_store() -> JobStore:
-            return SqliteJobStore(path) if args.store == "sqlite" else memory
 
         store = make_store()
         started = time.perf_counter()
@@ -154,7 +193,7 @@ async def main() -> None:
         owner = old.job.spec.owner if old is not None else ""
         results["find_request_old_job"] = await timed(lambda: _listed(store.find_request(owner, "req-10")), args.repeat)
         await store.close()
-        size = path.stat().st_size if path.exists() else 0
+        size = path.stat().st_size if path.exists() else _postgres_bytes(url)
     print(json.dumps({
         "store": args.store,
         "ended_jobs": args.jobs,
@@ -166,6 +205,16 @@ async def main() -> None:
         "query_limit": JobQuery().limit,
         "reads": results,
     }))  # fmt: skip
+
+
+def _postgres_bytes(url: str) -> int:
+    if not url:
+        return 0
+    import psycopg
+
+    with psycopg.connect(url) as connection:
+        row = connection.execute("SELECT pg_database_size(current_database())").fetchone()
+    return int(row[0]) if row else 0
 
 
 async def _listed(read) -> list:
