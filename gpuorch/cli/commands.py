@@ -12,6 +12,8 @@ import time
 
 from gpuorch.cli.completion import completion_script
 from gpuorch.cli.history import run_history
+from gpuorch.cli.interactive import COMMANDS as INTERACTIVE_COMMANDS
+from gpuorch.cli.interactive import run_interactive
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
 from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status, format_usage
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
         for chunk in chunks:  # the rank's own bytes, as they are (like `kubectl logs`)
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
+    elif args.command in INTERACTIVE_COMMANDS:
+        return run_interactive(args, client)
     elif args.command == "priority":
         show(client.set_job_priority(args.job_id, args.priority), format_job)
     return 0

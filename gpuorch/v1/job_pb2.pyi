@@ -34,7 +34,7 @@ class JobRequirements(_message.Message):
     def __init__(self, min_memory_per_gpu_bytes: _Optional[int] = ..., gpu_model: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds", "hold_if_too_big", "submit_dir", "pids_max", "memory_max_bytes", "pool", "time_limit_seconds", "non_preemptible")
+    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds", "hold_if_too_big", "submit_dir", "pids_max", "memory_max_bytes", "pool", "time_limit_seconds", "non_preemptible", "interactive", "attach_grace_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class JobSpec(_message.Message):
     POOL_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NON_PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -86,7 +88,9 @@ class JobSpec(_message.Message):
     pool: str
     time_limit_seconds: int
     non_preemptible: bool
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ...) -> None: ...
+    interactive: bool
+    attach_grace_seconds: int
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ..., interactive: _Optional[bool] = ..., attach_grace_seconds: _Optional[int] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("attempt", "placement", "start_time", "end_time", "restart_reason", "end_reason", "working_dirs")
