@@ -21,7 +21,7 @@ import grpc
 import structlog
 
 from agent.interactive.beside import CannotExec, exec_cgroup, read_rank_process, spawn_beside
-from agent.interactive.fds import CHUNK_BYTES, ended_from_exit_file, read_some, wait_fd, write_all
+from agent.interactive.fds import ended_from_exit_file, read_some, wait_fd, write_all
 from agent.interactive.terminals import Terminal, Terminals, set_window_size
 from agent.ranks import cgroups as cgroup_files
 from agent.ranks import watch
@@ -35,6 +35,9 @@ log = structlog.get_logger("agent.sessions")
 
 KILL_GRACE_SECONDS = 2.0
 """An exec'd process whose session ended gets SIGHUP, then SIGKILL after this."""
+FORWARD_CHUNK_BYTES = 1024 * 1024
+"""Most bytes of a forwarded connection per message: fewer, larger messages carry bulk transfers faster (well under
+the coordinator's max_message_bytes)."""
 FLUSH_SECONDS = 5.0
 """How long a session's end waits for the coordinator to end the stream (having relayed everything)."""
 ATTACH_WAIT_SECONDS = 30.0
@@ -293,7 +296,7 @@ class NodeSessions:
 
         async def output() -> None:
             while True:
-                data = await reader.read(CHUNK_BYTES * 4)
+                data = await reader.read(FORWARD_CHUNK_BYTES)
                 if not data:
                     await _end(call, Ended(message="the connection was closed on the node"))
                     return
