@@ -103,6 +103,7 @@ class Terminal:
 
     async def pump(self) -> None:
         """Reads the terminal until it ends, then records how the rank ended."""
+        cancelled = False
         try:
             while True:
                 data = await read_some(self.master)
@@ -117,8 +118,11 @@ class Terminal:
                 else:
                     self.replay += data
                     del self.replay[:-REPLAY_BYTES]
+        except asyncio.CancelledError:  # the agent is stopping: nothing waits for the status
+            cancelled = True
+            raise
         finally:
-            self.ended = await self._exit_status()
+            self.ended = interactive_pb2.SessionEnded(message="the agent stopped") if cancelled else await self._exit_status()
             for fd in (self.master, self._log_fd):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
