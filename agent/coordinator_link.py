@@ -150,6 +150,8 @@ class CoordinatorLink:
         self._last_write = 0.0
         self._down_after = 0.0
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
+        self.channel: grpc.aio.Channel | None = None
+        """The channel of the current stream while registered: interactive sessions open their streams on it."""
 
     def is_current(self, session: int) -> bool:
         """Whether instructions received on `session` may still be acted on: it is the open stream,
@@ -225,6 +227,7 @@ class CoordinatorLink:
             finally:
                 self.connected = False
                 self._outbox = None
+                self.channel = None
             if stopping.is_set():
                 break
             if self.session != session:
@@ -271,6 +274,7 @@ class CoordinatorLink:
             self._down_after = down_after(ack, interval)
             self._last_write = self.clock.monotonic()  # the registration was written just before the ack came
             self.connected = True
+            self.channel = channel
             self.registered.set()
             log.info(
                 "registered",

@@ -13,6 +13,8 @@ import grpc
 
 from agent.coordinator_link import CoordinatorLink
 from agent.identity import IdentityPolicy
+from agent.interactive.relay import NodeSessions
+from agent.interactive.terminals import Terminals
 from agent.metrics import serve_metrics
 from agent.ranks.cgroups import RankLimits, open_rank_cgroups
 from agent.ranks.supervisor import Supervisor
@@ -124,6 +126,7 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         credentials=credentials,
         clock=clock,
     )
+    terminals = Terminals()
     supervisor = Supervisor(
         state_dir,
         report=link.report,
@@ -133,8 +136,11 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         default_limits=RankLimits(settings.default_pids_max, settings.default_memory_max_bytes),
         max_log_bytes=settings.max_log_bytes,
         clock=clock,
+        terminals=terminals,
     )
     router = Router(supervisor, send=link.send, is_current=link.is_current)
+    sessions = NodeSessions(supervisor, terminals, lambda: link.channel, node_id)
+    router.open_session = sessions.open
     link.on_message = router.handle
     link.task_snapshot = supervisor.snapshot
     link.progress_snapshot = supervisor.progress
@@ -152,6 +158,8 @@ async def serve(settings: AgentSettings, credentials: grpc.ChannelCredentials | 
         readiness.cancel()
         # Ranks outlive the agent (a restart or upgrade must not kill a three-day job).
         await router.close()
+        await sessions.close()
+        await terminals.close()
         await supervisor.close()
         source.close()
         if metrics is not None:

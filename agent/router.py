@@ -4,6 +4,7 @@
     stop_task       signal ranks (SIGTERM, SIGKILL)  each on a task of its own
     forget_attempt  stop reporting an attempt's ends at once
     read_logs       part of a rank's log             answered at once
+    open_session    an interactive session           on a task of its own (agent/interactive/relay.py)
 
 Stopping and forgetting are two instructions: a stop signals ranks and says nothing about their
 ends, which are reported, and re-reported by every registration, until the coordinator sends
@@ -28,7 +29,7 @@ from typing import Any
 import structlog
 
 from agent.ranks.supervisor import Supervisor
-from gpuorch.v1 import agent_pb2
+from gpuorch.v1 import agent_pb2, interactive_pb2
 
 log = structlog.get_logger("agent.router")
 
@@ -39,6 +40,10 @@ SessionCheck = Callable[[int], bool]
 
 def always_current(session: int) -> bool:
     return True
+
+
+def ignore_session(request: interactive_pb2.NodeSessionRequest) -> None:
+    log.warning("ignoring an interactive session: this agent has no sessions", session=request.session_id)
 
 
 def stop_also_forgets(stop: agent_pb2.StopTask) -> bool:
@@ -55,6 +60,8 @@ class Router:
         self.send = send
         """Queues a message for the coordinator (the log chunks answering read_logs)."""
         self.is_current = is_current
+        self.open_session: Callable[[interactive_pb2.NodeSessionRequest], None] = ignore_session
+        """Opens an interactive session (agent/interactive/relay.py's NodeSessions.open)."""
         self._launches: asyncio.Queue[tuple[agent_pb2.LaunchTask, int]] = asyncio.Queue()
         self._background: set[asyncio.Task] = set()
         self._launcher: asyncio.Task | None = None
@@ -74,6 +81,9 @@ class Router:
             self.supervisor.forget_attempt(forget.job_id, forget.attempt)
         elif kind == "read_logs":
             self.send(agent_pb2.AgentMessage(log_chunk=self.supervisor.read_log(message.read_logs)))
+        elif kind == "open_session":
+            if self.is_current(session):
+                self.open_session(message.open_session)
         else:
             log.warning("ignoring coordinator message this agent cannot handle", kind=kind)
 

@@ -123,6 +123,9 @@ class CoordinatorSettings:
     without tokens). 0 = no limit."""
     max_streams: int = 1000
     """Open server streams of all clients together. 0 = no limit."""
+    interactive_attach_grace_seconds: float = 60.0
+    """An interactive job (gpuctl run) with no client attached for longer than this is cancelled; a job's own
+    attach_grace_seconds overrides it. Reconnect within it with `gpuctl attach`."""
     max_user_priority: int = 100
     """Highest priority a user (not an admin) may give a job, at submit or later."""
     handshake_timeout: float = 5.0
@@ -222,6 +225,8 @@ class CoordinatorSettings:
             raise ValueError(f"history_retention_days must be >= 0 (0 = keep forever), got {self.history_retention_days}")
         if not 0 <= self.recent_ended_jobs <= RECENT_ENDED_JOBS:
             raise ValueError(f"recent_ended_jobs must be between 0 and {RECENT_ENDED_JOBS}, got {self.recent_ended_jobs}")
+        if self.interactive_attach_grace_seconds <= 0:
+            raise ValueError(f"interactive_attach_grace_seconds must be > 0, got {self.interactive_attach_grace_seconds}")
         if self.stop_grace_period < 0:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
         if self.preemption_grace_seconds < 0:

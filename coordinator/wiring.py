@@ -21,6 +21,7 @@ from coordinator.api.agent_service import AgentService
 from coordinator.api.auth import Guard, StreamQuota, node_identity_problem
 from coordinator.api.cluster_service import ClusterService
 from coordinator.api.health import ServiceHealth
+from coordinator.api.interactive_service import add_interactive_services
 from coordinator.api.job_service import JobService
 from coordinator.api.local_socket import LocalSocketRelay
 from coordinator.api.reflection import CommentedPool, CountedReflection
@@ -39,7 +40,7 @@ from coordinator.store.lease import LeaseLost
 from coordinator.store.open_url import open_store
 from gpuorch import tls
 from gpuorch.clock import SYSTEM_CLOCK, Clock
-from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
+from gpuorch.v1 import agent_pb2, cluster_pb2, interactive_pb2, job_pb2
 
 log = structlog.get_logger("coordinator")
 
@@ -49,7 +50,12 @@ CLUSTER_SERVICE = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"]
 JOB_SERVICE = job_pb2.DESCRIPTOR.services_by_name["JobService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
-SERVICE_NAMES = (AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE.full_name)
+INTERACTIVE_SERVICE = interactive_pb2.DESCRIPTOR.services_by_name["InteractiveService"]
+SESSION_RELAY_SERVICE = interactive_pb2.DESCRIPTOR.services_by_name["SessionRelayService"]
+SERVICE_NAMES = (
+    AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE.full_name, INTERACTIVE_SERVICE.full_name,
+    SESSION_RELAY_SERVICE.full_name,
+)  # fmt: skip
 
 
 STATE_DIR_MODE = 0o711
@@ -216,6 +222,9 @@ class Coordinator:
             self.jobs, self.guard, self.streams, settings.max_message_bytes, max_user_priority=settings.max_user_priority
         )
         add_strict_service(self.server, JOB_SERVICE, job_service)
+        self.sessions, attach_grace = add_interactive_services(self.server, self.jobs, self.guard, self.streams, self.agents,
+                                                               self.clock, settings.interactive_attach_grace_seconds)  # fmt: skip
+        self._tasks.append(asyncio.create_task(self._supervise("attach grace", attach_grace)))
         add_strict_service(self.server, HEALTH_SERVICE, self.health)
         add_strict_service(
             self.server,

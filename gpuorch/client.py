@@ -22,6 +22,7 @@ from gpuorch.channels import DEFAULT_ADDRESS, Channels, default_address, insecur
 from gpuorch.client_usage import UsageCalls
 from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError
+from gpuorch.interactive import InteractiveCalls
 from gpuorch.v1 import cluster_pb2, job_pb2
 from gpuorch.wire_values import When, every_job, every_job_async, timestamp
 from gpuorch.wire_values import enum_values as _enum_values
@@ -144,7 +145,7 @@ class _Api(UsageCalls, ArrayApi):
         return self._stream("job", "GetJobLogs", request, lambda r: r.data)
 
 
-class Client(_Api, Channels):
+class Client(_Api, InteractiveCalls, Channels):
     """Blocking client. Use as a context manager, or call close()."""
 
     def __init__(

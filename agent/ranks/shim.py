@@ -8,7 +8,7 @@ writes its exit status to a file any later agent can read.
 Run by the supervisor as
 
     python -I -S shim.py --notify-fd 3 --env-fd 4 --pid-file P --exit-file E --cwd DIR [--cwd-fallback DIR]
-        [--uid U --gid G --groups G,...] [--cgroup DIR] [--log-file P --max-log-bytes N] -- ARGV...
+        [--uid U --gid G --groups G,...] [--cgroup DIR] [--log-file P --max-log-bytes N] [--tty 1] -- ARGV...
 
 with stdin on /dev/null and stdout/stderr on the rank's log (the supervisor opens
 them when it spawns the shim, so even a crash of the shim lands in the log), little
@@ -26,6 +26,10 @@ rank cannot leave it) and everything it starts stays there, setsid() or not; whe
 ends, the shim kills what is left in the cgroup and records the end only once it is empty.
 
 With --max-log-bytes, the shim rotates the rank's log (see rotate_log).
+
+With --tty 1, stdin, stdout and stderr are a terminal (a pty the agent holds, for an interactive
+job's rank 0 or `gpuctl exec -t`): the rank leads a session of its own with that terminal as its
+controlling terminal (so Ctrl-C and window sizes reach it), instead of only a process group.
 
 It is on the launch latency path: it imports only modules that are built into the
 interpreter or already loaded at start-up (`-S` skips site; `_signal` instead of
@@ -219,6 +223,7 @@ def start_rank(
     *,
     cwd_fallback: str = "",
     cgroup: str = "",
+    tty: bool = False,
 ) -> tuple[int, str, str]:
     """Forks and execs the rank in a process group (and cgroup) of its own; returns (pid, working
     dir, "") or (0, "", why it failed).
@@ -234,7 +239,10 @@ def start_rank(
         step = "cannot start the rank"
         try:
             os.close(error_read)
-            os.setpgid(0, 0)
+            if tty:
+                os.login_tty(0)  # a session of its own (pgid = pid, as below), the terminal on 0 its controlling one
+            else:
+                os.setpgid(0, 0)
             if cgroup:
                 step = f"cannot join the rank's cgroup {cgroup!r}"
                 write_cgroup_file(cgroup, "cgroup.procs", "0")
@@ -269,7 +277,8 @@ def start_rank(
             os._exit(127)
     os.close(error_write)
     try:
-        os.setpgid(pid, pid)  # also from this side, so the group exists before anyone signals it
+        if not tty:  # (a group leader could not setsid(): with a terminal only the child makes its group)
+            os.setpgid(pid, pid)  # also from this side, so the group exists before anyone signals it
     except OSError:
         pass  # the child already did it, or already exec'd
     report = b""
@@ -315,6 +324,7 @@ def main() -> int:
             rank_env,
             cwd_fallback=options.get("cwd-fallback", ""),
             cgroup=cgroup,
+            tty=options.get("tty") == "1",
         )
     if failure:
         write_atomically(exit_file, f"failed_to_start={one_line(failure)}\n")

@@ -13,6 +13,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -162,6 +163,8 @@ class ShimRequest:
     identity: RankIdentity
     cgroup: str
     max_log_bytes: int
+    terminal: int = -1
+    """A pty's terminal end for the rank's stdin, stdout and stderr (the shim's --tty); -1 = /dev/null and the log."""
 
 
 def shim_argv(request: ShimRequest) -> list[str]:
@@ -181,7 +184,9 @@ def shim_argv(request: ShimRequest) -> list[str]:
         *(["--cwd-fallback", request.fallback_dir] if request.fallback_dir else []),
         *switch_user,
         *(["--cgroup", request.cgroup] if request.cgroup else []),
-        *(["--log-file", request.log_path, "--max-log-bytes", str(request.max_log_bytes)] if request.max_log_bytes else []),
+        *(["--log-file", request.log_path, "--max-log-bytes", str(request.max_log_bytes)]
+          if request.max_log_bytes and request.terminal < 0 else []),
+        *(["--tty", "1"] if request.terminal >= 0 else []),
         "--", *request.argv,
     ]  # fmt: skip
 
@@ -191,7 +196,10 @@ def spawn_shim(request: ShimRequest) -> tuple[int, int]:
     handed_over: list[int] = []  # the agent's copies of the shim's descriptors, closed once it has them
     notify_read = -1
     try:
-        log_fd = above_standard_descriptors(open_rank_log(request.log_path, request.identity))
+        if request.terminal >= 0:  # the terminal's holder copies its output into the log
+            log_fd = above_standard_descriptors(os.dup(request.terminal))
+        else:
+            log_fd = above_standard_descriptors(open_rank_log(request.log_path, request.identity))
         handed_over.append(log_fd)
         env_fd = above_standard_descriptors(environment_file(request.env))
         handed_over.append(env_fd)
@@ -203,7 +211,9 @@ def spawn_shim(request: ShimRequest) -> tuple[int, int]:
             shim_argv(request),
             {name: os.environ[name] for name in SHIM_ENV if name in os.environ},  # nothing of the job's (see environment_file)
             file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 0)
+                if request.terminal >= 0
+                else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, log_fd, 1),
                 (os.POSIX_SPAWN_DUP2, log_fd, 2),
                 (os.POSIX_SPAWN_DUP2, notify_write, NOTIFY_FD),
@@ -230,6 +240,14 @@ class StartSettings:
     cgroups: RankCgroups | None
     default_limits: RankLimits
     max_log_bytes: int
+    terminals: TerminalOpener | None = None
+    """Opens the terminal of an interactive launch's rank 0 (agent/interactive/terminals.py); None = no terminals."""
+
+
+class TerminalOpener(Protocol):
+    def open(self, job_id: str, attempt: int, rank: int, log_path: str, exit_path: str) -> int:
+        """A new pty for the rank; returns its terminal end (the caller closes it once the shim has it)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +299,12 @@ def start_rank(
     cgroup = ""
     if settings.cgroups is not None:
         cgroup = str(settings.cgroups.create(launch.job_id, launch.attempt, rank_launch.rank, limits))
+    terminal = -1
+    if launch.interactive and rank_launch.rank == 0 and settings.terminals is not None:
+        terminal = settings.terminals.open(launch.job_id, launch.attempt, rank_launch.rank, log_path, exit_path)
     request = ShimRequest(
         settings.python, list(launch.argv), env, log_path, pid_path, exit_path, how.working_dir, how.fallback_dir, how.identity,
-        cgroup, settings.max_log_bytes,
+        cgroup, settings.max_log_bytes, terminal,
     )  # fmt: skip
     try:
         shim_pid, notify_read = spawn_shim(request)
@@ -291,6 +312,9 @@ def start_rank(
         if cgroup:
             cgroups.remove(Path(cgroup))  # nothing joined it
         raise
+    finally:
+        if terminal >= 0:
+            os.close(terminal)  # the shim has it; the master sees the end once the rank's side is all closed
     record = RankRecord(
         job_id=launch.job_id,
         attempt=launch.attempt,

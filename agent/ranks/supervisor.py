@@ -63,6 +63,7 @@ class Supervisor:
         max_log_bytes: int = 0,
         python: str = sys.executable,
         clock: Clock = SYSTEM_CLOCK,
+        terminals: spawn.TerminalOpener | None = None,
     ) -> None:
         self.state = StateDir(Path(state_dir))
         self.report_fn = report
@@ -73,6 +74,7 @@ class Supervisor:
         self.default_limits = default_limits
         self.max_log_bytes = max_log_bytes
         self.python = python
+        self.terminals = terminals
         self.clock = clock
         self.ranks: dict[RankKey, Rank] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,7 +145,7 @@ class Supervisor:
             return
         # Recorded before anything starts: a rank is started at most once, even across an agent crash.
         job.launched_ranks.extend(rank_launch.rank for rank_launch in new_ranks)
-        settings = spawn.StartSettings(self.python, self.cgroups, self.default_limits, self.max_log_bytes)
+        settings = spawn.StartSettings(self.python, self.cgroups, self.default_limits, self.max_log_bytes, self.terminals)
         how = spawn.prepare_launch(self.state, launch, self.identity_policy, self.owners_authenticated(), settings)
         started = []
         for rank_launch in new_ranks:
@@ -157,10 +159,8 @@ class Supervisor:
         await asyncio.gather(*(self._await_start(rank, notify_fd) for rank, notify_fd in started))
 
     async def stop(self, stop: agent_pb2.StopTask) -> None:
-        """Sends SIGTERM to every matching rank's process group, SIGKILL to those still alive after
-        `stop.grace_seconds`; returns when all of them ended (their ends are reported as usual).
-
-        Matches ranks of `stop.attempt` and older of the job; attempt 0 matches every attempt."""
+        """Sends SIGTERM to every matching rank's process group (of `stop.attempt` and older; 0 = every attempt), SIGKILL
+        to those still alive after `stop.grace_seconds`; returns when all of them ended (their ends are reported as usual)."""
         targets = [r for r in self.ranks.values() if lifecycle.stop_applies(stop.job_id, stop.attempt, *r.key[:2])]
         if targets:
             log.info("stopping ranks", job=stop.job_id, attempt=stop.attempt, ranks=len(targets), reason=stop.reason)

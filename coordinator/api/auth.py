@@ -46,6 +46,8 @@ class Action(enum.Enum):
     """Cancel or re-prioritise a job: its owner or an admin."""
     READ_PRIVATE = "read a job's logs and env values"
     """A job's logs and the values of its env (often secrets): its owner or an admin."""
+    INTERACT = "attach to, exec in or forward a port to a job"
+    """Interactive sessions on a job's ranks (they run as the job's owner): its owner or an admin."""
     OPERATE = "operate nodes"
     """Drain and resume nodes: admins only."""
 
@@ -160,10 +162,12 @@ def authorize(caller: Caller, action: Action, job_owner: str | None = None) -> s
     """None if `caller` may do `action` (on a job owned by `job_owner`), else why not."""
     if caller.role == "admin" or action in (Action.READ, Action.SUBMIT):
         return None
-    if action in (Action.CHANGE_JOB, Action.READ_PRIVATE):
+    if action in (Action.CHANGE_JOB, Action.READ_PRIVATE, Action.INTERACT):
         if job_owner == caller.user:
             return None
-        what = "change their own jobs" if action is Action.CHANGE_JOB else "read the logs of their own jobs"
+        what = {Action.CHANGE_JOB: "change their own jobs", Action.READ_PRIVATE: "read the logs of their own jobs"}.get(
+            action, "attach to, exec in or forward ports to their own jobs"
+        )
         return f"{caller.user} may only {what}; this job belongs to {job_owner or 'nobody'} (needs role admin)"
     return f"{caller.user} has role {caller.role}; to {action.value} needs role admin"
 

@@ -307,11 +307,11 @@ class JobManager:
         and the store's history (control/job_history.py)."""
         return await self.history.page(query or JobQuery(), page_size, page_token, max_bytes, self.arrays.listed())
 
-    async def cancel(self, job_id: str) -> job_pb2.Job:
+    async def cancel(self, job_id: str, reason: str = "cancelled by user") -> job_pb2.Job:
         entry = await self.find(job_id)
         if entry.final:
             raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
-        write = self.apply(job_machine.cancel(entry, self.now(), self.machine))
+        write = self.apply(job_machine.cancel(entry, self.now(), self.machine, reason))
         if write is not None:
             await write
         return entry.job

@@ -353,13 +353,13 @@ def finish(entry: JobEntry, state: job_pb2.JobState, reason: str, now: Now) -> l
     return [QueueChanged(job.job_id), Finished(job.job_id, state, reason), Wake(), Notify(job.job_id), Save(job.job_id)]
 
 
-def cancel(entry: JobEntry, now: Now, config: MachineConfig) -> list[Effect]:
+def cancel(entry: JobEntry, now: Now, config: MachineConfig, reason: str = "cancelled by user") -> list[Effect]:
     """PENDING or RUNNING -> CANCELLED (the caller refuses a final job)."""
     effects: list[Effect] = []
     if entry.job.state == job_pb2.JOB_STATE_RUNNING:
         effects += stop_attempt(entry, entry.job.attempt, "cancelled", config)
-        _end_record(entry, "cancelled by user", now)
-    return effects + finish(entry, job_pb2.JOB_STATE_CANCELLED, "cancelled by user", now)
+        _end_record(entry, reason, now)
+    return effects + finish(entry, job_pb2.JOB_STATE_CANCELLED, reason, now)
 
 
 def node_lost(

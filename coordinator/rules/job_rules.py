@@ -171,6 +171,7 @@ def launch_messages(
             memory_max_bytes=job.spec.memory_max_bytes,
             time_limit_seconds=job.spec.time_limit_seconds,
             stop_grace_seconds=stop_grace_seconds,
+            interactive=job.spec.interactive,
             owner=job.spec.owner,
             env={**node_environment(job, placement, node), **(attempt_env or {})},
         )

@@ -16,6 +16,10 @@
     gpuctl watch ID              follow a job until it ends (exit 0 only if it succeeded)
     gpuctl resubmit ID           queue the same spec again, print the new id
     gpuctl logs ID [--rank R] [--tail N] [-f]     a rank's output (--tail: lines, --tail-bytes: bytes)
+    gpuctl run --gpus N [...] [-- CMD]            an interactive job: queued, then this terminal on its rank 0
+    gpuctl attach ID             that terminal again (within the job's attach grace)
+    gpuctl exec ID [--rank R] [-i] [-t] -- CMD    a command beside a running rank, with its environment
+    gpuctl port-forward ID LOCAL:REMOTE           a local port to a port on a rank's node
     gpuctl priority ID P         change a pending or running job's priority
     gpuctl token --user U [--role R]              make a new token and its [[tokens]] entry
     gpuctl completion bash|zsh   a shell completion script

@@ -12,6 +12,8 @@ import time
 
 from gpuorch.cli.completion import completion_script
 from gpuorch.cli.history import run_history
+from gpuorch.cli.interactive import COMMANDS as INTERACTIVE_COMMANDS
+from gpuorch.cli.interactive import run_interactive
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
 from gpuorch.cli.results import format_results, results_csv, sort_rows
@@ -137,6 +139,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
             print(results_csv(rows))
         else:
             print(json.dumps({"array_id": args.array_id, "tasks": rows}, indent=2) if json_output else format_results(rows))
+    elif args.command in INTERACTIVE_COMMANDS:
+        return run_interactive(args, client)
     elif args.command == "priority":
         show(client.set_job_priority(args.job_id, args.priority), format_job)
     return 0

@@ -88,7 +88,7 @@ def format_history(jobs, now: float) -> str:
     rows = [
         (
             job.job_id,
-            job.spec.name or "-",
+            (job.spec.name or "-") + (" (interactive)" if job.spec.interactive else ""),
             job.spec.owner or "-",
             job_state_name(job.state),
             gpus_of(job),

@@ -7,6 +7,7 @@ import re
 
 from gpuorch.arrays import parse_array, parse_dependency
 from gpuorch.cli.history import add_history_arguments
+from gpuorch.cli.interactive import add_interactive_commands
 from gpuorch.client import default_address
 from gpuorch.durations import parse_duration
 from gpuorch.pools import pool_name_problem
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     priority = command("priority", "change a job's priority", "gpuctl priority j-000001 10", POLICY_NOTE)
     priority.add_argument("job_id")
     priority.add_argument("priority", type=int)
+    add_interactive_commands(command, parse_time_limit, parse_pool)
     completion = command(
         "completion",
         "print a shell completion script",

@@ -105,7 +105,7 @@ def format_jobs(found) -> str:
         (
             job.job_id,
             job_state_name(job.state),
-            job.spec.name or "-",
+            (job.spec.name or "-") + (" (interactive)" if job.spec.interactive else ""),
             job.spec.owner or "-",
             job.spec.pool or "default",
             job.spec.gpus,
@@ -146,7 +146,7 @@ def format_job(job) -> str:
     lines = [
         f"Job:        {job.job_id}" + (f" ({spec.name})" if spec.name else ""),
         f"State:      {job_state_name(job.state)}" + (f": {job.reason}" if job.reason else ""),
-        f"Command:    {shlex.join(spec.argv)}",
+        f"Command:    {shlex.join(spec.argv)}" + ("   (interactive: gpuctl attach)" if spec.interactive else ""),
         f"Working dir: {spec.working_dir}"
         if spec.working_dir
         else f"Submitted from: {spec.submit_dir or '-'} (ranks run there where the node has it)",

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from gpuorch.v1 import cluster_pb2 as _cluster_pb2
+from gpuorch.v1 import interactive_pb2 as _interactive_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -137,7 +138,7 @@ class RegisterAck(_message.Message):
     def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ..., owners_authenticated: _Optional[bool] = ..., down_after_seconds: _Optional[float] = ...) -> None: ...
 
 class LaunchTask(_message.Message):
-    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes", "time_limit_seconds", "stop_grace_seconds", "dependency_results_json")
+    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes", "time_limit_seconds", "stop_grace_seconds", "dependency_results_json", "interactive")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +159,7 @@ class LaunchTask(_message.Message):
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STOP_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEPENDENCY_RESULTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -171,7 +173,8 @@ class LaunchTask(_message.Message):
     time_limit_seconds: float
     stop_grace_seconds: float
     dependency_results_json: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., stop_grace_seconds: _Optional[float] = ..., dependency_results_json: _Optional[str] = ...) -> None: ...
+    interactive: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., stop_grace_seconds: _Optional[float] = ..., dependency_results_json: _Optional[str] = ..., interactive: _Optional[bool] = ...) -> None: ...
 
 class RankLaunch(_message.Message):
     __slots__ = ("rank", "local_rank", "env")
@@ -227,15 +230,17 @@ class ReadLogs(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., offset: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("register_ack", "launch_task", "stop_task", "read_logs", "forget_attempt")
+    __slots__ = ("register_ack", "launch_task", "stop_task", "read_logs", "forget_attempt", "open_session")
     REGISTER_ACK_FIELD_NUMBER: _ClassVar[int]
     LAUNCH_TASK_FIELD_NUMBER: _ClassVar[int]
     STOP_TASK_FIELD_NUMBER: _ClassVar[int]
     READ_LOGS_FIELD_NUMBER: _ClassVar[int]
     FORGET_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSION_FIELD_NUMBER: _ClassVar[int]
     register_ack: RegisterAck
     launch_task: LaunchTask
     stop_task: StopTask
     read_logs: ReadLogs
     forget_attempt: ForgetAttempt
-    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., launch_task: _Optional[_Union[LaunchTask, _Mapping]] = ..., stop_task: _Optional[_Union[StopTask, _Mapping]] = ..., read_logs: _Optional[_Union[ReadLogs, _Mapping]] = ..., forget_attempt: _Optional[_Union[ForgetAttempt, _Mapping]] = ...) -> None: ...
+    open_session: _interactive_pb2.NodeSessionRequest
+    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., launch_task: _Optional[_Union[LaunchTask, _Mapping]] = ..., stop_task: _Optional[_Union[StopTask, _Mapping]] = ..., read_logs: _Optional[_Union[ReadLogs, _Mapping]] = ..., forget_attempt: _Optional[_Union[ForgetAttempt, _Mapping]] = ..., open_session: _Optional[_Union[_interactive_pb2.NodeSessionRequest, _Mapping]] = ...) -> None: ...

@@ -45,7 +45,7 @@ class JobRequirements(_message.Message):
     def __init__(self, min_memory_per_gpu_bytes: _Optional[int] = ..., gpu_model: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds", "hold_if_too_big", "submit_dir", "pids_max", "memory_max_bytes", "pool", "time_limit_seconds", "non_preemptible", "array", "after")
+    __slots__ = ("name", "argv", "env", "working_dir", "gpus", "gpus_per_node", "min_gpus", "priority", "max_restarts", "backend", "requirements", "owner", "estimated_runtime_seconds", "spread", "progress_timeout_seconds", "hold_if_too_big", "submit_dir", "pids_max", "memory_max_bytes", "pool", "time_limit_seconds", "non_preemptible", "array", "after", "interactive", "attach_grace_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class JobSpec(_message.Message):
     NON_PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
     ARRAY_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -101,7 +103,9 @@ class JobSpec(_message.Message):
     non_preemptible: bool
     array: JobArray
     after: _containers.RepeatedCompositeFieldContainer[JobDependency]
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ..., array: _Optional[_Union[JobArray, _Mapping]] = ..., after: _Optional[_Iterable[_Union[JobDependency, _Mapping]]] = ...) -> None: ...
+    interactive: bool
+    attach_grace_seconds: int
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ..., array: _Optional[_Union[JobArray, _Mapping]] = ..., after: _Optional[_Iterable[_Union[JobDependency, _Mapping]]] = ..., interactive: _Optional[bool] = ..., attach_grace_seconds: _Optional[int] = ...) -> None: ...
 
 class JobArray(_message.Message):
     __slots__ = ("first", "last", "step", "max_running")
