@@ -56,6 +56,7 @@ STATE_DIR_MODE = 0o711
 """Nobody else may list or change the state dir; they may pass through it, to the local socket and the default
 checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store/sqlite.py)."""
 LEASE_SECONDS = 3.0
+CANCEL_RETRY_SECONDS = 0.1
 STORE_CLOSE_SECONDS = 10.0
 """A store that cannot finish its writes in this long (the database out of reach) is left behind at exit."""
 
@@ -72,6 +73,16 @@ def make_state_dir(path: Path) -> None:
         log.warning("state dir is readable or writable by others; chmod it 0711 or 0700", state_dir=str(path), mode=oct(mode))
 
 
+async def cancel_until_done(tasks: list[asyncio.Task]) -> None:
+    """Cancels every task but the caller's and waits for each to end. A cancellation that lands as the awaited
+    thing completes can be lost (asyncio.wait_for before Python 3.12), so it is repeated until the task ends."""
+    current = asyncio.current_task()
+    for task in tasks:
+        while task is not current and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_RETRY_SECONDS)
+
+
 def runtime_estimates(settings: CoordinatorSettings) -> Estimates:
     """Runtime prediction and start-time estimates as the settings ask."""
     return Estimates(settings.runtime_predictor(), interval_seconds=settings.start_estimate_interval_seconds)
@@ -80,7 +91,13 @@ def runtime_estimates(settings: CoordinatorSettings) -> Estimates:
 class Coordinator:
     """The control-plane daemon; `await start()`, then `await stop()`."""
 
-    def __init__(self, settings: CoordinatorSettings, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        lease: Lease | None = None,
+    ) -> None:
         settings.validate()
         self.settings = settings
         self.clock = clock
@@ -108,7 +125,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
         self.agent_port = 0
-        self.store, self.lease = self._store_and_lease()
+        self.store, self.lease = self._store_and_lease(lease)
         self.leadership = Leadership(
             self.lease, lease_seconds=LEASE_SECONDS, can_lapse=not isinstance(self.lease, LocalLease), clock=clock
         )
@@ -132,8 +149,9 @@ class Coordinator:
         else:
             await self._lead()
 
-    def _store_and_lease(self) -> tuple[JobStore, Lease]:
-        return SqliteJobStore(self.state_dir / "jobs.db"), LocalLease(self.settings.listen)
+    def _store_and_lease(self, lease: Lease | None) -> tuple[JobStore, Lease]:
+        """The store of the settings and its lease; `lease`, if given, replaces the store's own (tests)."""
+        return SqliteJobStore(self.state_dir / "jobs.db"), lease or LocalLease(self.settings.listen)
 
     async def _serve_standing_by(self) -> None:
         """Builds every part and binds the ports; every call but health and reflection is refused until `_lead`."""
@@ -231,9 +249,10 @@ class Coordinator:
             await self.jobs.start()
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
-        self.epoch = self.agents.epoch = self.cluster_service.epoch = self.jobs.epoch
-        if isinstance(self.lease, LocalLease):
-            self.lease.opened(self.epoch)
+        if isinstance(self.lease, LocalLease):  # the store keeps the epoch (SQLite: the epoch file)
+            self.lease.opened(self.jobs.epoch)
+        # A shared store's epoch is the lease's (PostgreSQL: open() returns it): whoever leads later has a higher one.
+        self.epoch = self.agents.epoch = self.cluster_service.epoch = self.lease.epoch
         self.leadership.leader = LeaderInfo(self.advertised[0], self.epoch)
         self.leadership.lead()
         for name in ("", *SERVICE_NAMES):
@@ -261,10 +280,7 @@ class Coordinator:
         await self.leadership.stepped_down.wait()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        await cancel_until_done(self._tasks)
         for node in self.cluster.nodes.values():
             if node.session is not None:
                 node.session.close(f"this coordinator no longer leads ({self.leadership.reason}); reconnect")
@@ -333,13 +349,7 @@ class Coordinator:
         """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds, the store flushed,
         then the lease given up so that a standby takes over at once."""
         await self.health.enter_graceful_shutdown()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_until_done(self._tasks)
         for node in self.cluster.nodes.values():
             if node.session is not None:
                 node.session.close("coordinator shutting down")

@@ -166,6 +166,7 @@ class Leadership:
             await asyncio.sleep(self.lease_seconds / 3)
 
     async def _tick(self) -> None:
+        self._last_tick = self.clock.monotonic()
         while self.role is not Role.STEPPED_DOWN:
             now = self.clock.monotonic()
             if loop_stalled(self._last_tick, now, self.lease_seconds):
