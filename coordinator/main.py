@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -26,6 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML file with settings (flags and env vars override it)")
     parser.add_argument("--listen", help="host:port of the gRPC API (default 127.0.0.1:50051)")
     parser.add_argument("--state-dir", help="directory for the job store and epoch (default /var/lib/gpuorch/coordinator)")
+    parser.add_argument(
+        "--store-url", metavar="URL", help="postgresql://USER@HOST/DB or sqlite:PATH (default: SQLite in the state dir)"
+    )
+    parser.add_argument(
+        "--leader-lease-seconds", type=float, help="with PostgreSQL: seconds a silent leader keeps its lease (default 3)"
+    )
     parser.add_argument("--heartbeat-interval", type=float, help="seconds between agent heartbeats (default 1)")
     parser.add_argument(
         "--node-grace-period", type=float, help="seconds a disconnected node has to return before it is DOWN (default 10)"
@@ -123,7 +130,41 @@ async def serve(settings: CoordinatorSettings) -> int:
     return 0
 
 
+def migrate(argv: list[str]) -> int:
+    """gpuorch-coordinator migrate --from sqlite:PATH --to postgresql://...: copies a SQLite store into PostgreSQL."""
+    from coordinator.store.open_url import parse_store_url
+    from coordinator.store.postgres_schema import describe
+    from coordinator.store.transfer import TransferError, copy_to_postgres, read_sqlite
+
+    parser = argparse.ArgumentParser(
+        prog="gpuorch-coordinator migrate",
+        description="Copy every job (all states), drain and the epoch of a SQLite store into PostgreSQL. Stop the "
+        "coordinator first; the SQLite file is only read.",
+    )
+    parser.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH", help="the SQLite store (its jobs.db)")
+    parser.add_argument("--to", dest="target", required=True, metavar="postgresql://...", help="the PostgreSQL store")
+    parser.add_argument("--force", action="store_true", help="copy into a store that holds jobs (same sequences replaced)")
+    args = parser.parse_args(argv)
+    try:
+        source, target = parse_store_url(args.source, "."), parse_store_url(args.target, ".")
+        if not args.source.startswith("sqlite:") or target.engine != "postgresql":
+            raise ValueError("migrate copies --from sqlite:PATH --to postgresql://...")
+        report = copy_to_postgres(read_sqlite(Path(source.target)), target.target, force=args.force)
+    except (ValueError, TransferError) as error:
+        print(f"gpuorch-coordinator migrate: {error}", file=sys.stderr)
+        return 2
+    states = ", ".join(f"{name} {count}" for name, count in report.jobs_by_state.items()) or "none"
+    print(
+        f"copied {report.jobs} jobs ({states}), {report.drains} drains and epoch {report.epoch} "
+        f"from {args.source} to {describe(target.target)}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["migrate"]:
+        return migrate(argv[1:])
     settings = daemon_settings(CoordinatorSettings, parse_args(argv), "gpuorch-coordinator")
     try:
         return asyncio.run(serve(settings))

@@ -11,6 +11,7 @@ from coordinator.rules.quotas import QuotaPolicy, parse_quotas
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.scheduler import POLICIES, PreemptionRule, Quotas, SchedulerConfig
 from coordinator.scheduler.prediction import RuntimePredictor
+from coordinator.store.open_url import parse_store_url
 from gpuorch.metrics import parse_listen
 from gpuorch.tls import is_loopback_host
 
@@ -19,9 +20,10 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
 def advertised_listen(listen: str, bound_port: int) -> str:
-    """What a listen address tells others to reach: host and the bound port, '' when its host is a wildcard."""
+    """What a listen address tells others to reach: host and the bound port; '' when its host is a wildcard, or its
+    port is not known yet (0: the kernel picks one at bind)."""
     host = listen.rsplit(":", 1)[0]
-    return "" if host in WILDCARD_HOSTS else f"{host}:{bound_port}"
+    return "" if host in WILDCARD_HOSTS or not bound_port else f"{host}:{bound_port}"
 
 
 def address_problem(address: str) -> str | None:
@@ -41,7 +43,13 @@ class CoordinatorSettings:
     listen: str = "127.0.0.1:50051"
     """host:port of the gRPC API (agents, SDK, gpuctl, grpcurl)."""
     state_dir: str = "/var/lib/gpuorch/coordinator"
-    """Where the job store and the epoch live."""
+    """Where the job store and the epoch live (with store_url empty), and the local socket and relay."""
+    store_url: str = ""
+    """Where jobs, drains and the epoch are kept: empty = SQLite at <state_dir>/jobs.db; sqlite:PATH = SQLite at PATH;
+    postgresql://USER@HOST/DATABASE?sslmode=verify-full = PostgreSQL, which several coordinators may share (one leads)."""
+    leader_lease_seconds: float = 3.0
+    """With PostgreSQL: a leader that has not renewed its lease for this long (dead, frozen, cut off) loses it, and a
+    standby takes over. It renews every third of it."""
     heartbeat_interval: float = 1.0
     """Seconds between heartbeats that the coordinator asks agents for."""
     node_grace_period: float = 10.0
@@ -232,6 +240,9 @@ class CoordinatorSettings:
             raise ValueError(f"preemption_grace_seconds must be >= 0, got {self.preemption_grace_seconds}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        parse_store_url(self.store_url, self.state_dir)
+        if not self.leader_lease_seconds > 0:
+            raise ValueError(f"leader_lease_seconds must be > 0, got {self.leader_lease_seconds}")
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -248,6 +259,13 @@ class CoordinatorSettings:
                 raise ValueError(f"{name} {getattr(self, name)!r} {problem}")
         if self.advertise_agent_address and not self.agent_listen:
             raise ValueError("advertise_agent_address is where agents reach agent_listen: it needs agent_listen")
+        if parse_store_url(self.store_url, self.state_dir).engine == "postgresql":
+            port = self.listen.rpartition(":")[2]
+            if not self.advertised_addresses(int(port) if port.isdigit() else 0, 0)[0]:
+                raise ValueError(
+                    f"listen {self.listen!r} names no machine to reach (a wildcard host, or port 0), and with a PostgreSQL "
+                    "store_url the other coordinators name the leader's address to callers: set advertise_address"
+                )
         missing = self.missing_protections()
         # agent_listen is a port of the same server: every service answers there too.
         for name, address in (("listen", self.listen), ("agent_listen", self.agent_listen)):

@@ -25,7 +25,7 @@ from coordinator.api.local_socket import LocalSocketRelay
 from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
 from coordinator.api.server_options import connection_cap, server_options
-from coordinator.api.standby import Refusal, StandbyInterceptor, current_refusal
+from coordinator.api.standby import Refusal, StandbyInterceptor, advertised_addresses, current_refusal
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.job_manager import JobManager
@@ -36,7 +36,7 @@ from coordinator.rules.liveness import LivenessPolicy
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.api import JobStore
 from coordinator.store.lease import LeaderInfo, Lease, LocalLease
-from coordinator.store.sqlite import SqliteJobStore
+from coordinator.store.open_url import open_store
 from gpuorch import tls
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
@@ -55,7 +55,6 @@ SERVICE_NAMES = (AGENT_SERVICE.full_name, CLUSTER_SERVICE.full_name, JOB_SERVICE
 STATE_DIR_MODE = 0o711
 """Nobody else may list or change the state dir; they may pass through it, to the local socket and the default
 checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store/sqlite.py)."""
-LEASE_SECONDS = 3.0
 CANCEL_RETRY_SECONDS = 0.1
 STORE_CLOSE_SECONDS = 10.0
 """A store that cannot finish its writes in this long (the database out of reach) is left behind at exit."""
@@ -71,6 +70,12 @@ def make_state_dir(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o066:
         log.warning("state dir is readable or writable by others; chmod it 0711 or 0700", state_dir=str(path), mode=oct(mode))
+
+
+def listen_port(address: str) -> int:
+    """The port of a host:port setting; 0 when it is empty or not a number (validate() names those)."""
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
 
 
 async def cancel_until_done(tasks: list[asyncio.Task]) -> None:
@@ -127,7 +132,7 @@ class Coordinator:
         self.agent_port = 0
         self.store, self.lease = self._store_and_lease(lease)
         self.leadership = Leadership(
-            self.lease, lease_seconds=LEASE_SECONDS, can_lapse=not isinstance(self.lease, LocalLease), clock=clock
+            self.lease, lease_seconds=settings.leader_lease_seconds, can_lapse=not isinstance(self.lease, LocalLease), clock=clock
         )
         self.advertised = ("", "")
         """This coordinator's (client, agent) addresses as other coordinators' standbys name them."""
@@ -151,7 +156,16 @@ class Coordinator:
 
     def _store_and_lease(self, lease: Lease | None) -> tuple[JobStore, Lease]:
         """The store of the settings and its lease; `lease`, if given, replaces the store's own (tests)."""
-        return SqliteJobStore(self.state_dir / "jobs.db"), lease or LocalLease(self.settings.listen)
+        settings = self.settings
+        client, agents = settings.advertised_addresses(listen_port(settings.listen), listen_port(settings.agent_listen))
+        store, own_lease = open_store(
+            settings.store_url,
+            self.state_dir,
+            lease_seconds=settings.leader_lease_seconds,
+            advertised_address=advertised_addresses(client, agents),
+            clock=self.clock,
+        )
+        return store, lease or own_lease
 
     async def _serve_standing_by(self) -> None:
         """Builds every part and binds the ports; every call but health and reflection is refused until `_lead`."""
@@ -249,10 +263,10 @@ class Coordinator:
             await self.jobs.start()
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
-        if isinstance(self.lease, LocalLease):  # the store keeps the epoch (SQLite: the epoch file)
-            self.lease.opened(self.jobs.epoch)
-        # A shared store's epoch is the lease's (PostgreSQL: open() returns it): whoever leads later has a higher one.
-        self.epoch = self.agents.epoch = self.cluster_service.epoch = self.lease.epoch
+        # The coordinator epoch: SQLite's epoch file, or a shared store's lease's (PostgreSQL's open() returns it), which
+        # rises with every new leader.
+        epoch = self.jobs.epoch if isinstance(self.lease, LocalLease) else self.lease.epoch
+        self.epoch = self.agents.epoch = self.cluster_service.epoch = epoch
         self.leadership.leader = LeaderInfo(self.advertised[0], self.epoch)
         self.leadership.lead()
         for name in ("", *SERVICE_NAMES):

@@ -7,17 +7,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP_LOG=$(mktemp)
 trap 'rm -f "$PIP_LOG"' EXIT
-# Says what a pip step does; pip's own output goes to a log, shown only if the step fails.
+# Says what a step does (pip, apt-get); its own output goes to a log, shown only if the step fails.
 quietly() {
   local what=$1
   shift
   echo "$what..."
   if ! "$@" >"$PIP_LOG" 2>&1; then
     cat "$PIP_LOG" >&2
-    echo "failed: $what (the output above is pip's)" >&2
+    echo "failed: $what (the output above is the step's)" >&2
     return 1
   fi
 }
+# The store tests run a real PostgreSQL server (tests/postgres_server.py starts its own cluster in a temp dir, on
+# its own port): install Debian's server package when it is missing. Its own "main" cluster is not created, and
+# would not matter if it were.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  quietly "installing postgresql-common (apt-get), to turn off the package's own cluster" \
+    sh -c "${as_root[*]} apt-get update -q && ${as_root[*]} apt-get install -y -q postgresql-common"
+  if [ -f /etc/postgresql-common/createcluster.conf ]; then
+    "${as_root[@]}" sed -i 's/^#\?create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf
+  fi
+  quietly "installing PostgreSQL for the store tests (apt-get install postgresql)" "${as_root[@]}" apt-get install -y -q postgresql
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 quietly "upgrading pip in .venv" python -m pip install -q --upgrade pip

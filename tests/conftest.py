@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tests.harness import SUMMARY_LINES, LocalCluster
+from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture
@@ -11,6 +12,28 @@ def cluster(tmp_path):
     local = LocalCluster(tmp_path)
     yield local
     local.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server (tests/postgres_server.py) for the whole session, removed at the end.
+
+    Fails, never skips, where PostgreSQL is missing: the message says how to install it."""
+    try:
+        server = PostgresServer.start(fsync=False)
+    except PostgresUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """The URL of a fresh, empty database on the session's PostgreSQL server, dropped after the test."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.ensure_running()  # a test that stops the server may fail before it starts it again
+    postgres_server.drop_database(url)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -235,10 +235,11 @@ async def test_after_a_stall_the_gate_waits_for_the_store_to_confirm_the_epoch()
 
 async def test_a_lease_that_cannot_be_lost_never_closes_the_gate():
     clock = FakeClock()
-    lease = LocalLease("c1:1")
+    store_epoch = [3]
+    lease = LocalLease(lambda: store_epoch[0], "c1:1")
     leadership = Leadership(lease, lease_seconds=3.0, can_lapse=False, clock=clock)
-    assert await leadership.acquire() == 0
-    lease.opened(4)
+    assert await leadership.acquire() == 3
+    store_epoch[0] = 4  # the store's open bumped it
     leadership.lead()
     clock.advance(3600)
     assert leadership.may_act() and lease.epoch == 4

@@ -1,4 +1,5 @@
-"""Both stores behind coordinator/store/api.py, held to the same semantics; SQLite's own concerns after."""
+"""Every store behind coordinator/store/api.py (SQLite, memory, PostgreSQL), held to the same semantics;
+each engine's own concerns after. The PostgreSQL ones run against a real server (tests/postgres_server.py)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,27 @@ import asyncio
 
 import pytest
 
-from coordinator.store.api import JobStore, StoredJob, StoreError
+from coordinator.store.api import StoredJob, StoreError
 from coordinator.store.memory import MemoryJobStore
 from coordinator.store.sqlite import SqliteJobStore
 from gpuorch.v1 import job_pb2
+from tests.store_backends import BACKENDS, DURABLE_BACKENDS, StoreMaker
 
 
 def job(sequence: int, state=job_pb2.JOB_STATE_PENDING) -> StoredJob:
     return StoredJob(sequence, job_pb2.Job(job_id=f"j-{sequence:06d}", state=state, spec=job_pb2.JobSpec(argv=["x"], gpus=1)))
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=BACKENDS)
 def reopen(request, tmp_path):
-    """() -> the store as a restarted coordinator finds it: a new SQLite store on the same file, or the same memory store."""
-    memory = MemoryJobStore()
+    """() -> the store as a restarted coordinator finds it (tests/store_backends.py)."""
+    return StoreMaker(request.param, tmp_path, request)
 
-    def store() -> JobStore:
-        return SqliteJobStore(tmp_path / "jobs.db") if request.param == "sqlite" else memory
 
-    return store
+@pytest.fixture(params=DURABLE_BACKENDS)
+def durable(request, tmp_path):
+    """() -> a store with a writer thread (SQLite, PostgreSQL), as a restarted coordinator finds it."""
+    return StoreMaker(request.param, tmp_path, request)
 
 
 async def test_saved_jobs_and_drains_survive_reopening(reopen):
@@ -73,13 +76,26 @@ async def test_a_failed_write_fails_its_future():
     assert [stored.sequence for stored in (await store.open()).jobs] == [2]
 
 
-async def test_concurrent_saves_share_commits(tmp_path):
-    store = SqliteJobStore(tmp_path / "jobs.db")
+async def test_a_write_the_database_refuses_fails_its_future_and_the_next_succeeds(durable):
+    store = durable()
+    await store.open()
+    await store.save([StoredJob(1, owned(1, "alice"), "req-1")])
+    with pytest.raises(StoreError, match="write failed"):  # the same owner's request id twice
+        await store.save([StoredJob(2, owned(2, "alice"), "req-1")])
+    await store.save([job(3)])
+    await store.close()
+    reopened = durable()
+    assert [stored.sequence for stored in (await reopened.open()).jobs] == [1, 3]
+    await reopened.close()
+
+
+async def test_concurrent_saves_share_commits(durable):
+    store = durable()
     await store.open()
     await asyncio.gather(*(store.save([job(i)]) for i in range(1, 501)))
     assert store.commits < 100, f"{store.commits} commits for 500 concurrent saves: writes are not grouped"
     await store.close()
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    reopened = durable()
     assert len((await reopened.open()).jobs) == 500
     await reopened.close()
 
@@ -121,10 +137,10 @@ async def test_a_request_id_is_unique_per_owner_also_in_a_store_made_when_it_was
     await reopened.close()
 
 
-async def test_a_group_commit_wakes_the_event_loop_once(tmp_path):
+async def test_a_group_commit_wakes_the_event_loop_once(durable):
     """The writer thread settles every write of one commit with one call into the loop, not one per write:
     each such call is a wake-up of the loop (a write to its self-pipe) and a callback to run."""
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = durable()
     await store.open()
     loop = asyncio.get_running_loop()
     calls_into_loop = 0
@@ -145,14 +161,14 @@ async def test_a_group_commit_wakes_the_event_loop_once(tmp_path):
     await store.close()
 
 
-async def test_saves_made_while_the_writer_is_busy_share_one_write(tmp_path):
+async def test_saves_made_while_the_writer_is_busy_share_one_write(durable):
     """Saves queued before the writer thread takes them join one write: one future (and one settle) for all."""
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = durable()
     await store.open()
     writes = [store.save([job(i)]) for i in range(1, 201)]
     assert len({id(write) for write in writes}) < 100, "each save queued a write of its own"
     await asyncio.gather(*writes)
     await store.close()
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    reopened = durable()
     assert [stored.sequence for stored in (await reopened.open()).jobs] == list(range(1, 201))
     await reopened.close()

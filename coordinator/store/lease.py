@@ -1,19 +1,21 @@
-"""Who leads among the coordinators that share one store: the leader lease.
+"""Who leads among the coordinators that share one store: the lease, and what a deposed leader gets.
 
-Any number of coordinators may run against one PostgreSQL store; exactly one leads, the others are
-standbys. The leader holds a lease in the store itself, renewed every lease_seconds/3; a dead, frozen
-or partitioned leader loses it within lease_seconds, and a standby takes over with a higher epoch.
-Every write of the leader is conditional on its epoch (fencing), so a deposed leader that still runs
-cannot change anything.
+One coordinator leads; the others wait (standbys). The leader holds a lease that it renews; one that
+stops renewing (dead, frozen, cut off from the store) loses it within `lease_seconds`, and the next
+to acquire it gets a higher epoch. Stores that can be shared (PostgreSQL) make every write
+conditional on the writer's epoch, so a deposed leader that is still running changes nothing: its
+writes fail with `Fenced`.
 
-`LocalLease` is the lease of a store only one coordinator opens (SQLite in its state dir, memory):
-it leads at once and never loses the lease.
+Implementations: `postgres_lease.PostgresLease` (also importable from `postgres`) (a leader row in the database, timed by the
+database's clock) and `LocalLease` (SQLite and memory stores: one coordinator per store, which
+leads at once and for ever).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from coordinator.store.api import StoreError
@@ -26,13 +28,13 @@ class LeaseLost(StoreError):
 @dataclass(frozen=True, slots=True)
 class LeaderInfo:
     address: str
-    """The leader's advertised client address (host:port), '' when nobody leads."""
+    """The leader's advertised client address (host:port); '' when nobody leads."""
     epoch: int
-    """The leader's epoch, 0 when nobody ever led."""
+    """The leader's epoch (the last leader's while nobody leads); 0 when nobody ever led."""
 
 
 class Lease(abc.ABC):
-    """Who leads among the coordinators that share one store. Time is the DATABASE's clock for the
+    """Who leads among the coordinators that share one store. Time is the database's clock for the
     lease itself (no clock skew between hosts matters); the injected Clock only paces retries."""
 
     @abc.abstractmethod
@@ -44,7 +46,7 @@ class Lease(abc.ABC):
     async def hold(self) -> None:
         """Renews every lease_seconds/3 until cancelled. Raises LeaseLost as soon as the lease is gone:
         renewal found another epoch, or no renewal succeeded for lease_seconds (the database was
-        unreachable, or this process was frozen) — whichever comes first."""
+        unreachable, or this process was frozen), whichever comes first."""
 
     @abc.abstractmethod
     async def leader(self) -> LeaderInfo:
@@ -61,30 +63,28 @@ class Lease(abc.ABC):
 
 
 class LocalLease(Lease):
-    """The lease of a store that one coordinator alone opens (SQLite in its state dir, memory): it leads
-    at once and never loses the lease. Its epoch is the store's (the epoch file), once the store has
-    told it (`opened`)."""
+    """The lease of a store only one coordinator uses (SQLite in its state dir, memory): it leads at once and
+    never loses the lease. Its epoch is the store's, which the store bumps at open: `store_epoch` reads it
+    (so before the store's open, `epoch` and `acquire()` give the previous coordinator's)."""
 
-    def __init__(self, address: str = "") -> None:
-        self.address = address
-        self._epoch = 0
+    def __init__(self, store_epoch: Callable[[], int], address: str = "") -> None:
+        self._store_epoch = store_epoch
+        self._address = address
+        self._acquired = False
 
     async def acquire(self) -> int:
-        return self._epoch
-
-    def opened(self, epoch: int) -> None:
-        """The store was opened with this epoch (SQLite bumps it in open())."""
-        self._epoch = epoch
+        self._acquired = True
+        return self.epoch
 
     async def hold(self) -> None:
-        await asyncio.Event().wait()  # never lost: waits until cancelled
+        await asyncio.Event().wait()  # never lost: returns only by being cancelled
 
     async def leader(self) -> LeaderInfo:
-        return LeaderInfo(self.address, self._epoch)
+        return LeaderInfo(self._address if self._acquired else "", self.epoch)
 
     async def release(self) -> None:
-        return None
+        self._acquired = False
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        return self._store_epoch()

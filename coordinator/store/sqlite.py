@@ -23,7 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from coordinator.store.api import JobStore, StoredJob, StoredState, StoreError
+from coordinator.store.api import JobQuery, JobStore, StoredJob, StoredState, StoreError
+from coordinator.store.memory import ended_at, matches, state_to_open
 from gpuorch.v1 import job_pb2
 
 log = structlog.get_logger("coordinator.store")
@@ -127,7 +128,7 @@ class SqliteJobStore(JobStore):
             for key, value in connection.execute("SELECT key, value FROM settings")
             if key.startswith(DRAIN_KEY_PREFIX)
         }
-        return StoredState(jobs, drains, next_epoch(self.path.parent))
+        return StoredState(state_to_open(jobs), drains, next_epoch(self.path.parent))
 
     async def open(self) -> StoredState:
         self._loop = asyncio.get_running_loop()
@@ -217,6 +218,47 @@ class SqliteJobStore(JobStore):
             self._queue.put(_CLOSE)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    # History reads until the SQLite schema has their columns: a scan of every job on a thread.
+
+    def _read_all(self) -> list[StoredJob]:
+        connection = sqlite3.connect(self.path)
+        try:
+            return [
+                StoredJob(sequence, job_pb2.Job.FromString(data), request_id or "")
+                for sequence, data, request_id in connection.execute(
+                    "SELECT sequence, data, client_request_id FROM jobs ORDER BY sequence"
+                )
+            ]
+        finally:
+            connection.close()
+
+    async def query(self, query: JobQuery) -> list[StoredJob]:
+        jobs = await asyncio.to_thread(self._read_all)
+        return [stored for stored in reversed(jobs) if matches(query, stored)][: max(query.limit, 0)]
+
+    async def get(self, job_id: str) -> StoredJob | None:
+        return next((s for s in await asyncio.to_thread(self._read_all) if s.job.job_id == job_id), None)
+
+    async def find_request(self, owner: str, client_request_id: str) -> StoredJob | None:
+        if not client_request_id:
+            return None
+        jobs = await asyncio.to_thread(self._read_all)
+        return next((s for s in jobs if s.job.spec.owner == owner and s.client_request_id == client_request_id), None)
+
+    async def prune(self, ended_before: float) -> int:
+        jobs = await asyncio.to_thread(self._read_all)
+        old = [s.sequence for s in jobs if (ended := ended_at(s.job)) is not None and ended < ended_before]
+
+        def delete() -> None:
+            connection = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                connection.executemany("DELETE FROM jobs WHERE sequence = ?", [(sequence,) for sequence in old])
+            finally:
+                connection.close()
+
+        await asyncio.to_thread(delete)
+        return len(old)
 
 
 def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
