@@ -1,7 +1,7 @@
 """One address in front of several coordinators, as a load balancer that health-checks them is.
 
 Each new TCP connection goes to the coordinator that answers grpc.health.v1 "" SERVING (the leader:
-standbys answer NOT_SERVING); when the leader changes, the connections to the others are closed,
+standbys answer NOT_SERVING), waiting for one while none does; when the leader changes, the connections to the others are closed,
 as a load balancer drains a backend that fails its checks. Agents, which take one coordinator
 address, reach whichever coordinator leads through it.
 """
@@ -19,6 +19,8 @@ from tests.harness import free_port
 
 CHECK_SECONDS = 0.1
 CHECK_TIMEOUT_SECONDS = 0.5
+LEADER_WAIT_SECONDS = 10.0
+"""A connection made while no coordinator leads waits this long for one, then is closed."""
 
 
 class LeaderProxy:
@@ -65,7 +67,9 @@ class LeaderProxy:
             answers = await asyncio.gather(*(self._serving(channel) for channel in channels.values()))
             serving = [backend for backend, ok in zip(self.backends, answers, strict=True) if ok]
             leader = serving[0] if serving else None
-            if leader is not None and leader != self.leader:
+            if leader is None:
+                self.leader = None
+            elif leader != self.leader:
                 self.leader = leader
                 for backend, writers in self._connections.items():
                     if backend != leader:
@@ -74,7 +78,10 @@ class LeaderProxy:
             await asyncio.sleep(CHECK_SECONDS)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        backend = self.leader
+        waited = 0.0
+        while (backend := self.leader) is None and waited < LEADER_WAIT_SECONDS:  # held, as a balancer queues it
+            await asyncio.sleep(CHECK_SECONDS)
+            waited += CHECK_SECONDS
         if backend is None:
             writer.close()
             return
