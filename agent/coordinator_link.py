@@ -3,7 +3,11 @@
 One stream at a time. Everything the agent sends goes through one writer task
 (gRPC allows one write in flight per call). When the stream breaks, the agent
 reconnects with capped exponential backoff and jitter, reset after every
-successful registration, and registers again with what it still runs. Whatever
+successful registration, and registers again with what it still runs. Given
+several coordinators (`--coordinator a:50051,b:50051`), it follows the leader
+(gpuorch.leader): a standby's answer names the leader, which it tries at once;
+a lost or refused one sends it to the next address, the backoff coming between
+full rounds. Whatever
 ends a stream (an RPC error, a closed connection, a write on a call the
 coordinator already ended, a bug) leads to a reconnect, never to an exit: the
 agent is what supervises the node's ranks.
@@ -33,8 +37,10 @@ import structlog
 
 import gpuorch
 from agent.telemetry import TelemetrySource
+from gpuorch.addresses import parse_address_list
 from gpuorch.backoff import Backoff
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.leader import Outcome, advance, begin, standby_leader
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger("agent.coordinator_link")
@@ -111,7 +117,10 @@ class CoordinatorLink:
         credentials: grpc.ChannelCredentials | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.coordinator = coordinator
+        self.coordinators = parse_address_list(coordinator)
+        """Every coordinator this agent may register with, in the order given (gpuorch.leader follows the leader)."""
+        self.coordinator = self.coordinators[0]
+        """The one it is connected to, or trying now."""
         self.credentials = credentials
         """TLS (with this node's certificate, for mutual TLS); None = plaintext."""
         self.node_id = node_id
@@ -119,7 +128,7 @@ class CoordinatorLink:
         self.requested_interval = heartbeat_interval
         self.pool = pool
         """The node pool the agent registers in (empty: the default pool)."""
-        self.addresses = [advertise_address or local_address_towards(coordinator)]
+        self.addresses = [advertise_address or local_address_towards(self.coordinators[0])]
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.on_message: MessageHandler = ignore_message
@@ -190,12 +199,21 @@ class CoordinatorLink:
         )
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Keeps a registered stream to the coordinator until `stopping` is set."""
+        """Keeps a registered stream to the leading coordinator until `stopping` is set."""
+        following = begin(self.coordinators)
         while not stopping.is_set():
+            self.coordinator = following.current
+            session = self.session
+            outcome, named = Outcome.UNREACHABLE, ""
             try:
                 await self._stream(stopping)
             except grpc.aio.AioRpcError as error:
-                log.warning("coordinator stream ended", code=error.code().name, details=error.details())
+                leader = standby_leader(error.trailing_metadata(), for_agents=True)
+                if error.code() == grpc.StatusCode.UNAVAILABLE and leader is not None:
+                    outcome, named = Outcome.STANDBY, leader
+                    log.info("coordinator is a standby", coordinator=self.coordinator, leader=leader or None)
+                else:
+                    log.warning("coordinator stream ended", code=error.code().name, details=error.details())
             except (ConnectionError, OSError) as error:
                 log.warning("coordinator connection failed", error=str(error))
             except asyncio.InvalidStateError as error:
@@ -209,11 +227,21 @@ class CoordinatorLink:
                 self._outbox = None
             if stopping.is_set():
                 break
-            delay = self.backoff.next_delay()
+            if self.session != session:
+                outcome = Outcome.LOST  # it had registered: the leader went away, or ended the stream
+            following, step = advance(following, outcome, named)
+            delay = self.backoff.next_delay() if step.wait else 0.0
             self.reconnects += 1
-            log.info("reconnecting", coordinator=self.coordinator, delay=round(delay, 3), failures=self.backoff.failures)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
+            log.info(
+                "reconnecting",
+                coordinator=step.address,
+                delay=round(delay, 3),
+                failures=self.backoff.failures,
+                after=outcome.value,
+            )
+            if delay:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
 
     async def _stream(self, stopping: asyncio.Event) -> None:
         if self.credentials is not None:
@@ -222,7 +250,13 @@ class CoordinatorLink:
             channel = grpc.aio.insecure_channel(self.coordinator, options=CHANNEL_OPTIONS)
         async with channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-            await call.write(self.registration())
+            try:
+                await call.write(self.registration())
+            except asyncio.InvalidStateError:
+                # It answered before the registration went out (a standby does): its status says who leads.
+                raise grpc.aio.AioRpcError(
+                    await call.code(), await call.initial_metadata(), await call.trailing_metadata(), await call.details()
+                ) from None
             first = await call.read()
             if first is grpc.aio.EOF:
                 raise ConnectionError("coordinator closed the stream before acknowledging the registration")

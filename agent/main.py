@@ -32,7 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Every setting can also come from the --config TOML file or a GPUORCH_<SETTING> environment variable.",
     )
     parser.add_argument("--config", help="TOML file with settings (flags and env vars override it)")
-    parser.add_argument("--coordinator", help="host:port of the coordinator (default 127.0.0.1:50051)")
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the coordinator, or a comma-separated list of them: the agent follows their leader (default 127.0.0.1:50051)",
+    )
     parser.add_argument("--node-id", help="unique id of this node (default: the hostname)")
     parser.add_argument("--state-dir", help="directory for rank logs and state (default /var/lib/gpuorch/agent)")
     parser.add_argument("--simulate-gpus", type=int, metavar="N", help="simulate N GPUs instead of reading NVML")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gpuorch.addresses import parse_address_list
 from gpuorch.metrics import parse_listen
 from gpuorch.pools import DEFAULT_POOL, pool_name_problem
 
@@ -11,7 +12,7 @@ from gpuorch.pools import DEFAULT_POOL, pool_name_problem
 @dataclass
 class AgentSettings:
     coordinator: str = "127.0.0.1:50051"
-    """host:port of the coordinator."""
+    """HOST[:PORT] of the coordinator, or a comma-separated list of coordinators: the agent follows their leader."""
     node_id: str = ""
     """Unique id of this node; empty = the hostname."""
     state_dir: str = "/var/lib/gpuorch/agent"
@@ -68,8 +69,7 @@ class AgentSettings:
         problem = pool_name_problem(self.pool) if self.pool else "pool must not be empty (the default pool is 'default')"
         if problem:
             raise ValueError(problem)
-        if ":" not in self.coordinator:
-            raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
+        parse_address_list(self.coordinator)  # AddressError (a ValueError) names the bad entry
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
         for entry in self.allowed_users:

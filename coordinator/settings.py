@@ -11,6 +11,7 @@ from coordinator.rules.quotas import QuotaPolicy, parse_quotas
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.scheduler import POLICIES, PreemptionRule, Quotas, SchedulerConfig
 from coordinator.scheduler.prediction import RuntimePredictor
+from coordinator.store.api import RECENT_ENDED_JOBS
 from coordinator.store.open_url import parse_store_url
 from gpuorch.metrics import parse_listen
 from gpuorch.tls import is_loopback_host
@@ -157,6 +158,12 @@ class CoordinatorSettings:
     max_connections: int = 0
     """Open connections the gRPC ports accept in all (grpcio has no cap per peer). 0 = the open-file limit
     (raised to its hard limit, up to 65536) less 256 kept for the job store, logs and metrics."""
+    history_retention_days: float = 90.0
+    """Ended jobs are kept in the job history (gpuctl history, ListJobs) this many days after they end, then
+    deleted (checked hourly and at start). 0 = keep them forever."""
+    recent_ended_jobs: int = RECENT_ENDED_JOBS
+    """Ended jobs kept in memory (the most recent; at most what the store's open returns): older ones are read
+    from the store's history indexes when asked for."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -234,6 +241,10 @@ class CoordinatorSettings:
         if self.scheduler_policy not in POLICIES:
             raise ValueError(f"scheduler_policy {self.scheduler_policy!r} is unknown: use one of {', '.join(POLICIES)}")
         self.preemption_rules()
+        if self.history_retention_days < 0:
+            raise ValueError(f"history_retention_days must be >= 0 (0 = keep forever), got {self.history_retention_days}")
+        if not 0 <= self.recent_ended_jobs <= RECENT_ENDED_JOBS:
+            raise ValueError(f"recent_ended_jobs must be between 0 and {RECENT_ENDED_JOBS}, got {self.recent_ended_jobs}")
         if self.stop_grace_period < 0:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
         if self.preemption_grace_seconds < 0:

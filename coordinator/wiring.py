@@ -24,14 +24,17 @@ from coordinator.api.job_service import JobService
 from coordinator.api.local_socket import LocalSocketRelay
 from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
-from coordinator.api.server_options import connection_cap, server_options
+from coordinator.api.server_options import connection_cap, server_options, warn_about_exposure
 from coordinator.api.standby import Refusal, StandbyInterceptor, advertised_addresses, current_refusal
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.job_history import prune_history
 from coordinator.control.job_manager import JobManager
 from coordinator.control.leadership import Leadership, Role
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
+from coordinator.model.usage import UsageHistory
 from coordinator.observe.prometheus import CoordinatorMetrics
+from coordinator.observe.usage_sampler import SAMPLE_INTERVAL_SECONDS, run_usage_sampler
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.api import JobStore
@@ -140,6 +143,8 @@ class Coordinator:
         """Set once it leads: the store is open with its epoch and every service answers."""
         self.stepped_down = asyncio.Event()
         """Set once it lost the lease and stopped acting: the daemon exits (EXIT_STEPPED_DOWN) and is restarted."""
+        self.usage = UsageHistory(SAMPLE_INTERVAL_SECONDS, clock.wall())
+        """GPUs, allocation, utilisation and GPU-seconds by owner and pool over time (in memory, lost on restart)."""
 
     async def start(self) -> None:
         """Serves at once as a standby; leads once the lease is held. A lease that cannot be lost (one coordinator per
@@ -184,6 +189,7 @@ class Coordinator:
             estimates=runtime_estimates(settings),
             clock=self.clock,
             rng=self.rng,
+            recent_ended_jobs=settings.recent_ended_jobs,
         )
         self.agents = AgentService(self.cluster, self.epoch)
         self.agents.leadership = self.leadership
@@ -212,6 +218,7 @@ class Coordinator:
         self.cluster_service = ClusterService(
             self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
         )
+        self.cluster_service.usage = self.usage
         add_strict_service(self.server, CLUSTER_SERVICE, self.cluster_service)
         job_service = JobService(
             self.jobs, self.guard, self.streams, settings.max_message_bytes, max_user_priority=settings.max_user_priority
@@ -273,6 +280,13 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
+        if self.settings.history_retention_days:
+            retention = self.settings.history_retention_days * 86400
+            self._tasks.append(
+                asyncio.create_task(self._supervise("history retention", lambda: prune_history(self.jobs, self.clock, retention)))
+            )
+        usage = functools.partial(run_usage_sampler, self.usage, self.cluster, self.jobs, self.clock, SAMPLE_INTERVAL_SECONDS)
+        self._tasks.append(asyncio.create_task(self._supervise("usage", usage)))
         self.leading.set()
         log.info(
             "coordinator serving",
@@ -287,7 +301,7 @@ class Coordinator:
             local_socket=self.local_socket.public_path if self.local_socket is not None else "",
             owners_authenticated=self.guard.owners_authenticated,
         )
-        self._warn_about_exposure()
+        warn_about_exposure(self.settings, self.guard.enabled)
 
     async def _step_down_when_lost(self) -> None:
         """Once the lease is lost: nothing more is scheduled or told to agents, and `stepped_down` wakes the daemon."""
@@ -334,30 +348,6 @@ class Coordinator:
         port = bind(settings.listen, settings.tls_client_ca if agents_share_listen else "")
         agent_port = port if agents_share_listen else bind(settings.agent_listen, settings.tls_client_ca)
         return port, agent_port
-
-    def _warn_about_exposure(self) -> None:
-        """Says in the log what the network can do to this coordinator, whenever that is more than it should."""
-        settings = self.settings
-        if not settings.tls_cert:
-            if settings.insecure:
-                log.warning(
-                    "TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted",
-                    listen=settings.listen,
-                )
-            else:
-                log.warning(
-                    "TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines",
-                    listen=settings.listen,
-                )
-        if not self.guard.enabled and settings.tokenless_tcp_clients:
-            log.warning(
-                "tokens_file is not set: every TCP client may act as any user, and as admin; agents are told owners are not "
-                "authenticated (set tokenless_tcp_clients = false to serve clients on the local socket only)"
-            )
-        if not settings.tls_client_ca:
-            log.warning(
-                "tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node"
-            )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds, the store flushed,

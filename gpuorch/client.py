@@ -7,107 +7,33 @@ gpuorch.errors.GpuorchError subclasses.
 
 from __future__ import annotations
 
-import functools
-import json
+import asyncio
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
 import grpc
 
-from gpuorch import settings, tls
+from gpuorch.addresses import DEFAULT_PORT, is_local_address, with_default_port
+from gpuorch.channels import DEFAULT_ADDRESS, Channels, default_address, insecure_from_environment
+from gpuorch.client_usage import UsageCalls
 from gpuorch.durations import parse_duration
-from gpuorch.errors import GpuorchError, from_rpc_error
-from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc, job_pb2, job_pb2_grpc
+from gpuorch.errors import GpuorchError
+from gpuorch.v1 import cluster_pb2, job_pb2
+from gpuorch.wire_values import When, every_job, every_job_async, timestamp
+from gpuorch.wire_values import enum_values as _enum_values
 
-DEFAULT_PORT = 50051
-DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
-
-RETRIED_METHODS = {
-    "gpuorch.v1.ClusterService": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode"),
-    # SubmitJob is safe to repeat because every submission carries a client_request_id (see
-    # submit_job); CancelJob is not retried: a repeat would answer FAILED_PRECONDITION.
-    "gpuorch.v1.JobService": ("SubmitJob", "GetJob", "ListJobs", "SetJobPriority", "WatchJob", "GetJobLogs"),
-}
-RETRY_POLICY = {
-    "maxAttempts": 5,
-    "initialBackoff": "0.5s",
-    "maxBackoff": "5s",
-    "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
-}
-"""grpc's own retries: a call that fails UNAVAILABLE (coordinator restarting, connection lost before
-the answer) is sent again, up to 5 times with randomized exponential backoff within the call's timeout."""
-_RETRIED_NAMES = [{"service": service, "method": method} for service, methods in RETRIED_METHODS.items() for method in methods]
-SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": _RETRIED_NAMES, "retryPolicy": RETRY_POLICY}]})
-CHANNEL_OPTIONS = [
-    ("grpc.enable_retries", 1),
-    ("grpc.service_config", SERVICE_CONFIG),
-    # Reconnect soon after a refused connection (default 1 s, growing): retries find the coordinator
-    # once it serves instead of failing fast on a channel still backing off.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
-
-
-PROBE_SECONDS = 2.0
-"""How long the one call that finds out why a coordinator is unreachable may take."""
-
-
-def with_default_port(address: str) -> str:
-    """HOST (or [IPv6], or a bare IPv6 address) without a port gets :50051; anything else is left as it is.
-
-    grpc itself would take port 443 for a bare host name, which no gpuorch coordinator listens on."""
-    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
-        return address
-    scheme = ""
-    for prefix in ("dns:///", "ipv4:", "ipv6:"):
-        if address.startswith(prefix):
-            scheme, address = prefix, address[len(prefix) :]
-            break
-    if address.startswith("["):
-        has_port = "]:" in address
-    elif address.count(":") > 1:  # a bare IPv6 address such as ::1
-        return f"{scheme}[{address}]:{DEFAULT_PORT}"
-    else:
-        has_port = ":" in address
-    return scheme + (address if has_port else f"{address}:{DEFAULT_PORT}")
-
-
-def default_address() -> str:
-    """$GPUORCH_COORDINATOR, else 127.0.0.1:50051 (port 50051 when the variable names none)."""
-    return with_default_port(os.environ.get("GPUORCH_COORDINATOR") or DEFAULT_ADDRESS)
+__all__ = [
+    "DEFAULT_ADDRESS", "DEFAULT_PORT", "AsyncClient", "Client", "build_job_spec", "default_address",
+    "insecure_from_environment", "is_local_address", "new_request_id", "with_default_port",
+]  # fmt: skip
 
 
 def new_request_id() -> str:
     """A fresh client_request_id: random, so two submissions never share one by accident."""
     return f"gpuctl-{uuid.uuid4().hex}"
-
-
-def _enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[Any]:
-    """Accepts enum numbers or names with or without the prefix ("READY", "NODE_STATE_READY").
-
-    Returns the enum's numbers. Typed Any: each request's stub wants its own enum class there,
-    which at run time is a plain int."""
-    values: list[Any] = []
-    for name in names:
-        if isinstance(name, int):
-            values.append(name)
-            continue
-        key = name.upper()
-        key = key if key.startswith(prefix) else prefix + key
-        try:
-            values.append(enum.Value(key))
-        except ValueError:
-            known = ", ".join(
-                n[len(prefix) :].lower()
-                for n in (value.name for value in enum.DESCRIPTOR.values)
-                if not n.endswith("UNSPECIFIED")
-            )
-            raise ValueError(f"unknown state {name!r}: use one of {known}") from None
-    return values
 
 
 def build_job_spec(
@@ -128,8 +54,8 @@ def build_job_spec(
     return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)
 
 
-class _Api:
-    """Every RPC of the public API once; `_unary`/`_stream` decide sync or async."""
+class _Api(UsageCalls):
+    """Every RPC of the public API once (GetUsageHistory and WhoAmI in UsageCalls); `_unary`/`_stream` decide sync or async."""
 
     address: str
 
@@ -146,8 +72,9 @@ class _Api:
         request = cluster_pb2.ListNodesRequest(states=_enum_values(cluster_pb2.NodeState, "NODE_STATE_", states))
         return self._unary("cluster", "ListNodes", request, lambda response: list(response.nodes))
 
-    def get_node(self, node_id: str):
-        return self._unary("cluster", "GetNode", cluster_pb2.GetNodeRequest(node_id=node_id), lambda r: r.node)
+    def get_node(self, node_id: str, include_telemetry_history: bool = False):
+        request = cluster_pb2.GetNodeRequest(node_id=node_id, include_telemetry_history=include_telemetry_history)
+        return self._unary("cluster", "GetNode", request, lambda r: r.node)
 
     def cluster_status(self):
         return self._unary("cluster", "GetClusterStatus", cluster_pb2.GetClusterStatusRequest(), lambda r: r.status)
@@ -181,11 +108,15 @@ class _Api:
     def get_job(self, job_id: str):
         return self._unary("job", "GetJob", job_pb2.GetJobRequest(job_id=job_id), lambda r: r.job)
 
-    def list_jobs(self, states: Iterable[str | int] = (), owner: str = "", page_size: int = 0, page_token: str = ""):
-        """One page of jobs, newest first: returns (jobs, next_page_token)."""
-        request = job_pb2.ListJobsRequest(
-            states=_enum_values(job_pb2.JobState, "JOB_STATE_", states), owner=owner, page_size=page_size, page_token=page_token
-        )
+    def list_jobs(
+        self, states: Iterable[str | int] = (), owner: str = "", page_size: int = 0, page_token: str = "", *,
+        since: When = None, until: When = None,
+    ):  # fmt: skip
+        """One page of jobs, newest first: returns (jobs, next_page_token). `since`/`until` (wall seconds or
+        datetimes) keep the jobs that were in the system at some time between them (job history, like sacct)."""
+        states = _enum_values(job_pb2.JobState, "JOB_STATE_", states)
+        request = job_pb2.ListJobsRequest(states=states, owner=owner, page_size=page_size, page_token=page_token,
+                                          active_since=timestamp(since), active_until=timestamp(until))  # fmt: skip
         return self._unary("job", "ListJobs", request, lambda r: (list(r.jobs), r.next_page_token))
 
     def cancel_job(self, job_id: str):
@@ -210,74 +141,7 @@ class _Api:
         return self._stream("job", "GetJobLogs", request, lambda r: r.data)
 
 
-def _stubs(channel) -> dict[str, Any]:
-    return {"cluster": cluster_pb2_grpc.ClusterServiceStub(channel), "job": job_pb2_grpc.JobServiceStub(channel)}
-
-
-CLIENT_INSECURE_VARIABLE = "GPUORCH_CLIENT_INSECURE"
-"""Says a client may speak plaintext off this machine. Not GPUORCH_INSECURE: that is the coordinator's
-own `insecure` setting, and one exported for gpuctl must not open a coordinator started from the same shell."""
-
-
-def insecure_from_environment() -> bool:
-    """$GPUORCH_CLIENT_INSECURE, read as the daemons read a boolean setting: a value that is neither is an error."""
-    value = os.environ.get(CLIENT_INSECURE_VARIABLE, "")
-    return bool(value) and settings.convert(value, bool, f"${CLIENT_INSECURE_VARIABLE}")
-
-
-def is_local_address(address: str) -> bool:
-    """True for a unix socket or a loopback HOST:PORT: where plaintext stays on this machine."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rsplit(":", 1)[0]
-    return tls.is_loopback_host(host)
-
-
-class _Channel:
-    """Opens the channel of a Client or AsyncClient: address, TLS and token, with the environment's defaults."""
-
-    def _connect(self, channel_module, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure) -> None:
-        self.address = with_default_port(address) if address else default_address()
-        self.timeout = timeout
-        token = os.environ.get("GPUORCH_TOKEN", "") if token is None else token
-        if self.address.startswith("unix:"):
-            token = ""  # the coordinator's local socket knows the caller from the kernel: no token, no TLS
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        tls_ca = os.environ.get("GPUORCH_TLS_CA", "") if tls_ca is None else tls_ca
-        insecure = insecure_from_environment() if insecure is None else insecure
-        options = [*CHANNEL_OPTIONS, *(options or [])]
-        # Plaintext only to this machine, the same rule the coordinator follows, so a token never
-        # crosses the network in the clear: elsewhere TLS, trusting tls_ca or else the system's
-        # roots, unless `insecure` says the coordinator serves plaintext on purpose.
-        if not self.address.startswith("unix:") and (tls_ca or tls_cert or not (insecure or is_local_address(self.address))):
-            credentials = tls.channel_credentials(tls_ca, tls_cert or "", tls_key or "")
-            self._open = functools.partial(channel_module.secure_channel, self.address, credentials)
-        else:
-            self._open = functools.partial(channel_module.insecure_channel, self.address)
-        self._channel = self._open(options=options)
-        self._stubs = _stubs(self._channel)
-
-    def _unreachable(self, error: grpc.RpcError, probe_error: grpc.RpcError | None) -> GpuorchError:
-        """After a deadline: when one call without retries (the probe) cannot connect either, grpc spent the
-        deadline retrying a connection, and the coordinator is not reachable rather than slow; the probe's
-        error says why (refused, a TLS mismatch). Otherwise the deadline's own error."""
-        if probe_error is not None and probe_error.code() == grpc.StatusCode.UNAVAILABLE:
-            return from_rpc_error(probe_error, self.address)
-        return from_rpc_error(error, self.address)
-
-    def _probe(self):
-        """A fresh channel without retries, and the call to make on it to learn why connections fail."""
-        channel = self._open(options=[("grpc.enable_retries", 0)])
-        call = functools.partial(
-            cluster_pb2_grpc.ClusterServiceStub(channel).GetClusterStatus,
-            cluster_pb2.GetClusterStatusRequest(),
-            timeout=PROBE_SECONDS,
-            metadata=self._metadata,
-        )
-        return channel, call
-
-
-class Client(_Api, _Channel):
+class Client(_Api, Channels):
     """Blocking client. Use as a context manager, or call close()."""
 
     def __init__(
@@ -292,41 +156,78 @@ class Client(_Api, _Channel):
         tls_key: str | None = None,
         insecure: bool | None = None,
     ) -> None:
-        """`token` defaults to $GPUORCH_TOKEN, `tls_ca` (a PEM file) to $GPUORCH_TLS_CA and `insecure` to
-        $GPUORCH_CLIENT_INSECURE. The channel is TLS unless the address is loopback (or `insecure` is set)."""
+        """`address` is HOST[:PORT] or a comma-separated list of them (the leader is followed, see
+        gpuorch.channels); it defaults to $GPUORCH_COORDINATOR. `token` defaults to $GPUORCH_TOKEN,
+        `tls_ca` (a PEM file) to $GPUORCH_TLS_CA and `insecure` to $GPUORCH_CLIENT_INSECURE. A
+        channel is TLS unless its address is loopback (or `insecure` is set)."""
         self._connect(grpc, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
-    def _error(self, error: grpc.RpcError) -> GpuorchError:
-        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            return from_rpc_error(error, self.address)
-        channel, call = self._probe()
+    def _error(self, error: grpc.RpcError, link) -> GpuorchError:
         probe_error = None
-        try:
-            call()
-        except grpc.RpcError as failed:
-            probe_error = failed
-        finally:
-            channel.close()
-        return self._unreachable(error, probe_error)
+        if self._needs_probe(error):
+            channel, call = self._probe(link)
+            try:
+                call()
+            except grpc.RpcError as failed:
+                probe_error = failed
+            finally:
+                channel.close()
+        return self._failure(error, link, probe_error)
 
     def _unary(self, service, method, request, extract):
+        if self._must_locate_leader(service, method):
+            self._locate_leader()
+        attempts = self._attempts(service, method, self.timeout)
+        while True:
+            link = attempts.link()
+            try:
+                response = getattr(link.stubs[service], method)(request, timeout=attempts.remaining(), metadata=link.metadata)
+            except grpc.RpcError as error:
+                delay = attempts.retry_delay(error)
+                if delay is None:
+                    raise self._error(error, link) from None
+                time.sleep(delay)
+                continue
+            attempts.served()
+            return extract(response)
+
+    def _locate_leader(self) -> None:
+        service, method, request = self._locating_request()
         try:
-            return extract(getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata))
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+            self._unary(service, method, request, lambda response: response)
+        except GpuorchError as error:
+            if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
 
     def _stream(self, service, method, request, extract):
-        call = getattr(self._stubs[service], method)(request, metadata=self._metadata)
-        try:
-            for response in call:
-                yield extract(response)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        finally:
-            call.cancel()
+        attempts = self._attempts(service, method, None)
+        while True:
+            link = attempts.link()
+            call = getattr(link.stubs[service], method)(request, metadata=link.metadata)
+            received = False
+            try:
+                for response in call:
+                    if not received:
+                        received = True
+                        attempts.served()
+                    yield extract(response)
+                attempts.served()
+                return
+            except grpc.RpcError as error:
+                delay = None if received else attempts.retry_delay(error)
+                if delay is None:
+                    raise self._error(error, link) from None
+            finally:
+                call.cancel()
+            time.sleep(delay)
+
+    def iter_jobs(self, page_size: int = 0, **filters: Any):
+        """Every job list_jobs(**filters) matches, newest first, fetching page after page."""
+        return every_job(self, page_size, **filters)
 
     def close(self) -> None:
-        self._channel.close()
+        for link in self._links.values():
+            link.channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -335,7 +236,7 @@ class Client(_Api, _Channel):
         self.close()
 
 
-class AsyncClient(_Api, _Channel):
+class AsyncClient(_Api, Channels):
     """asyncio client: every method returns an awaitable (streams: an async iterator)."""
 
     def __init__(
@@ -353,42 +254,77 @@ class AsyncClient(_Api, _Channel):
         """The same arguments as Client's."""
         self._connect(grpc.aio, address, timeout, options, token, tls_ca, tls_cert, tls_key, insecure)
 
-    async def _error(self, error: grpc.RpcError) -> GpuorchError:
-        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            return from_rpc_error(error, self.address)
-        channel, call = self._probe()
+    async def _error(self, error: grpc.RpcError, link) -> GpuorchError:
         probe_error = None
-        try:
-            await call()
-        except grpc.RpcError as failed:
-            probe_error = failed
-        finally:
-            await channel.close()
-        return self._unreachable(error, probe_error)
+        if self._needs_probe(error):
+            channel, call = self._probe(link)
+            try:
+                await call()
+            except grpc.RpcError as failed:
+                probe_error = failed
+            finally:
+                await channel.close()
+        return self._failure(error, link, probe_error)
 
     def _unary(self, service, method, request, extract):
         async def call():
-            try:
-                return extract(
-                    await getattr(self._stubs[service], method)(request, timeout=self.timeout, metadata=self._metadata)
-                )
-            except grpc.RpcError as error:
-                raise await self._error(error) from None
+            if self._must_locate_leader(service, method):
+                await self._locate_leader()
+            attempts = self._attempts(service, method, self.timeout)
+            while True:
+                link = attempts.link()
+                try:
+                    response = await getattr(link.stubs[service], method)(
+                        request, timeout=attempts.remaining(), metadata=link.metadata
+                    )
+                except grpc.RpcError as error:
+                    delay = attempts.retry_delay(error)
+                    if delay is None:
+                        raise await self._error(error, link) from None
+                    await asyncio.sleep(delay)
+                    continue
+                attempts.served()
+                return extract(response)
 
         return call()
 
-    async def _stream(self, service, method, request, extract):
-        call = getattr(self._stubs[service], method)(request, metadata=self._metadata)
+    async def _locate_leader(self) -> None:
+        service, method, request = self._locating_request()
         try:
-            async for response in call:
-                yield extract(response)
-        except grpc.RpcError as error:
-            raise await self._error(error) from None
-        finally:
-            call.cancel()
+            await self._unary(service, method, request, lambda response: response)
+        except GpuorchError as error:
+            if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+
+    async def _stream(self, service, method, request, extract):
+        attempts = self._attempts(service, method, None)
+        while True:
+            link = attempts.link()
+            call = getattr(link.stubs[service], method)(request, metadata=link.metadata)
+            received = False
+            try:
+                async for response in call:
+                    if not received:
+                        received = True
+                        attempts.served()
+                    yield extract(response)
+                attempts.served()
+                return
+            except grpc.RpcError as error:
+                delay = None if received else attempts.retry_delay(error)
+                if delay is None:
+                    raise await self._error(error, link) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+
+    def iter_jobs(self, page_size: int = 0, **filters: Any):
+        """Every job list_jobs(**filters) matches, newest first (an async iterator), fetching page after page."""
+        return every_job_async(self, page_size, **filters)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for link in self._links.values():
+            await link.channel.close()
 
     async def __aenter__(self) -> Self:
         return self

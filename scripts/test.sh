@@ -41,6 +41,14 @@ quietly "installing gpuorch and its test dependencies into .venv (about a minute
 # would pull a multi-gigabyte CUDA build.
 quietly "installing torch 2.13.0 (CPU) for the tests' ranks (a minute or two the first time)" python -m pip install -q 'torch==2.13.0' ||
   echo "warning: torch==2.13.0 not installable here; tests that run torch ranks will be skipped" >&2
+# The dashboard's browser tests drive Debian's chromium through Playwright (Playwright's own browser
+# download needs the internet; it is never used).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing chromium for the dashboard's browser tests (apt-get)..."
+  if [ "$(id -u)" -eq 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+  $apt_get install -y -q chromium >"$PIP_LOG" 2>&1 || { $apt_get update -q >/dev/null 2>&1 && $apt_get install -y -q chromium >"$PIP_LOG" 2>&1; } ||
+    { cat "$PIP_LOG" >&2; echo "warning: chromium not installable; the browser tests will be skipped" >&2; }
+fi
 # Says what a check does and runs it, its findings shown as they come; any finding stops the script.
 check() {
   local what=$1

@@ -158,6 +158,13 @@ class LocalCluster:
             wait_for(serving, timeout=15, what="coordinator to serve")
         return self.coordinator
 
+    def move_to_port(self, port: int) -> None:
+        """The next start_coordinator listens on `port`, and the cluster's own client follows it there."""
+        self.port, self.address = port, f"127.0.0.1:{port}"
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     def add_agent(self, node_id: str, gpus: int = 2, *extra: str, coordinator: str = "", single_user: bool = True) -> Daemon:
         """Starts an agent. With `single_user` (tests run as root here, submit jobs without an owner, and
         the coordinator runs without tokens) the agent runs every rank as its own user instead of refusing

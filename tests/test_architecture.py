@@ -177,6 +177,24 @@ def cross_package_violations(root: Path) -> list[str]:
     return _by_place(problems)
 
 
+DASHBOARD = "gpuorch.dashboard"
+"""gpuorch-dashboard: a client of the public API through the SDK. It imports gpuorch (the SDK) and never the
+daemons (the rule above, for all of gpuorch); and nothing else in gpuorch imports it, so gpuctl and the
+daemons never load aiohttp."""
+
+
+def dashboard_violations(root: Path) -> list[str]:
+    problems = []
+    for module in modules(root, "gpuorch"):
+        inside = _within(module.name, DASHBOARD)
+        for found in imports(module):
+            if inside and (_within(found.target, "coordinator") or _within(found.target, "agent")):
+                problems.append(f"{module.relative}:{found.line}: the dashboard is a client: it must not import {found.target}")
+            elif not inside and _within(found.target, DASHBOARD):
+                problems.append(f"{module.relative}:{found.line}: only the dashboard imports {DASHBOARD} ({found.target})")
+    return _by_place(problems)
+
+
 def size_violations(root: Path, limit: int = SIZE_LIMIT) -> list[str]:
     problems = []
     for package in SIZED_PACKAGES:
@@ -252,6 +270,11 @@ def test_coordinator_layers_import_only_downwards():
 
 def test_agent_coordinator_and_gpuorch_keep_to_themselves():
     problems = cross_package_violations(REPO)
+    assert not problems, _report(problems)
+
+
+def test_the_dashboard_is_a_client_that_nothing_else_imports():
+    problems = dashboard_violations(REPO)
     assert not problems, _report(problems)
 
 
@@ -413,3 +436,20 @@ def test_checker_reports_every_direct_clock_read_and_stale_allow_list_entries(tm
         f"coordinator/control/job_manager.py:8: time.time(): {advice}",
         "coordinator/observe/gone.py:1: on the clock allow-list but reads no clock directly (or is gone): remove the entry",
     ]
+
+
+def test_checker_reports_the_dashboard_importing_a_daemon_and_gpuorch_importing_the_dashboard(tmp_path):
+    root = make_tree(
+        tmp_path,
+        {
+            **CLEAN_TREE,
+            "gpuorch/dashboard/__init__.py": "",
+            "gpuorch/dashboard/app.py": "from gpuorch.client import AsyncClient\nfrom coordinator.model import usage\n",
+            "gpuorch/cli/__init__.py": "from gpuorch.dashboard import app\n",
+        },
+    )
+    assert dashboard_violations(root) == [
+        "gpuorch/cli/__init__.py:1: only the dashboard imports gpuorch.dashboard (gpuorch.dashboard.app)",
+        "gpuorch/dashboard/app.py:2: the dashboard is a client: it must not import coordinator.model.usage",
+    ]
+    assert dashboard_violations(make_tree(tmp_path / "clean", CLEAN_TREE)) == []

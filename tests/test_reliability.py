@@ -405,7 +405,7 @@ async def test_job_ids_keep_their_order_and_cannot_be_guessed(tmp_path):
         assert all(re.fullmatch(r"j-\d{6}-[a-z2-7]{6}", job_id) for job_id in ids), ids
         assert [job_id.split("-")[1] for job_id in ids] == [f"{n:06d}" for n in range(1, 21)]
         assert len({job_id.split("-")[2] for job_id in ids}) == 20, "the unguessable parts differ"
-        jobs, _ = manager.list()
+        jobs, _ = await manager.list()
         assert [job.job_id for job in jobs] == ids[::-1]
     finally:
         await manager.store.close()

@@ -45,8 +45,9 @@ def test_bad_values_name_their_source(tmp_path):
 def test_validation_names_the_setting():
     with pytest.raises(ValueError, match="heartbeat_interval"):
         CoordinatorSettings(heartbeat_interval=0).validate()
-    with pytest.raises(ValueError, match="coordinator must be HOST:PORT"):
-        AgentSettings(coordinator="nohost").validate()
+    with pytest.raises(ValueError, match=r"coordinator: 'gpu-b:port' is not HOST\[:PORT\]"):
+        AgentSettings(coordinator="gpu-a:50051,gpu-b:port").validate()
+    AgentSettings(coordinator="gpu-a,gpu-b:6000").validate()  # a host without a port means port 50051
 
 
 def test_backoff_grows_exponentially_to_its_cap_with_jitter_in_the_upper_half():

@@ -6,6 +6,8 @@ import grpc
 
 from coordinator.api.auth import Action, Guard
 from coordinator.control.cluster_view import ClusterView
+from coordinator.model.usage import UsageHistory
+from coordinator.observe.usage_sampler import usage_problem, usage_response
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc
 
 MAX_REASON_LENGTH = 1024
@@ -22,6 +24,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
         """Optional callable returning {state name: count}, from the job manager."""
         self.persist_drain = persist_drain
         """Optional coroutine function (node_id, reason or None) that makes a drain outlive restarts."""
+        self.usage: UsageHistory | None = None
+        """The usage history GetUsageHistory answers from; None answers an empty one."""
 
     async def _node(self, node_id: str, context: grpc.aio.ServicerContext):
         if not node_id:
@@ -41,7 +45,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
     async def GetNode(self, request: cluster_pb2.GetNodeRequest, context):
         await self.guard.check(context, Action.READ)
         node = await self._node(request.node_id, context)
-        return cluster_pb2.GetNodeResponse(node=self.cluster.node_proto(node))
+        return cluster_pb2.GetNodeResponse(node=self.cluster.node_proto(node, request.include_telemetry_history))
 
     async def GetClusterStatus(self, request, context):
         await self.guard.check(context, Action.READ)
@@ -71,3 +75,16 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
         if self.persist_drain is not None:
             await self.persist_drain(node.node_id, None)
         return cluster_pb2.ResumeNodeResponse(node=self.cluster.node_proto(node))
+
+    async def GetUsageHistory(self, request: cluster_pb2.GetUsageHistoryRequest, context):
+        await self.guard.check(context, Action.READ)
+        problem = usage_problem(request)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        now = self.cluster.clock.wall()
+        usage = self.usage if self.usage is not None else UsageHistory(1.0, now)
+        return usage_response(usage, request, now)
+
+    async def WhoAmI(self, request: cluster_pb2.WhoAmIRequest, context):
+        caller = await self.guard.authenticate(context)
+        return cluster_pb2.WhoAmIResponse(user=caller.user, role=caller.role, authenticated=caller.authenticated)

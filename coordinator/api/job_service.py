@@ -11,6 +11,7 @@ from coordinator.api.auth import Action, Guard, StreamQuota, priority_problem, r
 from coordinator.control.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, NoSuchRank, QuotaExceeded
 from coordinator.rules import job_rules
 from coordinator.rules.job_rules import InvalidSpec
+from coordinator.store.api import JobQuery
 from gpuorch.v1 import job_pb2, job_pb2_grpc
 
 MAX_CLIENT_REQUEST_ID = 128
@@ -21,6 +22,11 @@ CLIENT_RECEIVE_LIMIT_BYTES = 4 * 1024 * 1024
 """grpc's default limit on a message a client receives: gpuctl's and most tools' (grpcurl's too)."""
 MAX_TAIL_BYTES = 2**62
 """tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
+
+
+def _seconds(request: job_pb2.ListJobsRequest, field: str) -> float:
+    """A Timestamp field of the request in wall seconds; 0 when unset."""
+    return getattr(request, field).ToNanoseconds() / 1e9 if request.HasField(field) else 0.0
 
 
 class JobService(job_pb2_grpc.JobServiceServicer):
@@ -47,9 +53,11 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         if not job_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
         try:
-            return self.manager.get(job_id)
+            return await self.manager.find(job_id)
         except JobNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, error.args[0])
+        except RuntimeError as error:  # the store could not read the job history
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
     async def SubmitJob(self, request: job_pb2.SubmitJobRequest, context):
         caller = await self.guard.check(context, Action.SUBMIT)
@@ -64,7 +72,8 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         await self._permit_priority(context, caller, request.spec.priority)
         # A job that can never fit is refused now with the numbers, not queued forever (unless the user
         # asks to hold it); a retry of a submission already accepted is answered as before.
-        if not request.spec.hold_if_too_big and (request.spec.owner, request.client_request_id) not in self.manager.by_request_id:
+        retry = bool(request.client_request_id) and await self._submitted_before(request, context)
+        if not request.spec.hold_if_too_big and not retry:
             try:
                 job_rules.validate_spec(job_rules.normalized(request.spec))  # a bad field is named before any capacity
             except InvalidSpec as error:
@@ -85,6 +94,13 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return job_pb2.SubmitJobResponse(job_id=job_id)
 
+    async def _submitted_before(self, request: job_pb2.SubmitJobRequest, context) -> bool:
+        try:
+            return await self.manager.history.find_request(request.spec.owner, request.client_request_id) is not None
+        except RuntimeError as error:  # the store could not read the job history
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+            raise
+
     async def _permit_priority(self, context, caller, priority: int) -> None:
         problem = priority_problem(caller, priority, self.max_user_priority)
         if problem is not None:
@@ -99,12 +115,18 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         for state in request.states:
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
+        query = JobQuery(
+            owner=request.owner,
+            states=frozenset(request.states),
+            active_since=_seconds(request, "active_since"),
+            active_until=_seconds(request, "active_until"),
+        )
         try:
-            found, token = self.manager.list(
-                request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes
-            )
+            found, token = await self.manager.list(query, request.page_size, request.page_token, self.max_list_bytes)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except RuntimeError as error:  # the store could not read the job history
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return job_pb2.ListJobsResponse(jobs=[redact_env(job, caller) for job in found], next_page_token=token)
 
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context):
@@ -130,9 +152,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def WatchJob(self, request: job_pb2.WatchJobRequest, context):
         caller = await self.guard.check(context, Action.READ)
-        await self._entry(request.job_id, context)
+        entry = await self._entry(request.job_id, context)
         async with self._stream_slot(context):
-            async for job in self.manager.watch(request.job_id):
+            async for job in self.manager.history.watch(entry):
                 yield job_pb2.WatchJobResponse(job=redact_env(job, caller))
 
     async def GetJobLogs(self, request: job_pb2.GetJobLogsRequest, context):

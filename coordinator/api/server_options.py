@@ -1,10 +1,13 @@
-"""The gRPC server's options, and the connection cap the open-file limit allows."""
+"""The gRPC server's options, the connection cap the open-file limit allows, and the warnings about what the network
+can do to a coordinator set up as this one is."""
 
 from __future__ import annotations
 
 import resource
 
 import structlog
+
+from coordinator.settings import CoordinatorSettings
 
 log = structlog.get_logger("coordinator")
 
@@ -60,3 +63,25 @@ def connection_cap(wanted: int) -> int:
         log.warning("max_connections is above what the open-file limit allows; raise LimitNOFILE (ulimit -n)",
                     max_connections=wanted, open_file_limit=file_limit)  # fmt: skip
     return wanted or allowed
+
+
+def warn_about_exposure(settings: CoordinatorSettings, tokens: bool) -> None:
+    """Says in the log what the network can do to this coordinator, whenever that is more than it should."""
+    if not settings.tls_cert:
+        if settings.insecure:
+            log.warning(
+                "TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted",
+                listen=settings.listen,
+            )
+        else:
+            log.warning(
+                "TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines",
+                listen=settings.listen,
+            )
+    if not tokens and settings.tokenless_tcp_clients:
+        log.warning(
+            "tokens_file is not set: every TCP client may act as any user, and as admin; agents are told owners are not "
+            "authenticated (set tokenless_tcp_clients = false to serve clients on the local socket only)"
+        )
+    if not settings.tls_client_ca:
+        log.warning("tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node")

@@ -242,7 +242,8 @@ class ClusterView:
     def state_of(self, node: NodeRecord) -> cluster_pb2.NodeState:
         return public_state(node.liveness.state, node.drained, self.busy(node))
 
-    def node_proto(self, node: NodeRecord) -> cluster_pb2.Node:
+    def node_proto(self, node: NodeRecord, include_history: bool = False) -> cluster_pb2.Node:
+        """The wire view of a node; with `include_history`, every device's bounded telemetry history too."""
         message = cluster_pb2.Node(
             node_id=node.node_id,
             state=self.state_of(node),
@@ -277,6 +278,15 @@ class ClusterView:
             )
             if record.sample is not None:
                 device.telemetry.CopyFrom(telemetry_of(record.info.uuid, record.sample))
+            if include_history:
+                for wall, utilization, memory_used, temperature, power in record.history.samples():
+                    device.telemetry_history.add(
+                        time=_timestamp(wall),
+                        gpu_utilization_percent=utilization,
+                        memory_used_bytes=int(memory_used),
+                        temperature_celsius=temperature,
+                        power_watts=power,
+                    )
         return message
 
     def list_nodes(self, states: Iterable[int] = ()) -> list[cluster_pb2.Node]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -22,6 +22,7 @@ from coordinator import scheduler
 from coordinator.control import reconcile
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.job_history import JobHistory
 from coordinator.control.job_writes import JobWrites
 from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
 from coordinator.control.scheduling_loop import SchedulingLoop
@@ -48,7 +49,7 @@ from coordinator.rules.effects import (
 from coordinator.rules.health import DeviceHealth
 from coordinator.rules.liveness import Liveness
 from coordinator.rules.quotas import QuotaPolicy, pending_quota_problem
-from coordinator.store.api import JobStore
+from coordinator.store.api import RECENT_ENDED_JOBS, JobQuery, JobStore
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.v1 import agent_pb2, job_pb2
 
@@ -96,6 +97,7 @@ class JobManager:
         estimates: Estimates | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
+        recent_ended_jobs: int = RECENT_ENDED_JOBS,
     ) -> None:
         self.cluster = cluster
         self.store = store
@@ -125,6 +127,7 @@ class JobManager:
         self.restarts_by_reason: dict[str, int] = {}
         self.launch_latencies: list[float] = []  # recent placement -> every rank's process started, in seconds
         self.writes = JobWrites(store)
+        self.history = JobHistory(self, recent_ended_jobs)  # which ended jobs stay in memory; reads of those that left
         self._appliers = self._applier_table()
         cluster.listeners.append(self._on_transition)
         cluster.device_listeners.append(self._on_device_unhealthy)
@@ -159,6 +162,7 @@ class JobManager:
         self.epoch = state.epoch
         self.cluster.drained.update(state.drains)
         reconcile.restore(self, state)
+        self.history.restored(sum(stored.job.state in FINAL_STATES for stored in state.jobs))
         log.info("jobs loaded", jobs=len(self.jobs), pending=len(self.pending), expected_nodes=len(self.expected_nodes))
         self.scheduling.wake.set()
 
@@ -198,6 +202,7 @@ class JobManager:
             self.running.pop(job_id, None)
         if state in FINAL_STATES:
             self.scheduling.forget(job_id)
+            self.history.job_ended(entry)
 
     # -- effects -----------------------------------------------------------------------------
 
@@ -207,7 +212,9 @@ class JobManager:
         appliers = self._appliers
         for effect in effects:
             appliers[type(effect)](effect)
-        return self.writes.save_unsaved()
+        write = self.writes.save_unsaved()
+        self.history.evict()
+        return write
 
     def _applier_table(self) -> dict[type, Callable[[Any], object]]:
         send, jobs, ask, wake = self.links.send, self.jobs, self.writes.ask, self.scheduling.wake
@@ -240,7 +247,9 @@ class JobManager:
 
     def save(self, entries: Iterable[JobEntry] = ()) -> asyncio.Future[None]:
         """One write: the jobs the rules asked to save since the last, then `entries`; its failure is logged and counted."""
-        return self.writes.save(entries)
+        write = self.writes.save(entries)
+        self.history.evict()
+        return write
 
     def _notify(self, entry: JobEntry) -> None:
         for watcher in self.watchers.get(entry.job.job_id, ()):
@@ -252,8 +261,9 @@ class JobManager:
 
     async def submit(self, spec: job_pb2.JobSpec, client_request_id: str = "") -> str:
         """Validates, stores durably, queues; returns the job id. Raises job_rules.InvalidSpec, QuotaExceeded."""
-        if client_request_id and (spec.owner, client_request_id) in self.by_request_id:
-            return self.by_request_id[(spec.owner, client_request_id)].job.job_id
+        earlier = await self.history.find_request(spec.owner, client_request_id) if client_request_id else None
+        if earlier is not None:  # (checked again after the store's answer: a submission may have indexed it meanwhile)
+            return earlier.job.job_id
         spec = job_rules.normalized(spec)
         job_rules.validate_spec(spec)
         problem = pending_quota_problem(self.quotas, spec.owner, self.pending_by_owner, self.max_pending_jobs_per_user)
@@ -280,14 +290,21 @@ class JobManager:
             raise JobNotFound(f"job {job_id!r} does not exist")
         return entry
 
-    def list(
-        self, states: Iterable[int] = (), owner: str = "", page_size: int = 0, page_token: str = "", max_bytes: int = 0
+    async def find(self, job_id: str) -> JobEntry:
+        """The job, from memory or, one that ended long ago, from the store. Raises JobNotFound."""
+        entry = await self.history.find(job_id)
+        if entry is None:
+            raise JobNotFound(f"job {job_id!r} does not exist")
+        return entry
+
+    async def list(
+        self, query: JobQuery | None = None, page_size: int = 0, page_token: str = "", max_bytes: int = 0
     ) -> tuple[list[job_pb2.Job], str]:
-        """Newest first, a page at a time (model/jobs.job_page)."""
-        return job_queries.job_page(self.jobs.values(), states, owner, page_size, page_token, max_bytes)
+        """Newest first, a page at a time, from memory and the store's history (control/job_history.py)."""
+        return await self.history.page(query or JobQuery(), page_size, page_token, max_bytes)
 
     async def cancel(self, job_id: str) -> job_pb2.Job:
-        entry = self.get(job_id)
+        entry = await self.find(job_id)
         if entry.final:
             raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
         write = self.apply(job_machine.cancel(entry, self.now(), self.machine))
@@ -296,7 +313,7 @@ class JobManager:
         return entry.job
 
     async def set_priority(self, job_id: str, priority: int) -> job_pb2.Job:
-        entry = self.get(job_id)
+        entry = await self.find(job_id)
         if entry.final:
             raise JobFinished(f"job {job_id} is already {_state_name(entry.job.state)}")
         entry.job.spec.priority = priority
@@ -304,24 +321,6 @@ class JobManager:
         self.scheduling.wake.set()
         await self.save([entry])
         return entry.job
-
-    async def watch(self, job_id: str) -> AsyncIterator[job_pb2.Job]:
-        """The job now, then after every change of state or attempt, until it is final."""
-        entry = self.get(job_id)
-        updates: asyncio.Queue[job_pb2.Job] = asyncio.Queue()
-        watchers = self.watchers.setdefault(job_id, set())
-        watchers.add(updates)
-        try:
-            snapshot = job_pb2.Job()
-            snapshot.CopyFrom(entry.job)
-            yield snapshot
-            while snapshot.state not in FINAL_STATES:
-                snapshot = await updates.get()
-                yield snapshot
-        finally:
-            watchers.discard(updates)
-            if not watchers:
-                self.watchers.pop(job_id, None)
 
     def jobs_by_state(self) -> dict[str, int]:
         return job_queries.jobs_by_state(self.jobs.values())
@@ -331,7 +330,7 @@ class JobManager:
     ) -> agent_pb2.LogChunk:
         """Reads part of a rank's log from its node. Raises LookupError (NoSuchRank for a rank the attempt
         does not have) or ConnectionError, with a reason."""
-        entry = self.get(job_id)
+        entry = await self.find(job_id)
         attempt = attempt or entry.job.attempt
         if attempt == 0:
             raise LookupError(f"job {job_id} has not started yet; it has no logs")

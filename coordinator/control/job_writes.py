@@ -27,6 +27,9 @@ class JobWrites:
         self._unsaved: dict[str, JobEntry] = {}
         """Job id -> job asked for since the last write, in the order first asked."""
         self._watched: asyncio.Future[None] | None = None
+        self.unconfirmed: dict[str, asyncio.Future[None]] = {}
+        """Job id -> the write of its final state, until that write is durable (or for good, if it failed):
+        an ended job leaves memory only once the store has its end (control/job_history.py)."""
 
     def ask(self, entry: JobEntry) -> None:
         """The job goes in the next write (`save`, or `save_unsaved` once the event's effects are applied)."""
@@ -38,6 +41,9 @@ class JobWrites:
         for entry in entries:
             batch.setdefault(entry.job.job_id, entry)
         write = self.store.save([StoredJob(entry.sequence, entry.job, entry.client_request_id) for entry in batch.values()])
+        for job_id, entry in batch.items():
+            if entry.final:
+                self.unconfirmed[job_id] = write
         if write is not self._watched:  # a store may answer several saves with one future (they joined one write)
             self._watched = write
             write.add_done_callback(self._done)
@@ -48,7 +54,10 @@ class JobWrites:
         return self.save() if self._unsaved else None
 
     def _done(self, write: asyncio.Future[None]) -> None:
-        if not write.cancelled() and write.exception() is not None:
+        if not write.cancelled() and write.exception() is None:
+            for job_id in [job_id for job_id, pending in self.unconfirmed.items() if pending is write]:
+                del self.unconfirmed[job_id]
+        elif not write.cancelled():
             self.failures += 1
             log.error(
                 "job store write failed; the change is in memory only until the job's next write", error=str(write.exception())

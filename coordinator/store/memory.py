@@ -2,53 +2,43 @@
 
 Writes are applied in call order and complete at the next turn of the event loop (as a group
 commit would), so callers that forget to await see the same interleavings they would in production.
-`fail_next` makes the next writes fail, to test that failures are seen.
+`fail_next` makes the next writes fail, to test that failures are seen. History reads walk the jobs
+newest first over their columns (no parsing until a job matches).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
+from coordinator.store import history
 from coordinator.store.api import RECENT_ENDED_JOBS, JobQuery, JobStore, StoredJob, StoredState, StoreError
 from gpuorch.v1 import job_pb2
 
-FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 
-
-def ended_at(job: job_pb2.Job) -> float | None:
-    """Wall seconds the job reached a final state (its submit time if it has no end time); None while not final."""
-    if job.state not in FINAL_STATES:
-        return None
-    return (job.end_time if job.HasField("end_time") else job.submit_time).ToNanoseconds() / 1e9
-
-
-def matches(query: JobQuery, stored: StoredJob) -> bool:
-    """Whether a stored job is one the query asks for (its sequence bound included)."""
-    job = stored.job
-    if query.below_sequence and stored.sequence >= query.below_sequence:
-        return False
-    if query.owner and job.spec.owner != query.owner:
-        return False
-    if query.states and job.state not in query.states:
-        return False
-    if query.active_until and job.submit_time.ToNanoseconds() / 1e9 > query.active_until:
-        return False
-    ended = ended_at(job)
-    return not (query.active_since and ended is not None and ended < query.active_since)
-
-
-def state_to_open(jobs: list[StoredJob]) -> list[StoredJob]:
-    """What open returns of every stored job: those not ended and the RECENT_ENDED_JOBS that ended last."""
-    ended = sorted((s for s in jobs if ended_at(s.job) is not None), key=lambda s: (ended_at(s.job), s.sequence))
-    kept = {s.sequence for s in ended[-RECENT_ENDED_JOBS:]} if ended else set()
-    return [s for s in jobs if ended_at(s.job) is None or s.sequence in kept]
+class _Row(NamedTuple):
+    data: bytes
+    """The job, serialized as SQLite keeps it."""
+    client_request_id: str
+    owner: str
+    state: int
+    submitted: float
+    ended: float
 
 
 class MemoryJobStore(JobStore):
     def __init__(self) -> None:
-        self.jobs: dict[int, tuple[bytes, str]] = {}
-        """Sequence -> (the job, serialized as SQLite keeps it; its client request id)."""
+        self.jobs: dict[int, _Row] = {}
+        """Sequence -> the job's row."""
+        self._order: list[int] = []
+        """Every sequence in `jobs`, ascending."""
+        self._requests: dict[tuple[str, str], int] = {}
+        """(owner, client request id) -> sequence."""
+        self._ids: dict[str, int] = {}
+        """Job id -> sequence."""
         self.drains: dict[str, str] = {}
         self.epoch = 0
         self.commits = 0
@@ -59,25 +49,49 @@ class MemoryJobStore(JobStore):
     async def open(self) -> StoredState:
         self._open = True
         self.epoch += 1
-        return StoredState(state_to_open(self._all()), dict(self.drains), self.epoch)
+        ended = heapq.nlargest(
+            RECENT_ENDED_JOBS, (sequence for sequence, row in self.jobs.items() if row.ended), key=self._end_order
+        )
+        kept = set(ended) | {sequence for sequence, row in self.jobs.items() if not row.ended}
+        return StoredState([self._stored(sequence) for sequence in sorted(kept)], dict(self.drains), self.epoch)
 
-    def _all(self) -> list[StoredJob]:
-        return [
-            StoredJob(sequence, job_pb2.Job.FromString(data), request_id)
-            for sequence, (data, request_id) in sorted(self.jobs.items())
-        ]
+    def _end_order(self, sequence: int) -> tuple[float, int]:
+        return self.jobs[sequence].ended, sequence
+
+    def _stored(self, sequence: int) -> StoredJob:
+        row = self.jobs[sequence]
+        return StoredJob(sequence, job_pb2.Job.FromString(row.data), row.client_request_id)
 
     def save(self, jobs: Iterable[StoredJob] = (), drains: Mapping[str, str | None] | None = None) -> asyncio.Future[None]:
         if not self._open:
             raise RuntimeError("job store is not open")
-        rows = [(stored.sequence, stored.job.SerializeToString(), stored.client_request_id) for stored in jobs]
+        rows = [
+            (
+                stored.sequence,
+                stored.job.job_id,
+                _Row(
+                    stored.job.SerializeToString(),  # a copy taken now, as the SQLite store serializes at once
+                    stored.client_request_id,
+                    stored.job.spec.owner,
+                    stored.job.state,
+                    history.submitted_at(stored.job),
+                    history.ended_at(stored.job),
+                ),
+            )
+            for stored in jobs
+        ]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.fail_next:
             self.fail_next -= 1
             done.set_exception(StoreError("job store write failed: injected failure"))
             return done
-        for sequence, data, request_id in rows:  # a copy taken now, as the SQLite store serializes at once
-            self.jobs[sequence] = (data, request_id)
+        for sequence, job_id, row in rows:
+            if sequence not in self.jobs:
+                bisect.insort(self._order, sequence)
+            self.jobs[sequence] = row
+            self._ids[job_id] = sequence
+            if row.client_request_id:
+                self._requests[(row.owner, row.client_request_id)] = sequence
         for node_id, reason in (drains or {}).items():
             if reason is None:
                 self.drains.pop(node_id, None)
@@ -91,22 +105,32 @@ class MemoryJobStore(JobStore):
         self._open = False
 
     async def query(self, query: JobQuery) -> list[StoredJob]:
-        found = [stored for stored in reversed(self._all()) if matches(query, stored)]
-        return found[: max(query.limit, 0)]
+        history.validate(query)
+        order, found = self._order, []
+        end = bisect.bisect_left(order, query.below_sequence) if query.below_sequence else len(order)
+        for index in range(end - 1, -1, -1):
+            sequence = order[index]
+            row = self.jobs[sequence]
+            if history.matches(query, row.owner, row.state, row.submitted, row.ended):
+                found.append(self._stored(sequence))
+                if len(found) == query.limit:
+                    break
+        return found
 
     async def get(self, job_id: str) -> StoredJob | None:
-        return next((stored for stored in self._all() if stored.job.job_id == job_id), None)
+        sequence = self._ids.get(job_id)
+        return self._stored(sequence) if sequence is not None and sequence in self.jobs else None
 
     async def find_request(self, owner: str, client_request_id: str) -> StoredJob | None:
-        if not client_request_id:
-            return None
-        return next(
-            (s for s in self._all() if s.job.spec.owner == owner and s.client_request_id == client_request_id),
-            None,
-        )
+        sequence = self._requests.get((owner, client_request_id))
+        return self._stored(sequence) if sequence is not None and sequence in self.jobs else None
 
     async def prune(self, ended_before: float) -> int:
-        old = [s.sequence for s in self._all() if (ended := ended_at(s.job)) is not None and ended < ended_before]
-        for sequence in old:
-            del self.jobs[sequence]
-        return len(old)
+        gone = {sequence for sequence, row in self.jobs.items() if 0 < row.ended < ended_before}
+        for sequence in gone:
+            row = self.jobs.pop(sequence)
+            self._requests.pop((row.owner, row.client_request_id), None)
+            self._ids.pop(job_pb2.Job.FromString(row.data).job_id, None)
+        if gone:
+            self._order = [sequence for sequence in self._order if sequence not in gone]
+        return len(gone)

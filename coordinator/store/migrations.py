@@ -12,7 +12,7 @@ database migrated by a newer gpuorch (a version this one does not know) is refus
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,9 @@ class Migration:
     description: str
     statements: tuple[str, ...]
     """Run in order, in one transaction with the record of the version."""
+    then: Callable[[Any], None] | None = None
+    """Run after the statements, in the same transaction, with the connection: for a step SQL alone
+    cannot make (filling new columns from the jobs' stored records)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ def apply_migrations(connection: Any, migrations: Sequence[Migration], dialect: 
             migration = due[0]
             for statement in migration.statements:
                 connection.execute(statement)
+            if migration.then is not None:
+                migration.then(connection)
             connection.execute(
                 f"INSERT INTO {VERSIONS_TABLE}(version, description) VALUES ({dialect.placeholder}, {dialect.placeholder})",
                 (migration.version, migration.description),

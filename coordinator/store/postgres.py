@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 
+from coordinator.store import history
 from coordinator.store.api import RECENT_ENDED_JOBS, Fenced, JobQuery, JobStore, StoredJob, StoredState, StoreError
 from coordinator.store.lease import Lease
 from coordinator.store.postgres_lease import PostgresLease
@@ -36,13 +37,18 @@ log = structlog.get_logger("coordinator.store")
 
 T = TypeVar("T")
 
-FINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
-
 UPSERT_JOB = (
     "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, submit_time, end_time, data) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sequence) DO UPDATE "
     "SET state = excluded.state, end_time = excluded.end_time, data = excluded.data"
 )
+UPSERT_JOBS = (
+    "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, submit_time, end_time, data) "
+    "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::smallint[], %s::text[], %s::text[], %s::float8[], "
+    "%s::float8[], %s::bytea[]) ON CONFLICT (sequence) DO UPDATE "
+    "SET state = excluded.state, end_time = excluded.end_time, data = excluded.data"
+)
+"""One statement for a whole batch (one version per sequence: an upsert may not touch a row twice)."""
 JOB_COLUMNS = "sequence, data, client_request_id"
 
 
@@ -61,10 +67,8 @@ class _Write:
 def job_row(stored: StoredJob) -> tuple:
     """The columns of one job: what the history reads filter on, and the whole job serialized."""
     job = stored.job
-    submitted = job.submit_time.ToNanoseconds() / 1e9
-    ended = None
-    if job.state in FINAL_STATES:  # NULL while not final; a final job without an end time ended when it was submitted
-        ended = job.end_time.ToNanoseconds() / 1e9 if job.HasField("end_time") else submitted
+    submitted = history.submitted_at(job)
+    ended = history.ended_at(job) or None  # NULL while not final
     return (
         stored.sequence,
         job.job_id,
@@ -200,7 +204,8 @@ class PostgresJobStore(JobStore):
             with connection.transaction(), connection.cursor() as cursor:
                 check_fence(cursor, self.lease.epoch)
                 if rows:
-                    cursor.executemany(UPSERT_JOB, rows)
+                    latest = {row[0]: row for row in rows}  # a later save of a job replaces an earlier one
+                    cursor.execute(UPSERT_JOBS, [list(column) for column in zip(*latest.values(), strict=True)])
                 if resumed:
                     cursor.execute("DELETE FROM drains WHERE node_id = ANY(%s)", (resumed,))
                 if drained:
@@ -228,8 +233,7 @@ class PostgresJobStore(JobStore):
     # -- history --
 
     async def query(self, query: JobQuery) -> list[StoredJob]:
-        if query.limit < 1:
-            return []
+        history.validate(query)
         where: list[str] = ["TRUE"]
         parameters: list[object] = []
         if query.owner:
@@ -274,7 +278,7 @@ class PostgresJobStore(JobStore):
                 check_fence(cursor, self.lease.epoch)
                 cursor.execute(
                     "DELETE FROM jobs WHERE end_time IS NOT NULL AND end_time < %s AND state = ANY(%s)",
-                    (ended_before, list(FINAL_STATES)),
+                    (ended_before, sorted(history.FINAL_STATES)),
                 )
                 return cursor.rowcount
 

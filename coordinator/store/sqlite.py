@@ -5,12 +5,15 @@ disk: one writer thread takes every write queued since its last commit and
 commits them in one transaction (group commit), then wakes the waiters with one
 call into the event loop. Under load, many submissions share one fsync, so
 throughput holds; saves made while the writer is busy join one queued write
-(one future for all of them).
+(one future for all of them). History reads (query, get, find_request) run on a
+reader thread with its own connection: WAL lets it read while the writer writes.
+The schema and its upgrade are in sqlite_schema.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -23,8 +26,8 @@ from pathlib import Path
 
 import structlog
 
-from coordinator.store.api import JobQuery, JobStore, StoredJob, StoredState, StoreError
-from coordinator.store.memory import ended_at, matches, state_to_open
+from coordinator.store import history, sqlite_schema
+from coordinator.store.api import RECENT_ENDED_JOBS, JobQuery, JobStore, StoredJob, StoredState, StoreError
 from gpuorch.v1 import job_pb2
 
 log = structlog.get_logger("coordinator.store")
@@ -47,23 +50,19 @@ def make_private(database: Path) -> None:
                 os.chmod(path, PRIVATE_FILE_MODE)
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    sequence INTEGER PRIMARY KEY,
-    job_id TEXT NOT NULL UNIQUE,
-    state INTEGER NOT NULL,
-    owner TEXT NOT NULL,
-    client_request_id TEXT,
-    data BLOB NOT NULL
-);
--- A request id is unique per owner: one user's retried submission never finds another user's job.
--- (Stores made before this was so have the index on the id alone; each open replaces it.)
-DROP INDEX IF EXISTS jobs_by_request;
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_owner_and_request ON jobs(owner, client_request_id) WHERE client_request_id != '';
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
 _CLOSE = object()
+
+
+PRUNE_BATCH_ROWS = 5000
+"""Jobs one pruning transaction deletes: the writer commits submissions between batches."""
+
+
+@dataclass(eq=False)
+class _Prune:
+    """One batch of pruning, done by the writer in its own transaction; `done` gets how many it deleted."""
+
+    ended_before: float
+    done: asyncio.Future[int]
 
 
 @dataclass(eq=False)
@@ -106,6 +105,9 @@ class SqliteJobStore(JobStore):
         self._lock = threading.Lock()
         self._open_write: _Write | None = None
         """The write queued last, while the writer has not taken it: saves until then join it."""
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_connection: sqlite3.Connection | None = None
+        """Made and used only on the reader's one thread."""
 
     def _connect(self) -> sqlite3.Connection:
         make_private(self.path)
@@ -113,22 +115,19 @@ class SqliteJobStore(JobStore):
         connection.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss too, not only a crash of the coordinator.
         connection.execute("PRAGMA synchronous=FULL")
-        connection.executescript(SCHEMA)
+        sqlite_schema.prepare(connection)
         return connection
 
     def _load(self, connection: sqlite3.Connection) -> StoredState:
-        jobs = [
-            StoredJob(sequence, job_pb2.Job.FromString(data), request_id or "")
-            for sequence, data, request_id in connection.execute(
-                "SELECT sequence, data, client_request_id FROM jobs ORDER BY sequence"
-            )
-        ]
+        rows = {row[0]: row for row in connection.execute(sqlite_schema.NOT_FINAL)}
+        rows.update((row[0], row) for row in connection.execute(sqlite_schema.RECENT_ENDED, (RECENT_ENDED_JOBS,)))
+        jobs = [_stored(rows[sequence]) for sequence in sorted(rows)]
         drains = {
             key.removeprefix(DRAIN_KEY_PREFIX): value
             for key, value in connection.execute("SELECT key, value FROM settings")
             if key.startswith(DRAIN_KEY_PREFIX)
         }
-        return StoredState(state_to_open(jobs), drains, next_epoch(self.path.parent))
+        return StoredState(jobs, drains, next_epoch(self.path.parent))
 
     async def open(self) -> StoredState:
         self._loop = asyncio.get_running_loop()
@@ -137,6 +136,7 @@ class SqliteJobStore(JobStore):
         state = await asyncio.to_thread(self._load, connection)
         self._thread = threading.Thread(target=self._writer, args=(connection, self._loop), name="job-store-writer", daemon=True)
         self._thread.start()
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store-reader")
         log.info("job store open", path=str(self.path), jobs=len(state.jobs))
         return state
 
@@ -151,6 +151,8 @@ class SqliteJobStore(JobStore):
                 stored.job.spec.owner,
                 stored.client_request_id,
                 stored.job.SerializeToString(),
+                history.submitted_at(stored.job),
+                history.ended_at(stored.job),
             )
             for stored in jobs
         ]
@@ -177,88 +179,140 @@ class SqliteJobStore(JobStore):
             with self._lock:  # what is taken takes no more rows; a save from now on queues a new write
                 self._open_write = None
             writes = [item for item in batch if isinstance(item, _Write)]
-            closing = len(writes) != len(batch)
-            if not writes:
-                continue
-            error: BaseException | None = None
-            try:
-                connection.execute("BEGIN")
-                for write in writes:
-                    rows, settings = write.rows, write.settings
-                    if rows:
-                        connection.executemany(
-                            "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, data) VALUES (?, ?, ?, ?, ?, ?) "
-                            "ON CONFLICT(sequence) DO UPDATE SET state=excluded.state, data=excluded.data",
-                            rows,
-                        )
-                    for key, value in settings.items():
-                        if value is None:
-                            connection.execute("DELETE FROM settings WHERE key = ?", (key,))
-                        else:
-                            connection.execute(
-                                "INSERT INTO settings(key, value) VALUES (?, ?) "
-                                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                                (key, value),
-                            )
-                connection.execute("COMMIT")
-                self.commits += 1
-            except sqlite3.Error as failure:
-                error = failure
-                log.error("job store write failed", error=str(failure))
-                try:
-                    connection.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            # One wake-up of the event loop per commit, not one per write it grouped.
-            loop.call_soon_threadsafe(_settle, [write.done for write in writes], error)
+            prunes = [item for item in batch if isinstance(item, _Prune)]
+            closing = len(writes) + len(prunes) != len(batch)
+            if writes:
+                self._commit(connection, loop, writes)
+            for prune in prunes:
+                self._prune_batch(connection, loop, prune)
         connection.close()
+
+    def _commit(self, connection: sqlite3.Connection, loop: asyncio.AbstractEventLoop, writes: list[_Write]) -> None:
+        error: BaseException | None = None
+        try:
+            connection.execute("BEGIN")
+            for write in writes:
+                rows, settings = write.rows, write.settings
+                if rows:
+                    connection.executemany(
+                        "INSERT INTO jobs(sequence, job_id, state, owner, client_request_id, data, submit_time, end_time) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sequence) DO UPDATE SET "
+                        "state=excluded.state, data=excluded.data, submit_time=excluded.submit_time, end_time=excluded.end_time",
+                        rows,
+                    )
+                for key, value in settings.items():
+                    if value is None:
+                        connection.execute("DELETE FROM settings WHERE key = ?", (key,))
+                    else:
+                        connection.execute(
+                            "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                            (key, value),
+                        )
+            connection.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as failure:
+            error = failure
+            log.error("job store write failed", error=str(failure))
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        # One wake-up of the event loop per commit, not one per write it grouped.
+        loop.call_soon_threadsafe(_settle, [write.done for write in writes], error)
+
+    def _prune_batch(self, connection: sqlite3.Connection, loop: asyncio.AbstractEventLoop, prune: _Prune) -> None:
+        try:
+            connection.execute("BEGIN")
+            deleted = connection.execute(sqlite_schema.PRUNE_BATCH, (prune.ended_before, PRUNE_BATCH_ROWS)).rowcount
+            connection.execute("COMMIT")
+        except sqlite3.Error as failure:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            log.error("job store pruning failed", error=str(failure))
+            loop.call_soon_threadsafe(_settle_prune, prune.done, StoreError(f"job store pruning failed: {failure}"))
+        else:
+            loop.call_soon_threadsafe(_settle_prune, prune.done, deleted)
 
     async def close(self) -> None:
         if self._thread is not None:
             self._queue.put(_CLOSE)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await asyncio.get_running_loop().run_in_executor(reader, self._close_reader)
+            reader.shutdown(wait=False)
 
-    # History reads until the SQLite schema has their columns: a scan of every job on a thread.
+    # -- history reads: on the reader thread, never on the event loop's --
 
-    def _read_all(self) -> list[StoredJob]:
-        connection = sqlite3.connect(self.path)
-        try:
-            return [
-                StoredJob(sequence, job_pb2.Job.FromString(data), request_id or "")
-                for sequence, data, request_id in connection.execute(
-                    "SELECT sequence, data, client_request_id FROM jobs ORDER BY sequence"
-                )
-            ]
-        finally:
-            connection.close()
+    async def _read(self, read, *arguments):
+        if self._reader is None:
+            raise RuntimeError("job store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._reader, read, *arguments)
+
+    def _reading(self) -> sqlite3.Connection:
+        if self._reader_connection is None:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA query_only = ON")
+            self._reader_connection = connection
+        return self._reader_connection
+
+    def _close_reader(self) -> None:
+        if self._reader_connection is not None:
+            self._reader_connection.close()
+            self._reader_connection = None
+
+    def _select(self, sql: str, parameters: tuple | list) -> list[StoredJob]:
+        return [_stored(row) for row in self._reading().execute(sql, parameters)]
+
+    def _query(self, query: JobQuery) -> list[StoredJob]:
+        # One read per state, merged: each walks an index in sequence order, where one read of
+        # several states would sort every match.
+        found: list[StoredJob] = []
+        states: list[int | None] = [*sorted(query.states)] or [None]
+        for state in states:
+            found += self._select(*sqlite_schema.query_sql(query, state))
+        found.sort(key=lambda stored: stored.sequence, reverse=True)
+        return found[: query.limit]
 
     async def query(self, query: JobQuery) -> list[StoredJob]:
-        jobs = await asyncio.to_thread(self._read_all)
-        return [stored for stored in reversed(jobs) if matches(query, stored)][: max(query.limit, 0)]
+        history.validate(query)
+        return await self._read(self._query, query)
 
     async def get(self, job_id: str) -> StoredJob | None:
-        return next((s for s in await asyncio.to_thread(self._read_all) if s.job.job_id == job_id), None)
+        found = await self._read(self._select, sqlite_schema.BY_ID, (job_id,))
+        return found[0] if found else None
 
     async def find_request(self, owner: str, client_request_id: str) -> StoredJob | None:
-        if not client_request_id:
-            return None
-        jobs = await asyncio.to_thread(self._read_all)
-        return next((s for s in jobs if s.job.spec.owner == owner and s.client_request_id == client_request_id), None)
+        found = await self._read(self._select, sqlite_schema.BY_REQUEST, (owner, client_request_id))
+        return found[0] if found else None
 
     async def prune(self, ended_before: float) -> int:
-        jobs = await asyncio.to_thread(self._read_all)
-        old = [s.sequence for s in jobs if (ended := ended_at(s.job)) is not None and ended < ended_before]
+        """Deletes in batches of PRUNE_BATCH_ROWS, each its own transaction on the writer, in order with the saves."""
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("job store is not open")
+        deleted = 0
+        while True:
+            prune = _Prune(ended_before, self._loop.create_future())
+            self._queue.put(prune)
+            batch = await prune.done
+            deleted += batch
+            if batch < PRUNE_BATCH_ROWS:
+                return deleted
 
-        def delete() -> None:
-            connection = sqlite3.connect(self.path, isolation_level=None)
-            try:
-                connection.executemany("DELETE FROM jobs WHERE sequence = ?", [(sequence,) for sequence in old])
-            finally:
-                connection.close()
 
-        await asyncio.to_thread(delete)
-        return len(old)
+def _stored(row: tuple) -> StoredJob:
+    sequence, data, request_id = row
+    return StoredJob(sequence, job_pb2.Job.FromString(data), request_id or "")
+
+
+def _settle_prune(future: asyncio.Future[int], outcome: int | StoreError) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, StoreError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:

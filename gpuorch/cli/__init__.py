@@ -3,6 +3,7 @@
     gpuctl nodes                 every node, one line each
     gpuctl node ID               one node and its GPUs
     gpuctl status                cluster totals
+    gpuctl usage [--days N]      GPU-hours by owner and pool, allocation and utilisation over time
     gpuctl drain ID [--reason]   stop placing work on a node
     gpuctl resume ID             open it again
     gpuctl submit --gpus N [...] -- CMD ARGS...    queue a job, print its id
@@ -18,7 +19,8 @@
 
 Global options (-o json, --coordinator, --token, ...) go before or after the command. The
 coordinator address comes from --coordinator, else $GPUORCH_COORDINATOR, else
-127.0.0.1:50051 (port 50051 when an address names none). Times are local, with their zone
+127.0.0.1:50051 (port 50051 when an address names none); a comma-separated list names several
+coordinators, and gpuctl follows their leader. Times are local, with their zone
 (--utc for UTC). Everything printed for people has control characters escaped. A coordinator with
 tokens wants --token (or $GPUORCH_TOKEN). To any address but loopback gpuctl speaks
 TLS, trusting --tls-ca (or $GPUORCH_TLS_CA), else the system's CAs; --insecure (or

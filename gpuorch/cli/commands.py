@@ -8,11 +8,13 @@ import json
 import os
 import secrets
 import sys
+import time
 
 from gpuorch.cli.completion import completion_script
+from gpuorch.cli.history import run_history
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
-from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status
+from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status, format_usage
 from gpuorch.client import Client, build_job_spec, new_request_id
 from gpuorch.errors import GpuorchError
 from gpuorch.v1 import job_pb2
@@ -46,6 +48,11 @@ def run(args: argparse.Namespace, client: Client) -> int:
         show(client.get_node(args.node_id), format_node)
     elif args.command == "status":
         show(client.cluster_status(), format_status)
+    elif args.command == "usage":
+        if args.days <= 0:
+            raise ValueError(f"--days must be > 0, got {args.days}")
+        end = time.time()
+        show(client.usage_history("hour" if args.hourly else "minute", start=end - args.days * 86400, end=end), format_usage)
     elif args.command == "drain":
         show(client.drain_node(args.node_id, args.reason), format_node)
     elif args.command == "resume":
@@ -100,6 +107,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
             print(json.dumps({"jobs": [as_json(job) for job in found]}, indent=2))
         else:
             print(format_jobs(found))
+    elif args.command == "history":
+        return run_history(args, client)
     elif args.command == "job":
         show(client.get_job(args.job_id), format_job)
     elif args.command == "cancel":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from gpuorch.cli.history import add_history_arguments
 from gpuorch.client import default_address
 from gpuorch.durations import parse_duration
 from gpuorch.pools import pool_name_problem
@@ -56,7 +57,9 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument(
         "--coordinator",
         default=default(None),
-        help=f"HOST[:PORT], port 50051 if none (default $GPUORCH_COORDINATOR or {default_address()})",
+        metavar="HOST[:PORT][,...]",
+        help="the coordinator, or a comma-separated list of them (their leader is followed); port 50051 if none "
+        f"(default $GPUORCH_COORDINATOR or {default_address()})",
     )
     group.add_argument(
         "-o", "--output", choices=OUTPUT_FORMATS, default=default("table"), help="output format: table (default) or json"
@@ -126,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--state", action="append", default=[], help=f"only nodes in this state (repeatable): {NODE_STATES}")
     command("node", "show one node and its GPUs", "gpuctl node node-a").add_argument("node_id")
     command("status", "cluster totals", "gpuctl status")
+    usage = command(
+        "usage",
+        "GPU-hours by owner and by pool, allocation and utilisation over time",
+        "gpuctl usage --days 7",
+        "From the coordinator's usage history (GetUsageHistory), kept in memory since it last started.",
+    )
+    usage.add_argument("--days", type=float, default=1.0, help="how far back, in days (default 1; at most 7 by minute)")
+    usage.add_argument("--hourly", action="store_true", help="hourly points, kept 90 days (default: a point a minute, 7 days)")
     drain = command("drain", "stop placing new work on a node", 'gpuctl drain node-b --reason "swap PSU"')
     drain.add_argument("node_id")
     drain.add_argument("--reason", default="", help="why, shown on the node")
@@ -220,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", action="append", default=[], help=f"only jobs in this state (repeatable): {JOB_STATES}")
     jobs.add_argument("--owner", default="", help="only jobs of this owner")
     jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    history = command(
+        "history",
+        "jobs that ran or ended in a time window (like sacct), newest first, old ones included",
+        "gpuctl history --user alice --since 7d --state failed -o json",
+    )
+    add_history_arguments(history, JOB_STATES)
     command("job", "show one job: spec, placement, every attempt and where it ran", "gpuctl job j-000001 --utc").add_argument(
         "job_id"
     )

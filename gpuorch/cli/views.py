@@ -186,3 +186,21 @@ def format_job(job) -> str:
             for node_id, directory in sorted(attempt.working_dirs.items()):
                 lines.append(printable(f"attempt {attempt.attempt} working dir on {node_id}: {directory}"))
     return "\n".join(lines)
+
+
+def format_usage(usage) -> str:
+    """GetUsageHistoryResponse as GPU-hours by owner and pool, and the range's mean allocation and utilisation."""
+    points = list(usage.points)
+    covered = sum(point.covered_seconds for point in points)
+    lines = [f"Points:       {len(points)}, one per {usage.point_seconds // 60} min, covering {covered / 3600:.1f} h"]
+    if covered:
+        allocated = sum(point.gpus_allocated * point.covered_seconds for point in points) / covered
+        total = sum(point.gpus_total * point.covered_seconds for point in points) / covered
+        utilization = sum(point.mean_gpu_utilization_percent * point.covered_seconds for point in points) / covered
+        lines.append(f"Allocated:    {allocated:.1f} of {total:.1f} GPUs on average")
+        lines.append(f"Utilisation:  {utilization:.1f}% mean")
+    lines = [printable(line) for line in lines]
+    for title, totals in (("OWNER", usage.owners), ("POOL", usage.pools)):
+        rows = [(total.name or "(none)", f"{total.gpu_seconds / 3600:.2f}") for total in totals]
+        lines += ["", table((title, "GPU-HOURS"), rows) if rows else f"{title}: no GPU-hours in the range"]
+    return "\n".join(lines)

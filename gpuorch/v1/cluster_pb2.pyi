@@ -18,12 +18,21 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_DOWN: _ClassVar[NodeState]
     NODE_STATE_DRAINING: _ClassVar[NodeState]
     NODE_STATE_DRAINED: _ClassVar[NodeState]
+
+class UsageResolution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_RESOLUTION_UNSPECIFIED: _ClassVar[UsageResolution]
+    USAGE_RESOLUTION_MINUTE: _ClassVar[UsageResolution]
+    USAGE_RESOLUTION_HOUR: _ClassVar[UsageResolution]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_READY: NodeState
 NODE_STATE_SUSPECT: NodeState
 NODE_STATE_DOWN: NodeState
 NODE_STATE_DRAINING: NodeState
 NODE_STATE_DRAINED: NodeState
+USAGE_RESOLUTION_UNSPECIFIED: UsageResolution
+USAGE_RESOLUTION_MINUTE: UsageResolution
+USAGE_RESOLUTION_HOUR: UsageResolution
 
 class DeviceInfo(_message.Message):
     __slots__ = ("uuid", "index", "name", "memory_total_bytes", "pci_bus_id", "temperature_limit_celsius", "power_limit_watts")
@@ -70,7 +79,7 @@ class DeviceTelemetry(_message.Message):
     def __init__(self, uuid: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., memory_utilization_percent: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., ecc_corrected_errors: _Optional[int] = ..., ecc_uncorrected_errors: _Optional[int] = ..., xid_count: _Optional[int] = ..., last_xid: _Optional[int] = ..., lost: _Optional[bool] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("uuid", "index", "name", "memory_total_bytes", "pci_bus_id", "healthy", "unhealthy_reason", "telemetry", "allocated_job_id", "allocated_attempt")
+    __slots__ = ("uuid", "index", "name", "memory_total_bytes", "pci_bus_id", "healthy", "unhealthy_reason", "telemetry", "allocated_job_id", "allocated_attempt", "telemetry_history")
     UUID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +90,7 @@ class Device(_message.Message):
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_HISTORY_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     index: int
     name: str
@@ -91,7 +101,22 @@ class Device(_message.Message):
     telemetry: DeviceTelemetry
     allocated_job_id: str
     allocated_attempt: int
-    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., pci_bus_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., unhealthy_reason: _Optional[str] = ..., telemetry: _Optional[_Union[DeviceTelemetry, _Mapping]] = ..., allocated_job_id: _Optional[str] = ..., allocated_attempt: _Optional[int] = ...) -> None: ...
+    telemetry_history: _containers.RepeatedCompositeFieldContainer[TelemetryPoint]
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., pci_bus_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., unhealthy_reason: _Optional[str] = ..., telemetry: _Optional[_Union[DeviceTelemetry, _Mapping]] = ..., allocated_job_id: _Optional[str] = ..., allocated_attempt: _Optional[int] = ..., telemetry_history: _Optional[_Iterable[_Union[TelemetryPoint, _Mapping]]] = ...) -> None: ...
+
+class TelemetryPoint(_message.Message):
+    __slots__ = ("time", "gpu_utilization_percent", "memory_used_bytes", "temperature_celsius", "power_watts")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    POWER_WATTS_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    gpu_utilization_percent: float
+    memory_used_bytes: int
+    temperature_celsius: float
+    power_watts: float
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_utilization_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("node_id", "state", "hostname", "addresses", "devices", "heartbeat_interval_seconds", "last_heartbeat_time", "registered_time", "last_heartbeat_sequence", "state_reason", "drained", "agent_version", "pool")
@@ -136,10 +161,12 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class GetNodeRequest(_message.Message):
-    __slots__ = ("node_id",)
+    __slots__ = ("node_id", "include_telemetry_history")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TELEMETRY_HISTORY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+    include_telemetry_history: bool
+    def __init__(self, node_id: _Optional[str] = ..., include_telemetry_history: _Optional[bool] = ...) -> None: ...
 
 class GetNodeResponse(_message.Message):
     __slots__ = ("node",)
@@ -226,3 +253,69 @@ class GetClusterStatusResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: ClusterStatus
     def __init__(self, status: _Optional[_Union[ClusterStatus, _Mapping]] = ...) -> None: ...
+
+class GetUsageHistoryRequest(_message.Message):
+    __slots__ = ("resolution", "start_time", "end_time")
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    resolution: UsageResolution
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, resolution: _Optional[_Union[UsageResolution, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class UsagePoint(_message.Message):
+    __slots__ = ("start_time", "covered_seconds", "gpus_total", "gpus_allocated", "mean_gpu_utilization_percent", "allocated_gpu_seconds")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    COVERED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GPUS_ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    covered_seconds: float
+    gpus_total: float
+    gpus_allocated: float
+    mean_gpu_utilization_percent: float
+    allocated_gpu_seconds: float
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., covered_seconds: _Optional[float] = ..., gpus_total: _Optional[float] = ..., gpus_allocated: _Optional[float] = ..., mean_gpu_utilization_percent: _Optional[float] = ..., allocated_gpu_seconds: _Optional[float] = ...) -> None: ...
+
+class UsageTotal(_message.Message):
+    __slots__ = ("name", "gpu_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    gpu_seconds: float
+    def __init__(self, name: _Optional[str] = ..., gpu_seconds: _Optional[float] = ...) -> None: ...
+
+class GetUsageHistoryResponse(_message.Message):
+    __slots__ = ("resolution", "point_seconds", "points", "owners", "pools", "sample_interval_seconds", "history_start_time")
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    POINT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    resolution: UsageResolution
+    point_seconds: int
+    points: _containers.RepeatedCompositeFieldContainer[UsagePoint]
+    owners: _containers.RepeatedCompositeFieldContainer[UsageTotal]
+    pools: _containers.RepeatedCompositeFieldContainer[UsageTotal]
+    sample_interval_seconds: float
+    history_start_time: _timestamp_pb2.Timestamp
+    def __init__(self, resolution: _Optional[_Union[UsageResolution, str]] = ..., point_seconds: _Optional[int] = ..., points: _Optional[_Iterable[_Union[UsagePoint, _Mapping]]] = ..., owners: _Optional[_Iterable[_Union[UsageTotal, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[UsageTotal, _Mapping]]] = ..., sample_interval_seconds: _Optional[float] = ..., history_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WhoAmIResponse(_message.Message):
+    __slots__ = ("user", "role", "authenticated")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    AUTHENTICATED_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    role: str
+    authenticated: bool
+    def __init__(self, user: _Optional[str] = ..., role: _Optional[str] = ..., authenticated: _Optional[bool] = ...) -> None: ...

@@ -60,6 +60,16 @@ class ClusterServiceStub:
                 request_serializer=gpuorch_dot_v1_dot_cluster__pb2.ResumeNodeRequest.SerializeToString,
                 response_deserializer=gpuorch_dot_v1_dot_cluster__pb2.ResumeNodeResponse.FromString,
                 _registered_method=True)
+        self.GetUsageHistory = channel.unary_unary(
+                '/gpuorch.v1.ClusterService/GetUsageHistory',
+                request_serializer=gpuorch_dot_v1_dot_cluster__pb2.GetUsageHistoryRequest.SerializeToString,
+                response_deserializer=gpuorch_dot_v1_dot_cluster__pb2.GetUsageHistoryResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/gpuorch.v1.ClusterService/WhoAmI',
+                request_serializer=gpuorch_dot_v1_dot_cluster__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=gpuorch_dot_v1_dot_cluster__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -101,6 +111,21 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsageHistory(self, request, context):
+        """The cluster's usage over time: GPUs total and allocated, mean utilisation, GPU-seconds by owner
+        and by pool; one point a minute for 7 days, one an hour for 90 days, kept in memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """Who the coordinator takes the caller for: user and role (UNAUTHENTICATED for a bad token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +153,16 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.ResumeNode,
                     request_deserializer=gpuorch_dot_v1_dot_cluster__pb2.ResumeNodeRequest.FromString,
                     response_serializer=gpuorch_dot_v1_dot_cluster__pb2.ResumeNodeResponse.SerializeToString,
+            ),
+            'GetUsageHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsageHistory,
+                    request_deserializer=gpuorch_dot_v1_dot_cluster__pb2.GetUsageHistoryRequest.FromString,
+                    response_serializer=gpuorch_dot_v1_dot_cluster__pb2.GetUsageHistoryResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=gpuorch_dot_v1_dot_cluster__pb2.WhoAmIRequest.FromString,
+                    response_serializer=gpuorch_dot_v1_dot_cluster__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +301,60 @@ class ClusterService:
             '/gpuorch.v1.ClusterService/ResumeNode',
             gpuorch_dot_v1_dot_cluster__pb2.ResumeNodeRequest.SerializeToString,
             gpuorch_dot_v1_dot_cluster__pb2.ResumeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsageHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuorch.v1.ClusterService/GetUsageHistory',
+            gpuorch_dot_v1_dot_cluster__pb2.GetUsageHistoryRequest.SerializeToString,
+            gpuorch_dot_v1_dot_cluster__pb2.GetUsageHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuorch.v1.ClusterService/WhoAmI',
+            gpuorch_dot_v1_dot_cluster__pb2.WhoAmIRequest.SerializeToString,
+            gpuorch_dot_v1_dot_cluster__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

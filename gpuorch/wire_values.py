@@ -1,0 +1,67 @@
+"""What the SDK turns into request fields: enum names, times, and paging through ListJobs."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+When = float | datetime.datetime | None
+"""A time as the SDK takes it: wall seconds since the epoch, a datetime (naive = local time), or None (unbounded)."""
+
+
+def enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[Any]:
+    """Accepts enum numbers or names with or without the prefix ("READY", "NODE_STATE_READY").
+
+    Returns the enum's numbers. Typed Any: each request's stub wants its own enum class there,
+    which at run time is a plain int."""
+    values: list[Any] = []
+    for name in names:
+        if isinstance(name, int):
+            values.append(name)
+            continue
+        key = name.upper()
+        key = key if key.startswith(prefix) else prefix + key
+        try:
+            values.append(enum.Value(key))
+        except ValueError:
+            known = ", ".join(
+                n[len(prefix) :].lower()
+                for n in (value.name for value in enum.DESCRIPTOR.values)
+                if not n.endswith("UNSPECIFIED")
+            )
+            raise ValueError(f"unknown state {name!r}: use one of {known}") from None
+    return values
+
+
+def timestamp(when: When) -> timestamp_pb2.Timestamp | None:
+    """`when` as a Timestamp field's value; None stays unset."""
+    if when is None:
+        return None
+    seconds = when.timestamp() if isinstance(when, datetime.datetime) else float(when)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def every_job(client, page_size: int = 0, **filters: Any) -> Iterator[Any]:
+    """Every job list_jobs(**filters) matches, newest first, a page at a time (blocking Client)."""
+    token = ""
+    while True:
+        jobs, token = client.list_jobs(page_size=page_size, page_token=token, **filters)
+        yield from jobs
+        if not token:
+            return
+
+
+async def every_job_async(client, page_size: int = 0, **filters: Any) -> AsyncIterator[Any]:
+    """The same for AsyncClient."""
+    token = ""
+    while True:
+        jobs, token = await client.list_jobs(page_size=page_size, page_token=token, **filters)
+        for job in jobs:
+            yield job
+        if not token:
+            return
