@@ -1,9 +1,8 @@
 """Failover time: SIGKILL of the leading coordinator -> the standby leading and every agent registered with it.
 
 Two real coordinators share one real PostgreSQL (tests/postgres_server.py: initdb on a free
-loopback port); N real agents (--simulate-gpus) reach the leader through one address
-(tests/leader_proxy.py, a forwarder that health-checks the coordinators as a load balancer
-would). Each round SIGKILLs the leader and measures, from the kill, until the other coordinator
+loopback port); N real agents (--simulate-gpus) are given both addresses (--coordinator A,B)
+and follow the leader. Each round SIGKILLs the leader and measures, from the kill, until the other coordinator
 answers health SERVING and lists all N nodes READY (nodes are not stored: each READY node is an
 agent that registered with it); then the killed one is started again, as a standby, for the next
 round.
@@ -34,7 +33,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc  # noqa: E402
 from tests.harness import Daemon, LocalCluster, free_port, wait_for  # noqa: E402
-from tests.leader_proxy import LeaderProxy  # noqa: E402
 from tests.postgres_server import PostgresServer  # noqa: E402
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -79,9 +77,8 @@ def main() -> None:
         ]  # fmt: skip
         daemons[name] = Daemon(name, argv, root / f"coordinator-{name}.log").start()
 
-    proxy = LeaderProxy(list(addresses.values())).start()
     cluster = LocalCluster(root / "cluster")
-    cluster.address = proxy.address
+    cluster.address = ",".join(addresses.values())  # the agents' --coordinator list
     samples: list[float] = []
     try:
         start("a")
@@ -103,7 +100,6 @@ def main() -> None:
             leader, standby = standby, leader
     finally:
         cluster.stop()
-        proxy.stop()
         for daemon in daemons.values():
             daemon.stop()
         postgres.destroy()
