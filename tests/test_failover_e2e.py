@@ -129,8 +129,11 @@ def all_jobs(client) -> list[job_pb2.Job]:
 @pytest.fixture
 def ha(tmp_path, postgres_url):
     coordinators = Coordinators(tmp_path, postgres_url)
-    coordinators.start("a")
-    wait_leading(coordinators.addresses["a"])
+    first = coordinators.start("a")
+    try:
+        wait_leading(coordinators.addresses["a"], timeout=60)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; its log ends:\n{first.output()[-3000:]}") from None
     coordinators.start("b")
     wait_for(lambda: health(coordinators.addresses["b"]) is not None, timeout=30, what="the standby to answer")
     assert health(coordinators.addresses["b"]) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -199,6 +202,14 @@ def test_a_frozen_leader_is_fenced_and_steps_down_by_itself(ha, tmp_path, postgr
     release = tmp_path / "release"
     job_id = client.submit_job(argv=[sys.executable, RANK, "--wait-for", str(release)], gpus=2)
     wait_state(client, job_id, RUNNING, timeout=60)
+
+    def stored_state() -> int:
+        with psycopg.connect(postgres_url) as connection:
+            return connection.execute("SELECT state FROM jobs WHERE job_id = %s", (job_id,)).fetchone()[0]
+
+    # Frozen once RUNNING is committed, so that the new leader, which adopts the job as stored, writes nothing more
+    # for it: every difference in the store after the old leader wakes would be the old leader's.
+    wait_for(lambda: stored_state() == RUNNING, timeout=30, what="RUNNING committed")
     old = coordinators.daemons["a"]
     old.signal(signal.SIGSTOP)
     # While it is frozen its connections stay open: neither the agents' streams nor the SDK's calls (which time
