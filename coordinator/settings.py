@@ -14,6 +14,7 @@ from coordinator.scheduler.prediction import RuntimePredictor
 from coordinator.store.api import RECENT_ENDED_JOBS
 from coordinator.store.open_url import parse_store_url
 from gpuorch.metrics import parse_listen
+from gpuorch.sharding import DEFAULT_DEVICE_CAPACITY
 from gpuorch.tls import is_loopback_host
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -164,6 +165,10 @@ class CoordinatorSettings:
     recent_ended_jobs: int = RECENT_ENDED_JOBS
     """Ended jobs kept in memory (the most recent; at most what the store's open returns): older ones are read
     from the store's history indexes when asked for."""
+    device_capacity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[device_capacity] table: GPU model = relative throughput (H100 = 1.0), matched as a substring of the GPU's name,
+    the longest match winning; extends or overrides gpuorch.sharding's table. Ranks get it as GPUORCH_DEVICE_CAPACITY
+    (and every rank's as GPUORCH_DEVICE_CAPACITIES) for gpuorch.worker.shard(by="capacity")."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -198,6 +203,15 @@ class CoordinatorSettings:
             min_samples=self.runtime_prediction_min_samples,
             default_seconds=self.runtime_prediction_default,
         )
+
+    def device_capacities(self) -> dict[str, float]:
+        """gpuorch.sharding's table with the device_capacity setting over it; raises ValueError naming a bad entry."""
+        if not isinstance(self.device_capacity, dict):
+            raise ValueError("device_capacity must be a TOML table of GPU model = relative throughput, e.g. A100 = 0.5")
+        for model, value in self.device_capacity.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"device_capacity.{model} must be a number > 0 (H100 = 1.0), got {value!r}")
+        return {**DEFAULT_DEVICE_CAPACITY, **{model: float(value) for model, value in self.device_capacity.items()}}
 
     def recovery_policy(self) -> RecoveryPolicy:
         return RecoveryPolicy(backoff_base_seconds=self.restart_backoff_base, backoff_max_seconds=self.restart_backoff_max)
@@ -295,6 +309,7 @@ class CoordinatorSettings:
         if self.max_connections < 0:
             raise ValueError(f"max_connections must be >= 0 (0 = from the open-file limit), got {self.max_connections}")
         self.quota_policy()
+        self.device_capacities()
         if not 0 < self.runtime_prediction_quantile <= 1:
             raise ValueError(f"runtime_prediction_quantile must be in (0, 1], got {self.runtime_prediction_quantile}")
         if self.runtime_prediction_min_samples < 1:

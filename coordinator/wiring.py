@@ -191,6 +191,7 @@ class Coordinator:
             rng=self.rng,
             recent_ended_jobs=settings.recent_ended_jobs,
         )
+        self.jobs.arrays.dependencies.capacities = settings.device_capacities()  # GPUORCH_DEVICE_CAPACITY of ranks
         self.agents = AgentService(self.cluster, self.epoch)
         self.agents.leadership = self.leadership
         self.agents.identity_problem = functools.partial(

@@ -17,6 +17,7 @@ from typing import Any, Self
 import grpc
 
 from gpuorch.addresses import DEFAULT_PORT, is_local_address, with_default_port
+from gpuorch.array_api import ArrayApi, array_fields
 from gpuorch.channels import DEFAULT_ADDRESS, Channels, default_address, insecure_from_environment
 from gpuorch.client_usage import UsageCalls
 from gpuorch.durations import parse_duration
@@ -49,13 +50,15 @@ def build_job_spec(
     seconds or a duration such as "90m", "2h", "1h30m" or "01:30:00" (ValueError naming it otherwise)."""
     if time_limit is not None:
         fields["time_limit_seconds"] = time_limit if isinstance(time_limit, int) else parse_duration(time_limit)
+    fields = array_fields(fields)  # array="0-99%8", after=["j-...:ok"] (gpuorch/array_api.py)
     if isinstance(requirements, Mapping):
         requirements = job_pb2.JobRequirements(**requirements)
     return job_pb2.JobSpec(argv=list(argv), gpus=gpus, requirements=requirements, env=dict(env or {}), **fields)
 
 
-class _Api(UsageCalls):
-    """Every RPC of the public API once (GetUsageHistory and WhoAmI in UsageCalls); `_unary`/`_stream` decide sync or async."""
+class _Api(UsageCalls, ArrayApi):
+    """Every RPC of the public API once (GetUsageHistory and WhoAmI in UsageCalls, arrays in ArrayApi); `_unary`/`_stream`
+    decide sync or async."""
 
     address: str
 

@@ -65,3 +65,14 @@ async def every_job_async(client, page_size: int = 0, **filters: Any) -> AsyncIt
             yield job
         if not token:
             return
+
+
+def timestamp_seconds(request, field: str) -> float:
+    """A google.protobuf.Timestamp field of a message in wall seconds; 0 when unset. Raises ValueError naming
+    the field when it is outside what a Timestamp may hold (years 1 to 9999), as a hostile client may send."""
+    if not request.HasField(field):
+        return 0.0
+    try:
+        return getattr(request, field).ToNanoseconds() / 1e9
+    except ValueError as error:
+        raise ValueError(f"{field} is not a valid time: {error}") from None

@@ -14,12 +14,19 @@ works; these helpers add the defaults a job usually wants.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from gpuorch.arrays import MAX_RESULT_BYTES
+from gpuorch.sharding import parse_capacities, shard_bounds
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
@@ -158,3 +165,63 @@ def report_progress(min_interval_seconds: float = 1.0) -> None:
     except FileNotFoundError:
         with open(path, "a"):
             pass
+
+
+# -- arrays, results and shares of work --------------------------------------------------------------
+
+
+def array_index() -> int | None:
+    """This task's index in its job array (GPUORCH_ARRAY_INDEX); None outside an array."""
+    value = os.environ.get("GPUORCH_ARRAY_INDEX", "")
+    return int(value) if value else None
+
+
+def report_result(result: Mapping[str, Any]) -> None:
+    """Reports this rank's result, a JSON object of at most 64 KiB, e.g. {"loss": 0.12, "lr": 3e-4}: stored with
+    the task when the rank exits (rank 0's wins), shown by `gpuctl results ARRAY`, and handed to jobs that run
+    `--after` this one (GPUORCH_DEPENDENCY_RESULTS). A later call replaces an earlier one. Raises TypeError for
+    what is not a JSON object, ValueError when it is larger than 64 KiB; outside gpuorch it does nothing."""
+    if not isinstance(result, Mapping):
+        raise TypeError(f"report_result wants a mapping (a JSON object), got {type(result).__name__}")
+    text = json.dumps(dict(result), allow_nan=False, separators=(",", ":"))
+    size = len(text.encode())
+    if size > MAX_RESULT_BYTES:
+        raise ValueError(f"the result is {size} bytes as JSON; the limit is {MAX_RESULT_BYTES} (64 KiB)")
+    path = os.environ.get("GPUORCH_RESULT_FILE")
+    if not path:
+        return
+    # The agent made the file for this rank (its directory is the agent's): rewritten in place; read once the rank ended.
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def dependency_results() -> dict[str, Any]:
+    """What GPUORCH_DEPENDENCY_RESULTS holds (the results of the jobs this one ran --after): {"dependencies":
+    [...], "results": [{"job_id", "array_id", "index", "state", "result"}, ...], "truncated": bool}. Empty outside."""
+    path = os.environ.get("GPUORCH_DEPENDENCY_RESULTS", "")
+    if not path:
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+def device_capacity() -> float:
+    """This rank's GPU's relative throughput (GPUORCH_DEVICE_CAPACITY, H100 = 1.0); 1.0 when not told."""
+    return float(os.environ.get("GPUORCH_DEVICE_CAPACITY") or 1.0)
+
+
+def shard(items: Iterable[T], by: str = "uniform", max_per_rank: int | None = None) -> list[T]:
+    """This rank's share of `items`: a contiguous slice, the same split on every rank (deterministic).
+
+    by="uniform": equal shares (they differ by at most one). by="capacity": shares in proportion to each rank's
+    GPU throughput (GPUORCH_DEVICE_CAPACITIES), so ranks on mixed GPUs finish at about the same time; without
+    that variable (outside gpuorch) every rank counts 1.0. `max_per_rank` caps every share; what a capped
+    rank cannot take goes to the others (ValueError if the ranks cannot hold every item)."""
+    if by not in ("uniform", "capacity"):
+        raise ValueError(f"shard(by={by!r}): use 'uniform' or 'capacity'")
+    every = list(items)
+    rank, world_size = _int_env("RANK", 0), _int_env("WORLD_SIZE", 1)
+    capacities = os.environ.get("GPUORCH_DEVICE_CAPACITIES", "")
+    weights = parse_capacities(capacities, world_size) if by == "capacity" and capacities else [1.0] * world_size
+    start, end = shard_bounds(len(every), rank, weights, max_per_rank)
+    return every[start:end]

@@ -7,10 +7,11 @@ import json
 import sys
 import time
 
+import grpc
 import pytest
 
 from gpuorch.errors import FailedPrecondition, NotFound
-from gpuorch.v1 import job_pb2
+from gpuorch.v1 import job_pb2, job_pb2_grpc
 from tests.harness import wait_for
 from tests.test_cli import gpuctl
 
@@ -100,3 +101,12 @@ def test_old_jobs_are_read_from_the_store_after_a_restart(history_cluster):
 def test_gpuctl_history_names_the_bad_value(history_cluster, arguments, named):
     result = gpuctl("--coordinator", history_cluster.address, "history", *arguments)
     assert result.returncode == 2 and named in result.stderr, result.stderr
+
+
+def test_list_jobs_refuses_a_time_no_timestamp_can_hold(history_cluster):
+    request = job_pb2.ListJobsRequest()
+    request.active_since.seconds = 2**62
+    with grpc.insecure_channel(history_cluster.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        job_pb2_grpc.JobServiceStub(channel).ListJobs(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "active_since is not a valid time" in refused.value.details()

@@ -102,6 +102,9 @@ def test_bad_requests_are_named():
     request.end_time.FromSeconds(100)
     assert usage_problem(request) == "start_time is after end_time"
     assert usage_problem(cluster_pb2.GetUsageHistoryRequest()) is None
+    beyond = cluster_pb2.GetUsageHistoryRequest()
+    beyond.start_time.seconds = -(2**63)  # what a hostile client may send: no Timestamp holds it
+    assert "start_time is not a valid time" in usage_problem(beyond)
 
 
 def test_a_real_coordinator_serves_usage_who_am_i_and_gpu_history(tmp_path):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.ranks import results
 from agent.ranks.lifecycle import EndFacts, RankState, exit_meaning
 from agent.ranks.state_dir import RankRecord
 from gpuorch.v1 import agent_pb2
@@ -74,6 +75,7 @@ class Rank:
             message=meaning.message,
             pid=meaning.pid,
             time_limited=record.time_limited,
+            result_json=results.read_result(Path(record.pid_path)) if record.pid_path else "",
         )
         self.ended_at = ended_at
         self.state = RankState.ENDED

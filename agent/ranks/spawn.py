@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from agent.identity import IdentityPolicy, RankIdentity, decide_rank_identity, lookup_account
-from agent.ranks import cgroups
+from agent.ranks import cgroups, results
 from agent.ranks.cgroups import RankCgroups, RankLimits, effective_limits
 from agent.ranks.logs import open_rank_log, progress_path
 from agent.ranks.owned_dirs import UnsafeDirectory, ensure_owned_directory
@@ -275,6 +275,7 @@ def start_rank(
     progress_file = str(progress_path(base))
     env = rank_environment(launch, rank_launch, how.identity, progress_file)
     prepare_progress_file(progress_file, how.identity)
+    env.update(results.prepare(base, launch, how.identity))
     settings = how.settings
     limits = effective_limits(RankLimits(launch.pids_max, launch.memory_max_bytes), settings.default_limits)
     cgroup = ""

@@ -8,11 +8,14 @@ import grpc
 
 from coordinator import scheduler
 from coordinator.api.auth import Action, Guard, StreamQuota, priority_problem, redact_env
+from coordinator.control.arrays import ArrayFinished
+from coordinator.control.dependencies import DependencyNeverMet
 from coordinator.control.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, NoSuchRank, QuotaExceeded
 from coordinator.rules import job_rules
 from coordinator.rules.job_rules import InvalidSpec
 from coordinator.store.api import JobQuery
 from gpuorch.v1 import job_pb2, job_pb2_grpc
+from gpuorch.wire_values import timestamp_seconds
 
 MAX_CLIENT_REQUEST_ID = 128
 FOLLOW_POLL_SECONDS = 0.5
@@ -22,11 +25,6 @@ CLIENT_RECEIVE_LIMIT_BYTES = 4 * 1024 * 1024
 """grpc's default limit on a message a client receives: gpuctl's and most tools' (grpcurl's too)."""
 MAX_TAIL_BYTES = 2**62
 """tail_bytes beyond this means "the whole log" (the offset sent to the agent is a signed 64-bit number)."""
-
-
-def _seconds(request: job_pb2.ListJobsRequest, field: str) -> float:
-    """A Timestamp field of the request in wall seconds; 0 when unset."""
-    return getattr(request, field).ToNanoseconds() / 1e9 if request.HasField(field) else 0.0
 
 
 class JobService(job_pb2_grpc.JobServiceServicer):
@@ -85,7 +83,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
                     f"{too_big}; submit with hold_if_too_big (gpuctl --hold-if-too-big) to queue it anyway",
                 )
         try:
-            job_id = await self.manager.submit(request.spec, request.client_request_id)
+            job_id = await self.manager.arrays.submit(request.spec, request.client_request_id)
+        except DependencyNeverMet as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except InvalidSpec as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except QuotaExceeded as error:
@@ -108,6 +108,9 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def GetJob(self, request: job_pb2.GetJobRequest, context):
         caller = await self.guard.check(context, Action.READ)
+        view = self.manager.arrays.view(request.job_id)  # a job array's own view: its tasks counted by state
+        if view is not None:
+            return job_pb2.GetJobResponse(job=redact_env(view, caller))
         return job_pb2.GetJobResponse(job=redact_env((await self._entry(request.job_id, context)).job, caller))
 
     async def ListJobs(self, request: job_pb2.ListJobsRequest, context):
@@ -115,14 +118,21 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         for state in request.states:
             if state not in job_pb2.JobState.values():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states contains unknown JobState {state}")
-        query = JobQuery(
-            owner=request.owner,
-            states=frozenset(request.states),
-            active_since=_seconds(request, "active_since"),
-            active_until=_seconds(request, "active_until"),
-        )
+        if request.array_id and self.manager.arrays.view(request.array_id) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"array {request.array_id[:128]!r} does not exist")
         try:
-            found, token = await self.manager.list(query, request.page_size, request.page_token, self.max_list_bytes)
+            query = JobQuery(
+                owner=request.owner,
+                states=frozenset(request.states),
+                active_since=timestamp_seconds(request, "active_since"),
+                active_until=timestamp_seconds(request, "active_until"),
+            )
+            if request.tasks or request.array_id:  # every task on its own line, or one array's tasks (in memory)
+                found, token = self.manager.arrays.list_tasks(
+                    request.states, request.owner, request.page_size, request.page_token, self.max_list_bytes, request.array_id
+                )
+            else:
+                found, token = await self.manager.list(query, request.page_size, request.page_token, self.max_list_bytes)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except RuntimeError as error:  # the store could not read the job history
@@ -131,6 +141,13 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context):
         caller = await self.guard.authenticate(context)
+        arrays = self.manager.arrays
+        if arrays.view(request.job_id) is not None:  # every task of the array not final yet, in one write
+            await self.guard.permit(context, caller, Action.CHANGE_JOB, arrays.owner_of(request.job_id))
+            try:
+                return job_pb2.CancelJobResponse(job=await arrays.cancel(request.job_id))
+            except ArrayFinished as error:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
         try:
@@ -141,6 +158,14 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def SetJobPriority(self, request: job_pb2.SetJobPriorityRequest, context):
         caller = await self.guard.authenticate(context)
+        arrays = self.manager.arrays
+        if arrays.view(request.job_id) is not None:  # every task of the array not final yet, in one write
+            await self.guard.permit(context, caller, Action.CHANGE_JOB, arrays.owner_of(request.job_id))
+            await self._permit_priority(context, caller, request.priority)
+            try:
+                return job_pb2.SetJobPriorityResponse(job=await arrays.set_priority(request.job_id, request.priority))
+            except ArrayFinished as error:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.CHANGE_JOB, entry.job.spec.owner)
         await self._permit_priority(context, caller, request.priority)
@@ -152,13 +177,23 @@ class JobService(job_pb2_grpc.JobServiceServicer):
 
     async def WatchJob(self, request: job_pb2.WatchJobRequest, context):
         caller = await self.guard.check(context, Action.READ)
-        entry = await self._entry(request.job_id, context)
+        arrays = self.manager.arrays
+        is_array = arrays.view(request.job_id) is not None  # its view after every task's change of state
+        entry = None if is_array else await self._entry(request.job_id, context)
         async with self._stream_slot(context):
-            async for job in self.manager.history.watch(entry):
+            watch = arrays.watch(request.job_id) if entry is None else self.manager.history.watch(entry)
+            async for job in watch:
                 yield job_pb2.WatchJobResponse(job=redact_env(job, caller))
 
     async def GetJobLogs(self, request: job_pb2.GetJobLogsRequest, context):
         caller = await self.guard.authenticate(context)
+        view = self.manager.arrays.view(request.job_id)
+        if view is not None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.job_id} is an array of {view.array.size} tasks: read one task's logs, e.g. '{request.job_id}"
+                f"[{view.spec.array.first}]'",
+            )
         entry = await self._entry(request.job_id, context)
         await self.guard.permit(context, caller, Action.READ_PRIVATE, entry.job.spec.owner)
         # Every read counts, not only followed ones: a one-shot read of a large log holds memory as long.

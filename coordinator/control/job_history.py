@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import functools
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Reversible
 from typing import TYPE_CHECKING
 
 import structlog
@@ -50,12 +50,19 @@ class JobHistory:
     def restored(self, ended_loaded: int) -> None:
         """After the store's jobs are indexed: the ended ones in the order they ended, the oldest beyond the bound gone."""
         self.complete = ended_loaded < RECENT_ENDED_JOBS  # the store may have older ones
-        order = sorted(self.ended.values(), key=lambda entry: (entry.job.end_time.ToNanoseconds(), entry.sequence))
+        leaving = self.manager.arrays.may_leave_memory  # an array's tasks only when every one is final
+        order = sorted(
+            (entry for entry in self.ended.values() if leaving(entry)),
+            key=lambda entry: (entry.job.end_time.ToNanoseconds(), entry.sequence),
+        )
         self.ended = OrderedDict((entry.job.job_id, entry) for entry in order)
         self.evict()
 
     def job_ended(self, entry: JobEntry) -> None:
-        self.ended.setdefault(entry.job.job_id, entry)
+        """A job ended: it may leave memory once it is among the oldest ended. An array's tasks leave together,
+        once the last of them ends (until then the array's view and counts need them all)."""
+        for ended in self.manager.arrays.ended_together(entry):
+            self.ended.setdefault(ended.job.job_id, ended)
 
     def evict(self) -> None:
         """Drops the oldest ended jobs beyond the bound from memory, each once its final state is durable (a job
@@ -89,6 +96,7 @@ class JobHistory:
         key = (entry.job.spec.owner, entry.client_request_id)
         if entry.client_request_id and manager.by_request_id.get(key) is entry:
             del manager.by_request_id[key]
+        manager.arrays.forget(entry)
 
     # -- reads --
 
@@ -110,7 +118,12 @@ class JobHistory:
         return self.manager.by_request_id.get(key) or _entry(stored)
 
     async def page(
-        self, query: JobQuery, page_size: int = 0, page_token: str = "", max_bytes: int = 0
+        self,
+        query: JobQuery,
+        page_size: int = 0,
+        page_token: str = "",
+        max_bytes: int = 0,
+        listed: Reversible[JobEntry] | None = None,
     ) -> tuple[list[job_pb2.Job], str]:
         """One page of ListJobs, newest first: at most `page_size` jobs (default 100, at most 1000) and, with
         `max_bytes`, at most that many bytes encoded (but always one job). The token is the sequence to continue
@@ -119,7 +132,8 @@ class JobHistory:
         Memory is taken first, then the store read: a job memory holds is answered as memory has it (the store's
         row may lag behind a write in flight); a job memory does not hold left it after its final write was
         durable, so the store read, which began later, has it as it ended. When the store has more than a page,
-        its page reaches down to its last row: memory's jobs below that wait for the next page."""
+        its page reaches down to its last row: memory's jobs below that wait for the next page. `listed` is what
+        memory lists (default: every job it holds; the manager folds an array's tasks into the array's view)."""
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         try:
             below = int(page_token) if page_token else 0
@@ -127,11 +141,14 @@ class JobHistory:
             raise ValueError(f"page_token {page_token[:32]!r} is not one this coordinator gave out") from None
         query = dataclasses.replace(query, below_sequence=below, limit=limit)
         history.validate(query)
-        memory = [entry for entry in reversed(self.manager.jobs.values()) if not below or entry.sequence < below]
+        jobs = self.manager.jobs
+        memory = [
+            entry for entry in reversed(listed if listed is not None else jobs.values()) if not below or entry.sequence < below
+        ]
         matches = [(entry.sequence, entry.job) for entry in memory if _matches(query, entry.job)]
         candidates, full = matches, False
         if not (self.complete or (query.states and query.states <= NOT_FINAL)):
-            in_memory = {entry.sequence for entry in memory}
+            in_memory = {entry.sequence for entry in jobs.values()}  # an array's folded tasks included
             while True:  # one row more than a page: whether the store has more below is then known
                 rows = await self.manager.store.query(dataclasses.replace(query, limit=limit + 1))
                 full, rows = len(rows) > limit, rows[:limit]

@@ -20,6 +20,7 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.control import reconcile
+from coordinator.control.arrays import Arrays
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.job_history import JobHistory
@@ -124,6 +125,7 @@ class JobManager:
         self.links = NodeLinks(cluster)
         config, rng = config or scheduler.SchedulerConfig(), rng or random.Random()
         self.scheduling = SchedulingLoop(self, cluster, config, rendezvous_ports, rng, clock.monotonic, estimates)
+        self.arrays = Arrays(self)  # job arrays and dependencies (control/arrays.py): hooked in where jobs change
         self.restarts_by_reason: dict[str, int] = {}
         self.launch_latencies: list[float] = []  # recent placement -> every rank's process started, in seconds
         self.writes = JobWrites(store)
@@ -200,6 +202,7 @@ class JobManager:
             self.running[job_id] = entry
         else:
             self.running.pop(job_id, None)
+        self.arrays.state_changed(entry)  # first: history asks the arrays whether a task may leave memory
         if state in FINAL_STATES:
             self.scheduling.forget(job_id)
             self.history.job_ended(entry)
@@ -300,8 +303,9 @@ class JobManager:
     async def list(
         self, query: JobQuery | None = None, page_size: int = 0, page_token: str = "", max_bytes: int = 0
     ) -> tuple[list[job_pb2.Job], str]:
-        """Newest first, a page at a time, from memory and the store's history (control/job_history.py)."""
-        return await self.history.page(query or JobQuery(), page_size, page_token, max_bytes)
+        """Newest first, a page at a time, from memory (an array's tasks folded into its view, control/arrays.py)
+        and the store's history (control/job_history.py)."""
+        return await self.history.page(query or JobQuery(), page_size, page_token, max_bytes, self.arrays.listed())
 
     async def cancel(self, job_id: str) -> job_pb2.Job:
         entry = await self.find(job_id)
@@ -364,6 +368,7 @@ class JobManager:
         if ended and allocations.fencing and allocations.fence_confirmed(node_id, (status.job_id, status.attempt, status.rank)):
             self.scheduling.wake.set()
         entry, clock = self.jobs.get(status.job_id), self.clock
+        self.arrays.record_result(entry, status)  # a reported result goes with the job's write of this end
         now = job_machine.Now(clock.wall(), clock.monotonic())
         self.apply(job_machine.rank_reported(entry, node_id, status, now, allocations, self.machine))
 

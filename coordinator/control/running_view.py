@@ -8,11 +8,20 @@ job leaves the view when its last attempt is forgotten (every rank's end confirm
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from coordinator import scheduler
 from coordinator.model.jobs import Attempt, AttemptState, JobEntry
 from gpuorch.v1 import job_pb2
+
+
+def attempt_intervals(entries: Iterable[JobEntry], now: float) -> Iterator[tuple[str, int, float, float]]:
+    """(owner, GPUs, start, end) of every attempt of the jobs; an attempt not ended counts until `now`."""
+    for entry in entries:
+        owner = entry.job.spec.owner
+        for attempt in entry.job.attempts:
+            end = attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now
+            yield owner, attempt.placement.world_size, attempt.start_time.ToNanoseconds() / 1e9, end
 
 
 def attained_service_seconds(job: job_pb2.Job, before_attempt: int) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.placements import RendezvousPorts, placement_of
-from coordinator.control.running_view import RunningView, attained_service_seconds
+from coordinator.control.running_view import RunningView, attained_service_seconds, attempt_intervals
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
@@ -51,15 +51,6 @@ class _CachedView:
     pairs: list[tuple[str, scheduler.GpuView, scheduler.GpuView]]
     allocation_version: int
     view: scheduler.NodeView | None
-
-
-def _intervals(entries: Iterable[JobEntry], now: float) -> Iterator[tuple[str, int, float, float]]:
-    """(owner, GPUs, start, end) of every attempt of the jobs; an attempt not ended counts until `now`."""
-    for entry in entries:
-        owner = entry.job.spec.owner
-        for attempt in entry.job.attempts:
-            end = attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now
-            yield owner, attempt.placement.world_size, attempt.start_time.ToNanoseconds() / 1e9, end
 
 
 class SchedulingLoop:
@@ -246,7 +237,7 @@ class SchedulingLoop:
         at = max(self.manager.clock.wall(), self._settled_at)
         factor = 0.5 ** ((at - self._settled_at) / FAIR_SHARE_HALF_LIFE_SECONDS)
         settled = {owner: used * factor for owner, used in self._settled_usage.items()}
-        for owner, used in scheduler.decayed_usage(_intervals([entry], at), at, FAIR_SHARE_HALF_LIFE_SECONDS).items():
+        for owner, used in scheduler.decayed_usage(attempt_intervals([entry], at), at, FAIR_SHARE_HALF_LIFE_SECONDS).items():
             settled[owner] = settled.get(owner, 0.0) + used
         self._settled_usage, self._settled_at = settled, at
 
@@ -259,7 +250,7 @@ class SchedulingLoop:
         """Each owner's GPU-seconds, decayed with a one-hour half-life (for fair_share): the jobs still pending
         or running, read now, and the final ones, settled as they ended."""
         live = (*self.manager.pending.values(), *self.manager.running.values())
-        usage = scheduler.decayed_usage(_intervals(live, now), now, FAIR_SHARE_HALF_LIFE_SECONDS)
+        usage = scheduler.decayed_usage(attempt_intervals(live, now), now, FAIR_SHARE_HALF_LIFE_SECONDS)
         factor = 0.5 ** (max(0.0, now - self._settled_at) / FAIR_SHARE_HALF_LIFE_SECONDS)
         for owner, used in self._settled_usage.items():
             usage[owner] = usage.get(owner, 0.0) + used * factor
@@ -275,9 +266,14 @@ class SchedulingLoop:
         ready: list[JobEntry] = []
         requests: list[scheduler.JobRequest] = []
         shown = self._shown_waits
+        manager.arrays.before_pass()  # dependents released or cancelled as their targets changed
+        gated, gate = manager.arrays.gated, manager.arrays.gate
         # Every pending job, every pass: only plain data here (message fields are slow to read).
         for job_id, entry in manager.pending.items():
             if backoffs and backoffs.get(job_id, 0.0) > wall:
+                continue
+            if gated(job_id) and gate(entry):  # over its array's cap, or waiting for dependencies (control/arrays.py)
+                shown.pop(job_id, None)
                 continue
             if entry.attempts:  # a restart waits until every rank of the earlier attempt has ended
                 waiting = job_machine.waiting_for_previous(entry)
@@ -335,7 +331,7 @@ class SchedulingLoop:
         # stopped: restarted, it knows them preempted (a rank that checkpoints and exits 0 is no success).
         if write is not None:
             await write
-        manager.apply(stops + [effect for entry in placed for effect in job_machine.launches(entry, manager.machine)])
+        manager.apply(stops + [effect for entry in placed for effect in manager.arrays.launches(entry)])
         return [entry.job.job_id for entry in placed]
 
     def _preempt(self, preemptions: tuple[scheduler.Preemption, ...], now: job_machine.Now) -> list[Effect]:

@@ -18,6 +18,7 @@ from coordinator.model.usage import DAY, HOUR, MINUTE, UsageHistory, UsageSample
 from coordinator.rules.liveness import Liveness
 from gpuorch.clock import Clock
 from gpuorch.v1 import cluster_pb2
+from gpuorch.wire_values import timestamp_seconds
 
 SAMPLE_INTERVAL_SECONDS = 10.0
 """How often the cluster is sampled: six samples a minute point, cheap beside the heartbeats."""
@@ -100,8 +101,11 @@ def usage_problem(request: cluster_pb2.GetUsageHistoryRequest) -> str | None:
     """Why a GetUsageHistory request cannot be answered, or None."""
     if request.resolution not in cluster_pb2.UsageResolution.values():
         return f"resolution {request.resolution} is not a UsageResolution (MINUTE = 1, HOUR = 2)"
-    both = request.HasField("start_time") and request.HasField("end_time")
-    if both and request.start_time.ToNanoseconds() > request.end_time.ToNanoseconds():
+    try:
+        start, end = timestamp_seconds(request, "start_time"), timestamp_seconds(request, "end_time")
+    except ValueError as error:
+        return str(error)
+    if request.HasField("start_time") and request.HasField("end_time") and start > end:
         return "start_time is after end_time"
     return None
 

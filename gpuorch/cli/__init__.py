@@ -7,7 +7,10 @@
     gpuctl drain ID [--reason]   stop placing work on a node
     gpuctl resume ID             open it again
     gpuctl submit --gpus N [...] -- CMD ARGS...    queue a job, print its id
-    gpuctl jobs [--state S] [--owner U]           list jobs, newest first
+    gpuctl submit --array 0-99%8 [...] -- CMD {index}   a job array: one task per index, at most 8 at once
+    gpuctl submit --after JOB[:ok|:fail|:any] [...] -- CMD   start once JOB (or every task of an array) ends so
+    gpuctl jobs [--state S] [--owner U] [--tasks] list jobs, newest first (an array is one line unless --tasks)
+    gpuctl results ARRAY [--sort F] [-o csv]      a sweep's tasks: state, runtime, reported result fields
     gpuctl job ID                one job with its placement
     gpuctl cancel ID             stop every rank of a job
     gpuctl watch ID              follow a job until it ends (exit 0 only if it succeeded)

@@ -14,8 +14,9 @@ from gpuorch.cli.completion import completion_script
 from gpuorch.cli.history import run_history
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
+from gpuorch.cli.results import format_results, results_csv, sort_rows
 from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status, format_usage
-from gpuorch.client import Client, build_job_spec, new_request_id
+from gpuorch.client import Client, _enum_values, build_job_spec, new_request_id
 from gpuorch.errors import GpuorchError
 from gpuorch.v1 import job_pb2
 
@@ -34,6 +35,8 @@ def _watch(client: Client, job_id: str, json_output: bool) -> int:
 
 def run(args: argparse.Namespace, client: Client) -> int:
     json_output = args.output == "json"
+    if args.output == "csv" and args.command != "results":
+        raise ValueError(f"-o csv is for gpuctl results; gpuctl {args.command} prints a table or json")
 
     def show(message, formatter) -> None:
         print(json.dumps(as_json(message), indent=2) if json_output else formatter(message))
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
             pool=args.pool,
             time_limit_seconds=args.time_limit,
             non_preemptible=args.no_preempt,
+            array=args.array,
+            after=args.after,
         )
         # One id for this submission, however often grpc retries it: a retry never queues a second job.
         job_id = client.submit_job(spec, client_request_id=args.request_id or new_request_id())
@@ -102,7 +107,11 @@ def run(args: argparse.Namespace, client: Client) -> int:
         if args.watch:
             return _watch(client, job_id, json_output)
     elif args.command == "jobs":
-        found, _ = client.list_jobs(args.state, owner=args.owner, page_size=args.limit)
+        if args.tasks:
+            states = _enum_values(job_pb2.JobState, "JOB_STATE_", args.state)
+            found, _ = client.list_tasks(states=states, owner=args.owner, page_size=args.limit)
+        else:
+            found, _ = client.list_jobs(args.state, owner=args.owner, page_size=args.limit)
         if json_output:
             print(json.dumps({"jobs": [as_json(job) for job in found]}, indent=2))
         else:
@@ -122,6 +131,12 @@ def run(args: argparse.Namespace, client: Client) -> int:
         for chunk in chunks:  # the rank's own bytes, as they are (like `kubectl logs`)
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
+    elif args.command == "results":
+        rows = sort_rows(client.array_results(args.array_id), args.sort, args.reverse)
+        if args.output == "csv":
+            print(results_csv(rows))
+        else:
+            print(json.dumps({"array_id": args.array_id, "tasks": rows}, indent=2) if json_output else format_results(rows))
     elif args.command == "priority":
         show(client.set_job_priority(args.job_id, args.priority), format_job)
     return 0

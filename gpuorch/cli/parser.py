@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import re
 
+from gpuorch.arrays import parse_array, parse_dependency
 from gpuorch.cli.history import add_history_arguments
 from gpuorch.client import default_address
 from gpuorch.durations import parse_duration
 from gpuorch.pools import pool_name_problem
 from gpuorch.v1 import cluster_pb2, job_pb2
 
-OUTPUT_FORMATS = ("table", "json")
+OUTPUT_FORMATS = ("table", "json", "csv")
+"""csv is for `gpuctl results` only."""
 _SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -45,6 +47,20 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _array(text: str):
+    try:
+        return parse_array(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _dependency(text: str):
+    try:
+        return parse_dependency(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """The options every command takes. On the subcommands they default to SUPPRESS, so one given after
     the command (`gpuctl nodes -o json`, kubectl's habit) overrides one given before it, and an absent
@@ -62,7 +78,7 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
         f"(default $GPUORCH_COORDINATOR or {default_address()})",
     )
     group.add_argument(
-        "-o", "--output", choices=OUTPUT_FORMATS, default=default("table"), help="output format: table (default) or json"
+        "-o", "--output", choices=OUTPUT_FORMATS, default=default("table"), help="table (default) or json; csv for results"
     )
     group.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for the coordinator (default 10)")
     group.add_argument(
@@ -225,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="idempotency key: submitting again with it returns the same job (default: a new one)",
     )
+    submit.add_argument(
+        "--array",
+        type=_array,
+        default=None,
+        metavar="FIRST-LAST[:STEP][%MAX]",
+        help="a job array: one task per index (GPUORCH_ARRAY_INDEX, '{index}' in the command), at most MAX running "
+        "at once; prints the array's id, e.g. --array 0-99%%8",
+    )
+    submit.add_argument(
+        "--after",
+        action="append",
+        type=_dependency,
+        default=[],
+        metavar="JOB[:ok|:fail|:any]",
+        help="start only once JOB (a job, an array: all its tasks) succeeded (ok, the default), failed or cancelled "
+        "(fail), or ended (any); cancelled if that can no longer happen (repeatable: all must hold)",
+    )
     submit.add_argument("--watch", action="store_true", help="then follow it like `gpuctl watch`")
     submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
     jobs = command("jobs", "list jobs, newest first", "gpuctl jobs --state pending --state running --owner alice")
@@ -237,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
         "gpuctl history --user alice --since 7d --state failed -o json",
     )
     add_history_arguments(history, JOB_STATES)
+    jobs.add_argument("--tasks", action="store_true", help="every task of an array on its own line (default: one line per array)")
+    results = command(
+        "results",
+        "a job array's tasks with their state, runtime and reported result fields",
+        "gpuctl results j-000123-k7f3q2 --sort loss -o csv",
+        "Each task reports its result with gpuorch.worker.report_result({...}).",
+    )
+    results.add_argument("array_id")
+    results.add_argument("--sort", default="index", metavar="FIELD", help="sort by a result field, or index, state, runtime")
+    results.add_argument("--reverse", action="store_true", help="largest first")
     command("job", "show one job: spec, placement, every attempt and where it ran", "gpuctl job j-000001 --utc").add_argument(
         "job_id"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from gpuorch.arrays import condition_name, format_array
 from gpuorch.cli.printing import GIB, age, duration, job_state_name, node_state_name, printable, stamp, table
 from gpuorch.v1 import job_pb2
 
@@ -119,6 +120,22 @@ def format_jobs(found) -> str:
     return table(("JOB", "STATE", "NAME", "OWNER", "POOL", "GPUS", "PRIO", "ATTEMPT", "SUBMITTED", "START", "REASON"), rows)
 
 
+def array_lines(job) -> list[str]:
+    """What `gpuctl job` says of an array, an array's task, dependencies and a result."""
+    lines = []
+    if job.HasField("array"):
+        lines.append(f"Array:      --array {format_array(job.spec.array)}, {job.array.size} tasks (gpuctl results {job.job_id})")
+    if job.HasField("array_task"):
+        task = job.array_task
+        lines.append(f"Array task: index {task.index} of {task.array_id} ({task.size} tasks)")
+    for dependency in job.spec.after:
+        met = " (met)" if dependency.job_id in job.dependencies_met else ""
+        lines.append(f"After:      {dependency.job_id}:{condition_name(dependency.condition)}{met}")
+    if job.result_json:
+        lines.append(f"Result:     {job.result_json[:500]}")
+    return lines
+
+
 def format_job(job) -> str:
     spec = job.spec
     limits = []
@@ -143,6 +160,7 @@ def format_job(job) -> str:
         ),
         f"Submitted:  {stamp(job.submit_time)}   started {stamp(job.start_time)}   ended {stamp(job.end_time)}",
     ]
+    lines += array_lines(job)
     if spec.time_limit_seconds:
         limits.insert(0, f"time limit {duration(spec.time_limit_seconds)}")
     if job.state == job_pb2.JOB_STATE_PENDING:

@@ -69,7 +69,7 @@ class RankProgress(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir", "time_limited")
+    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir", "time_limited", "result_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class TaskStatus(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -90,7 +91,8 @@ class TaskStatus(_message.Message):
     pid: int
     working_dir: str
     time_limited: bool
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ..., time_limited: _Optional[bool] = ...) -> None: ...
+    result_json: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ..., time_limited: _Optional[bool] = ..., result_json: _Optional[str] = ...) -> None: ...
 
 class LogChunk(_message.Message):
     __slots__ = ("request_id", "data", "offset", "file_size", "error", "running")
@@ -135,7 +137,7 @@ class RegisterAck(_message.Message):
     def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., coordinator_epoch: _Optional[int] = ..., drained: _Optional[bool] = ..., owners_authenticated: _Optional[bool] = ..., down_after_seconds: _Optional[float] = ...) -> None: ...
 
 class LaunchTask(_message.Message):
-    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes", "time_limit_seconds", "stop_grace_seconds")
+    __slots__ = ("job_id", "attempt", "argv", "working_dir", "ranks", "owner", "env", "submit_dir", "pids_max", "memory_max_bytes", "time_limit_seconds", "stop_grace_seconds", "dependency_results_json")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,7 @@ class LaunchTask(_message.Message):
     MEMORY_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STOP_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEPENDENCY_RESULTS_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -167,7 +170,8 @@ class LaunchTask(_message.Message):
     memory_max_bytes: int
     time_limit_seconds: float
     stop_grace_seconds: float
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., stop_grace_seconds: _Optional[float] = ...) -> None: ...
+    dependency_results_json: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankLaunch, _Mapping]]] = ..., owner: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., stop_grace_seconds: _Optional[float] = ..., dependency_results_json: _Optional[str] = ...) -> None: ...
 
 class RankLaunch(_message.Message):
     __slots__ = ("rank", "local_rank", "env")
