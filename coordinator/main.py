@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from coordinator.control.leadership import EXIT_STEPPED_DOWN
 from coordinator.scheduler import POLICIES
 from coordinator.settings import CoordinatorSettings
 from coordinator.wiring import Coordinator
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9400 (default: off)"
     )
+    parser.add_argument(
+        "--advertise-address", metavar="HOST:PORT", help="where clients reach this coordinator (default: listen, if not 0.0.0.0)"
+    )
+    parser.add_argument(
+        "--advertise-agent-address", metavar="HOST:PORT", help="where agents reach agent_listen (default: agent_listen)"
+    )
     parser.add_argument("--tls-cert", metavar="PEM", help="certificate of the gRPC port; with --tls-key turns TLS on")
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     parser.add_argument("--tls-client-ca", metavar="PEM", help="CA of the agents' client certificates: mutual TLS for agents")
@@ -97,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(settings: CoordinatorSettings) -> None:
+async def serve(settings: CoordinatorSettings) -> int:
+    """Runs the daemon until SIGTERM or SIGINT (0), or until it lost the leader lease (EXIT_STEPPED_DOWN)."""
     sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
     coordinator = Coordinator(settings)
     await coordinator.start()
@@ -105,10 +113,21 @@ async def serve(settings: CoordinatorSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    sdnotify.ready(f"serving on {settings.listen.rsplit(':', 1)[0]}:{coordinator.port}")
-    await stopping.wait()
+    # READY once the port answers, leading or standing by: a standby is a started service too.
+    role = "serving" if coordinator.leading.is_set() else "standing by"
+    sdnotify.ready(f"{role} on {settings.listen.rsplit(':', 1)[0]}:{coordinator.port}")
+    ended = [asyncio.create_task(stopping.wait()), asyncio.create_task(coordinator.stepped_down.wait())]
+    await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+    for task in ended:
+        task.cancel()
+    if coordinator.stepped_down.is_set():
+        # Exits for its supervisor to start it again, as a standby (systemd: Restart=on-failure).
+        sdnotify.stopping(f"stepped down: {coordinator.leadership.reason}")
+        await coordinator.stop(grace=0)
+        return EXIT_STEPPED_DOWN
     sdnotify.stopping("stopping: finishing in-flight calls")
     await coordinator.stop()
+    return 0
 
 
 def migrate(argv: list[str]) -> int:
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return migrate(argv[1:])
     settings = daemon_settings(CoordinatorSettings, parse_args(argv), "gpuorch-coordinator")
     try:
-        asyncio.run(serve(settings))
+        return asyncio.run(serve(settings))
     except ValueError as error:  # a bad tokens file or certificate: the config must change
         structlog.get_logger("coordinator").error("cannot start", error=str(error))
         print(f"gpuorch-coordinator: {error}", file=sys.stderr)
@@ -157,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("coordinator").error("cannot start", error=str(error))
         print(f"gpuorch-coordinator: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

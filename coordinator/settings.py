@@ -17,6 +17,28 @@ from gpuorch.metrics import parse_listen
 from gpuorch.sharding import DEFAULT_DEVICE_CAPACITY
 from gpuorch.tls import is_loopback_host
 
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+"""Hosts of a listen address that mean every interface: they name no machine to reach."""
+
+
+def advertised_listen(listen: str, bound_port: int) -> str:
+    """What a listen address tells others to reach: host and the bound port; '' when its host is a wildcard, or its
+    port is not known yet (0: the kernel picks one at bind)."""
+    host = listen.rsplit(":", 1)[0]
+    return "" if host in WILDCARD_HOSTS or not bound_port else f"{host}:{bound_port}"
+
+
+def address_problem(address: str) -> str | None:
+    """Why an advertised host:port cannot be one (None when it is, or when it is empty: not set)."""
+    if not address:
+        return None
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be HOST:PORT with a port from 1 to 65535"
+    if host in WILDCARD_HOSTS:
+        return "names no machine (a wildcard host): give the name or address other machines reach this one at"
+    return None
+
 
 @dataclass
 class CoordinatorSettings:
@@ -71,6 +93,13 @@ class CoordinatorSettings:
     mounts. Empty = <state_dir>/checkpoints (enough for a single machine)."""
     metrics_listen: str = ""
     """host:port to serve Prometheus /metrics on (e.g. 0.0.0.0:9400); empty = no metrics endpoint."""
+    advertise_address: str = ""
+    """host:port that clients reach this coordinator at, which the other coordinators sharing its store name when this
+    one leads (in their UNAVAILABLE answers and the gpuorch-leader metadata). Empty = listen, unless its host is a
+    wildcard (0.0.0.0, ::), which names no machine: then nobody is named, and callers try every address they know."""
+    advertise_agent_address: str = ""
+    """host:port that agents reach this coordinator at, when they use agent_listen. Empty = agent_listen, unless its
+    host is a wildcard (then, as for advertise_address, it is not named)."""
     tls_cert: str = ""
     """PEM certificate (chain) of the gRPC port; with tls_key, turns TLS on."""
     tls_key: str = ""
@@ -206,6 +235,14 @@ class CoordinatorSettings:
             missing.append("agents are not authenticated (tls_client_ca)")
         return missing
 
+    def advertised_addresses(self, port: int, agent_port: int) -> tuple[str, str]:
+        """(client, agent) addresses other coordinators name for this one, given the ports bound (for a listen port
+        of 0); the agent address is '' when agents use listen. '' where nothing names this machine."""
+        client = self.advertise_address or advertised_listen(self.listen, port)
+        if not self.agent_listen:
+            return client, ""
+        return client, self.advertise_agent_address or advertised_listen(self.agent_listen, agent_port)
+
     def validate(self) -> None:
         """Raises ValueError naming the first setting out of range."""
         if self.heartbeat_interval <= 0:
@@ -246,6 +283,19 @@ class CoordinatorSettings:
             raise ValueError("agent_listen is the mutual-TLS port for agents: it needs tls_client_ca (and tls_cert, tls_key)")
         if self.agent_listen and ":" not in self.agent_listen:
             raise ValueError(f"agent_listen must be HOST:PORT, got {self.agent_listen!r}")
+        for name in ("advertise_address", "advertise_agent_address"):
+            problem = address_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"{name} {getattr(self, name)!r} {problem}")
+        if self.advertise_agent_address and not self.agent_listen:
+            raise ValueError("advertise_agent_address is where agents reach agent_listen: it needs agent_listen")
+        if parse_store_url(self.store_url, self.state_dir).engine == "postgresql":
+            port = self.listen.rpartition(":")[2]
+            if not self.advertised_addresses(int(port) if port.isdigit() else 0, 0)[0]:
+                raise ValueError(
+                    f"listen {self.listen!r} names no machine to reach (a wildcard host, or port 0), and with a PostgreSQL "
+                    "store_url the other coordinators name the leader's address to callers: set advertise_address"
+                )
         missing = self.missing_protections()
         # agent_listen is a port of the same server: every service answers there too.
         for name, address in (("listen", self.listen), ("agent_listen", self.agent_listen)):

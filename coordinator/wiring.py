@@ -8,7 +8,6 @@ import contextlib
 import functools
 import os
 import random
-import resource
 import stat
 from pathlib import Path
 
@@ -26,17 +25,21 @@ from coordinator.api.job_service import JobService
 from coordinator.api.local_socket import LocalSocketRelay
 from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
+from coordinator.api.server_options import connection_cap, server_options, warn_about_exposure
+from coordinator.api.standby import Refusal, StandbyInterceptor, advertised_addresses, current_refusal
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.job_history import prune_history
 from coordinator.control.job_manager import JobManager
+from coordinator.control.leadership import Leadership, Role
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
 from coordinator.model.usage import UsageHistory
 from coordinator.observe.prometheus import CoordinatorMetrics
 from coordinator.observe.usage_sampler import SAMPLE_INTERVAL_SECONDS, run_usage_sampler
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.settings import CoordinatorSettings
-from coordinator.store.lease import LeaseLost
+from coordinator.store.api import JobStore
+from coordinator.store.lease import LeaderInfo, Lease, LocalLease
 from coordinator.store.open_url import open_store
 from gpuorch import tls
 from gpuorch.clock import SYSTEM_CLOCK, Clock
@@ -61,47 +64,9 @@ SERVICE_NAMES = (
 STATE_DIR_MODE = 0o711
 """Nobody else may list or change the state dir; they may pass through it, to the local socket and the default
 checkpoint_root (ranks run as their owners), and its files are 0600 (coordinator/store/sqlite.py)."""
-FILE_DESCRIPTOR_HEADROOM = 256
-"""File descriptors kept for what is not a connection: the job store, logs, the metrics port."""
-DEFAULT_FILE_LIMIT = 65536
-"""The open-file limit asked for when max_connections is 0 (the unit's LimitNOFILE=)."""
-MIN_CONNECTIONS = 64
-
-
-def server_options(max_message_bytes: int, handshake_timeout: float = 5.0, max_connections: int = 0) -> list[tuple[str, int]]:
-    options = [
-        # A connection that never finishes its handshake (TLS, or HTTP/2's preface) is closed after this,
-        # not after grpc's default of 120 s: idle half-open connections would otherwise use up the fds.
-        ("grpc.server_handshake_timeout_ms", int(handshake_timeout * 1000)),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # Agents ping to find a dead coordinator fast; let them.
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
-        ("grpc.http2.max_ping_strikes", 0),
-        ("grpc.so_reuseport", 0),
-    ]
-    if max_connections:
-        # grpcio has no cap per peer; this caps all of a server's connections together, below the fd limit.
-        options.append(("grpc.max_allowed_incoming_connections", max_connections))
-    return options
-
-
-def raise_file_limit(wanted: int) -> int:
-    """Raises the soft fd limit towards `wanted` (at most the hard limit); returns the limit now in force.
-
-    Outside systemd (LimitNOFILE=) the soft limit is often 1024: a few hundred agents and
-    clients would exhaust it.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as error:
-            log.warning("cannot raise the open-file limit", soft=soft, hard=hard, wanted=target, error=str(error))
-    return soft
+CANCEL_RETRY_SECONDS = 0.1
+STORE_CLOSE_SECONDS = 10.0
+"""A store that cannot finish its writes in this long (the database out of reach) is left behind at exit."""
 
 
 def make_state_dir(path: Path) -> None:
@@ -116,6 +81,22 @@ def make_state_dir(path: Path) -> None:
         log.warning("state dir is readable or writable by others; chmod it 0711 or 0700", state_dir=str(path), mode=oct(mode))
 
 
+def listen_port(address: str) -> int:
+    """The port of a host:port setting; 0 when it is empty or not a number (validate() names those)."""
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
+
+
+async def cancel_until_done(tasks: list[asyncio.Task]) -> None:
+    """Cancels every task but the caller's and waits for each to end. A cancellation that lands as the awaited
+    thing completes can be lost (asyncio.wait_for before Python 3.12), so it is repeated until the task ends."""
+    current = asyncio.current_task()
+    for task in tasks:
+        while task is not current and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_RETRY_SECONDS)
+
+
 def runtime_estimates(settings: CoordinatorSettings) -> Estimates:
     """Runtime prediction and start-time estimates as the settings ask."""
     return Estimates(settings.runtime_predictor(), interval_seconds=settings.start_estimate_interval_seconds)
@@ -124,7 +105,13 @@ def runtime_estimates(settings: CoordinatorSettings) -> Estimates:
 class Coordinator:
     """The control-plane daemon; `await start()`, then `await stop()`."""
 
-    def __init__(self, settings: CoordinatorSettings, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        lease: Lease | None = None,
+    ) -> None:
         settings.validate()
         self.settings = settings
         self.clock = clock
@@ -152,23 +139,48 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self.metrics = CoordinatorMetrics(self) if settings.metrics_listen else None
         self.agent_port = 0
+        self.store, self.lease = self._store_and_lease(lease)
+        self.leadership = Leadership(
+            self.lease, lease_seconds=settings.leader_lease_seconds, can_lapse=not isinstance(self.lease, LocalLease), clock=clock
+        )
+        self.advertised = ("", "")
+        """This coordinator's (client, agent) addresses as other coordinators' standbys name them."""
+        self.leading = asyncio.Event()
+        """Set once it leads: the store is open with its epoch and every service answers."""
+        self.stepped_down = asyncio.Event()
+        """Set once it lost the lease and stopped acting: the daemon exits (EXIT_STEPPED_DOWN) and is restarted."""
         self.usage = UsageHistory(SAMPLE_INTERVAL_SECONDS, clock.wall())
         """GPUs, allocation, utilisation and GPU-seconds by owner and pool over time (in memory, lost on restart)."""
 
     async def start(self) -> None:
+        """Serves at once as a standby; leads once the lease is held. A lease that cannot be lost (one coordinator per
+        state dir) is held at once: start() returns leading. A shared one is waited for in the background."""
         try:
             make_state_dir(self.state_dir)
         except OSError as error:
             raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
+        await self._serve_standing_by()
+        if self.leadership.can_lapse:
+            self._tasks.append(asyncio.create_task(self._lead_when_elected()))
+        else:
+            await self._lead()
+
+    def _store_and_lease(self, lease: Lease | None) -> tuple[JobStore, Lease]:
+        """The store of the settings and its lease; `lease`, if given, replaces the store's own (tests)."""
         settings = self.settings
-        self.store, self.lease = open_store(
+        client, agents = settings.advertised_addresses(listen_port(settings.listen), listen_port(settings.agent_listen))
+        store, own_lease = open_store(
             settings.store_url,
             self.state_dir,
             lease_seconds=settings.leader_lease_seconds,
-            advertised_address=settings.listen,
+            advertised_address=advertised_addresses(client, agents),
             clock=self.clock,
         )
-        await self.lease.acquire()
+        return store, lease or own_lease
+
+    async def _serve_standing_by(self) -> None:
+        """Builds every part and binds the ports; every call but health and reflection is refused until `_lead`."""
+        settings = self.settings
         self.jobs = JobManager(
             self.cluster,
             self.store,
@@ -186,12 +198,8 @@ class Coordinator:
             recent_ended_jobs=settings.recent_ended_jobs,
         )
         self.jobs.arrays.dependencies.capacities = settings.device_capacities()  # GPUORCH_DEVICE_CAPACITY of ranks
-        try:
-            await self.jobs.start()
-        except OSError as error:
-            raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
-        self.epoch = self.jobs.epoch
         self.agents = AgentService(self.cluster, self.epoch)
+        self.agents.leadership = self.leadership
         self.agents.identity_problem = functools.partial(
             node_identity_problem,
             mutual_tls=bool(settings.tls_client_ca),
@@ -204,20 +212,21 @@ class Coordinator:
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
         self.agents.on_progress.append(self.jobs.on_progress)
         self.agents.on_register.append(lambda node_id, register: self.garbage.registered())
-        interceptors = self.metrics.interceptors() if self.metrics is not None else None
-        max_connections = self._connection_cap()
+        interceptors = [*(self.metrics.interceptors() if self.metrics is not None else ()), StandbyInterceptor(self._refusal)]
         self.server = grpc.aio.server(
-            options=server_options(settings.max_message_bytes, settings.handshake_timeout, max_connections),
+            options=server_options(
+                settings.max_message_bytes, settings.handshake_timeout, connection_cap(settings.max_connections)
+            ),
             interceptors=interceptors,
         )
         # Every service, the stock health and reflection ones included, parses its own requests
         # (coordinator/api/request_parsing.py), so malformed bytes get INVALID_ARGUMENT naming the type, never UNKNOWN.
         add_strict_service(self.server, AGENT_SERVICE, self.agents)
-        cluster_service = ClusterService(
+        self.cluster_service = ClusterService(
             self.cluster, self.epoch, self.guard, jobs_by_state=self.jobs.jobs_by_state, persist_drain=self.jobs.persist_drain
         )
-        cluster_service.usage = self.usage
-        add_strict_service(self.server, CLUSTER_SERVICE, cluster_service)
+        self.cluster_service.usage = self.usage
+        add_strict_service(self.server, CLUSTER_SERVICE, self.cluster_service)
         job_service = JobService(
             self.jobs, self.guard, self.streams, settings.max_message_bytes, max_user_priority=settings.max_user_priority
         )
@@ -237,6 +246,9 @@ class Coordinator:
             ),
         )
         self.port, self.agent_port = self._add_ports()
+        self.advertised = settings.advertised_addresses(self.port, self.agent_port)
+        for name in ("", *SERVICE_NAMES):  # the stock servicer starts with "" SERVING
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.local_socket is not None:
             self.local_socket.prepare()
             self.server.add_insecure_port(self.local_socket.grpc_address)
@@ -245,18 +257,47 @@ class Coordinator:
         await self.server.start()
         if self.local_socket is not None:
             await self.local_socket.start()
+        log.info("coordinator standing by", port=self.port, agent_port=self.agent_port, advertised=self.advertised)
+
+    def _refusal(self) -> Refusal | None:
+        return current_refusal(self.leadership, self.advertised[0])
+
+    async def _lead_when_elected(self) -> None:
+        try:
+            await self._lead()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the store would not open: the next run (a restart) tries again, as a standby
+            log.exception("cannot lead")
+            self.leadership.step_down(f"could not start leading: {type(error).__name__}: {error}")
+
+    async def _lead(self) -> None:
+        """Holds the lease, opens the store with its epoch and restores from it exactly as after a restart, then serves."""
+        await self.leadership.acquire()
+        self._tasks.append(asyncio.create_task(self.leadership.hold()))
+        self._tasks.append(asyncio.create_task(self._step_down_when_lost()))
+        try:
+            await self.jobs.start()
+        except OSError as error:
+            raise RuntimeError(f"cannot use state dir {self.state_dir}: {error.strerror or error}") from None
+        # The coordinator epoch: SQLite's epoch file, or a shared store's lease's (PostgreSQL's open() returns it), which
+        # rises with every new leader.
+        epoch = self.jobs.epoch if isinstance(self.lease, LocalLease) else self.lease.epoch
+        self.epoch = self.agents.epoch = self.cluster_service.epoch = epoch
+        self.leadership.leader = LeaderInfo(self.advertised[0], self.epoch)
+        self.leadership.lead()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
-        self._tasks.append(asyncio.create_task(self._hold_lease()))
-        if settings.history_retention_days:
-            retention = settings.history_retention_days * 86400
+        if self.settings.history_retention_days:
+            retention = self.settings.history_retention_days * 86400
             self._tasks.append(
                 asyncio.create_task(self._supervise("history retention", lambda: prune_history(self.jobs, self.clock, retention)))
             )
         usage = functools.partial(run_usage_sampler, self.usage, self.cluster, self.jobs, self.clock, SAMPLE_INTERVAL_SECONDS)
         self._tasks.append(asyncio.create_task(self._supervise("usage", usage)))
+        self.leading.set()
         log.info(
             "coordinator serving",
             listen=self.settings.listen,
@@ -270,25 +311,18 @@ class Coordinator:
             local_socket=self.local_socket.public_path if self.local_socket is not None else "",
             owners_authenticated=self.guard.owners_authenticated,
         )
-        self._warn_about_exposure()
+        warn_about_exposure(self.settings, self.guard.enabled)
 
-    async def _hold_lease(self) -> None:
-        """Keeps the leader lease; once it is lost the store refuses this coordinator's writes (they are fenced)."""
-        try:
-            await self.lease.hold()
-        except LeaseLost as lost:
-            log.error("this coordinator no longer leads: its writes are refused", error=str(lost))
-
-    def _connection_cap(self) -> int:
-        """max_connections, or (0) what the open-file limit allows once raised: connections must not take the fds
-        the job store and the log need."""
-        wanted = self.settings.max_connections
-        file_limit = raise_file_limit((wanted or DEFAULT_FILE_LIMIT) + FILE_DESCRIPTOR_HEADROOM)
-        allowed = max(file_limit - FILE_DESCRIPTOR_HEADROOM, MIN_CONNECTIONS)
-        if wanted > allowed:
-            log.warning("max_connections is above what the open-file limit allows; raise LimitNOFILE (ulimit -n)",
-                        max_connections=wanted, open_file_limit=file_limit)  # fmt: skip
-        return wanted or allowed
+    async def _step_down_when_lost(self) -> None:
+        """Once the lease is lost: nothing more is scheduled or told to agents, and `stepped_down` wakes the daemon."""
+        await self.leadership.stepped_down.wait()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await cancel_until_done(self._tasks)
+        for node in self.cluster.nodes.values():
+            if node.session is not None:
+                node.session.close(f"this coordinator no longer leads ({self.leadership.reason}); reconnect")
+        self.stepped_down.set()
 
     def _local_socket_relay(self) -> LocalSocketRelay | None:
         settings = self.settings
@@ -325,38 +359,11 @@ class Coordinator:
         agent_port = port if agents_share_listen else bind(settings.agent_listen, settings.tls_client_ca)
         return port, agent_port
 
-    def _warn_about_exposure(self) -> None:
-        """Says in the log what the network can do to this coordinator, whenever that is more than it should."""
-        settings = self.settings
-        if not settings.tls_cert:
-            if settings.insecure:
-                log.warning(
-                    "TLS is off and insecure is set: serving plaintext; tokens and job specs cross the network unencrypted",
-                    listen=settings.listen,
-                )
-            else:
-                log.warning(
-                    "TLS is off: serving on loopback only; set tls_cert and tls_key to serve other machines",
-                    listen=settings.listen,
-                )
-        if not self.guard.enabled and settings.tokenless_tcp_clients:
-            log.warning(
-                "tokens_file is not set: every TCP client may act as any user, and as admin; agents are told owners are not "
-                "authenticated (set tokenless_tcp_clients = false to serve clients on the local socket only)"
-            )
-        if not settings.tls_client_ca:
-            log.warning(
-                "tls_client_ca is not set: agents are not authenticated; whatever reaches the port can register as a node"
-            )
-
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds."""
+        """Graceful stop: health NOT_SERVING, streams closed, in-flight calls given `grace` seconds, the store flushed,
+        then the lease given up so that a standby takes over at once."""
         await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_until_done(self._tasks)
         for node in self.cluster.nodes.values():
             if node.session is not None:
                 node.session.close("coordinator shutting down")
@@ -364,8 +371,13 @@ class Coordinator:
             await self.local_socket.close()
         if self.server is not None:
             await self.server.stop(grace)
-        await self.store.close()
-        await self.lease.release()
+        try:  # after a step-down the writes are fenced, and the database may be out of reach
+            await asyncio.wait_for(self.store.close(), STORE_CLOSE_SECONDS)
+        except Exception as error:  # noqa: BLE001 - nothing is left to save it for: the daemon exits
+            log.warning("job store did not close cleanly", error=f"{type(error).__name__}: {error}")
+        if self.leadership.role is Role.LEADING:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.lease.release(), STORE_CLOSE_SECONDS)
         if self.metrics is not None:
             self.metrics.close()
         log.info("coordinator stopped")

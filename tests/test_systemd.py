@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gpuorch
 from agent.settings import AgentSettings
+from coordinator.control.leadership import EXIT_STEPPED_DOWN
 from coordinator.settings import CoordinatorSettings
 from gpuorch import sdnotify
 from gpuorch.settings import load_settings
@@ -141,6 +142,12 @@ def test_an_unsandboxed_unit_scores_high(tmp_path):
     unit = tmp_path / "plain.service"
     unit.write_text("[Service]\nExecStart=/bin/true\n")
     assert exposure(unit) > max(MAX_EXPOSURE.values())
+
+
+def test_a_coordinator_that_stepped_down_is_restarted_as_a_standby():
+    unit = unit_directives(UNITS["coordinator"])
+    assert unit["RestartForceExitStatus"] == [str(EXIT_STEPPED_DOWN)]
+    assert str(EXIT_STEPPED_DOWN) not in " ".join(unit["RestartPreventExitStatus"]).split()
 
 
 @pytest.mark.parametrize("daemon", sorted(UNITS))

@@ -18,6 +18,7 @@ import structlog
 
 from coordinator.api.request_parsing import MalformedRequest
 from coordinator.control.cluster_view import ClusterView
+from coordinator.control.leadership import Leadership
 from coordinator.control.node_links import AgentSession
 from coordinator.rules import liveness
 from coordinator.rules.registration import InvalidMessage, validate_register
@@ -50,6 +51,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         """(node id, names in the peer's verified certificate) -> why it may not register as that node, or None."""
         self.owners_authenticated = False
         """Told to agents in RegisterAck: every job's owner was authenticated (set from the Guard)."""
+        self.leadership: Leadership | None = None
+        """Nothing is written to an agent unless this coordinator leads and may act (control/leadership.py)."""
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await context.read()
@@ -115,6 +118,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             while True:
                 message = await session.outbox.get()
                 if message is None:
+                    break
+                leadership = self.leadership
+                if leadership is not None and not leadership.may_act() and not await leadership.until_may_act():
+                    # Stepped down: the leader tells agents what to do now.
+                    session.close(f"this coordinator no longer leads ({leadership.reason}); reconnect")
                     break
                 await context.write(message)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None

@@ -75,6 +75,11 @@ CONNECT_DEFAULTS = {
     "keepalives_count": "3",
     "tcp_user_timeout": "10000",
     "application_name": "gpuorch-coordinator",
+    # A leader frozen inside a write transaction (SIGSTOP, a paused VM) holds the leader row FOR SHARE
+    # (check_fence), and every standby's take-over waits on that lock until it wakes. The server ends
+    # a session idle inside a transaction this long, which frees the row; the coordinator's own
+    # transactions send their statements back to back.
+    "options": "-c idle_in_transaction_session_timeout=1000",
 }
 """Connection parameters used where the URL does not give its own."""
 
