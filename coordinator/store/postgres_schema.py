@@ -50,19 +50,6 @@ MIGRATIONS = (
             "INSERT INTO leader(id, epoch, address, lease_until) VALUES (1, 0, '', '-infinity')",
         ),
     ),
-    Migration(
-        2,
-        "history indexes that hold the times: a window is judged from the index alone",
-        (
-            # A read of one owner's or one state's jobs in a window walks the index newest first and, with
-            # the times in it, skips the jobs outside the window without fetching their rows (an index-only
-            # scan): a day 60 days back among a million ended jobs is read in milliseconds, not a quarter second.
-            "CREATE INDEX jobs_by_owner_with_times ON jobs(owner, sequence) INCLUDE (state, submit_time, end_time)",
-            "CREATE INDEX jobs_by_state_with_times ON jobs(state, sequence) INCLUDE (owner, submit_time, end_time)",
-            "DROP INDEX jobs_by_owner",
-            "DROP INDEX jobs_by_state",
-        ),
-    ),
 )
 
 CONNECT_DEFAULTS = {
