@@ -74,6 +74,10 @@ def local_address_towards(target: str) -> str:
         return "127.0.0.1"
 
 
+STANDBY_RETRY_SECONDS = 0.5
+"""The longest wait between rounds of the coordinator list while a standby answers: it takes over within its
+lease (seconds), so the agent asks again soon rather than after a backoff grown while the leader was dying."""
+
 MessageHandler = Callable[[agent_pb2.CoordinatorMessage, int], Awaitable[None] | None]
 """Receives (message, number of the session it came on)."""
 
@@ -203,6 +207,7 @@ class CoordinatorLink:
     async def run(self, stopping: asyncio.Event) -> None:
         """Keeps a registered stream to the leading coordinator until `stopping` is set."""
         following = begin(self.coordinators)
+        standby_answered = False  # in this round of the list: a take-over is near, the wait stays short
         while not stopping.is_set():
             self.coordinator = following.current
             session = self.session
@@ -233,7 +238,13 @@ class CoordinatorLink:
             if self.session != session:
                 outcome = Outcome.LOST  # it had registered: the leader went away, or ended the stream
             following, step = advance(following, outcome, named)
-            delay = self.backoff.next_delay() if step.wait else 0.0
+            standby_answered = standby_answered or outcome is Outcome.STANDBY
+            delay = 0.0
+            if step.wait:
+                delay = self.backoff.next_delay()
+                if standby_answered:  # the control plane is up and a standby takes over within its lease
+                    delay = min(delay, STANDBY_RETRY_SECONDS)
+                standby_answered = False
             self.reconnects += 1
             log.info(
                 "reconnecting",

@@ -348,3 +348,11 @@ async def test_a_graceful_stop_gives_the_lease_up(tmp_path):
     async with coordinator_with(lease, tmp_path) as (coordinator, _channel):
         await asyncio.wait_for(coordinator.leading.wait(), 10)
     assert lease.released is True
+
+
+def test_a_standby_asks_again_right_after_the_leaders_lease_ends_not_a_whole_poll_later():
+    from coordinator.store.postgres_lease import TAKE_OVER_MARGIN_SECONDS, standby_wait
+
+    assert standby_wait(1.0, 2.5) == 1.0, "a live leader's lease: the poll interval"
+    assert standby_wait(1.0, 0.3) == pytest.approx(0.3 + TAKE_OVER_MARGIN_SECONDS), "ends sooner: asked just after"
+    assert standby_wait(1.0, -4.0) == TAKE_OVER_MARGIN_SECONDS, "already over (a race): asked at once, never negative"
