@@ -9,7 +9,7 @@ from coordinator import scheduler
 from coordinator.model.cluster import Allocations
 from coordinator.model.jobs import AttemptState, JobEntry
 from coordinator.rules import effects as fx
-from coordinator.rules import job_machine, job_rules
+from coordinator.rules import job_machine, job_reasons, job_rules
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.store.api import StoredJob
 from coordinator.store.memory import MemoryJobStore
@@ -76,7 +76,7 @@ async def test_one_jobs_whole_life_through_the_rules_on_a_fake_clock():
         entry, job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
     )
     assert fx.Save("j-1") in effects, "the placement is written before anything is launched"
-    launches = [effect for effect in job_machine.launches(entry, CONFIG) if isinstance(effect, fx.Launch)]
+    launches = [effect for effect in job_machine.launches(entry, CONFIG, allocations) if isinstance(effect, fx.Launch)]
     assert entry.job.state == job_pb2.JOB_STATE_RUNNING and entry.job.attempt == 1 and len(launches) == 1
     assert (
         launches[0].launch.env["GPUORCH_RESTART_REASON"] == "" and launches[0].launch.env["GPUORCH_CHECKPOINT_DIR"] == "/ckpt/j-1"
@@ -97,10 +97,10 @@ async def test_one_jobs_whole_life_through_the_rules_on_a_fake_clock():
     job = entry.job
     assert (job.state, job.restarts, job.pending_restart_reason) == (job_pb2.JOB_STATE_PENDING, 1, "rank_exit:1:137")
     assert job.reason == "restart 1 of 2 after rank_exit:1:137" and entry.not_before == clock.wall() + 5
-    assert job_machine.waiting_for_previous(entry) == "waiting for 1 rank(s) of attempt 1 to end"
+    assert job_reasons.waiting_for_previous(entry) == "waiting for 1 rank(s) of attempt 1 to end"
     effects = job_machine.rank_reported(entry, "n1", status(1, 0, EXITED, signum=15), now(clock), allocations, CONFIG)
     assert fx.AttemptOver("n1", "j-1", 1) in effects and fx.Release("n1", 29500) in effects
-    assert job_machine.waiting_for_previous(entry) is None and dict(allocations) == {}
+    assert job_reasons.waiting_for_previous(entry) is None and dict(allocations) == {}
     stored = (await store.open()).jobs[0].job
     assert stored.state == job_pb2.JOB_STATE_PENDING and stored.pending_restart_reason == "rank_exit:1:137", (
         "durable while it waits"
@@ -113,7 +113,7 @@ async def test_one_jobs_whole_life_through_the_rules_on_a_fake_clock():
     effects = await persist(
         entry, job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
     )
-    (launch,) = [effect.launch for effect in job_machine.launches(entry, CONFIG) if isinstance(effect, fx.Launch)]
+    (launch,) = [effect.launch for effect in job_machine.launches(entry, CONFIG, allocations) if isinstance(effect, fx.Launch)]
     assert (launch.attempt, launch.env["GPUORCH_RESTART_REASON"]) == (2, "rank_exit:1:137")
     assert job.pending_restart_reason == "" and not job.HasField("restart_not_before")
 
@@ -156,3 +156,32 @@ async def test_cancel_during_the_backoff_is_final_and_stored():
     effects = job_machine.cancel(entry, now(clock), CONFIG)
     assert fx.Save("j-1") in effects and entry.job.state == job_pb2.JOB_STATE_CANCELLED
     assert entry.job.pending_restart_reason == "" and not entry.job.HasField("restart_not_before")
+
+
+async def test_an_attempt_that_fails_while_its_placement_is_written_ends_without_ever_launching():
+    """A placement is launched only once it is durable. A GPU turning unhealthy during that write makes the job
+    restart before any Launch was sent: no agent will ever report those ranks, so they end when the launch is
+    skipped. Seen in the chaos test: the restart waited forever "for 2 rank(s) of attempt 2 to end"."""
+    clock, allocations = FakeClock(), Allocations()
+    entry = JobEntry(
+        1, job_pb2.Job(job_id="j-1", spec=job_pb2.JobSpec(argv=["x"], gpus=2, max_restarts=2), state=job_pb2.JOB_STATE_PENDING)
+    )
+    job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
+    job_machine.device_unhealthy(entry, "n1", "GPU-0", "XID 79", now(clock), CONFIG)  # while the write is in flight
+    assert entry.job.state == job_pb2.JOB_STATE_PENDING and entry.job.restarts == 1
+    effects = job_machine.launches(entry, CONFIG, allocations)
+    assert not [effect for effect in effects if isinstance(effect, fx.Launch)], "nothing is launched for a job that restarts"
+    assert fx.AttemptOver("n1", "j-1", 1) in effects and fx.Release("n1", 29500) in effects
+    assert job_reasons.waiting_for_previous(entry) is None and dict(allocations) == {}
+    assert [effect for effect in effects if isinstance(effect, fx.Wake)], "the restart waiting for those GPUs is woken"
+
+
+async def test_a_job_cancelled_while_its_placement_is_written_gives_its_gpus_back():
+    clock, allocations = FakeClock(), Allocations()
+    entry = JobEntry(1, job_pb2.Job(job_id="j-1", spec=job_pb2.JobSpec(argv=["x"], gpus=2), state=job_pb2.JOB_STATE_PENDING))
+    job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
+    job_machine.cancel(entry, now(clock), CONFIG)
+    assert entry.job.state == job_pb2.JOB_STATE_CANCELLED and dict(allocations) != {}
+    effects = job_machine.launches(entry, CONFIG, allocations)
+    assert not [effect for effect in effects if isinstance(effect, fx.Launch)]
+    assert entry.attempts == {} and dict(allocations) == {}, "a cancelled job never launched holds no GPU"

@@ -17,7 +17,7 @@ from coordinator.control.node_links import AgentSession
 from coordinator.model.cluster import Allocations
 from coordinator.model.jobs import JobEntry
 from coordinator.rules import effects as fx
-from coordinator.rules import job_machine, job_rules
+from coordinator.rules import job_machine, job_reasons, job_rules
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.store.memory import MemoryJobStore
@@ -68,7 +68,7 @@ def test_a_preempted_job_is_stopped_with_the_grace_and_requeued_without_using_a_
     assert job.reason == "requeued after preemption (uses no restart: 0 of 0 used)"
     # Its GPUs stay held, and its next attempt waits, until every rank's end is confirmed.
     assert dict(allocations) == {"GPU-0": ("j-1", 1), "GPU-1": ("j-1", 1)}
-    assert job_machine.waiting_for_previous(entry) == "waiting for 2 rank(s) of attempt 1 to end"
+    assert job_reasons.waiting_for_previous(entry) == "waiting for 2 rank(s) of attempt 1 to end"
     # A rank that checkpoints and exits 0, and one killed at the end of the grace: neither decides the job.
     clock.advance(5)
     effects = job_machine.rank_reported(entry, "n1", status(1, 0, EXITED), now(clock), allocations, CONFIG)
@@ -78,12 +78,12 @@ def test_a_preempted_job_is_stopped_with_the_grace_and_requeued_without_using_a_
     assert job.state == job_pb2.JOB_STATE_PENDING and job.restarts == 0
     assert not any(isinstance(e, fx.AttemptFailed | fx.Finished) for e in effects)
     assert fx.AttemptOver("n1", "j-1", 1) in effects and dict(allocations) == {}
-    assert job_machine.waiting_for_previous(entry) is None
+    assert job_reasons.waiting_for_previous(entry) is None
     # The next attempt is told why it starts.
     placement = job_pb2.Placement(master_addr="10.0.0.1", master_port=29501, world_size=2)
     placement.nodes.add(node_id="n1", node_rank=0, device_uuids=["GPU-0", "GPU-1"], first_rank=0, device_indexes=[0, 1])
     job_machine.place(entry, placement, now(clock), allocations, {}, CONFIG)
-    (launch,) = [effect.launch for effect in job_machine.launches(entry, CONFIG) if isinstance(effect, fx.Launch)]
+    (launch,) = [effect.launch for effect in job_machine.launches(entry, CONFIG, allocations) if isinstance(effect, fx.Launch)]
     assert (launch.attempt, launch.env["GPUORCH_RESTART_REASON"]) == (2, "preempted")
     assert launch.env["GPUORCH_CHECKPOINT_DIR"] == "/ckpt/j-1", "the same checkpoint directory as the attempt it resumes"
     assert [record.restart_reason for record in job.attempts] == ["", "preempted"]
@@ -266,7 +266,7 @@ async def test_a_preemption_survives_a_coordinator_restart_during_the_grace():
     await restarted.start()
     entry = restarted.get(job_id)
     assert entry.job.state == job_pb2.JOB_STATE_PENDING and entry.job.pending_restart_reason == "preempted"
-    assert job_machine.waiting_for_previous(entry) is not None, "its GPUs are held until the agent reports"
+    assert job_reasons.waiting_for_previous(entry) is not None, "its GPUs are held until the agent reports"
     register = register_message(2, tuple(status(1, rank, RUNNING, job_id=job_id) for rank in (0, 1)))
     cluster.register(register)
     restarted.on_register("n1", register)

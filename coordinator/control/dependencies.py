@@ -176,9 +176,9 @@ class Dependencies:
     def launches(self, entry: JobEntry) -> list[Effect]:
         """The job rules' launches of the entry's attempt, with every rank's GPU capacity (GPUORCH_DEVICE_CAPACITY,
         GPUORCH_DEVICE_CAPACITIES, for gpuorch.worker.shard) and, for a dependent, its dependencies' results."""
-        effects = job_machine.launches(entry, self.manager.machine)
-        if not effects:
-            return effects
+        effects = job_machine.launches(entry, self.manager.machine, self.manager.cluster.allocations)
+        if entry.job.state != job_pb2.JOB_STATE_RUNNING:
+            return effects  # nothing launched: the attempt ended before its placement was durable
         job = entry.job
         capacities = self._rank_capacities(job.placement)
         every = ",".join(f"{capacity:g}" for capacity in capacities)

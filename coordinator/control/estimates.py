@@ -24,7 +24,7 @@ import structlog
 
 from coordinator import scheduler
 from coordinator.model.jobs import JobEntry
-from coordinator.rules import job_machine
+from coordinator.rules import job_reasons
 from coordinator.scheduler.forecast import (
     DEFAULT_MAX_JOBS,
     DEFAULT_MAX_STEPS,
@@ -144,7 +144,7 @@ class Estimates:
         pending = [
             loop.request(entry)
             for job_id, entry in manager.pending.items()
-            if manager.backoffs.get(job_id, 0.0) <= wall and job_machine.waiting_for_previous(entry) is None
+            if manager.backoffs.get(job_id, 0.0) <= wall and job_reasons.waiting_for_previous(entry) is None
         ]
         running = loop.running_jobs()
         return forecast_steps(views, pending, running, loop.config, now=wall, max_steps=self.max_steps,

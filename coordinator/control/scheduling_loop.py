@@ -23,7 +23,7 @@ from coordinator.control.running_view import RunningView, attained_service_secon
 from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
-from coordinator.rules import job_machine, preemption
+from coordinator.rules import job_machine, job_reasons, preemption
 from coordinator.rules.effects import Effect, Preempted, Stop
 from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
@@ -276,11 +276,11 @@ class SchedulingLoop:
                 shown.pop(job_id, None)
                 continue
             if entry.attempts:  # a restart waits until every rank of the earlier attempt has ended
-                waiting = job_machine.waiting_for_previous(entry)
+                waiting = job_reasons.waiting_for_previous(entry)
                 if waiting is not None:
                     shown.pop(job_id, None)
                     if not entry.job.reason.endswith(waiting):
-                        entry.job.reason = job_machine.pending_reason(entry.job, waiting)
+                        entry.job.reason = job_reasons.pending_reason(entry.job, waiting)
                     continue
             ready.append(entry)
             requests.append(cached_requests.get(job_id) or self.request(entry))
@@ -306,7 +306,7 @@ class SchedulingLoop:
             # Written only when it changes, and rendered from the job only when it has a restart to tell first.
             if shown.get(job_id) != reason and (waiting_entry := manager.pending.get(job_id)) is not None:
                 job = waiting_entry.job
-                job.reason = job_machine.pending_reason(job, reason) if job_id in restarting else reason
+                job.reason = job_reasons.pending_reason(job, reason) if job_id in restarting else reason
                 shown[job_id] = reason
         effects: list[Effect] = self._preempt(result.preemptions, now)
         placed: list[JobEntry] = []

@@ -65,6 +65,7 @@ from coordinator.rules.effects import (
     Stop,
     Wake,
 )
+from coordinator.rules.job_reasons import restart_text
 from coordinator.rules.recovery import FailureCode
 from gpuorch.v1 import agent_pb2, job_pb2
 
@@ -92,33 +93,6 @@ def stamp(wall: float) -> Timestamp:
     value = Timestamp()
     value.FromNanoseconds(int(wall * 1e9))
     return value
-
-
-# -- reasons, rendered from fields ---------------------------------------------------------------
-
-
-def restart_text(job: job_pb2.Job) -> str:
-    """What a restarting job's reason starts with; empty for a job that is not restarting."""
-    if not job.pending_restart_reason:
-        return ""
-    if job.pending_restart_reason == preemption.PREEMPTED:
-        return f"requeued after preemption (uses no restart: {job.restarts} of {job.spec.max_restarts} used)"
-    return f"restart {job.restarts} of {job.spec.max_restarts} after {job.pending_restart_reason}"
-
-
-def pending_reason(job: job_pb2.Job, detail: str) -> str:
-    """A pending job's reason: why it restarts (if it does), then why it waits now."""
-    head = restart_text(job)
-    return f"{head}; {detail}" if head else detail
-
-
-def waiting_for_previous(entry: JobEntry) -> str | None:
-    """Why a restart must wait (ranks of an earlier attempt have not ended), or None if it may start:
-    two attempts of one job never run at once, nor share a checkpoint directory."""
-    if not entry.attempts:
-        return None
-    left = sum(attempt.ranks_left for attempt in entry.attempts.values())
-    return f"waiting for {left} rank(s) of attempt {max(entry.attempts)} to end"
 
 
 # -- placement -------------------------------------------------------------------------------------
@@ -158,18 +132,32 @@ def place(
     return [QueueChanged(job.job_id), Save(job.job_id)]
 
 
-def launches(entry: JobEntry, config: MachineConfig) -> list[Effect]:
+def launches(entry: JobEntry, config: MachineConfig, allocations: Allocations) -> list[Effect]:
     """The launches of the job's current attempt, one per node, then its watchers told: sent once the
-    placement is durable, and only while the job still runs (it may be cancelled meanwhile)."""
+    placement is durable, and only while the job still runs. A job cancelled or restarting meanwhile (a GPU
+    turned unhealthy, a hang) had nothing launched: no agent will report those ranks, so they end here."""
     job = entry.job
     if job.state != job_pb2.JOB_STATE_RUNNING:
-        return []
+        return never_launched(entry, allocations)
     environment = attempt_environment(job, config.checkpoint_root)
     effects: list[Effect] = [
         Launch(node_id, launch)
         for node_id, launch in job_rules.launch_messages(job, environment, config.stop_grace_seconds).items()
     ]
     return [*effects, Notify(job.job_id)]
+
+
+def never_launched(entry: JobEntry, allocations: Allocations) -> list[Effect]:
+    """The job's placed attempt ended before its launch was sent: each rank ends, its GPU given back."""
+    attempt = entry.attempts.get(entry.job.attempt)
+    if attempt is None:
+        return []
+    effects: list[Effect] = []
+    outcome = RankOutcome(True, "never launched: its attempt ended before the launch was sent")
+    for rank in range(attempt.world_size):
+        if rank not in attempt.ended:
+            effects += rank_ended(entry, attempt, rank, outcome, allocations)
+    return effects
 
 
 def restore(entry: JobEntry, record: job_pb2.Attempt, now: Now, allocations: Allocations) -> Attempt:
