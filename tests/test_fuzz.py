@@ -11,7 +11,8 @@ wrong, malformed, a user's or an admin's token, garbage headers). For every call
   DEADLINE_EXCEEDED (a handler hung);
 - every non-OK status says what was wrong (non-empty details); bytes that are not a
   valid request get INVALID_ARGUMENT naming the message type; a protected method
-  called without a valid token gets UNAUTHENTICATED naming the problem;
+  called without a valid token gets UNAUTHENTICATED naming the problem (a protected request stream, such as
+  Attach, checks the token before it reads a message, so even before a too-large or malformed first message);
 - the coordinator process is alive.
 
 Afterwards (the last test) Health answers SERVING, the job and node are unchanged, the
@@ -471,6 +472,16 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
     if outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and _metadata_bytes(metadata) > METADATA_SOFT_LIMIT_BYTES:
         assert "metadata" in outcome.details, said
         return  # the transport refused the metadata before anything read the request
+    authorization = [value for key, value in metadata if key == "authorization"]
+    has_valid_token = len(authorization) == 1 and authorization[0] in VALID_AUTHORIZATION
+    protected = method.containing_service.full_name in PROTECTED_SERVICES
+    if protected and method.client_streaming and not has_valid_token:
+        # A one-request method's request is read by the transport before the handler runs (so its size limit and
+        # parsing come first); a request stream's handler runs once the metadata is in, and checks the token before
+        # it reads a message: without a valid token, whatever the messages (too large, malformed), UNAUTHENTICATED.
+        assert outcome.code is grpc.StatusCode.UNAUTHENTICATED, f"a request stream without a valid token: {said}"
+        assert "authorization" in outcome.details or "token" in outcome.details, said
+        return
     if any(len(frame) > MAX_MESSAGE_BYTES for frame in frames[:1]):
         assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in outcome.details, said
         return
@@ -482,9 +493,7 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
         return
     if any(not _parses(request_class, frame) for frame in frames):
         assert outcome.code not in (None, grpc.StatusCode.OK), f"a stream with a malformed message was accepted: {said}"
-    authorization = [value for key, value in metadata if key == "authorization"]
-    has_valid_token = len(authorization) == 1 and authorization[0] in VALID_AUTHORIZATION
-    if method.containing_service.full_name in PROTECTED_SERVICES and not has_valid_token:
+    if protected and not has_valid_token:
         assert outcome.code is grpc.StatusCode.UNAUTHENTICATED, f"called without a valid token: {said}"
         assert "authorization" in outcome.details or "token" in outcome.details, said
 
