@@ -11,7 +11,8 @@ wrong, malformed, a user's or an admin's token, garbage headers). For every call
   DEADLINE_EXCEEDED (a handler hung);
 - every non-OK status says what was wrong (non-empty details); bytes that are not a
   valid request get INVALID_ARGUMENT naming the message type; a protected method
-  called without a valid token gets UNAUTHENTICATED naming the problem;
+  called without a valid token gets UNAUTHENTICATED naming the problem (a protected request stream, such as
+  Attach, checks the token before it reads a message, so even before a too-large or malformed first message);
 - the coordinator process is alive.
 
 Afterwards (the last test) Health answers SERVING, the job and node are unchanged, the
@@ -42,7 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuorch
-from gpuorch.v1 import agent_pb2, cluster_pb2, job_pb2
+from gpuorch.v1 import agent_pb2, cluster_pb2, interactive_pb2, job_pb2
 from tests.harness import SUMMARY_LINES, LocalCluster, wait_for
 
 ADMIN_TOKEN = "fuzz-admin-token-5f1c0e"
@@ -54,13 +55,19 @@ SERVICES = (
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
     cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
     job_pb2.DESCRIPTOR.services_by_name["JobService"],
+    interactive_pb2.DESCRIPTOR.services_by_name["InteractiveService"],
+    interactive_pb2.DESCRIPTOR.services_by_name["SessionRelayService"],
     health_pb2.DESCRIPTOR.services_by_name["Health"],
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
 )
 METHODS = [method for service in SERVICES for method in service.methods]
-PROTECTED_SERVICES = {"gpuorch.v1.ClusterService", "gpuorch.v1.JobService"}
-"""Services that want a bearer token (agents prove who they are with certificates; health and reflection are open)."""
+PROTECTED_SERVICES = {"gpuorch.v1.ClusterService", "gpuorch.v1.JobService", "gpuorch.v1.InteractiveService"}
+"""Services that want a bearer token (agents prove who they are with certificates, and a session's relay with its
+secret; health and reflection are open)."""
 MUTATING_METHODS = {"CancelJob", "SetJobPriority", "DrainNode", "ResumeNode"}
+SESSIONS_THAT_ACT = {"Exec", "PortForward"}
+"""Sessions that would run a fuzzed command, or connect to a fuzzed port on this machine's loopback, on a running job:
+they are given only the pending jobs. Attach only writes to the kept interactive job's terminal, which discards it."""
 
 EXAMPLES = int(os.environ.get("GPUORCH_FUZZ_EXAMPLES", "30"))
 DEADLINE_SECONDS = 5.0
@@ -72,6 +79,14 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 METADATA_SOFT_LIMIT_BYTES = 8 * 1024
 """grpc's default soft limit on a call's metadata: above it, the transport may refuse the call (RESOURCE_EXHAUSTED)."""
 NODE_ID = "kept-node"
+KEPT_TERMINAL = (
+    "import os, signal\n"
+    "for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGHUP):\n"
+    "    signal.signal(number, signal.SIG_IGN)\n"
+    "while True:\n"
+    "    os.read(0, 65536)\n"
+)
+"""Rank 0 of the kept interactive job: reads and drops whatever fuzzed Attach calls type, Ctrl-C, Ctrl-Z and Ctrl-D too."""
 KEPT_MODEL = "kept-model-that-no-fuzzed-device-has"
 """A requirement no GPU meets, so the jobs kept across the fuzzing stay PENDING whatever nodes it registers."""
 
@@ -98,6 +113,7 @@ SYMBOLS = [
     "gpuorch.v1.JobSpec",
     "gpuorch.v1.Device",
     "gpuorch.v1.NodeState",
+    "gpuorch.v1.SessionInput",
     "google.protobuf.Timestamp",
     "grpc.health.v1.HealthCheckRequest",
 ]
@@ -105,6 +121,7 @@ FILES = [
     "gpuorch/v1/agent.proto",
     "gpuorch/v1/cluster.proto",
     "gpuorch/v1/job.proto",
+    "gpuorch/v1/interactive.proto",
     "google/protobuf/timestamp.proto",
     "grpc_health/v1/health.proto",
     "grpc_reflection/v1alpha/reflection.proto",
@@ -119,6 +136,8 @@ class KeptData:
     """Owned by the admin; read by the fuzzing, never targeted by a method that changes jobs."""
     spare_job_id: str
     """Owned by the user; the methods that change jobs may target it."""
+    interactive_job_id: str
+    """Owned by the admin, RUNNING on the kept node with a terminal that discards what it gets: Attach's target."""
     node_id: str
 
 
@@ -130,6 +149,8 @@ def _hints(field_name: str, kept: KeptData, method_name: str) -> st.SearchStrate
         suffixes = st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=6, max_size=6)
         numbered = st.builds("j-{:06d}-{}".format, st.integers(1, 400), suffixes)
         known = [kept.spare_job_id] if changes_things else [kept.job_id, kept.spare_job_id]
+        if not changes_things and method_name not in SESSIONS_THAT_ACT:
+            known.append(kept.interactive_job_id)
         return st.one_of(numbered, st.sampled_from(known))
     if field_name == "node_id":
         made_up = st.from_regex(r"[a-z][a-z0-9._:-]{0,24}", fullmatch=True)
@@ -158,6 +179,8 @@ def text_for(field_name: str, kept: KeptData, method_name: str) -> st.SearchStra
     if hinted is not None:
         options.append(hinted)
     untouchable = {KEPT_MODEL} | ({kept.job_id, kept.node_id} if method_name in MUTATING_METHODS | {"Connect"} else set())
+    if method_name in MUTATING_METHODS | SESSIONS_THAT_ACT | {"Connect"}:
+        untouchable.add(kept.interactive_job_id)
     return st.one_of(*options).filter(lambda text: text not in untouchable)
 
 
@@ -449,6 +472,16 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
     if outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and _metadata_bytes(metadata) > METADATA_SOFT_LIMIT_BYTES:
         assert "metadata" in outcome.details, said
         return  # the transport refused the metadata before anything read the request
+    authorization = [value for key, value in metadata if key == "authorization"]
+    has_valid_token = len(authorization) == 1 and authorization[0] in VALID_AUTHORIZATION
+    protected = method.containing_service.full_name in PROTECTED_SERVICES
+    if protected and method.client_streaming and not has_valid_token:
+        # A one-request method's request is read by the transport before the handler runs (so its size limit and
+        # parsing come first); a request stream's handler runs once the metadata is in, and checks the token before
+        # it reads a message: without a valid token, whatever the messages (too large, malformed), UNAUTHENTICATED.
+        assert outcome.code is grpc.StatusCode.UNAUTHENTICATED, f"a request stream without a valid token: {said}"
+        assert "authorization" in outcome.details or "token" in outcome.details, said
+        return
     if any(len(frame) > MAX_MESSAGE_BYTES for frame in frames[:1]):
         assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in outcome.details, said
         return
@@ -460,9 +493,7 @@ def check(fuzz: Fuzzer, method: descriptor.MethodDescriptor, frames: list[bytes]
         return
     if any(not _parses(request_class, frame) for frame in frames):
         assert outcome.code not in (None, grpc.StatusCode.OK), f"a stream with a malformed message was accepted: {said}"
-    authorization = [value for key, value in metadata if key == "authorization"]
-    has_valid_token = len(authorization) == 1 and authorization[0] in VALID_AUTHORIZATION
-    if method.containing_service.full_name in PROTECTED_SERVICES and not has_valid_token:
+    if protected and not has_valid_token:
         assert outcome.code is grpc.StatusCode.UNAUTHENTICATED, f"called without a valid token: {said}"
         assert "authorization" in outcome.details or "token" in outcome.details, said
 
@@ -484,7 +515,8 @@ def tokens_entry(user: str, token: str, role: str) -> str:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, pytestconfig):
-    """A coordinator with tokens, a drained node of a real agent and two pending jobs; its fuzzer; what must stay."""
+    """A coordinator with tokens, a draining node of a real agent running an interactive job, two pending jobs; its
+    fuzzer; what must stay."""
     root = tmp_path_factory.mktemp("fuzz")
     (root / "tokens.toml").write_text("".join(tokens_entry(user, token, role) for user, (token, role) in TOKENS.items()))
     cluster = LocalCluster(root, token=ADMIN_TOKEN)
@@ -492,7 +524,11 @@ def target(tmp_path_factory, pytestconfig):
     cluster.add_agent(NODE_ID, 2)
     cluster.wait_for_nodes(1)
     admin = cluster.client()
-    # Drained, so no fuzzed job (random argv) ever runs on this machine; the fuzzing never names it where it could resume it.
+    interactive_job_id = admin.submit_job(
+        argv=["python3", "-c", KEPT_TERMINAL], gpus=1, name="kept-terminal", interactive=True, attach_grace_seconds=86400
+    )
+    wait_for(lambda: admin.get_job(interactive_job_id).state == job_pb2.JOB_STATE_RUNNING, 30, what="the interactive job")
+    # Draining, so no fuzzed job (random argv) ever runs on this machine; the fuzzing never names it where it could resume it.
     admin.drain_node(NODE_ID, reason="kept out of the fuzzing")
     requirements = {"gpu_model": KEPT_MODEL}
     job_id = admin.submit_job(
@@ -505,8 +541,8 @@ def target(tmp_path_factory, pytestconfig):
     )
     with gpuorch.Client(cluster.address, timeout=5, token=USER_TOKEN) as user:
         spare_job_id = user.submit_job(argv=["true"], gpus=1, name="spare", requirements=requirements, hold_if_too_big=True)
-    kept = KeptData(job_id=job_id, spare_job_id=spare_job_id, node_id=NODE_ID)
-    before = (admin.get_job(job_id), admin.get_node(NODE_ID))
+    kept = KeptData(job_id=job_id, spare_job_id=spare_job_id, interactive_job_id=interactive_job_id, node_id=NODE_ID)
+    before = (admin.get_job(job_id), admin.get_node(NODE_ID), admin.get_job(interactive_job_id))
     fuzz = Fuzzer(cluster)
     yield cluster, fuzz, kept, before
     fuzz.close()
@@ -550,11 +586,31 @@ def _encoded(method: descriptor.MethodDescriptor, kept: KeptData) -> st.SearchSt
     return messages(method.input_type, kept, method.name).map(lambda instance: instance.SerializeToString())
 
 
-def _registration(kept: KeptData) -> st.SearchStrategy[bytes]:
-    """An AgentMessage that is a register, so a stream gets past its first check."""
-    return messages(agent_pb2.Register.DESCRIPTOR, kept, "Connect").map(
-        lambda register: agent_pb2.AgentMessage(register=register).SerializeToString()
-    )
+def _opening(method: descriptor.MethodDescriptor, kept: KeptData) -> st.SearchStrategy[bytes] | None:
+    """A first message of the kind a request stream must start with (an agent's register, a session's open, a relay's
+    hello), so that the stream gets past its first check; None for a method with no such rule."""
+    first = {
+        "Connect": (agent_pb2.Register, "register", agent_pb2.AgentMessage),
+        "Attach": (interactive_pb2.OpenSession, "open", interactive_pb2.SessionInput),
+        "Exec": (interactive_pb2.OpenSession, "open", interactive_pb2.SessionInput),
+        "PortForward": (interactive_pb2.OpenSession, "open", interactive_pb2.SessionInput),
+        "NodeRelay": (interactive_pb2.NodeHello, "hello", interactive_pb2.NodeSessionOutput),
+    }.get(method.name)
+    if first is None:
+        return None
+    inner, field, outer = first
+    drawn = messages(inner.DESCRIPTOR, kept, method.name)
+    if inner is interactive_pb2.OpenSession:
+        # Mostly a job that exists, so most sessions get past the lookup to the job's state, its owner and the node.
+        known = [kept.job_id, kept.spare_job_id] + ([] if method.name in SESSIONS_THAT_ACT else [kept.interactive_job_id])
+        drawn = st.builds(_with_job, drawn, st.one_of(st.none(), st.sampled_from(known), st.sampled_from(known)))
+    return drawn.map(lambda value: outer(**{field: value}).SerializeToString())
+
+
+def _with_job(open_session: interactive_pb2.OpenSession, job_id: str | None) -> interactive_pb2.OpenSession:
+    if job_id is not None:
+        open_session.job_id = job_id
+    return open_session
 
 
 def _method_id(method: descriptor.MethodDescriptor) -> str:
@@ -578,7 +634,8 @@ def fuzz_method(
 def test_random_and_corrupted_bytes(target, method):
     _cluster, fuzz, kept, _ = target
     garbage = garbage_bytes(method.input_type, kept, method.name)
-    first = st.one_of(garbage, _registration(kept)) if method.name == "Connect" else st.one_of(garbage, _encoded(method, kept))
+    opening = _opening(method, kept)
+    first = st.one_of(garbage, _encoded(method, kept) if opening is None else opening)
     fuzz_method(fuzz, method, _frames(method, garbage, first=first if method.client_streaming else None), VALID_TOKENS)
 
 
@@ -586,14 +643,17 @@ def test_random_and_corrupted_bytes(target, method):
 def test_well_formed_hostile_messages(target, method):
     _cluster, fuzz, kept, _ = target
     encoded = _encoded(method, kept)
-    first = st.one_of(_registration(kept), encoded) if method.name == "Connect" else None
+    opening = _opening(method, kept)
+    first = None if opening is None else st.one_of(opening, encoded)
     fuzz_method(fuzz, method, _frames(method, encoded, first=first), VALID_TOKENS)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_random_metadata(target, method):
     _cluster, fuzz, kept, _ = target
-    fuzz_method(fuzz, method, _frames(method, st.one_of(st.just(b""), _encoded(method, kept))), METADATA)
+    frame = st.one_of(st.just(b""), _encoded(method, kept))
+    opening = _opening(method, kept)
+    fuzz_method(fuzz, method, _frames(method, frame, first=None if opening is None else st.one_of(frame, opening)), METADATA)
 
 
 def test_every_served_service_is_fuzzed(target):
@@ -612,14 +672,11 @@ def test_every_served_service_is_fuzzed(target):
         answer = await call.read()
         return {service.name for service in answer.list_services_response.service}
 
-    # The interactive services are not fuzzed yet: with them in SERVICES, random metadata on Attach answered
-    # UNAUTHENTICATED where the fuzzer's model expects RESOURCE_EXHAUSTED; to settle before they join.
-    not_yet_fuzzed = {"gpuorch.v1.InteractiveService", "gpuorch.v1.SessionRelayService"}
-    assert fuzz.loop.run_until_complete(served()) - not_yet_fuzzed == {service.full_name for service in SERVICES}
+    assert fuzz.loop.run_until_complete(served()) == {service.full_name for service in SERVICES}
 
 
 def test_afterwards_the_coordinator_is_healthy_and_its_data_intact(target):
-    cluster, fuzz, kept, (job_before, node_before) = target
+    cluster, fuzz, kept, (job_before, node_before, interactive_before) = target
     if not fuzz.outcomes:
         pytest.skip("run together with the fuzzing tests of this module")
     assert cluster.coordinator.process.poll() is None
@@ -632,7 +689,11 @@ def test_afterwards_the_coordinator_is_healthy_and_its_data_intact(target):
     assert job.state == job_pb2.JOB_STATE_PENDING and job.attempt == 0
     assert admin.get_job(kept.spare_job_id).spec.argv == ["true"], "the spare job may change state, never its spec"
     node = admin.get_node(NODE_ID)
-    assert node.state == cluster_pb2.NODE_STATE_DRAINED and node.state_reason == "kept out of the fuzzing"
+    assert node.state == cluster_pb2.NODE_STATE_DRAINING and node.state_reason == "kept out of the fuzzing"
+    interactive = admin.get_job(kept.interactive_job_id)
+    assert interactive.state == job_pb2.JOB_STATE_RUNNING and interactive.attempt == interactive_before.attempt, (
+        "the kept terminal's job ran on through every Attach"
+    )
     assert [device.uuid for device in node.devices] == [device.uuid for device in node_before.devices]
     sequence = node.last_heartbeat_sequence
     wait_for(

@@ -135,6 +135,14 @@ class InteractiveService(interactive_pb2_grpc.InteractiveServiceServicer):
                     raise MalformedRequest("only the first SessionInput may be `open`, and each must set one field")
                 await node.write(message)
 
+        writing: list[asyncio.Future] = []
+        """The write to the client in flight. Cancelling a grpc.aio write leaves the call unable to end (the client
+        waits out its deadline, or forever), so the write is shielded from the relay's cancelling, and awaited."""
+
+        async def write(output: interactive_pb2.SessionOutput) -> None:
+            writing[:] = [asyncio.ensure_future(context.write(output))]
+            await asyncio.shield(writing[0])
+
         async def node_to_client() -> None:
             while True:
                 try:
@@ -142,10 +150,10 @@ class InteractiveService(interactive_pb2_grpc.InteractiveServiceServicer):
                 except (grpc.RpcError, MalformedRequest, asyncio.InvalidStateError):
                     message = grpc.aio.EOF  # the agent's stream broke: the client hears so
                 if message is grpc.aio.EOF or message.WhichOneof("payload") != "output":
-                    await context.write(interactive_pb2.SessionOutput(
+                    await write(interactive_pb2.SessionOutput(
                         ended=interactive_pb2.SessionEnded(message=f"node {relay.node_id} ended the session")))  # fmt: skip
                     return
-                await context.write(message.output)
+                await write(message.output)
                 if message.output.WhichOneof("payload") == "ended":
                     return
 
@@ -155,7 +163,7 @@ class InteractiveService(interactive_pb2_grpc.InteractiveServiceServicer):
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *writing, return_exceptions=True)
         for task in done:
             failure = task.exception()
             if isinstance(failure, MalformedRequest):
