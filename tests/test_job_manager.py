@@ -201,3 +201,91 @@ async def test_fair_share_usage_settled_as_jobs_end_equals_usage_read_from_every
         for owner, used in expected.items():
             assert got[owner] == pytest.approx(used, rel=1e-9, abs=1e-9), (step, owner)
     assert mixed > 10, "running and final jobs were summed together"
+
+
+class SlowStore(MemoryJobStore):
+    """Writes that become durable only when the test says so: what a coordinator killed mid-write would lose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: list[asyncio.Future[None]] = []
+        self.slow = False
+
+    def save(self, jobs=(), drains=None):
+        done = super().save(jobs, drains)
+        if not self.slow:
+            return done
+        held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.in_flight.append(held)
+        return held
+
+
+async def test_an_agent_forgets_an_ended_attempt_only_once_the_jobs_end_is_durable():
+    """Told to forget an attempt, the agent stops listing its ranks' exits. Were that sent before the job's end is
+    in the store, a coordinator killed in between would restart with the job RUNNING, hear the agent re-register
+    without the rank, judge it lost and run a job that succeeded a second time (seen in the array e2e test)."""
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    session = register(cluster, "n1")
+    store = SlowStore()
+    manager = JobManager(cluster, store)
+    await manager.start()
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    assert await manager.schedule_pass() == [job_id]
+    sent(session, "forget_attempt")
+    store.slow = True
+    for state in (agent_pb2.TASK_STATE_RUNNING, agent_pb2.TASK_STATE_EXITED):
+        manager.on_task_status("n1", agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=0, state=state))
+    assert manager.get(job_id).job.state == job_pb2.JOB_STATE_SUCCEEDED
+    await asyncio.sleep(0)
+    assert sent(session, "forget_attempt") == [], "not while the job's end is not durable"
+    assert store.in_flight, "its end is being written"
+    for write in store.in_flight:
+        write.set_result(None)
+    await asyncio.sleep(0)
+    (forget,) = sent(session, "forget_attempt")
+    assert (forget.job_id, forget.attempt) == (job_id, 1)
+
+
+async def test_a_launch_lost_with_its_stream_is_sent_again_when_the_agent_re_registers_without_it():
+    """The placement was durable and the launch sent, but the stream broke before the agent read it: the agent
+    re-registers knowing nothing of the attempt. It never ran, so it has not failed: the launch goes again on the
+    new stream (the agent starts a rank at most once per attempt), no restart used."""
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    first = register(cluster, "n1")
+    manager = JobManager(cluster, MemoryJobStore())
+    await manager.start()
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    assert await manager.schedule_pass() == [job_id]
+    assert len(sent(first, "launch_task")) == 1
+    second = register(cluster, "n1")
+    manager.on_register("n1", agent_pb2.Register(node_id="n1"))
+    (again,) = sent(second, "launch_task")
+    assert (again.job_id, again.attempt, [rank.rank for rank in again.ranks]) == (job_id, 1, [0])
+    job = manager.get(job_id).job
+    assert (job.state, job.attempt, job.restarts) == (job_pb2.JOB_STATE_RUNNING, 1, 0)
+
+
+async def test_a_coordinator_killed_before_its_launch_was_sent_launches_it_after_its_restart():
+    """Killed between the placement's write and the launch: restarted, it finds the attempt RUNNING in the store,
+    and the agent re-registers without it. Before, the rank was judged killed (signal 9) and a job with no
+    restarts left FAILED without ever having run (seen in the e2e tests under load)."""
+    store = MemoryJobStore()
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    register(cluster, "n1")
+    manager = JobManager(cluster, store)
+    await manager.start()
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1))
+    assert await manager.schedule_pass() == [job_id]  # its launch is lost with the process
+    restarted_cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0)
+    restarted = JobManager(restarted_cluster, store)
+    await restarted.start()
+    session = register(restarted_cluster, "n1")
+    restarted.on_register("n1", agent_pb2.Register(node_id="n1"))
+    (again,) = sent(session, "launch_task")
+    assert (again.job_id, again.attempt) == (job_id, 1)
+    job = restarted.get(job_id).job
+    assert (job.state, job.attempt, job.restarts) == (job_pb2.JOB_STATE_RUNNING, 1, 0)
+    running = agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=0, state=agent_pb2.TASK_STATE_RUNNING)
+    restarted.on_task_status("n1", running)
+    restarted.on_task_status("n1", agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED))
+    assert restarted.get(job_id).job.state == job_pb2.JOB_STATE_SUCCEEDED

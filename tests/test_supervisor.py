@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.identity import IdentityPolicy
+from agent.ranks import lifecycle
 from agent.ranks.spawn import above_standard_descriptors
 from agent.ranks.supervisor import Supervisor
 from agent.ranks.watch import process_start_time
@@ -270,6 +271,20 @@ async def test_exit_stays_in_snapshot_until_acknowledged(supervisor: Supervisor,
     await restarted.recover()
     assert later_reports.statuses == [] and restarted.snapshot() == []  # acknowledged exits are not re-reported
     await restarted.close()
+
+
+async def test_a_launch_of_a_forgotten_rank_is_not_started_again_and_is_answered_as_gone(supervisor: Supervisor) -> None:
+    """A coordinator that finds none of an attempt on a node sends its launch again; a rank this node started once and
+    has forgotten since is never started twice, and the answer says it is gone (the coordinator does not wait on)."""
+    reports = supervisor.reports
+    await supervisor.launch(launch_task("j-once", 1, python_rank("raise SystemExit(0)")))
+    await reports.wait_for(reports.of(0, EXITED))
+    supervisor.forget_attempt("j-once", 1)
+    reports.statuses.clear()
+    await supervisor.launch(launch_task("j-once", 1, python_rank("raise SystemExit(0)")))
+    gone = await reports.wait_for(reports.of(0, EXITED), timeout=1)
+    assert (gone.signal, gone.message) == (9, lifecycle.FORGOTTEN_LAUNCH)
+    assert reports.matching(lambda s: s.state == RUNNING) == [] and supervisor.snapshot() == [], "not started again"
 
 
 async def test_ranks_survive_an_agent_restart_and_their_exit_code_is_learned(tmp_path: Path) -> None:

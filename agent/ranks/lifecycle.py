@@ -57,6 +57,16 @@ def launch_action(known: RankState | None, launched_before: bool) -> LaunchActio
     return LaunchAction.REPORT_AGAIN
 
 
+FORGOTTEN_LAUNCH = "launched on this node before and forgotten since: not started again, its end is unknown"
+
+
+def forgotten_launch(job_id: str, attempt: int, rank: int) -> agent_pb2.TaskStatus:
+    """What a launch of a rank this node started once and has since forgotten is answered with: gone, as if killed."""
+    return agent_pb2.TaskStatus(
+        job_id=job_id, attempt=attempt, rank=rank, state=agent_pb2.TASK_STATE_EXITED, signal=9, message=FORGOTTEN_LAUNCH
+    )
+
+
 def stale_attempt(job_id: str, attempt: int, highest_seen: int) -> str:
     """Why a launch of `attempt` must be refused (an older attempt than one already seen); empty if not.
 

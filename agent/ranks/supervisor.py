@@ -112,8 +112,7 @@ class Supervisor:
         self._expire_old_exits()
 
     async def launch(self, launch: agent_pb2.LaunchTask) -> None:
-        """Starts one process per RankLaunch and returns once each is running (or failed to start);
-        reports RUNNING / FAILED_TO_START / REJECTED per rank."""
+        """Starts one process per RankLaunch, returning once each runs or failed to start (each one reported)."""
         self._loop = asyncio.get_running_loop()
         job_id, attempt = launch.job_id, launch.attempt
         refusal = invalid_job_id(job_id) or lifecycle.stale_attempt(job_id, attempt, self.state.job(job_id).highest_attempt)
@@ -139,8 +138,10 @@ class Supervisor:
                 # The coordinator resent the launch (it may have missed our report): say again where it stands.
                 log.info("launch already handled", job=job_id, attempt=attempt, rank=rank_launch.rank)
                 self._report(known.final_status or known.running_status())
-            else:
+            elif action is LaunchAction.IGNORE:
+                # Not started again; said, so that a coordinator that sent the launch again does not wait for it.
                 log.info("launch ignored", job=job_id, attempt=attempt, rank=rank_launch.rank, why=action.value)
+                self._report(lifecycle.forgotten_launch(job_id, attempt, rank_launch.rank))
         if not new_ranks:
             return
         # Recorded before anything starts: a rank is started at most once, even across an agent crash.

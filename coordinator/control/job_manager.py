@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import structlog
@@ -25,7 +26,7 @@ from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.job_history import JobHistory
 from coordinator.control.job_writes import JobWrites
-from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, attempt_over_message, stop_message
+from coordinator.control.node_links import LOG_CHUNK_BYTES, NodeLinks, stop_message
 from coordinator.control.scheduling_loop import SchedulingLoop
 from coordinator.model import jobs as job_queries
 from coordinator.model.cluster import Transition
@@ -230,7 +231,7 @@ class JobManager:
             Stop: lambda effect: send(
                 effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason)
             ),
-            AttemptOver: lambda effect: send(effect.node_id, attempt_over_message(effect.job_id, effect.attempt)),
+            AttemptOver: lambda effect: self.writes.after_durable(partial(self.links.forget, effect)),
             Fence: lambda effect: reconcile.fence(self, effect),
             Release: lambda effect: self.scheduling.ports.release(effect.node_id, effect.port),
             AttemptFailed: self._attempt_failed,

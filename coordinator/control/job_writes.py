@@ -9,7 +9,7 @@ written as it is then. Every write's failure is logged and counted here, awaited
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -30,10 +30,29 @@ class JobWrites:
         self.unconfirmed: dict[str, asyncio.Future[None]] = {}
         """Job id -> the write of its final state, until that write is durable (or for good, if it failed):
         an ended job leaves memory only once the store has its end (control/job_history.py)."""
+        self._held: list[Callable[[], object]] = []
+        """Actions that wait for the event's write, and every one before it, to be durable (after_durable)."""
 
     def ask(self, entry: JobEntry) -> None:
         """The job goes in the next write (`save`, or `save_unsaved` once the event's effects are applied)."""
         self._unsaved.setdefault(entry.job.job_id, entry)
+
+    def after_durable(self, action: Callable[[], object]) -> None:
+        """Runs `action` once this event's write (queued when its effects are applied) and every write before it are
+        durable; at once when nothing is being written. Not at all when that write fails: what it guards (an agent
+        told to forget an ended attempt) then waits for a later event. Writes land in order, so the last one queued
+        stands for all before it."""
+        self._held.append(action)
+
+    def _release_held(self, write: asyncio.Future[None] | None) -> None:
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        if write is None or (write.done() and not write.cancelled() and write.exception() is None):
+            for action in held:
+                action()
+            return
+        write.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or [action() for action in held])
 
     def save(self, entries: Iterable[JobEntry] = ()) -> asyncio.Future[None]:
         """Queues one write: the jobs asked for since the last write, then `entries` (each job once)."""
@@ -47,11 +66,15 @@ class JobWrites:
         if write is not self._watched:  # a store may answer several saves with one future (they joined one write)
             self._watched = write
             write.add_done_callback(self._done)
+        self._release_held(write)
         return write
 
     def save_unsaved(self) -> asyncio.Future[None] | None:
         """Writes the jobs asked for since the last write, if any."""
-        return self.save() if self._unsaved else None
+        if self._unsaved:
+            return self.save()
+        self._release_held(self._watched if self._watched is not None and not self._watched.done() else None)
+        return None
 
     def _done(self, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and write.exception() is None:

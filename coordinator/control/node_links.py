@@ -8,6 +8,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from coordinator.rules.effects import AttemptOver
 from gpuorch.v1 import agent_pb2
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class NodeLinks:
             return False
         node.session.send(message)
         return True
+
+    def forget(self, effect: AttemptOver) -> None:
+        """Tells the node it may forget the attempt: it stops listing its ranks' ends (their end must be durable)."""
+        self.send(effect.node_id, attempt_over_message(effect.job_id, effect.attempt))
 
     async def read_log(self, node_id: str, read: agent_pb2.ReadLogs) -> agent_pb2.LogChunk:
         """Asks the node for a chunk of a log and waits for its answer. Raises ConnectionError with a reason."""

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from coordinator.control.node_links import stop_message
-from coordinator.model.jobs import JobEntry, RankKey
+from coordinator.model.jobs import Attempt, AttemptState, JobEntry, RankKey
 from coordinator.rules import job_machine
-from coordinator.rules.effects import Fence
+from coordinator.rules.effects import Fence, Launch
 from coordinator.store.api import StoredState
 from gpuorch.v1 import agent_pb2, job_pb2
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.jobs")
 
 LOST_ON_REGISTRATION = "its agent re-registered without it; its process is gone"
+LAUNCH_LOST = "its agent re-registered knowing nothing of the attempt: the launch never reached it"
 
 
 def restore(manager: JobManager, state: StoredState) -> None:
@@ -76,6 +77,13 @@ def reconcile(manager: JobManager, node_id: str, register: agent_pb2.Register) -
         for attempt in list(entry.attempts.values()):
             if attempt.node_sessions.get(node_id, 0) >= registration > 0:
                 continue
+            unlisted = [rank for rank in attempt.ranks_on(node_id) if (entry.job.job_id, attempt.attempt, rank) not in reported]
+            if (
+                unlisted
+                and not any(key[:2] == (entry.job.job_id, attempt.attempt) for key in reported)
+                and launch_again(manager, entry, attempt, node_id)
+            ):
+                continue
             for rank in attempt.ranks_on(node_id):
                 if rank not in attempt.ended and (entry.job.job_id, attempt.attempt, rank) not in reported:
                     lost = agent_pb2.TaskStatus(
@@ -88,6 +96,22 @@ def reconcile(manager: JobManager, node_id: str, register: agent_pb2.Register) -
                     )
                     manager.on_task_status(node_id, lost)
     manager.scheduling.wake.set()
+
+
+def launch_again(manager: JobManager, entry: JobEntry, attempt: Attempt, node_id: str) -> bool:
+    """The agent lists none of the running attempt's ranks on this node: its launch was lost (on a stream that
+    broke, or with a coordinator killed between the placement's write and the launch). That attempt never ran
+    there, so it has not failed: the launch goes again. The agent starts a rank at most once per attempt; one it
+    launched before and has since forgotten it reports as gone, and the attempt fails then. False (judge the ranks
+    gone) for an attempt that no longer runs, or one of which a rank here already ended."""
+    live = entry.job.state == job_pb2.JOB_STATE_RUNNING and attempt.attempt == entry.job.attempt
+    if not live or attempt.state is AttemptState.STOPPING or any(rank in attempt.ended for rank in attempt.ranks_on(node_id)):
+        return False
+    launches = [effect for effect in manager.arrays.launches(entry) if isinstance(effect, Launch) and effect.node_id == node_id]
+    for effect in launches:
+        log.warning("launch sent again", job=entry.job.job_id, attempt=attempt.attempt, node=node_id, why=LAUNCH_LOST)
+        manager.links.send(node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch))
+    return bool(launches)
 
 
 def fence(manager: JobManager, effect: Fence) -> None:
