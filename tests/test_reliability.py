@@ -131,6 +131,7 @@ async def test_a_job_placed_while_its_node_re_registers_is_not_killed(tmp_path):
         _, old_session, _ = cluster.register(registration("n1", gpus=2))
         earlier = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
         assert await manager.schedule_pass() == [earlier]
+        manager.on_task_status("n1", running(earlier, 1, 0))  # the agent had the launch: a rank missing later is lost
         cluster.stream_closed(old_session)  # SUSPECT: nothing may be placed there
         job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
         assert await manager.schedule_pass() == []
@@ -161,6 +162,7 @@ async def test_reconciliation_judges_only_attempts_placed_before_the_registratio
         _, old_session, _ = cluster.register(registration("n1", gpus=2))
         earlier = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
         assert await manager.schedule_pass() == [earlier]
+        manager.on_task_status("n1", running(earlier, 1, 0))  # the agent had the launch: a rank missing later is lost
         cluster.stream_closed(old_session)
         later = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
         register = registration("n1", gpus=2)

@@ -103,9 +103,11 @@ def launch_again(manager: JobManager, entry: JobEntry, attempt: Attempt, node_id
     broke, or with a coordinator killed between the placement's write and the launch). That attempt never ran
     there, so it has not failed: the launch goes again. The agent starts a rank at most once per attempt; one it
     launched before and has since forgotten it reports as gone, and the attempt fails then. False (judge the ranks
-    gone) for an attempt that no longer runs, or one of which a rank here already ended."""
+    gone) for an attempt that no longer runs, or one of which a rank here was heard running or ended: the agent
+    had the launch and lost the rank (its state wiped)."""
     live = entry.job.state == job_pb2.JOB_STATE_RUNNING and attempt.attempt == entry.job.attempt
-    if not live or attempt.state is AttemptState.STOPPING or any(rank in attempt.ended for rank in attempt.ranks_on(node_id)):
+    heard = any(rank in attempt.ended or rank in attempt.running for rank in attempt.ranks_on(node_id))
+    if not live or attempt.state is AttemptState.STOPPING or heard:
         return False
     launches = [effect for effect in manager.arrays.launches(entry) if isinstance(effect, Launch) and effect.node_id == node_id]
     for effect in launches:
