@@ -287,7 +287,7 @@ class SchedulingLoop:
         if not ready:
             return []
         started = self.elapsed_clock()
-        if self.estimates.refresh(cached_requests, started):
+        if self.estimates.refresh(cached_requests):
             requests = [cached_requests[entry.job.job_id] for entry in ready]
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()
