@@ -65,7 +65,9 @@ async def test_a_cached_prediction_is_refreshed_by_the_first_pass_after_a_runtim
     clock = FakeClock()
     manager = manager_with(MemoryJobStore(), clock, gpus=2)
     await manager.start()
-    await run_to_success(manager, clock, await manager.submit(spec(gpus=2)), 100)
+    first = await manager.submit(spec(gpus=2))
+    await run_to_success(manager, clock, first, 100)
+    assert first not in manager.scheduling.estimates.predicted  # final: its prediction is not refreshed any more
     blocker = await manager.submit(spec(name="other", owner="bob", gpus=2, estimate=1000))
     assert await manager.schedule_pass() == [blocker]
     queued = await manager.submit(spec(gpus=2))
@@ -107,9 +109,11 @@ def test_a_refresh_re_predicts_only_the_jobs_whose_tiers_got_a_runtime():
     assert predictor.asked == ["alice"]
     assert [requests[j].estimated_runtime_seconds for j in "ab"] == [300, 200]
     assert estimates.refresh(requests) == 0 and predictor.asked == ["alice"]  # nothing new: nothing asked
-    del requests["a"]  # final: forgotten at the next refresh
+    estimates.forget("a")  # final
+    assert set(estimates.predicted) == {"b"} and all("a" not in jobs for jobs in estimates.dependents.values())
+    del requests["b"]  # its request dropped (to be built again): forgotten once a refresh comes to it
     predictor.observe(400, owner="bob", name="eval", gpus=1)
-    assert estimates.refresh(requests) == 1 and set(estimates.predicted) == {"b"}
+    assert estimates.refresh(requests) == 0 and not estimates.predicted and not estimates.dependents
 
 
 def test_a_job_predicted_from_a_broad_tier_is_refreshed_once_its_own_tier_has_enough_runtimes():

@@ -77,6 +77,9 @@ class Estimates:
     predicted: dict[str, tuple[str, tuple[tuple, ...]]] = field(default_factory=dict)
     """Job id -> (name, the predictor's keys its prediction depends on), for the cached requests whose estimate
     is a prediction."""
+    dependents: dict[tuple, set[str]] = field(default_factory=dict)
+    """Predictor key -> the jobs of `predicted` whose prediction depends on it (its index: a refresh visits only
+    the jobs of the keys that changed)."""
     _learned_at: int = 0
     _next_forecast: float = 0.0
     _estimated: set[str] | None = None
@@ -96,8 +99,32 @@ class Estimates:
             return replace(request, estimated_runtime_seconds=request.time_limit_seconds)
         predictor, owner, gpus, pool = self.predictor, request.owner, request.gpus, request.pool
         prediction = predictor.predict(owner=owner, name=name, gpus=gpus, pool=pool)
-        self.predicted[request.job_id] = (name, predictor.depends_on(prediction, owner=owner, name=name, gpus=gpus, pool=pool))
+        self._depend(request.job_id, name, predictor.depends_on(prediction, owner=owner, name=name, gpus=gpus, pool=pool))
         return replace(request, estimated_runtime_seconds=prediction.seconds) if prediction.seconds else request
+
+    def _depend(self, job_id: str, name: str, depends_on: tuple[tuple, ...]) -> None:
+        before = self.predicted.get(job_id)
+        self.predicted[job_id] = (name, depends_on)
+        if before is not None and before[1] == depends_on:
+            return
+        if before is not None:
+            self._undepend(job_id, before[1])
+        for key in depends_on:
+            self.dependents.setdefault(key, set()).add(job_id)
+
+    def _undepend(self, job_id: str, depends_on: tuple[tuple, ...]) -> None:
+        for key in depends_on:
+            jobs = self.dependents.get(key)
+            if jobs is not None:
+                jobs.discard(job_id)
+                if not jobs:
+                    del self.dependents[key]
+
+    def forget(self, job_id: str) -> None:
+        """The job's request is gone for good (the job is final): its prediction is not refreshed any more."""
+        before = self.predicted.pop(job_id, None)
+        if before is not None:
+            self._undepend(job_id, before[1])
 
     def learn(self, entries: Iterable[JobEntry]) -> None:
         """Observes the runtime of each final job (oldest end first, so the windows keep the newest)."""
@@ -122,23 +149,23 @@ class Estimates:
         touched = predictor.take_touched()
         memo: dict[tuple, tuple[float, tuple[tuple, ...]]] = {}
         changed = 0
-        predicted = self.predicted
-        for job_id, (name, depends_on) in list(predicted.items()):
+        predicted, dependents = self.predicted, self.dependents
+        affected = list(predicted) if touched is None else {job for key in touched for job in dependents.get(key, ())}
+        for job_id in affected:
             request = requests.get(job_id)
             if request is None:
-                del predicted[job_id]  # final, or its request is rebuilt (and re-predicted) next pass
+                self.forget(job_id)  # final, or its request is rebuilt (and re-predicted) next pass
                 continue
-            if touched is not None and touched.isdisjoint(depends_on):
-                continue
+            name = predicted[job_id][0]
             key = (request.owner, name, request.gpus, request.pool)
             answer = memo.get(key)
             if answer is None:
                 prediction = predictor.predict(owner=key[0], name=name, gpus=key[2], pool=key[3])
                 depends = predictor.depends_on(prediction, owner=key[0], name=name, gpus=key[2], pool=key[3])
                 answer = memo[key] = (prediction.seconds, depends)
-            seconds, predicted[job_id] = answer[0], (name, answer[1])
-            if seconds != request.estimated_runtime_seconds:
-                requests[job_id] = replace(request, estimated_runtime_seconds=seconds)
+            self._depend(job_id, name, answer[1])
+            if answer[0] != request.estimated_runtime_seconds:
+                requests[job_id] = replace(request, estimated_runtime_seconds=answer[0])
                 changed += 1
         return changed
 

@@ -227,6 +227,7 @@ class SchedulingLoop:
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again; its usage joins the settled usage."""
         self._requests.pop(job_id, None)
+        self.estimates.forget(job_id)
         self._shown_waits.pop(job_id, None)
         self.restarting.discard(job_id)
         entry = self.manager.jobs.get(job_id)
