@@ -75,6 +75,35 @@ def test_keys_are_bounded_least_recently_observed_dropped_first():
     assert predictor.predict(owner="user0", name="job", gpus=1).tier != "owner_name_gpus"
 
 
+def test_the_touched_keys_are_those_an_observation_changed_and_a_prediction_depends_on_its_tier_and_narrower():
+    predictor = RuntimePredictor(min_samples=1, max_keys=6)
+    assert predictor.take_touched() == set()
+    predictor.observe(10, owner="alice", name="train", gpus=2)
+    assert predictor.take_touched() == set(RuntimePredictor.keys("alice", "train", 2, "default"))
+    assert predictor.take_touched() == set()  # taken: forgotten
+    # bob's first runtime: his owner keys and the shared pool and cluster keys; his owner_gpus key is the seventh,
+    # over max_keys, so the oldest (alice's owner_name_gpus) is dropped, and touched: her jobs fall back a tier.
+    predictor.observe(20, owner="bob", name="eval", gpus=2)
+    touched = predictor.take_touched()
+    assert ("owner_name_gpus", "alice", "train", 2) in touched and ("owner_gpus", "bob", 2) in touched
+    prediction = predictor.predict(owner="alice", name="train", gpus=2)
+    assert prediction.tier == "owner_gpus"
+    assert predictor.depends_on(prediction, owner="alice", name="train", gpus=2) == (
+        ("owner_name_gpus", "alice", "train", 2),
+        ("owner_gpus", "alice", 2),
+    )
+    unknown = RuntimePredictor().predict(owner="zed", gpus=1)
+    assert RuntimePredictor().depends_on(unknown, owner="zed", gpus=1) == tuple(RuntimePredictor.keys("zed", "", 1, "default"))
+
+
+def test_too_many_touched_keys_to_list_read_as_any():
+    predictor = RuntimePredictor(min_samples=1, max_keys=3)
+    for n in range(3):
+        predictor.observe(10, owner=f"u{n}", name="x", gpus=1)
+    assert predictor.take_touched() is None
+    assert predictor.take_touched() == set()
+
+
 def test_nonsense_runtimes_are_ignored_and_counted_nowhere():
     predictor = RuntimePredictor(min_samples=1)
     for runtime in (0, -5, float("nan"), float("inf")):

@@ -94,6 +94,9 @@ def test_jsonl_jobs_take_defaults_and_skip_comments(tmp_path):
         ('{"submit_time": 0, "duration": 1, "gpus": 3, "gpus_per_node": 2}', "'gpus_per_node' (2) does not divide 'gpus' (3)"),
         ('{"submit_time": 0, "duration": 1, "gpus": 1, "pool": 7}', ":1: field 'pool' must be a string, got 7"),
         ('{"submit_time": -1, "duration": 1, "gpus": 1}', ":1: field 'submit_time' must be >= 0"),
+        ('{"submit_time": 0, "duration": 1, "gpus": 2, "rank_ends": [1]}', "'rank_ends' must be a list of one number per GPU (2"),
+        ('{"submit_time": 0, "duration": 1, "gpus": 1, "rank_ends": 1}', "'rank_ends' must be a list of one number per GPU"),
+        ('{"submit_time": 0, "duration": 1, "gpus": 1, "rank_ends": ["x"]}', ":1: field 'rank_ends' must be a number, got 'x'"),
     ],
 )
 def test_a_bad_jsonl_trace_is_refused_naming_the_line_and_field(tmp_path, line, expected):
@@ -172,6 +175,19 @@ def test_metrics_of_a_hand_computed_replay(tmp_path):
     assert result["utilization_queued"] == pytest.approx(1.0)
     assert result["preemptions"] == 0
     assert result["per_pool"]["default"]["avg_jct"] == pytest.approx(35 / 3)
+
+
+def test_recorded_rank_ends_free_each_gpu_when_its_rank_ended(tmp_path):
+    """One node of 2 GPUs: a's ranks end at 2 s and 6 s; b (1 GPU) starts on the first GPU to come free."""
+    jobs = [
+        {"name": "a", "submit_time": 0, "duration": 6, "gpus": 2, "rank_ends": [2, 6]},
+        {"name": "b", "submit_time": 0.5, "duration": 1, "gpus": 1},
+    ]
+    starts = {job["name"]: job["start"] for job in run(tmp_path, jobs, "default=1x2", per_job=True)["per_job"]}
+    assert starts == {"a": 0, "b": 2}
+    del jobs[0]["rank_ends"]  # both ranks end at its duration
+    starts = {job["name"]: job["start"] for job in run(tmp_path, jobs, "default=1x2", per_job=True)["per_job"]}
+    assert starts == {"a": 0, "b": 6}
 
 
 def test_utilisation_while_jobs_wait_counts_the_gpus_left_idle_behind_a_blocked_job(tmp_path):

@@ -2,13 +2,16 @@
 coordinator with real agents (simulated GPUs, real `sleep` ranks), starts its jobs in the same order
 as the simulator does with the same trace.
 
-The simulator is given the trace as the coordinator recorded it (each job's submit time, and its run
-time from placement to its ranks' reported ends), so that process start-up and reporting delays, which
-the simulator does not model, do not shift its clock against the real one. A real job's ranks end one
-by one, each freeing its GPU, and a pass may run between them; so rank r of every job here ends
-r x RANK_END_SPACING after rank 0, and the simulator ends ranks as far apart, in rank order: both then
-see the same partly freed jobs. The planned trace spaces submits by at least 300 ms, so that no
-decision depends on which of two events tens of milliseconds apart came first.
+The simulator is given the trace as the coordinator recorded it (each job's submit time, and when each
+of its ranks' ends reached the coordinator, counted from the placement: the coordinator logs them at
+debug level), so that process start-up and reporting delays, which the simulator does not model, do not
+shift its clock against the real one. A real job's ranks end one by one, each freeing its GPU, and a pass
+may run between them; so rank r of every job here ends r x RANK_END_SPACING after rank 0, and the
+simulator ends each rank when the coordinator saw it end: both then see the same partly freed jobs. (On a
+loaded machine the reports of one job's ranks come anything from 0.2 s to a second apart: an end
+reconstructed from the spacing would free GPUs in the simulator up to a second after they came free.)
+The planned trace spaces submits by at least 300 ms, so that no decision depends on which of two events
+tens of milliseconds apart came first.
 """
 
 from __future__ import annotations
@@ -61,8 +64,19 @@ def start_order(jobs: list[dict]) -> list[str]:
     return [job["name"] for job in sorted(jobs, key=lambda job: (job["start"], job["submit"], job["name"]))]
 
 
+def rank_ends(log: str) -> dict[tuple[str, int], list[tuple[int, float]]]:
+    """(job id, attempt) -> [(rank, when the coordinator applied its end)] from the coordinator's JSON log."""
+    ends: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for line in log.splitlines():
+        if '"rank ended"' not in line:
+            continue
+        record = json.loads(line)
+        ends.setdefault((record["job"], record["attempt"]), []).append((record["rank"], record["at"]))
+    return ends
+
+
 def test_a_real_cluster_and_the_simulator_start_the_jobs_in_the_same_order(cluster, tmp_path):
-    cluster.start_coordinator()
+    cluster.start_coordinator("--log-level", "debug")
     for n in range(NODES):
         cluster.add_agent(f"n{n}", GPUS_PER_NODE)
     cluster.wait_for_nodes(NODES)
@@ -94,19 +108,23 @@ def test_a_real_cluster_and_the_simulator_start_the_jobs_in_the_same_order(clust
     finished = wait_for(all_done, timeout=60, interval=0.2, what="every job to succeed")
     seconds = {name: (job.submit_time.ToNanoseconds() / 1e9, job.attempts) for name, job in finished.items()}
     origin = min(submit for submit, _ in seconds.values())
+    ended = rank_ends(cluster.coordinator.output())
     real, recorded = [], []
     for job in plan:
         submit, attempts = seconds[job["name"]]
         assert len(attempts) == 1, f"{job['name']} ran once"
         start, end = attempts[0].start_time.ToNanoseconds() / 1e9, attempts[0].end_time.ToNanoseconds() / 1e9
         real.append({"name": job["name"], "submit": submit - origin, "start": start - origin})
-        rank_zero = end - start - (job["gpus"] - 1) * RANK_END_SPACING
-        recorded.append({**job, "submit_time": round(submit - origin, 6), "duration": round(rank_zero, 6)})
+        ranks = sorted(ended.get((ids[job["name"]], 1), []))
+        assert [rank for rank, _ in ranks] == list(range(job["gpus"])), f"{job['name']}: every rank's end logged once"
+        assert abs(max(at for _, at in ranks) - end) < 0.001, f"{job['name']}: its last rank's end is the attempt's"
+        offsets = [round(max(0.001, at - start), 6) for _, at in ranks]
+        recorded.append({**job, "submit_time": round(submit - origin, 6), "duration": max(offsets), "rank_ends": offsets})
     trace = tmp_path / "recorded.jsonl"
     trace.write_text("".join(json.dumps(job) + "\n" for job in recorded))
 
     pools = f"default={NODES}x{GPUS_PER_NODE}"
-    result = cli.simulate(cli.Options(trace=str(trace), pools=pools, per_job=True, rank_end_spacing=RANK_END_SPACING))
+    result = cli.simulate(cli.Options(trace=str(trace), pools=pools, per_job=True))
 
     simulated = result["per_job"]
     table = "\n".join(

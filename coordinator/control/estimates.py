@@ -3,8 +3,11 @@
 A job's estimate is the user's `estimated_runtime_seconds`, else its time limit, else a prediction from the
 runtimes of finished jobs (coordinator/scheduler/prediction.py). The predictor learns from every job that
 ends (and, after a restart, from the store's final jobs). A request carrying a prediction is cached like any
-other; its estimate is brought up to date at most every PREDICTION_REFRESH_SECONDS, and only once something
-new was observed, so a pass never re-predicts 10,000 jobs.
+other; the first pass after something new was observed brings up to date the predictions it may have changed
+(those whose tier, or a more specific one, got a runtime), and only those, so a pass never re-predicts 10,000
+jobs. What a pass sees is thus what was learned before it, whenever it runs: not a timer's phase, which would
+differ between the coordinator (a pass every second, and late under load) and the simulator (a pass at each
+event), and so would make one of them backfill a job the other does not.
 
 Every `interval_seconds` (not every pass) the scheduler is run forward from a snapshot of the live state
 (coordinator/scheduler/forecast.py) and every pending job's `estimated_start_time` is set or cleared. The
@@ -43,8 +46,6 @@ log = structlog.get_logger("coordinator.jobs")
 FORECAST_CPU_SHARE = 0.1
 """The forecasts' share of the event loop at most: after one that took s seconds of steps, the next starts no
 sooner than s / FORECAST_CPU_SHARE later (the interval is a floor; a big cluster's forecasts run less often)."""
-PREDICTION_REFRESH_SECONDS = 5.0
-"""Cached requests' predicted runtimes are refreshed at most this often (when something new was learned)."""
 LEARNED_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED})
 """Jobs whose last attempt's runtime is learned from. A cancelled job's runtime is the user's choice, not the
 job's length; a failed one held its GPUs that long, which is what backfill and start estimates need to know."""
@@ -73,10 +74,13 @@ class Estimates:
     max_steps: int = DEFAULT_MAX_STEPS
     max_jobs: int = DEFAULT_MAX_JOBS
     resolution_seconds: float = DEFAULT_RESOLUTION_SECONDS
-    predicted: dict[str, str] = field(default_factory=dict)
-    """Job id -> name, for the cached requests whose estimate is a prediction."""
+    predicted: dict[str, tuple[str, tuple[tuple, ...]]] = field(default_factory=dict)
+    """Job id -> (name, the predictor's keys its prediction depends on), for the cached requests whose estimate
+    is a prediction."""
+    dependents: dict[tuple, set[str]] = field(default_factory=dict)
+    """Predictor key -> the jobs of `predicted` whose prediction depends on it (its index: a refresh visits only
+    the jobs of the keys that changed)."""
     _learned_at: int = 0
-    _next_refresh: float = 0.0
     _next_forecast: float = 0.0
     _estimated: set[str] | None = None
     """Jobs whose estimated_start_time this module set (cleared once they stop pending); None until the first
@@ -93,9 +97,34 @@ class Estimates:
             return request
         if request.time_limit_seconds > 0:
             return replace(request, estimated_runtime_seconds=request.time_limit_seconds)
-        self.predicted[request.job_id] = name
-        prediction = self.predictor.predict(owner=request.owner, name=name, gpus=request.gpus, pool=request.pool)
+        predictor, owner, gpus, pool = self.predictor, request.owner, request.gpus, request.pool
+        prediction = predictor.predict(owner=owner, name=name, gpus=gpus, pool=pool)
+        self._depend(request.job_id, name, predictor.depends_on(prediction, owner=owner, name=name, gpus=gpus, pool=pool))
         return replace(request, estimated_runtime_seconds=prediction.seconds) if prediction.seconds else request
+
+    def _depend(self, job_id: str, name: str, depends_on: tuple[tuple, ...]) -> None:
+        before = self.predicted.get(job_id)
+        self.predicted[job_id] = (name, depends_on)
+        if before is not None and before[1] == depends_on:
+            return
+        if before is not None:
+            self._undepend(job_id, before[1])
+        for key in depends_on:
+            self.dependents.setdefault(key, set()).add(job_id)
+
+    def _undepend(self, job_id: str, depends_on: tuple[tuple, ...]) -> None:
+        for key in depends_on:
+            jobs = self.dependents.get(key)
+            if jobs is not None:
+                jobs.discard(job_id)
+                if not jobs:
+                    del self.dependents[key]
+
+    def forget(self, job_id: str) -> None:
+        """The job's request is gone for good (the job is final): its prediction is not refreshed any more."""
+        before = self.predicted.pop(job_id, None)
+        if before is not None:
+            self._undepend(job_id, before[1])
 
     def learn(self, entries: Iterable[JobEntry]) -> None:
         """Observes the runtime of each final job (oldest end first, so the windows keep the newest)."""
@@ -110,24 +139,33 @@ class Estimates:
         """After a restart: every final job of the store, in the order they ended."""
         self.learn(sorted((e for e in entries if e.final), key=lambda e: e.job.end_time.ToNanoseconds()))
 
-    def refresh(self, requests: dict[str, scheduler.JobRequest], monotonic: float) -> int:
-        """Brings predicted estimates of cached requests up to date; returns how many changed."""
-        if self.predictor.observed == self._learned_at or monotonic < self._next_refresh:
+    def refresh(self, requests: dict[str, scheduler.JobRequest]) -> int:
+        """Brings up to date the predicted estimates of cached requests that what was observed since the last
+        refresh may have changed; returns how many changed. Cheap when nothing new was observed (most passes)."""
+        predictor = self.predictor
+        if predictor.observed == self._learned_at:
             return 0
-        self._learned_at, self._next_refresh = self.predictor.observed, monotonic + PREDICTION_REFRESH_SECONDS
-        memo: dict[tuple, float] = {}
+        self._learned_at = predictor.observed
+        touched = predictor.take_touched()
+        memo: dict[tuple, tuple[float, tuple[tuple, ...]]] = {}
         changed = 0
-        for job_id, name in list(self.predicted.items()):
+        predicted, dependents = self.predicted, self.dependents
+        affected = list(predicted) if touched is None else {job for key in touched for job in dependents.get(key, ())}
+        for job_id in affected:
             request = requests.get(job_id)
             if request is None:
-                del self.predicted[job_id]  # final, or its request is rebuilt (and re-predicted) next pass
+                self.forget(job_id)  # final, or its request is rebuilt (and re-predicted) next pass
                 continue
+            name = predicted[job_id][0]
             key = (request.owner, name, request.gpus, request.pool)
-            seconds = memo.get(key)
-            if seconds is None:
-                seconds = memo[key] = self.predictor.predict(owner=key[0], name=name, gpus=key[2], pool=key[3]).seconds
-            if seconds != request.estimated_runtime_seconds:
-                requests[job_id] = replace(request, estimated_runtime_seconds=seconds)
+            answer = memo.get(key)
+            if answer is None:
+                prediction = predictor.predict(owner=key[0], name=name, gpus=key[2], pool=key[3])
+                depends = predictor.depends_on(prediction, owner=key[0], name=name, gpus=key[2], pool=key[3])
+                answer = memo[key] = (prediction.seconds, depends)
+            self._depend(job_id, name, answer[1])
+            if answer[0] != request.estimated_runtime_seconds:
+                requests[job_id] = replace(request, estimated_runtime_seconds=answer[0])
                 changed += 1
         return changed
 

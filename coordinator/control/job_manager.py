@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import random
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import structlog
@@ -231,7 +230,7 @@ class JobManager:
             Stop: lambda effect: send(
                 effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason)
             ),
-            AttemptOver: lambda effect: self.writes.after_durable(partial(self.links.forget, effect)),
+            AttemptOver: lambda effect: self.writes.after_durable(lambda: self.links.forget(effect)),
             Fence: lambda effect: reconcile.fence(self, effect),
             Release: lambda effect: self.scheduling.ports.release(effect.node_id, effect.port),
             AttemptFailed: self._attempt_failed,
@@ -368,10 +367,11 @@ class JobManager:
         ended = status.state != agent_pb2.TASK_STATE_RUNNING
         if ended and allocations.fencing and allocations.fence_confirmed(node_id, (status.job_id, status.attempt, status.rank)):
             self.scheduling.wake.set()
-        entry, clock = self.jobs.get(status.job_id), self.clock
+        entry, now = self.jobs.get(status.job_id), job_machine.Now(self.clock.wall(), self.clock.monotonic())
         self.arrays.record_result(entry, status)  # a reported result goes with the job's write of this end
-        now = job_machine.Now(clock.wall(), clock.monotonic())
         self.apply(job_machine.rank_reported(entry, node_id, status, now, allocations, self.machine))
+        if ended:  # `at`: when its GPU came free as the scheduler sees it (tests replay a run's rank ends in the simulator)
+            log.debug("rank ended", job=status.job_id, attempt=status.attempt, rank=status.rank, node=node_id, at=now.wall)
 
     def _on_transition(self, transition: Transition) -> None:
         if transition.after is Liveness.DOWN:

@@ -227,6 +227,7 @@ class SchedulingLoop:
     def forget(self, job_id: str) -> None:
         """The job is final: it will not be scheduled again; its usage joins the settled usage."""
         self._requests.pop(job_id, None)
+        self.estimates.forget(job_id)
         self._shown_waits.pop(job_id, None)
         self.restarting.discard(job_id)
         entry = self.manager.jobs.get(job_id)
@@ -287,7 +288,7 @@ class SchedulingLoop:
         if not ready:
             return []
         started = self.elapsed_clock()
-        if self.estimates.refresh(cached_requests, started):
+        if self.estimates.refresh(cached_requests):
             requests = [cached_requests[entry.job.job_id] for entry in ready]
         usage = self.owner_usage(now.wall) if self.config.policy == "fair_share" else {}
         views = self.node_views()

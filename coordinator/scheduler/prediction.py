@@ -9,7 +9,8 @@ dropped first), so memory stays bounded however many distinct names a cluster se
 The answer is a high-ish quantile of the window, not the mean: an estimate feeds backfill, where a job
 that runs longer than predicted delays the reserved job, so under-estimates should be the rare case
 (bench/prediction.py measures the trade on the Philly trace). Pure and incremental: `observe` when a
-job ends, `predict` when a job is queued; no I/O, no clock.
+job ends, `predict` when a job is queued; `take_touched` and `depends_on` tell a caller that caches
+predictions which of them an observation may have changed. No I/O, no clock.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class RuntimePredictor:
         self._windows: OrderedDict[tuple, _Window] = OrderedDict()
         self.observed = 0
         """Runtimes observed so far: a cheap version number for callers that cache predictions."""
+        self._touched: set[tuple] | None = set()
+        """Keys whose window changed (a runtime added, or the window dropped) since `take_touched`; None = any
+        (more than max_keys of them: no one asked for a long time)."""
 
     @staticmethod
     def keys(owner: str, name: str, gpus: int, pool: str) -> list[tuple]:
@@ -106,11 +110,35 @@ class RuntimePredictor:
             if window is None:
                 window = windows[key] = _Window(self.window)
                 if len(windows) > self.max_keys:
-                    windows.popitem(last=False)
+                    self._touch(windows.popitem(last=False)[0])  # its jobs fall back to a broader tier
             else:
                 windows.move_to_end(key)
             window.add(runtime_seconds)
+            self._touch(key)
         self.observed += 1
+
+    def _touch(self, key: tuple) -> None:
+        touched = self._touched
+        if touched is not None:
+            touched.add(key)
+            if len(touched) > self.max_keys:
+                self._touched = None
+
+    def take_touched(self) -> set[tuple] | None:
+        """The keys whose window changed since the last call (None: too many to list, assume any), and forgets them."""
+        touched, self._touched = self._touched, set()
+        return touched
+
+    def depends_on(
+        self, prediction: Prediction, *, owner: str = "", name: str = "", gpus: int = 1, pool: str = "default"
+    ) -> tuple[tuple, ...]:
+        """The keys whose windows decide this job's `prediction`: the tier that answered and the more specific
+        ones (one of those reaching min_samples would answer instead); every key if none answered."""
+        keys = self.keys(owner, name, gpus, pool)
+        for depth, key in enumerate(keys):
+            if key[0] == prediction.tier:
+                return tuple(keys[: depth + 1])
+        return tuple(keys)
 
     def predict(self, *, owner: str = "", name: str = "", gpus: int = 1, pool: str = "default") -> Prediction:
         """The first tier with at least min_samples runtimes answers with its quantile; else the default."""

@@ -190,11 +190,16 @@ class Replay:
         return cell
 
     def _exit(self, run: AttemptRun) -> Cell | None:
-        """The attempt's ranks exit with code 0: all at once, or (rank_end_spacing) one at a time in rank order."""
+        """The attempt's ranks exit with code 0: each at its time where the trace gives them, else all at once,
+        or (rank_end_spacing) one at a time in rank order."""
         if run.stopped or not run.ranks:
             return None  # stopped before it could finish
         spacing = self.settings.rank_end_spacing
-        if spacing > 0:
+        now = self.now()
+        if run.rank_ends:
+            by = now + 1e-6  # this event's time, which the clock reads back within rounding
+            ending = {node: due for node, ranks in run.ranks.items() if (due := [r for r in ranks if run.rank_ends[r] <= by])}
+        elif spacing > 0:
             node_id, rank = min(((node, rank) for node, ranks in run.ranks.items() for rank in ranks), key=lambda item: item[1])
             ending = {node_id: [rank]}
         else:
@@ -212,7 +217,8 @@ class Replay:
                 )
                 run.cell.manager.on_task_status(node_id, status)
         if run.ranks:
-            self._push(self.now() + spacing, _EXIT, run)
+            later = [run.rank_ends[rank] for ranks in run.ranks.values() for rank in ranks] if run.rank_ends else []
+            self._push(min(later) if later else now + spacing, _EXIT, run)
             return run.cell
         self._ended(run)
         self._forget(run)
@@ -289,7 +295,11 @@ class Replay:
             record.attempts += 1
             if record.first_start is None:
                 record.first_start = self.now()
-            self._push(self.now() + overhead + record.work_left, _EXIT, run)
+            if record.trace.rank_ends and record.attempts == 1:  # as recorded: the first attempt's ranks, each at its end
+                run.rank_ends = {rank: self.now() + end for rank, end in enumerate(record.trace.rank_ends)}
+                self._push(min(run.rank_ends.values()), _EXIT, run)
+            else:
+                self._push(self.now() + overhead + record.work_left, _EXIT, run)
         ranks = [rank.rank for rank in launch.ranks]
         run.ranks[node_id] = ranks
         run.gpus += len(ranks)

@@ -47,6 +47,8 @@ class AttemptRun:
     gpus: int = 0
     end: float | None = None
     stopped: bool = False
+    rank_ends: dict[int, float] = field(default_factory=dict)
+    """Rank -> the simulated time it ends, where the trace gives them (TraceJob.rank_ends); empty = the model."""
 
 
 @dataclass(slots=True)

@@ -6,7 +6,9 @@ A trace is a list of `TraceJob`s, submit times in seconds from the trace's start
 The generic format (`--format jsonl`): one JSON object per line, blank lines and lines starting
 with `#` skipped. Fields: `submit_time` (seconds, required), `duration` (seconds of run time once
 started, required, > 0), `gpus` (required, >= 1), `gpus_per_node` (0 = any shape), `owner`, `name`,
-`pool` (default "default"), `priority` (integer, default 0).
+`pool` (default "default"), `priority` (integer, default 0), `rank_ends` (optional: one number per
+GPU, the seconds after its start at which each rank of the job's first attempt ends, in rank order;
+a replay of a recorded run gives them, so that its GPUs come free one by one as they did).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ PHILLY_COLUMNS = ("timestamp", "duration", "num_gpus", "cluster")
 GAP_SECONDS = 7 * 24 * 3600.0
 """A pause between two consecutive submits longer than this is a hole in the data (Philly's file lacks
 October and November), not a quiet week: `close_gaps` removes it."""
-JSONL_FIELDS = {"submit_time", "duration", "gpus", "gpus_per_node", "owner", "name", "pool", "priority"}
+JSONL_FIELDS = {"submit_time", "duration", "gpus", "gpus_per_node", "owner", "name", "pool", "priority", "rank_ends"}
 
 
 class TraceError(ValueError):
@@ -60,6 +62,9 @@ class TraceJob:
     priority: int = 0
     line: int = 0
     """Where the job was read from (for messages)."""
+    rank_ends: tuple[float, ...] = ()
+    """Seconds after its start at which each rank of the first attempt ends, by rank; () = all at `duration`
+    (or rank_end_spacing apart)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +198,9 @@ def _jsonl(path: Path, lines: list[str]) -> list[TraceJob]:
         per_node = int(_number(path, line, "gpus_per_node", record.get("gpus_per_node", 0), integer=True, minimum=0))
         if per_node and gpus % per_node:
             raise TraceError(f"{path}:{line}: field 'gpus_per_node' ({per_node}) does not divide 'gpus' ({gpus})")
+        rank_ends = record.get("rank_ends", [])
+        if not isinstance(rank_ends, list) or (rank_ends and len(rank_ends) != gpus):
+            raise TraceError(f"{path}:{line}: field 'rank_ends' must be a list of one number per GPU ({gpus}), got {rank_ends!r}")
         jobs.append(
             TraceJob(
                 submit_time=_number(path, line, "submit_time", record["submit_time"], minimum=0),
@@ -204,6 +212,7 @@ def _jsonl(path: Path, lines: list[str]) -> list[TraceJob]:
                 pool=record.get("pool", "") or "default",
                 priority=int(_number(path, line, "priority", record.get("priority", 0), integer=True)),
                 line=line,
+                rank_ends=tuple(_number(path, line, "rank_ends", end, minimum=0.001) for end in rank_ends),
             )
         )
     return jobs
