@@ -70,6 +70,11 @@ class JobServiceStub:
                 request_serializer=gpuorch_dot_v1_dot_job__pb2.GetJobLogsRequest.SerializeToString,
                 response_deserializer=gpuorch_dot_v1_dot_job__pb2.GetJobLogsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/gpuorch.v1.JobService/GetUsage',
+                request_serializer=gpuorch_dot_v1_dot_job__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=gpuorch_dot_v1_dot_job__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -125,6 +130,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Sums the GPU time, utilisation and peak memory of attempts by owner, pool or job (the cost report;
+        kept in the store, so the totals outlive restarts). INVALID_ARGUMENT for a bad range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobLogs,
                     request_deserializer=gpuorch_dot_v1_dot_job__pb2.GetJobLogsRequest.FromString,
                     response_serializer=gpuorch_dot_v1_dot_job__pb2.GetJobLogsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=gpuorch_dot_v1_dot_job__pb2.GetUsageRequest.FromString,
+                    response_serializer=gpuorch_dot_v1_dot_job__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,33 @@ class JobService:
             '/gpuorch.v1.JobService/GetJobLogs',
             gpuorch_dot_v1_dot_job__pb2.GetJobLogsRequest.SerializeToString,
             gpuorch_dot_v1_dot_job__pb2.GetJobLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuorch.v1.JobService/GetUsage',
+            gpuorch_dot_v1_dot_job__pb2.GetUsageRequest.SerializeToString,
+            gpuorch_dot_v1_dot_job__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
