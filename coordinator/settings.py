@@ -7,6 +7,7 @@ import grp
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.rules.job_telemetry import TelemetryConfig, telemetry_config
 from coordinator.rules.quotas import QuotaPolicy, parse_quotas
 from coordinator.rules.recovery import RecoveryPolicy
 from coordinator.scheduler import POLICIES, PreemptionRule, Quotas, SchedulerConfig
@@ -172,6 +173,16 @@ class CoordinatorSettings:
     """[device_capacity] table: GPU model = relative throughput (H100 = 1.0), matched as a substring of the GPU's name,
     the longest match winning; extends or overrides gpuorch.sharding's table. Ranks get it as GPUORCH_DEVICE_CAPACITY
     (and every rank's as GPUORCH_DEVICE_CAPACITIES) for gpuorch.worker.shard(by="capacity")."""
+    straggler_ratio: float = 1.3
+    """A rank whose step time stays above this x its job's median for straggler_windows windows is a straggler."""
+    straggler_windows: int = 5
+    straggler_window_seconds: float = 10.0
+    """How often running jobs' step telemetry is judged (stragglers, idleness) and their figures refreshed."""
+    idle_utilization_percent: float = 5.0
+    idle_minutes: float = 30.0
+    """A running job whose every GPU stays under idle_utilization_percent this long is flagged idle."""
+    idle_timeout_minutes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[idle_timeout_minutes] pool = minutes idle after which its jobs are cancelled (a job's --idle-timeout wins)."""
     log_level: str = "info"
     log_format: str = "auto"
     """json, console, or auto (console on a terminal)."""
@@ -216,6 +227,11 @@ class CoordinatorSettings:
                 raise ValueError(f"device_capacity.{model} must be a number > 0 (H100 = 1.0), got {value!r}")
         return {**DEFAULT_DEVICE_CAPACITY, **{model: float(value) for model, value in self.device_capacity.items()}}
 
+    def telemetry_config(self) -> TelemetryConfig:
+        """The straggler and idle settings, checked; raises ValueError naming the one out of range."""
+        return telemetry_config(self.straggler_ratio, self.straggler_windows, self.straggler_window_seconds,
+                                self.idle_utilization_percent, self.idle_minutes, self.idle_timeout_minutes)  # fmt: skip
+
     def recovery_policy(self) -> RecoveryPolicy:
         return RecoveryPolicy(backoff_base_seconds=self.restart_backoff_base, backoff_max_seconds=self.restart_backoff_max)
 
@@ -258,6 +274,7 @@ class CoordinatorSettings:
         if self.scheduler_policy not in POLICIES:
             raise ValueError(f"scheduler_policy {self.scheduler_policy!r} is unknown: use one of {', '.join(POLICIES)}")
         self.preemption_rules()
+        self.telemetry_config()
         if self.history_retention_days < 0:
             raise ValueError(f"history_retention_days must be >= 0 (0 = keep forever), got {self.history_retention_days}")
         if not 0 <= self.recent_ended_jobs <= RECENT_ENDED_JOBS:

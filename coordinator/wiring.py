@@ -22,7 +22,7 @@ from coordinator.api.cluster_service import ClusterService
 from coordinator.api.health import ServiceHealth
 from coordinator.api.interactive_service import add_interactive_services
 from coordinator.api.job_service import JobService
-from coordinator.api.local_socket import LocalSocketRelay
+from coordinator.api.local_socket import LocalSocketRelay, local_socket_relay
 from coordinator.api.reflection import CommentedPool, CountedReflection
 from coordinator.api.request_parsing import add_strict_service
 from coordinator.api.server_options import connection_cap, server_options, warn_about_exposure
@@ -31,6 +31,7 @@ from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
 from coordinator.control.job_history import prune_history
 from coordinator.control.job_manager import JobManager
+from coordinator.control.job_telemetry import JobTelemetry
 from coordinator.control.leadership import Leadership, Role
 from coordinator.control.liveness_loop import GarbageSettler, liveness_loop, log_transition
 from coordinator.model.usage import UsageHistory
@@ -133,7 +134,7 @@ class Coordinator:
         self.guard = Guard(settings.tokens_file, clock=clock.monotonic, tokenless_tcp_clients=settings.tokenless_tcp_clients)
         self.streams = StreamQuota(settings.max_streams_per_client, settings.max_streams)
         """Every client's open streams, of every service, against one max_streams_per_client and all against max_streams."""
-        self.local_socket: LocalSocketRelay | None = self._local_socket_relay()
+        self.local_socket: LocalSocketRelay | None = local_socket_relay(settings, self.state_dir, self.guard)
         self.health = ServiceHealth(self.streams, self.guard.client_key)
         self.garbage = GarbageSettler(self.clock)
         self._tasks: list[asyncio.Task] = []
@@ -211,6 +212,8 @@ class Coordinator:
         self.agents.on_task_status.append(self.jobs.on_task_status)
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
         self.agents.on_progress.append(self.jobs.on_progress)
+        self.job_telemetry = JobTelemetry(self.jobs, self.cluster, settings.telemetry_config(), settings.straggler_window_seconds)
+        self.agents.on_progress.append(self.job_telemetry.on_progress)
         self.agents.on_register.append(lambda node_id, register: self.garbage.registered())
         interceptors = [*(self.metrics.interceptors() if self.metrics is not None else ()), StandbyInterceptor(self._refusal)]
         self.server = grpc.aio.server(
@@ -290,6 +293,7 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._supervise("liveness", lambda: liveness_loop(self.cluster, self.garbage))))
         self._tasks.append(asyncio.create_task(self._supervise("scheduler", self.jobs.run)))
+        self._tasks.append(asyncio.create_task(self._supervise("job telemetry", self.job_telemetry.run)))
         if self.settings.history_retention_days:
             retention = self.settings.history_retention_days * 86400
             self._tasks.append(
@@ -323,21 +327,6 @@ class Coordinator:
             if node.session is not None:
                 node.session.close(f"this coordinator no longer leads ({self.leadership.reason}); reconnect")
         self.stepped_down.set()
-
-    def _local_socket_relay(self) -> LocalSocketRelay | None:
-        settings = self.settings
-        path = settings.local_socket_path
-        if not path:
-            return None
-        try:
-            return LocalSocketRelay(
-                path, self.state_dir / "relay", self.guard.local_peers, settings.local_admins, settings.local_socket_group
-            )
-        except ValueError as error:
-            if settings.local_socket != CoordinatorSettings.local_socket:
-                raise
-            log.warning("no local socket: the default path is too long; set local_socket", error=str(error))
-            return None
 
     def _add_ports(self) -> tuple[int, int]:
         """Binds `listen` (and `agent_listen`); returns both ports (the same one when agents share it)."""

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import structlog
 
-from coordinator.api.auth import Caller
+from coordinator.api.auth import Caller, Guard
+from coordinator.settings import CoordinatorSettings
 
 log = structlog.get_logger("coordinator.local_socket")
 
@@ -197,3 +198,17 @@ async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None
         while data := await source.read(RELAY_BUFFER_BYTES):
             sink.write(data)
             await sink.drain()
+
+
+def local_socket_relay(settings: CoordinatorSettings, state_dir: Path, guard: Guard) -> LocalSocketRelay | None:
+    """The relay of the settings' local_socket; None when it is turned off, or when the default path is too long."""
+    path = settings.local_socket_path
+    if not path:
+        return None
+    try:
+        return LocalSocketRelay(path, state_dir / "relay", guard.local_peers, settings.local_admins, settings.local_socket_group)
+    except ValueError as error:
+        if settings.local_socket != CoordinatorSettings.local_socket:
+            raise
+        log.warning("no local socket: the default path is too long; set local_socket", error=str(error))
+        return None

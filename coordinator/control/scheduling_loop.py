@@ -196,6 +196,7 @@ class SchedulingLoop:
                 group=self.manager.quotas.group_of(spec.owner),
                 preemptible=not spec.non_preemptible,
                 attained_service_seconds=attained_service_seconds(entry.job, entry.job.attempt + 1) if entry.job.attempt else 0.0,
+                excluded_gpus=frozenset(entry.job.excluded_device_uuids),
             )
             request = self._requests[entry.job.job_id] = self.estimates.with_estimate(request, spec.name)
         return request

@@ -29,10 +29,11 @@ from collections.abc import Iterator
 import grpc
 import structlog
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 import gpuorch
+from coordinator.model.job_telemetry import STEP_SECONDS_BUCKETS
 from coordinator.observe.fleet_series import JOB_STATES, LATENCY_QUANTILES, NODE_STATES, FleetSeries
 from coordinator.observe.read_model import Snapshot, snapshot
 from coordinator.observe.rpc_metrics import GO_CODE_NAMES, RpcMetrics, rpc_labels
@@ -58,7 +59,7 @@ def _latency_gauge(name: str, documentation: str, values: list[float]) -> GaugeM
     return family
 
 
-def families(state: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+def families(state: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
     """Every coordinator metric except the per-node and per-GPU series (see FleetSeries), from a resolved snapshot."""
     info = GaugeMetricFamily(
         "gpuorch_coordinator_info", "Always 1; the coordinator's version and epoch as labels.", labels=["version", "epoch"]
@@ -158,11 +159,42 @@ def families(state: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamil
     for (method, code), count in sorted(state.rpc_handled.items()):
         handled.add_metric([*rpc_labels(method, state.rpc_types), GO_CODE_NAMES.get(code, code)], count)
     yield handled
+    yield from job_telemetry_families(state)
     yield GaugeMetricFamily(
         "gpuorch_metrics_snapshot_seconds",
         "How long this scrape held the coordinator's event loop to copy its state.",
         value=state.held_seconds,
     )
+
+
+def job_telemetry_families(state: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+    """What running jobs' ranks report through gpuorch.worker.report_progress(), labelled by job and owner: running
+    jobs only, so the series end with their jobs and their number stays bounded by what the cluster runs."""
+    labels = ["job", "owner"]
+    steps = CounterMetricFamily("gpuorch_job_steps", "The step a running job's ranks reached (its highest).", labels=labels)
+    seconds = HistogramMetricFamily(
+        "gpuorch_job_step_seconds", "Step times of a running job's ranks, one observation per rank and step.", labels=labels
+    )
+    samples = GaugeMetricFamily(
+        "gpuorch_job_samples_per_second", "Samples per second of a running job, every rank's together.", labels=labels
+    )
+    stragglers = GaugeMetricFamily(
+        "gpuorch_job_stragglers", "Ranks of a running job's attempt flagged as stragglers.", labels=labels
+    )
+    idle = GaugeMetricFamily("gpuorch_job_idle", "1 while a running job's GPUs have been idle for idle_minutes.", labels=labels)
+    for row in state.job_telemetry:
+        names = [row.job_id, row.owner]
+        steps.add_metric(names, row.step)
+        cumulative, buckets = 0, []
+        for bound, count in zip(STEP_SECONDS_BUCKETS, row.bucket_counts, strict=True):
+            cumulative += count
+            buckets.append((f"{bound:g}", cumulative))
+        buckets.append(("+Inf", row.steps_timed))
+        seconds.add_metric(names, buckets, row.step_seconds_sum)
+        samples.add_metric(names, row.samples_per_second)
+        stragglers.add_metric(names, row.stragglers)
+        idle.add_metric(names, 1.0 if row.idle else 0.0)
+    yield from (steps, seconds, samples, stragglers, idle)
 
 
 class CoordinatorCollector(Collector):

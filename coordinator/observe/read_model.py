@@ -11,6 +11,7 @@ import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from coordinator.model.cluster import public_state
 from coordinator.model.telemetry import HeartbeatStats
@@ -56,6 +57,21 @@ class NodeRow:
     `sample` is DeviceRecord.sample: the latest telemetry in SAMPLE_FIELDS order, or None."""
 
 
+class JobTelemetryRow(NamedTuple):
+    """A running job's step telemetry, copied for one scrape."""
+
+    job_id: str
+    owner: str
+    step: int
+    samples_per_second: float
+    bucket_counts: list[int]
+    """Steps per bucket of STEP_SECONDS_BUCKETS (not cumulative)."""
+    steps_timed: int
+    step_seconds_sum: float
+    stragglers: int
+    idle: bool
+
+
 @dataclass(slots=True)
 class Snapshot:
     now_wall: float
@@ -82,6 +98,8 @@ class Snapshot:
     """Job id -> owner of each job holding a GPU; set by Snapshot.resolve."""
     held_seconds: float = 0.0
     """How long taking this snapshot held the event loop."""
+    job_telemetry: list[JobTelemetryRow] = field(default_factory=list)
+    """Every running job's step telemetry."""
 
     def resolve(self) -> Snapshot:
         """The per-node, per-GPU and per-job work, done off the loop: node states, GPU rows, job counts."""
@@ -147,6 +165,13 @@ def snapshot(coordinator, rpc: RpcMetrics | None) -> Snapshot:
         result.restarts_by_reason = dict(jobs.restarts_by_reason)
         result.decision_seconds = list(jobs.decision_seconds)
         result.launch_latencies = list(jobs.launch_latencies)
+    telemetry = getattr(coordinator, "job_telemetry", None)
+    if telemetry is not None:
+        result.job_telemetry = [
+            JobTelemetryRow(job.job_id, job.spec.owner, state.step, state.samples_per_second, list(state.histogram.counts),
+                            state.histogram.count, state.histogram.total_seconds, len(state.flagged), state.idle)
+            for job, state in telemetry.running()
+        ]  # fmt: skip
     if rpc is not None:
         result.rpc_started = dict(rpc.started)
         result.rpc_handled = dict(rpc.handled)

@@ -97,6 +97,8 @@ class _Pass:
         node_pools: list[str] = []
         known_pools: set[str] = set()
         self._type_counts: list[dict[tuple[int, str], int]] = []
+        self._healthy: list[list[GpuView]] = []
+        """Each eligible node's healthy GPUs (for the pools of jobs that exclude some)."""
         free_lists: list[list[GpuView]] = []
         types: set[tuple[int, str]] = set()
         max_per_node = 0
@@ -109,6 +111,7 @@ class _Pass:
             healthy = [g for g in node.gpus if g.healthy]
             if not healthy:
                 continue
+            self._healthy.append(healthy)
             self.node_ids.append(node.node_id)
             node_pools.append(node.pool)
             max_per_node = max(max_per_node, len(healthy))
@@ -147,29 +150,33 @@ class _Pass:
         self.only_pool: str | None = eligible_pools.pop() if len(eligible_pools) == 1 else None
         """The one pool every eligible node is in, if there is one: `plain` is that pool's capacity. With
         several pools (or none) no job uses `plain`: every job goes through `pool_for`."""
-        self._pools: dict[tuple[str | None, frozenset | None], _Pool] = {(None, None): self.plain}
-        self._pool_of: dict[tuple[int, str, str], _Pool] = {}
+        self._pools: dict[tuple[str | None, frozenset | None, frozenset[str]], _Pool] = {(None, None, frozenset()): self.plain}
+        self._pool_of: dict[tuple[int, str, str, frozenset[str]], _Pool] = {}
         if self.only_pool is not None:
-            self._pool_of[(0, "", self.only_pool)] = self.plain
+            self._pool_of[(0, "", self.only_pool, frozenset())] = self.plain
 
     # pools
 
     def pool_for(self, job: JobRequest) -> _Pool:
         """The capacity the job may use: its node pool's nodes only. Requirements that admit the same GPU
         types in the same node pool share a capacity pool."""
-        req = (job.min_memory_per_gpu_bytes, job.gpu_model, job.pool)
+        req = (job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, job.excluded_gpus)
         pool = self._pool_of.get(req)
         if pool is None:
             min_memory, model = req[0], req[1].lower()
             eligible = frozenset(t for t in self._types if t[0] >= min_memory and (not model or model in t[1].lower()))
             node_pool = None if job.pool == self.only_pool else job.pool
-            pool = self._pool_of[req] = self._pool(node_pool, None if eligible == self._types else eligible)
+            key = None if eligible == self._types else eligible
+            pool = self._pool_of[req] = self._pool(node_pool, key, job.excluded_gpus)
         return pool
 
-    def _pool(self, node_pool: str | None, key: frozenset | None) -> _Pool:
-        """The capacity of the given GPU types (None: all) on the nodes of `node_pool` (None: every node);
-        nodes of other pools have no free and no existing GPUs in it."""
-        pool = self._pools.get((node_pool, key))
+    def _pool(self, node_pool: str | None, key: frozenset | None, excluded: frozenset[str] = frozenset()) -> _Pool:
+        """The capacity of the given GPU types (None: all) on the nodes of `node_pool` (None: every node),
+        without the `excluded` GPUs; nodes of other pools have no free and no existing GPUs in it."""
+        pool = self._pools.get((node_pool, key, excluded))
+        if pool is None and excluded:
+            pool = self._without(self._pool(node_pool, key), key, excluded)
+            self._pools[(node_pool, key, excluded)] = pool
         if pool is None:
             types = self._types if key is None else key
             free: list[list[GpuView]] = []
@@ -187,8 +194,19 @@ class _Pass:
                     free.append(gpus)
                 else:
                     free.append([g for g in gpus if (g.memory_total_bytes, g.model) in types])
-            pool = self._pools[(node_pool, key)] = _Pool(free, exist, self.max_per_node, self._held)
+            pool = self._pools[(node_pool, key, excluded)] = _Pool(free, exist, self.max_per_node, self._held)
         return pool
+
+    def _without(self, base: _Pool, key: frozenset | None, excluded: frozenset[str]) -> _Pool:
+        """`base` less the excluded GPUs, free or busy (only jobs that exclude some pay for this walk)."""
+        free, exist = [], []
+        for i, gpus in enumerate(base.free):
+            gone = sum(
+                1 for g in self._healthy[i] if g.uuid in excluded and (key is None or (g.memory_total_bytes, g.model) in key)
+            )
+            exist.append(max(0, base.exist[i] - gone) if gone else base.exist[i])
+            free.append([g for g in gpus if g.uuid not in excluded] if gone else gpus)
+        return _Pool(free, exist, self.max_per_node, self._held)
 
     def _take(self, i: int, gpus: list[GpuView]) -> NodeShare:
         taken = {g.uuid for g in gpus}

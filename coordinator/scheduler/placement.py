@@ -258,7 +258,11 @@ def schedule(
         if held is not None and not backfill:
             reasons[job.job_id] = f"waiting behind {held.job.job_id} (strict order: no backfill)"
             continue
-        pool = state.pool_for(job) if job.min_memory_per_gpu_bytes or job.gpu_model or job.pool != only_pool else plain
+        pool = (
+            state.pool_for(job)
+            if job.min_memory_per_gpu_bytes or job.gpu_model or job.pool != only_pool or job.excluded_gpus
+            else plain
+        )
         decision = state.place(job, pool) if pool.total_free >= g else None
         if decision is None and held is not None and held.start > now:
             decision = run.backfill(job, pool)
@@ -295,7 +299,7 @@ def schedule(
                 cached.clear()
                 continue
         # Jobs of one shape wait for the same reason until capacity changes: cheap rejections when full.
-        shape = (g, k, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool)
+        shape = (g, k, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, job.excluded_gpus)
         reason = cached.get(shape)
         if reason is None:
             if held is not None and state.fits_with_held(job, pool):

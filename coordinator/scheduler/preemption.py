@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -127,6 +128,12 @@ class _Preemptor:
         return self._by_queue
 
     def _eligible_uuids(self, job: JobRequest) -> frozenset[str] | None:
+        if job.excluded_gpus:
+            every = self._eligible_by_model(replace(job, excluded_gpus=frozenset()))
+            return (every or frozenset(g.uuid for node in self._nodes for g in node.gpus)) - job.excluded_gpus
+        return self._eligible_by_model(job)
+
+    def _eligible_by_model(self, job: JobRequest) -> frozenset[str] | None:
         if not job.min_memory_per_gpu_bytes and not job.gpu_model:
             return None
         key = (job.min_memory_per_gpu_bytes, job.gpu_model.lower())
@@ -154,7 +161,8 @@ class _Preemptor:
         # once preempted, would promote and preempt in turn.
         queue = las_queue(job.attained_service_seconds, self.config) if self.policy == "las" else 0
         remaining = pending_remaining(job, self.config) if self.policy == "srtf" else 0.0
-        key = (job.gpus, job.gpus_per_node, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, bound, queue, job.priority)
+        key = (job.gpus, job.gpus_per_node, job.min_memory_per_gpu_bytes, job.gpu_model, job.pool, bound, queue, job.priority,
+               job.excluded_gpus)  # fmt: skip
         if self.policy != "srtf" and key in self.failed:
             return None
         self.searches += 1

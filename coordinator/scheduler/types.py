@@ -70,6 +70,8 @@ class JobRequest:
     """GPU-seconds the job's earlier attempts already ran (least-attained-service policies)."""
     time_limit_seconds: float = 0.0
     """The user's upper bound on the runtime (enforced by the agent); 0 = none."""
+    excluded_gpus: frozenset[str] = frozenset()
+    """GPUs (uuids) the job must not be placed on: stragglers it was restarted away from."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import shlex
 
 from gpuorch.arrays import condition_name, format_array
 from gpuorch.cli.printing import GIB, age, duration, job_state_name, node_state_name, printable, stamp, table
+from gpuorch.cli.telemetry_view import telemetry_lines
 from gpuorch.v1 import job_pb2
 
 
@@ -104,7 +105,7 @@ def format_jobs(found) -> str:
     rows = [
         (
             job.job_id,
-            job_state_name(job.state),
+            job_state_name(job.state) + (" (idle)" if job.telemetry.idle else ""),
             (job.spec.name or "-") + (" (interactive)" if job.spec.interactive else ""),
             job.spec.owner or "-",
             job.spec.pool or "default",
@@ -161,6 +162,7 @@ def format_job(job) -> str:
         f"Submitted:  {stamp(job.submit_time)}   started {stamp(job.start_time)}   ended {stamp(job.end_time)}",
     ]
     lines += array_lines(job)
+    lines += telemetry_lines(job)
     if spec.time_limit_seconds:
         limits.insert(0, f"time limit {duration(spec.time_limit_seconds)}")
     if job.state == job_pb2.JOB_STATE_PENDING:

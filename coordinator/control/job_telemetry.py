@@ -1,0 +1,97 @@
+"""Keeps each running attempt's step telemetry from the agents' heartbeats and, every window, applies the
+decisions of coordinator/rules/job_telemetry.py (stragglers, idleness) through the job manager.
+
+A heartbeat's progress reports cost a dict lookup and a comparison each unless the rank reached a later
+step (at most once a second per rank: gpuorch.worker writes no more often), so the heartbeat path stays
+cheap with every rank reporting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+from coordinator.control.cluster_view import ClusterView
+from coordinator.control.job_manager import JobManager
+from coordinator.model.job_telemetry import AttemptTelemetry
+from coordinator.model.jobs import AttemptState, JobEntry
+from coordinator.model.telemetry import GPU_UTILIZATION
+from coordinator.rules import job_telemetry
+from coordinator.rules.job_telemetry import TelemetryConfig
+from coordinator.rules.liveness import Liveness
+from gpuorch.v1 import agent_pb2, job_pb2
+
+
+class JobTelemetry:
+    """The step telemetry of every running attempt (the current attempt of each RUNNING job)."""
+
+    def __init__(self, manager: JobManager, cluster: ClusterView, config: TelemetryConfig, window_seconds: float) -> None:
+        self.manager = manager
+        self.cluster = cluster
+        self.config = config
+        self.window_seconds = window_seconds
+        self.attempts: dict[str, AttemptTelemetry] = {}
+        """Job id -> its current attempt's telemetry."""
+
+    def on_progress(self, node_id: str, progress: agent_pb2.RankProgress) -> None:
+        state = self.attempts.get(progress.job_id)
+        if state is None or state.attempt != progress.attempt:
+            entry = self.manager.running.get(progress.job_id)
+            if entry is None or entry.job.attempt != progress.attempt or not progress.step:
+                return
+            state = self._start(entry)
+        if progress.step > (steps.step if (steps := state.ranks.get(progress.rank)) is not None else 0):
+            wall = progress.last_progress_time.ToNanoseconds() / 1e9
+            job_telemetry.rank_progress(
+                state, progress.rank, progress.step, progress.samples, progress.step_seconds, wall, progress.scalars
+            )
+
+    def _start(self, entry: JobEntry) -> AttemptTelemetry:
+        """A new attempt's telemetry; the job's figures of the attempt before are cleared (not its stragglers)."""
+        job = entry.job
+        stragglers = list(job.telemetry.stragglers)
+        job.ClearField("telemetry")
+        job.telemetry.stragglers.extend(stragglers)
+        state = self.attempts[job.job_id] = AttemptTelemetry(job.job_id, job.attempt)
+        return state
+
+    def window(self) -> None:
+        """One window over every running attempt."""
+        now = self.manager.now()
+        for job_id in [job_id for job_id in self.attempts if job_id not in self.manager.running]:
+            del self.attempts[job_id]
+        for entry in list(self.manager.running.values()):
+            attempt = entry.current
+            if attempt is None or attempt.state is not AttemptState.RUNNING:
+                continue
+            state = self.attempts.get(entry.job.job_id)
+            if state is None or state.attempt != attempt.attempt:
+                state = self._start(entry)
+            excluded = len(entry.job.excluded_device_uuids)
+            utilizations = list(self._utilizations(attempt.devices()))
+            self.manager.apply(job_telemetry.window(entry, attempt, state, utilizations, now, self.config, self.manager.machine))
+            if len(entry.job.excluded_device_uuids) != excluded:
+                self.manager.scheduling.request_changed(entry.job.job_id)
+
+    def _utilizations(self, devices: list[tuple[str, str]]) -> Iterator[float]:
+        """The latest utilisation of each of these GPUs whose node is READY and has sampled it."""
+        nodes = self.cluster.nodes
+        for node_id, uuid in devices:
+            node = nodes.get(node_id)
+            if node is None or node.liveness.state is not Liveness.READY:
+                continue
+            device = node.devices.get(uuid)
+            if device is not None and device.sample is not None:
+                yield device.sample[GPU_UTILIZATION]
+
+    def running(self) -> Iterator[tuple[job_pb2.Job, AttemptTelemetry]]:
+        """Each running job with its attempt's telemetry (for the metrics)."""
+        for job_id, state in self.attempts.items():
+            entry = self.manager.running.get(job_id)
+            if entry is not None:
+                yield entry.job, state
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.window_seconds)
+            self.window()
