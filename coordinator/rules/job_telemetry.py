@@ -152,7 +152,24 @@ def window(
     machine: MachineConfig,
 ) -> list[Effect]:
     """One window of a running attempt: judge its stragglers and its idleness, act on them, and show the
-    figures on the job (Job.telemetry)."""
+    figures on the job (Job.telemetry); its watchers are told when they changed."""
+    shown_step = entry.job.telemetry.step
+    job = entry.job
+    effects = _judged(entry, attempt, state, utilizations, now, config, machine)
+    if job.telemetry.step != shown_step and Notify(job.job_id) not in effects:
+        effects.append(Notify(job.job_id))  # watchers see the figures move, once a window at most
+    return effects
+
+
+def _judged(
+    entry: JobEntry,
+    attempt: Attempt,
+    state: AttemptTelemetry,
+    utilizations: Sequence[float],
+    now: Now,
+    config: TelemetryConfig,
+    machine: MachineConfig,
+) -> list[Effect]:
     job = entry.job
     effects: list[Effect] = []
     for rank in judge_stragglers(state, config.straggler_ratio, config.straggler_windows):

@@ -100,7 +100,26 @@ def job_summary(job: job_pb2.Job) -> dict:
         "end_time": seconds(job.end_time),
         "estimated_start_time": seconds(job.estimated_start_time),
         "nodes": [node.node_id for node in job.placement.nodes],
+        "idle": job.telemetry.idle,
     }
+
+
+def telemetry_json(shown: job_pb2.JobTelemetry) -> dict:
+    """A job's step telemetry, stragglers and idleness (Job.telemetry)."""
+    return {
+        "step": shown.step,
+        "steps_per_second": shown.steps_per_second,
+        "samples_per_second": shown.samples_per_second,
+        "scalars": dict(shown.scalars),
+        "idle": shown.idle,
+        "gpu_utilization_percent": shown.gpu_utilization_percent,
+        "ranks": [{"rank": r.rank, "node_id": r.node_id, "step": r.step, "step_seconds": r.step_seconds} for r in shown.ranks],
+        "stragglers": [
+            {"rank": s.rank, "node_id": s.node_id, "device_uuid": s.device_uuid, "attempt": s.attempt,
+             "step_seconds": s.step_seconds, "median_step_seconds": s.median_step_seconds, "flag_time": seconds(s.flag_time)}
+            for s in shown.stragglers
+        ],
+    }  # fmt: skip
 
 
 def job_json(job: job_pb2.Job) -> dict:
@@ -126,6 +145,7 @@ def job_json(job: job_pb2.Job) -> dict:
         },
     }
     result["restarts"] = job.restarts
+    result["telemetry"] = telemetry_json(job.telemetry)
     result["world_size"] = job.placement.world_size
     result["placement"] = placement_json(job.placement)
     result["attempts"] = [

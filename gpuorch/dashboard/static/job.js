@@ -11,6 +11,7 @@ const rankPicker = el("select", { id: "rank", onchange: () => followLogs(true) }
 const follow = el("input", { type: "checkbox", id: "follow", checked: true, onchange: () => followLogs(true) });
 const log = el("pre", { id: "log" });
 APP.append(el("h1", {}, "Job ", el("span", { id: "job-id" }, JOB_ID)), head, el("div", { class: "panel" }, actions, message),
+  el("h2", {}, "Progress"), el("div", { class: "panel", id: "progress" }),
   el("h2", {}, "Attempts"), el("div", { class: "panel" }, timeline),
   el("h2", {}, "Logs"), el("div", { class: "toolbar" }, el("label", {}, "Rank ", rankPicker), el("label", {}, follow, " follow")), log,
   el("h2", {}, "Spec"), el("div", { class: "panel" }, spec));
@@ -34,6 +35,20 @@ function paintActions() {
       try { await post(`/api/v1/jobs/${encodeURIComponent(JOB_ID)}/priority`, { priority: Number(priority.value) }); message.textContent = " priority set"; message.className = ""; }
       catch (error) { message.textContent = " " + error.message; message.className = "error"; }
     } }, "Set"));
+}
+
+function paintProgress() {
+  const t = job.telemetry, panel = document.getElementById("progress");
+  const parts = [];
+  if (t.step) parts.push(el("div", { id: "throughput" }, `step ${t.step}` + (t.steps_per_second ? ` · ${t.steps_per_second.toPrecision(3)} steps/s` : "") +
+    (t.samples_per_second ? ` · ${t.samples_per_second.toPrecision(4)} samples/s` : "")));
+  const scalars = Object.entries(t.scalars);
+  if (scalars.length) parts.push(el("div", { id: "scalars" }, scalars.map(([k, v]) => `${k} = ${Number(v).toPrecision(6)}`).join(" · ")));
+  if (t.idle) parts.push(el("div", { id: "idle", class: "error" }, `idle: its GPUs are under the idle threshold (${t.gpu_utilization_percent.toFixed(1)}% now)`));
+  for (const s of t.stragglers) parts.push(el("div", { class: "straggler error" }, `straggler: rank ${s.rank} on ${s.node_id} (GPU ${s.device_uuid}), attempt ${s.attempt}: ` +
+    `${s.step_seconds.toPrecision(3)} s a step against the median ${s.median_step_seconds.toPrecision(3)} s`));
+  if (t.ranks.length > 1) parts.push(el("div", { class: "dim" }, "step seconds by rank: " + t.ranks.map((r) => `${r.rank}: ${r.step_seconds ? r.step_seconds.toPrecision(3) : "—"}`).join(" · ")));
+  panel.replaceChildren(...(parts.length ? parts : [el("span", { class: "dim" }, "no progress reported (gpuorch.worker.report_progress)")]));
 }
 
 function paintTimeline() {
@@ -61,6 +76,7 @@ function paint() {
     el("span", { id: "reason" }, job.reason || ""));
   paintActions();
   paintTimeline();
+  paintProgress();
   const s = job.spec;
   spec.replaceChildren(...row("argv", s.argv.join(" ")), ...row("submitted", fmtTime(job.submit_time)), ...row("started", fmtTime(job.start_time)),
     ...row("ended", fmtTime(job.end_time)), ...row("estimated start", job.state === "PENDING" ? (job.estimated_start_time ? fmtTime(job.estimated_start_time) : "unknown") : ""),
