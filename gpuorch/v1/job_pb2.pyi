@@ -124,14 +124,14 @@ class JobSpec(_message.Message):
     time_limit_seconds: int
     non_preemptible: bool
     on_straggler: StragglerAction
-    idle_timeout_minutes: int
+    idle_timeout_minutes: float
     idle_exempt: bool
     gpu_memory_fraction: float
     array: JobArray
     after: _containers.RepeatedCompositeFieldContainer[JobDependency]
     interactive: bool
     attach_grace_seconds: int
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ..., on_straggler: _Optional[_Union[StragglerAction, str]] = ..., idle_timeout_minutes: _Optional[int] = ..., idle_exempt: _Optional[bool] = ..., gpu_memory_fraction: _Optional[float] = ..., array: _Optional[_Union[JobArray, _Mapping]] = ..., after: _Optional[_Iterable[_Union[JobDependency, _Mapping]]] = ..., interactive: _Optional[bool] = ..., attach_grace_seconds: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., gpus: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., min_gpus: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., backend: _Optional[str] = ..., requirements: _Optional[_Union[JobRequirements, _Mapping]] = ..., owner: _Optional[str] = ..., estimated_runtime_seconds: _Optional[int] = ..., spread: _Optional[bool] = ..., progress_timeout_seconds: _Optional[int] = ..., hold_if_too_big: _Optional[bool] = ..., submit_dir: _Optional[str] = ..., pids_max: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., time_limit_seconds: _Optional[int] = ..., non_preemptible: _Optional[bool] = ..., on_straggler: _Optional[_Union[StragglerAction, str]] = ..., idle_timeout_minutes: _Optional[float] = ..., idle_exempt: _Optional[bool] = ..., gpu_memory_fraction: _Optional[float] = ..., array: _Optional[_Union[JobArray, _Mapping]] = ..., after: _Optional[_Iterable[_Union[JobDependency, _Mapping]]] = ..., interactive: _Optional[bool] = ..., attach_grace_seconds: _Optional[int] = ...) -> None: ...
 
 class JobTelemetry(_message.Message):
     __slots__ = ("steps_per_second", "samples_per_second", "step", "scalars", "ranks", "stragglers", "idle", "low_utilization_since", "gpu_utilization_percent", "update_time")
