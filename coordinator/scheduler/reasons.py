@@ -33,6 +33,8 @@ def _requirements(job: JobRequest) -> str:
         text += f" with >= {_fmt_bytes(job.min_memory_per_gpu_bytes)}"
     if job.gpu_model:
         text += f" matching {job.gpu_model!r}"
+    if job.excluded_gpus:
+        text += f" other than the {_plural(len(job.excluded_gpus), 'GPU')} it straggled on"
     return text
 
 
