@@ -13,13 +13,15 @@ works; these helpers add the defaults a job usually wants.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,11 +60,37 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def gpu_memory_fraction() -> float | None:
+    """The share of its GPU's memory this rank may allocate (GPUORCH_GPU_MEMORY_FRACTION, --gpu-memory-fraction);
+    None when the job set no budget. ValueError for a value outside (0, 1]."""
+    value = os.environ.get("GPUORCH_GPU_MEMORY_FRACTION", "")
+    if not value:
+        return None
+    fraction = float(value)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"GPUORCH_GPU_MEMORY_FRACTION must be in (0, 1], got {value!r}")
+    return fraction
+
+
+_budgeted_devices: set[int] = set()
+
+
+def _apply_memory_budget(torch: Any, index: int) -> None:
+    """Caps this process's CUDA allocator on the device at the job's fraction, once per device. A rank over it
+    fails with CUDA's out-of-memory error: an exit like any other, restarted (or not) as its job says."""
+    fraction = gpu_memory_fraction()
+    if fraction is not None and index not in _budgeted_devices:
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        _budgeted_devices.add(index)
+
+
 def device():
-    """This rank's torch device: cuda:LOCAL_RANK when the rank has a GPU, else the CPU."""
+    """This rank's torch device: cuda:LOCAL_RANK when the rank has a GPU (with the job's memory budget applied),
+    else the CPU."""
     import torch
 
     if torch.cuda.is_available():
+        _apply_memory_budget(torch, local_rank())
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
@@ -81,6 +109,7 @@ def init_process_group(backend_name: str | None = None, timeout_seconds: float |
     timeout = timeout_seconds or float(os.environ.get("GPUORCH_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS))
     if chosen == "nccl" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+        _apply_memory_budget(torch, local_rank())
     options: dict[str, Any] = {}
     if chosen == "nccl" and torch.cuda.is_available():
         options["device_id"] = torch.device("cuda", local_rank())
@@ -97,8 +126,9 @@ def checkpoint_dir() -> str:
 class RestartReason:
     """Why this attempt was started, parsed from GPUORCH_RESTART_REASON.
 
-    kind is "" for a first attempt, else "rank_exit", "rank_start", "node_down", "gpu_unhealthy", "hang", or
-    "preempted" (the attempt before was preempted for higher-priority work: resume from your checkpoint).
+    kind is "" for a first attempt, else "rank_exit", "rank_start", "node_down", "gpu_unhealthy", "hang",
+    "straggler" (a rank's GPU held the gang back; this attempt runs without it), or "preempted" (the attempt
+    before was preempted for higher-priority work: resume from your checkpoint).
     """
 
     kind: str = ""
@@ -130,7 +160,7 @@ def restart_reason() -> RestartReason:
         return RestartReason(kind, rank=int(rest), raw=raw)
     if kind == "node_down":
         return RestartReason(kind, node_id=rest, raw=raw)
-    if kind == "gpu_unhealthy":
+    if kind in ("gpu_unhealthy", "straggler"):
         return RestartReason(kind, gpu_uuid=rest, raw=raw)
     return RestartReason(kind, raw=raw)
 
@@ -147,24 +177,99 @@ def stop_on_sigterm() -> threading.Event:
     return _stop_requested
 
 
-_last_progress = 0.0
+MAX_SCALARS = 16
+"""Most scalars one report may carry (heartbeats stay small)."""
+MAX_SCALAR_NAME = 64
 
 
-def report_progress(min_interval_seconds: float = 1.0) -> None:
-    """Tells gpuorch this rank made progress (call it every step). Local and cheap: at most one
-    file timestamp update per `min_interval_seconds`; no network. A job with a progress timeout is
-    restarted (reason "hang") when no rank reported progress for that long."""
-    global _last_progress  # noqa: PLW0603 - one throttle for the one rank this process is
-    path = os.environ.get("GPUORCH_PROGRESS_FILE")
-    now = time.monotonic()
-    if not path or now - _last_progress < min_interval_seconds:
-        return
-    _last_progress = now
+@dataclass
+class _Progress:
+    """This rank's steps since its last write (one rank per process)."""
+
+    last_write: float = 0.0
+    """Monotonic time of the last write; 0 = none yet."""
+    step: int = 0
+    samples: int = 0
+    window_start: float = 0.0
+    """Monotonic time the current window began (the last write, or the first call)."""
+    window_first_step: int = 0
+    compute_seconds: float = 0.0
+    """Seconds spent inside compute() during the current window."""
+    timed: bool = False
+    """compute() was used in the current window: its time is the step time."""
+
+
+_progress = _Progress()
+
+
+@contextlib.contextmanager
+def compute() -> Iterator[None]:
+    """Times this rank's own compute for report_progress(): wrap the step's work, not its collectives.
+
+    In a gang that all-reduces every step, each rank waits for the slowest, so every rank's wall time per
+    step is the same; the time inside compute() is what tells a slow GPU (a straggler) from its peers."""
+    started = time.monotonic()
     try:
-        os.utime(path)
+        yield
+    finally:
+        _progress.compute_seconds += time.monotonic() - started
+        _progress.timed = True
+
+
+def _checked_scalars(scalars: Mapping[str, Any]) -> dict[str, float]:
+    if len(scalars) > MAX_SCALARS:
+        raise ValueError(f"report_progress takes at most {MAX_SCALARS} scalars, got {len(scalars)}")
+    checked = {}
+    for name, value in scalars.items():
+        if len(name) > MAX_SCALAR_NAME:
+            raise ValueError(f"scalar name {name[:32]!r}... is longer than {MAX_SCALAR_NAME} characters")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"scalar {name!r} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"scalar {name!r} must be finite, got {value}")
+        checked[name] = float(value)
+    return checked
+
+
+def report_progress(step: int | None = None, samples: int | None = None, *, min_interval_seconds: float = 1.0,
+                    **scalars: float) -> None:  # fmt: skip
+    """Tells gpuorch this rank made progress: call it once a step. Local and cheap: no network, and at most one
+    small file write per `min_interval_seconds` (GPUORCH_PROGRESS_FILE, which the agent reads for its heartbeats).
+
+    `step`: the step reached (default: the number of calls); `samples`: samples this step processed (summed);
+    keyword scalars (e.g. loss=0.12, at most 16, numbers only): rank 0's are shown on the job. The step time is
+    the time inside compute() when the rank uses it, else the wall time between calls. A job with a progress
+    timeout is restarted (reason "hang") when no rank reported progress for that long; stragglers and
+    throughput come from the step times. Outside gpuorch it does nothing."""
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise TypeError(f"step must be an int, got {step!r} (the write interval is min_interval_seconds=...)")
+    path = os.environ.get("GPUORCH_PROGRESS_FILE")
+    if not path:
+        return
+    checked = _checked_scalars(scalars) if scalars else {}
+    now, state = time.monotonic(), _progress
+    if not state.window_start:
+        state.window_start = now
+    state.step = step if step is not None else state.step + 1
+    state.samples += samples or 0
+    if state.last_write and now - state.last_write < min_interval_seconds:
+        return
+    steps = state.step - state.window_first_step
+    spent = state.compute_seconds if state.timed else now - state.window_start
+    document: dict[str, Any] = {"step": state.step, "samples": state.samples, "step_seconds": spent / steps if steps > 0 else 0.0}
+    if checked:
+        document["scalars"] = checked
+    state.last_write, state.window_start, state.window_first_step = now, now, state.step
+    state.compute_seconds, state.timed = 0.0, False
+    # Rewritten in place (the agent made the file, the directory is the agent's): one small write, whose mtime is
+    # the progress stamp; a reader that catches it half-written keeps what it read before.
+    try:
+        with open(path, "r+") as file:
+            file.write(json.dumps(document, separators=(",", ":")))
+            file.truncate()
     except FileNotFoundError:
-        with open(path, "a"):
-            pass
+        with open(path, "w") as file:
+            file.write(json.dumps(document, separators=(",", ":")))
 
 
 # -- arrays, results and shares of work --------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_step_telemetry_reaches_the_job_gpuctl_and_metrics(cluster, tmp_path):
     page = wait_for(lambda: page if series in (page := metrics(cluster)) else None, timeout=10, what="job metrics")
     for name in ("gpuorch_job_step_seconds_bucket", "gpuorch_job_step_seconds_count", "gpuorch_job_samples_per_second",
                  "gpuorch_job_stragglers", "gpuorch_job_idle"):  # fmt: skip
-        assert f'{name}{{job="{job_id}",owner="alice"' in page, name
+        assert f'{name}{{job="{job_id}",' in page and 'owner="alice"' in page, name
     until.touch()
     wait_state(client, job_id, SUCCEEDED)
     assert wait_for(lambda: f'job="{job_id}"' not in metrics(cluster), timeout=10, what="series gone with the job")

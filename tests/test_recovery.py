@@ -113,6 +113,7 @@ def test_quarantine_keeps_a_recovered_gpu_out_for_the_recovery_time():
         ("node_down:n7", worker.RestartReason("node_down", node_id="n7", raw="node_down:n7")),
         ("gpu_unhealthy:GPU-1", worker.RestartReason("gpu_unhealthy", gpu_uuid="GPU-1", raw="gpu_unhealthy:GPU-1")),
         ("hang", worker.RestartReason("hang", raw="hang")),
+        ("straggler:GPU-2", worker.RestartReason("straggler", gpu_uuid="GPU-2", raw="straggler:GPU-2")),
     ],
 )
 def test_worker_parses_the_restart_reason(monkeypatch, raw, expected):
@@ -124,7 +125,7 @@ def test_worker_parses_the_restart_reason(monkeypatch, raw, expected):
 def test_report_progress_touches_the_file_at_most_once_per_interval(monkeypatch, tmp_path):
     path = tmp_path / "rank-0.progress"
     monkeypatch.setenv("GPUORCH_PROGRESS_FILE", str(path))
-    monkeypatch.setattr(worker, "_last_progress", 0.0)
+    monkeypatch.setattr(worker, "_progress", worker._Progress())
     worker.report_progress(min_interval_seconds=60)
     first = path.stat().st_mtime_ns
     worker.report_progress(min_interval_seconds=60)

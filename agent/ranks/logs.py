@@ -56,15 +56,5 @@ def read_log_chunk(request: agent_pb2.ReadLogs, log_path: Path, *, running: bool
 
 
 def progress_path(rank_base: Path) -> Path:
-    """The file gpuorch.worker.report_progress() touches (GPUORCH_PROGRESS_FILE)."""
+    """The file gpuorch.worker.report_progress() rewrites (GPUORCH_PROGRESS_FILE; agent/ranks/progress.py reads it)."""
     return rank_base.with_suffix(".progress")
-
-
-def last_progress_ns(path: Path) -> int:
-    """When the rank last reported progress (ns since the epoch); 0 if it never did or the file is gone.
-
-    The file is created at launch dated 0, so its mtime is the rank's last report."""
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0

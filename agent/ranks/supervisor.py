@@ -35,6 +35,7 @@ from agent.identity import IdentityPolicy
 from agent.ranks import cgroups, lifecycle, logs, spawn, watch
 from agent.ranks.cgroups import NO_LIMITS, RankCgroups, RankLimits
 from agent.ranks.lifecycle import LaunchAction, RankState
+from agent.ranks.progress import ProgressReader
 from agent.ranks.rank import Rank, RankKey
 from agent.ranks.state_dir import RankRecord, StateDir, invalid_job_id, read_exit_file
 from gpuorch.clock import SYSTEM_CLOCK, Clock
@@ -77,6 +78,7 @@ class Supervisor:
         self.terminals = terminals
         self.clock = clock
         self.ranks: dict[RankKey, Rank] = {}
+        self.progress_reader = ProgressReader()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Future] = set()
         self._closed = False
@@ -192,16 +194,11 @@ class Supervisor:
         return logs.read_log_chunk(request, log_path, running=rank is not None and not rank.ended.is_set())
 
     def progress(self) -> list[agent_pb2.RankProgress]:
-        """When each running rank last reported progress (ranks that never did are left out)."""
-        reports = []
-        for rank in self.ranks.values():
-            mtime_ns = 0 if rank.ended.is_set() else logs.last_progress_ns(logs.progress_path(Path(rank.record.pid_path)))
-            if mtime_ns:
-                job_id, attempt, rank_number = rank.key
-                report = agent_pb2.RankProgress(job_id=job_id, attempt=attempt, rank=rank_number)
-                report.last_progress_time.FromNanoseconds(mtime_ns)
-                reports.append(report)
-        return reports
+        """Each running rank's latest progress report (ranks that never reported are left out)."""
+        running = [
+            (rank.key, logs.progress_path(Path(rank.record.pid_path))) for rank in self.ranks.values() if not rank.ended.is_set()
+        ]
+        return self.progress_reader.reports(running)
 
     def running_count(self) -> int:
         return sum(1 for rank in self.ranks.values() if not rank.ended.is_set())

@@ -5,7 +5,9 @@ or, for a running agent process, from a JSON file that the source re-reads
 whenever it changes:
 
     {"0": {"xid": 79}, "1": {"temperature": 97.0}, "2": {"lost": true},
-     "3": {"ecc_uncorrected": 2}}
+     "3": {"ecc_uncorrected": 2}, "4": {"utilization": 0.0}}
+
+("utilization" pins a device's utilisation in percent: an idle or a busy GPU.)
 
 Keys are device indexes; a device missing from the file is healthy again.
 """
@@ -39,6 +41,8 @@ class _Fault:
     temperature: float | None = None
     lost: bool = False
     ecc_uncorrected: int = 0
+    utilization: float | None = None
+    """Pins the GPU's utilisation (percent), e.g. 0 for an idle job or 90 for a busy one."""
 
 
 @dataclass
@@ -98,6 +102,9 @@ class SimulatedSource(TelemetrySource):
     def set_temperature(self, index: int, celsius: float | None) -> None:
         self._fault(index).temperature = celsius
 
+    def set_utilization(self, index: int, percent: float | None) -> None:
+        self._fault(index).utilization = percent
+
     def inject_ecc_uncorrected(self, index: int, count: int = 1) -> None:
         self._fault(index).ecc_uncorrected = count
 
@@ -129,6 +136,7 @@ class SimulatedSource(TelemetrySource):
                         temperature=float(spec["temperature"]) if "temperature" in spec else None,
                         lost=bool(spec.get("lost", False)),
                         ecc_uncorrected=int(spec.get("ecc_uncorrected", 0)),
+                        utilization=min(100.0, max(0.0, float(spec["utilization"]))) if "utilization" in spec else None,
                     )
             except (ValueError, AttributeError, TypeError) as error:
                 log.warning("ignoring unreadable faults file", path=str(self.faults_file), error=str(error))
@@ -145,6 +153,8 @@ class SimulatedSource(TelemetrySource):
             fault = self._api_faults.get(info.index) or self._file_faults.get(info.index) or _Fault()
             # A bounded random walk: busy GPUs stay busy, idle ones idle, with jitter.
             state.utilization = min(100.0, max(0.0, state.utilization + self.rng.uniform(-5, 5)))
+            if fault.utilization is not None:
+                state.utilization = fault.utilization
             state.memory_used = int(
                 min(
                     SIMULATED_MEMORY_BYTES * 0.95, max(256 * 1024**2, state.memory_used + self.rng.uniform(-1, 1) * 256 * 1024**2)

@@ -92,6 +92,12 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidSpec(
             f"spec.requirements.gpu_model is {len(spec.requirements.gpu_model)} characters; the limit is {MAX_NAME_LENGTH}"
         )
+    if not (0 <= spec.gpu_memory_fraction <= 1):  # NaN fails both
+        raise InvalidSpec(f"spec.gpu_memory_fraction is {spec.gpu_memory_fraction}; it must be in (0, 1], or 0 for no limit")
+    if not (0 <= spec.idle_timeout_minutes <= MAX_TIME_LIMIT_SECONDS / 60):
+        raise InvalidSpec(f"spec.idle_timeout_minutes is {spec.idle_timeout_minutes}; it must be >= 0 minutes (0 = the pool's)")
+    if spec.on_straggler not in job_pb2.StragglerAction.values():
+        raise InvalidSpec(f"spec.on_straggler {spec.on_straggler} is unknown: use STRAGGLER_ACTION_RESTART or leave it unset")
 
 
 def normalized(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
@@ -135,6 +141,8 @@ def node_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_p
             "GPUORCH_NODE_ID": node.node_id,
         }
     )
+    if job.spec.gpu_memory_fraction:
+        env["GPUORCH_GPU_MEMORY_FRACTION"] = f"{job.spec.gpu_memory_fraction:g}"
     return env
 
 

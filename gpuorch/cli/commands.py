@@ -14,6 +14,7 @@ from gpuorch.cli.completion import completion_script
 from gpuorch.cli.history import run_history
 from gpuorch.cli.interactive import COMMANDS as INTERACTIVE_COMMANDS
 from gpuorch.cli.interactive import run_interactive
+from gpuorch.cli.job_flags import telemetry_fields
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
 from gpuorch.cli.results import format_results, results_csv, sort_rows
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace, client: Client) -> int:
             non_preemptible=args.no_preempt,
             array=args.array,
             after=args.after,
+            **telemetry_fields(args),
         )
         # One id for this submission, however often grpc retries it: a retry never queues a second job.
         job_id = client.submit_job(spec, client_request_id=args.request_id or new_request_id())

@@ -21,6 +21,7 @@ import time
 import tty
 from collections.abc import Callable
 
+from gpuorch.cli.job_flags import add_telemetry_flags, telemetry_fields
 from gpuorch.cli.printing import job_state_name, printable
 from gpuorch.cli.views import start_column
 from gpuorch.client import Client, build_job_spec, new_request_id
@@ -58,6 +59,7 @@ def add_interactive_commands(command: Callable[..., argparse.ArgumentParser], pa
         metavar="T",
         help="cancel the job when no terminal is attached this long (default: the coordinator's, 60s)",
     )
+    add_telemetry_flags(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
     attach = command("attach", "attach this terminal to an interactive job's rank 0 again", "gpuctl attach j-000042")
     attach.add_argument("job_id")
@@ -117,6 +119,7 @@ def _run(args: argparse.Namespace, client: Client) -> int:
         owner=os.environ.get("USER", ""),
         interactive=True,
         attach_grace_seconds=args.attach_grace,
+        **telemetry_fields(args),
     )
     job_id = client.submit_job(spec, client_request_id=new_request_id())
     _say(f"job {job_id} submitted")

@@ -8,6 +8,7 @@ import re
 from gpuorch.arrays import parse_array, parse_dependency
 from gpuorch.cli.history import add_history_arguments
 from gpuorch.cli.interactive import add_interactive_commands
+from gpuorch.cli.job_flags import add_telemetry_flags
 from gpuorch.client import default_address
 from gpuorch.durations import parse_duration
 from gpuorch.pools import pool_name_problem
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--progress-timeout", type=int, default=0, metavar="SECONDS", help="restart when no rank reports progress this long"
     )
+    add_telemetry_flags(submit)
     submit.add_argument("--pids-max", type=int, default=0, metavar="N", help="most processes per rank (default: the node's)")
     submit.add_argument(
         "--memory-max",

@@ -167,8 +167,15 @@ def format_job(job) -> str:
         limits.insert(0, f"time limit {duration(spec.time_limit_seconds)}")
     if job.state == job_pb2.JOB_STATE_PENDING:
         lines.append(f"Est. start: {start_column(job)}")
+    if spec.gpu_memory_fraction:
+        limits.append(f"GPU memory fraction {spec.gpu_memory_fraction:g}")
     if limits:
         lines.append(f"Limits:     {', '.join(limits)} per rank")
+    watch = ["restart on a straggler"] if spec.on_straggler == job_pb2.STRAGGLER_ACTION_RESTART else []
+    watch += ["never judged idle"] if spec.idle_exempt else []
+    watch += [f"cancelled after {spec.idle_timeout_minutes:g} min idle"] if spec.idle_timeout_minutes else []
+    if watch:
+        lines.append(f"Telemetry:  {', '.join(watch)}")
     lines = [printable(line) for line in lines]
     if job.placement.nodes:
         lines.append(

@@ -39,7 +39,7 @@ def main() -> int:
     if args.exit_when_world_below and world < args.exit_when_world_below:
         # A shrunken elastic attempt: keep going until told capacity is back, then ask for a restart.
         while not os.path.exists(args.until_file):
-            worker.report_progress(0.1)
+            worker.report_progress(min_interval_seconds=0.1)
             time.sleep(0.05)
         print("EXIT to grow back", flush=True)
         return 75
@@ -52,7 +52,7 @@ def main() -> int:
             while True:
                 time.sleep(1)
         time.sleep(args.step_seconds)
-        worker.report_progress(0.05)
+        worker.report_progress(min_interval_seconds=0.05)
         if rank == 0:
             temporary = checkpoint.with_suffix(".tmp")
             temporary.write_text(str(step + 1))
