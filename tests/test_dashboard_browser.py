@@ -20,7 +20,11 @@ from tests.dashboard_harness import CHROMIUM, CHROMIUM_ARGS, get_json, post, sta
 from tests.harness import REPO, LocalCluster, wait_for
 
 TOKENS = {"alice": ("alice-token-7f3", "user"), "bob": ("bob-token-92c", "user"), "ops": ("ops-token-1d8", "admin")}
-WORKER = "import time\nfor i in range(100000):\n    print(f'step {i} loss {1 / (i + 1):.4f}', flush=True)\n    time.sleep(0.2)\n"
+WORKER = (
+    "import time\nfrom gpuorch import worker\nfor i in range(100000):\n"
+    "    print(f'step {i} loss {1 / (i + 1):.4f}', flush=True)\n"
+    "    worker.report_progress(i + 1, samples=4, loss=1 / (i + 1))\n    time.sleep(0.2)\n"
+)
 SCREENSHOTS = os.environ.get("GPUORCH_SCREENSHOTS") == "1"
 TIMEOUT_MS = 15_000
 
@@ -50,7 +54,8 @@ def browser():
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     cluster = LocalCluster(root, token=TOKENS["ops"][0])
-    cluster.start_coordinator("--tokens-file", str(tokens_file(root / "tokens.toml")))
+    (root / "coordinator.toml").write_text("straggler_window_seconds = 1.0\n")  # the job page's progress, soon
+    cluster.start_coordinator("--tokens-file", str(tokens_file(root / "tokens.toml")), "--config", str(root / "coordinator.toml"))
     cluster.add_agent("node-a", 4)
     cluster.add_agent("node-b", 4)
     (root / "worker.py").write_text(WORKER)
@@ -136,6 +141,8 @@ def test_cluster_queue_job_page_logs_and_cancel_by_the_owner_only(site, browser)
     alice.wait_for_function("document.querySelector('#state') && document.querySelector('#state').innerText.includes('RUNNING')")
     alice.wait_for_selector('.attempt[data-attempt="1"]')
     alice.wait_for_function("document.querySelector('#log').textContent.includes('step')")
+    alice.wait_for_function("(document.querySelector('#throughput') || {}).innerText?.includes('steps/s')")
+    assert "loss = " in alice.inner_text("#scalars")
     lines_before = alice.evaluate("document.querySelector('#log').textContent.split('step').length")
     alice.wait_for_function(f"document.querySelector('#log').textContent.split('step').length > {lines_before + 2}")
     shot(alice, "job")
