@@ -33,7 +33,7 @@ RETRIED_METHODS = {
     "cluster": ("ListNodes", "GetNode", "GetClusterStatus", "DrainNode", "ResumeNode", *USAGE_METHODS),
     # SubmitJob is safe to repeat because every submission carries a client_request_id (see
     # submit_job); CancelJob is not retried: a repeat would answer FAILED_PRECONDITION.
-    "job": ("SubmitJob", "GetJob", "ListJobs", "SetJobPriority", "WatchJob", "GetJobLogs"),
+    "job": ("SubmitJob", "GetJob", "ListJobs", "SetJobPriority", "WatchJob", "GetJobLogs", "GetUsage"),
 }
 RETRY_ROUNDS = 5
 """Rounds over the coordinators a call makes before it fails UNAVAILABLE (within the call's timeout)."""

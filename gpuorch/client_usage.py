@@ -9,10 +9,11 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gpuorch.v1 import cluster_pb2
+from gpuorch.v1 import cluster_pb2, job_pb2
 
 USAGE_METHODS = ("GetUsageHistory", "WhoAmI")
 """Both read only: grpc retries them on UNAVAILABLE like the other reads (gpuorch.client.RETRIED_METHODS)."""
+GROUP_BY = {"owner": job_pb2.USAGE_GROUP_BY_OWNER, "pool": job_pb2.USAGE_GROUP_BY_POOL, "job": job_pb2.USAGE_GROUP_BY_JOB}
 RESOLUTIONS = {"minute": cluster_pb2.USAGE_RESOLUTION_MINUTE, "hour": cluster_pb2.USAGE_RESOLUTION_HOUR}
 
 
@@ -50,3 +51,19 @@ class UsageCalls:
     def who_am_i(self):
         """Who the coordinator takes this client for (WhoAmIResponse: user, role, authenticated)."""
         return self._unary("cluster", "WhoAmI", cluster_pb2.WhoAmIRequest(), lambda response: response)
+
+    def usage(
+        self,
+        by: str = "owner",
+        since: datetime.datetime | float | None = None,
+        until: datetime.datetime | float | None = None,
+        owner: str = "",
+    ):
+        """The cost report (GetUsageResponse): each attempt's GPU-seconds in [since, until) (default: every kept
+        job, to now), mean utilisation and peak memory, summed by "owner", "pool" or "job"; datetimes or Unix seconds."""
+        if by not in GROUP_BY:
+            raise ValueError(f"unknown grouping {by!r}: use owner, pool or job")
+        fields = _timestamp_fields(since, until)
+        fields = {{"start_time": "since", "end_time": "until"}[name]: value for name, value in fields.items()}
+        request = job_pb2.GetUsageRequest(group_by=GROUP_BY[by], owner=owner, **fields)
+        return self._unary("job", "GetUsage", request, lambda response: response)

@@ -20,8 +20,9 @@ STEPS_RANK = str(REPO / "tests" / "workloads" / "steps_rank.py")
 RUNNING, SUCCEEDED, CANCELLED = job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_CANCELLED
 
 
-def start(cluster, tmp_path, nodes: dict[str, int], **settings: object) -> None:
-    """A coordinator judging telemetry every 0.5 s (the settings override), and agents of the given GPU counts."""
+def start(cluster, tmp_path, nodes: dict[str, int], utilization: float | None = None, **settings: object) -> None:
+    """A coordinator judging telemetry every 0.5 s (the settings override), and agents of the given GPU counts
+    (their utilisation pinned from the start, if given)."""
     config = tmp_path / "coordinator.toml"
     values = {"straggler_window_seconds": 0.5, **settings}
     config.write_text("".join(f"{name} = {json.dumps(value)}\n" for name, value in values.items() if not isinstance(value, dict)))
@@ -29,9 +30,13 @@ def start(cluster, tmp_path, nodes: dict[str, int], **settings: object) -> None:
         config.write_text(config.read_text() + f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
     metrics_port = free_port()
     cluster.metrics_port = metrics_port
-    listen = f"127.0.0.1:{metrics_port}"
-    cluster.start_coordinator("--config", str(config), "--metrics-listen", listen, "--stop-grace-period", "1")
+    metrics_listen = f"127.0.0.1:{metrics_port}"
+    cluster.coordinator_args = ("--config", str(config), "--metrics-listen", metrics_listen, "--stop-grace-period", "1")
+    cluster.start_coordinator(*cluster.coordinator_args)
     for node_id, gpus in nodes.items():
+        if utilization is not None:
+            cluster.faults_file(node_id).parent.mkdir(parents=True, exist_ok=True)
+            cluster.faults_file(node_id).write_text(json.dumps({str(i): {"utilization": utilization} for i in range(gpus)}))
         cluster.add_agent(node_id, gpus, "--heartbeat-interval", "0.25")
     cluster.wait_for_nodes(len(nodes))
 
@@ -102,8 +107,7 @@ def test_a_straggler_is_flagged_with_its_rank_and_node_and_restarted_away_from_i
 
 
 def test_an_idle_job_is_flagged_then_stopped_at_its_idle_timeout(cluster, tmp_path):
-    start(cluster, tmp_path, {"n1": 2}, idle_minutes=0.02)
-    cluster.faults_file("n1").write_text(json.dumps({"0": {"utilization": 0.0}, "1": {"utilization": 0.0}}))
+    start(cluster, tmp_path, {"n1": 2}, utilization=0.0, idle_minutes=0.02)
     client = cluster.client()
     idle = client.submit_job(argv=["sleep", "600"], gpus=1, idle_timeout_minutes=0.15)
     exempt = client.submit_job(argv=["sleep", "600"], gpus=1, idle_timeout_minutes=0.15, idle_exempt=True)
@@ -114,3 +118,31 @@ def test_an_idle_job_is_flagged_then_stopped_at_its_idle_timeout(cluster, tmp_pa
     exempt_job = client.get_job(exempt)
     assert exempt_job.state == RUNNING and not exempt_job.telemetry.idle, "an exempt job is never judged idle"
     client.cancel_job(exempt)
+
+
+def test_gpuctl_usage_totals_match_the_jobs_run_and_survive_a_coordinator_kill(cluster, tmp_path):
+    start(cluster, tmp_path, {"n1": 3}, utilization=40.0)
+    client = cluster.client()
+    alice = client.submit_job(argv=["sleep", "2"], gpus=2, owner="alice")
+    bob = client.submit_job(argv=["sleep", "1"], gpus=1, owner="bob")
+    jobs = {job_id: wait_state(client, job_id, SUCCEEDED, timeout=30) for job_id in (alice, bob)}
+
+    def expected(job) -> float:
+        (attempt,) = job.attempts
+        return attempt.placement.world_size * (attempt.end_time.ToNanoseconds() - attempt.start_time.ToNanoseconds()) / 1e9
+
+    def report() -> dict:
+        document = json.loads(gpuctl(cluster, "usage", "--by", "owner", "--since", "1h", "-o", "json"))
+        return {row["key"]: row for row in document["rows"]} | {"total": document["total"]}
+
+    rows = report()
+    assert rows["alice"]["gpu_seconds"] == pytest.approx(expected(jobs[alice]), abs=0.01)
+    assert rows["bob"]["gpu_seconds"] == pytest.approx(expected(jobs[bob]), abs=0.01)
+    assert 3.9 < rows["alice"]["gpu_seconds"] < 6 and rows["total"]["jobs"] == 2 and rows["total"]["attempts"] == 2
+    assert rows["alice"]["mean_gpu_utilization_percent"] == pytest.approx(40.0), "sampled from the agent's telemetry"
+    assert rows["alice"]["peak_memory_bytes"] > 0
+    cluster.coordinator.kill()
+    cluster.start_coordinator(*cluster.coordinator_args)
+    assert report() == rows, "the totals are kept in the store"
+    by_job = gpuctl(cluster, "usage", "--by", "job", "-o", "csv").splitlines()
+    assert by_job[0].startswith("job,owner,pool,jobs") and {line.split(",")[0] for line in by_job[1:]} == {alice, bob, "total"}

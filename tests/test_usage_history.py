@@ -141,13 +141,13 @@ def test_a_real_coordinator_serves_usage_who_am_i_and_gpu_history(tmp_path):
         assert all(len(device.telemetry_history) >= 1 for device in node.devices)
         assert not any(device.telemetry_history for device in client.get_node("node-a").devices)
         shown = subprocess.run(
-            [sys.executable, "-m", "gpuorch.cli", "--coordinator", cluster.address, "usage", "--days", "1"],
+            [sys.executable, "-m", "gpuorch.cli", "--coordinator", cluster.address, "usage", "--history", "--days", "1"],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         assert "alice" in shown.stdout and "GPU-HOURS" in shown.stdout
         refused = subprocess.run(
-            [sys.executable, "-m", "gpuorch.cli", "--coordinator", cluster.address, "usage", "--days", "0"],
+            [sys.executable, "-m", "gpuorch.cli", "--coordinator", cluster.address, "usage", "--history", "--days", "0"],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert refused.returncode != 0 and "--days must be > 0" in refused.stderr

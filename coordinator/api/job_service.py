@@ -11,6 +11,7 @@ from coordinator.api.auth import Action, Guard, StreamQuota, priority_problem, r
 from coordinator.control.arrays import ArrayFinished
 from coordinator.control.dependencies import DependencyNeverMet
 from coordinator.control.job_manager import LOG_CHUNK_BYTES, JobFinished, JobManager, JobNotFound, NoSuchRank, QuotaExceeded
+from coordinator.control.usage import usage
 from coordinator.rules import job_rules
 from coordinator.rules.job_rules import InvalidSpec
 from coordinator.store.api import JobQuery
@@ -138,6 +139,15 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         except RuntimeError as error:  # the store could not read the job history
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return job_pb2.ListJobsResponse(jobs=[redact_env(job, caller) for job in found], next_page_token=token)
+
+    async def GetUsage(self, request: job_pb2.GetUsageRequest, context):
+        await self.guard.check(context, Action.READ)
+        try:
+            return await usage(self.manager, request)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except RuntimeError as error:  # the store could not read the job history
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context):
         caller = await self.guard.authenticate(context)

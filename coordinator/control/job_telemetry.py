@@ -15,8 +15,8 @@ from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
 from coordinator.model.job_telemetry import AttemptTelemetry
 from coordinator.model.jobs import AttemptState, JobEntry
-from coordinator.model.telemetry import GPU_UTILIZATION
-from coordinator.rules import job_telemetry
+from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED
+from coordinator.rules import job_telemetry, usage_report
 from coordinator.rules.job_telemetry import TelemetryConfig
 from coordinator.rules.liveness import Liveness
 from gpuorch.v1 import agent_pb2, job_pb2
@@ -68,13 +68,27 @@ class JobTelemetry:
             if state is None or state.attempt != attempt.attempt:
                 state = self._start(entry)
             excluded = len(entry.job.excluded_device_uuids)
-            utilizations = list(self._utilizations(attempt.devices()))
+            samples = list(self._samples(attempt.devices()))
+            utilizations = [utilization for utilization, _ in samples]
+            self._account(entry, state, utilizations, [memory for _, memory in samples], now.wall)
             self.manager.apply(job_telemetry.window(entry, attempt, state, utilizations, now, self.config, self.manager.machine))
             if len(entry.job.excluded_device_uuids) != excluded:
                 self.manager.scheduling.request_changed(entry.job.job_id)
 
-    def _utilizations(self, devices: list[tuple[str, str]]) -> Iterator[float]:
-        """The latest utilisation of each of these GPUs whose node is READY and has sampled it."""
+    def _account(
+        self, entry: JobEntry, state: AttemptTelemetry, utilizations: list[float], memory: list[int], wall: float
+    ) -> None:
+        """Adds this window's sample to the attempt's usage record (Attempt.usage; stored with the job's next write).
+        A sample covers the time since the one before, at most two windows: a gap (a restart) is not filled in."""
+        record = entry.job.attempts[-1] if entry.job.attempts else None
+        if record is None or record.attempt != state.attempt:
+            return
+        covered = min(wall - state.last_sample_wall, 2 * self.window_seconds) if state.last_sample_wall else self.window_seconds
+        state.last_sample_wall = wall
+        usage_report.sample(record, utilizations, memory, covered)
+
+    def _samples(self, devices: list[tuple[str, str]]) -> Iterator[tuple[float, int]]:
+        """(utilisation, memory used) latest of each of these GPUs whose node is READY and has sampled it."""
         nodes = self.cluster.nodes
         for node_id, uuid in devices:
             node = nodes.get(node_id)
@@ -82,7 +96,7 @@ class JobTelemetry:
                 continue
             device = node.devices.get(uuid)
             if device is not None and device.sample is not None:
-                yield device.sample[GPU_UTILIZATION]
+                yield device.sample[GPU_UTILIZATION], int(device.sample[MEMORY_USED])
 
     def running(self) -> Iterator[tuple[job_pb2.Job, AttemptTelemetry]]:
         """Each running job with its attempt's telemetry (for the metrics)."""

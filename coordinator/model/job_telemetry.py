@@ -66,6 +66,8 @@ class AttemptTelemetry:
     idle: bool = False
     utilization_percent: float = 0.0
     """Mean utilisation of the attempt's GPUs in the latest sample."""
+    last_sample_wall: float = 0.0
+    """When its GPUs were last sampled for usage accounting (0: not yet)."""
 
     @property
     def step(self) -> int:

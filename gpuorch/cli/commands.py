@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import sys
-import time
 
 from gpuorch.cli.completion import completion_script
 from gpuorch.cli.history import run_history
@@ -18,7 +17,8 @@ from gpuorch.cli.job_flags import telemetry_fields
 from gpuorch.cli.parser import build_parser
 from gpuorch.cli.printing import GIB, TIME_ZONE, as_json, job_state_name, printable
 from gpuorch.cli.results import format_results, results_csv, sort_rows
-from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status, format_usage
+from gpuorch.cli.usage_report import run_usage
+from gpuorch.cli.views import format_job, format_jobs, format_node, format_nodes, format_status
 from gpuorch.client import Client, _enum_values, build_job_spec, new_request_id
 from gpuorch.errors import GpuorchError
 from gpuorch.v1 import job_pb2
@@ -38,8 +38,8 @@ def _watch(client: Client, job_id: str, json_output: bool) -> int:
 
 def run(args: argparse.Namespace, client: Client) -> int:
     json_output = args.output == "json"
-    if args.output == "csv" and args.command != "results":
-        raise ValueError(f"-o csv is for gpuctl results; gpuctl {args.command} prints a table or json")
+    if args.output == "csv" and args.command not in ("results", "usage"):
+        raise ValueError(f"-o csv is for gpuctl results and usage; gpuctl {args.command} prints a table or json")
 
     def show(message, formatter) -> None:
         print(json.dumps(as_json(message), indent=2) if json_output else formatter(message))
@@ -55,10 +55,7 @@ def run(args: argparse.Namespace, client: Client) -> int:
     elif args.command == "status":
         show(client.cluster_status(), format_status)
     elif args.command == "usage":
-        if args.days <= 0:
-            raise ValueError(f"--days must be > 0, got {args.days}")
-        end = time.time()
-        show(client.usage_history("hour" if args.hourly else "minute", start=end - args.days * 86400, end=end), format_usage)
+        run_usage(args, client)
     elif args.command == "drain":
         show(client.drain_node(args.node_id, args.reason), format_node)
     elif args.command == "resume":

@@ -9,6 +9,7 @@ from gpuorch.arrays import parse_array, parse_dependency
 from gpuorch.cli.history import add_history_arguments
 from gpuorch.cli.interactive import add_interactive_commands
 from gpuorch.cli.job_flags import add_telemetry_flags
+from gpuorch.cli.usage_report import add_usage_arguments
 from gpuorch.client import default_address
 from gpuorch.durations import parse_duration
 from gpuorch.pools import pool_name_problem
@@ -149,12 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", "cluster totals", "gpuctl status")
     usage = command(
         "usage",
-        "GPU-hours by owner and by pool, allocation and utilisation over time",
-        "gpuctl usage --days 7",
-        "From the coordinator's usage history (GetUsageHistory), kept in memory since it last started.",
+        "the cost report: GPU-hours, utilisation and peak memory by owner, pool or job",
+        "gpuctl usage --by pool --since 30d -o csv",
+        "From every attempt's record in the job store (GetUsage); --history: the cluster's usage over time instead.",
     )
-    usage.add_argument("--days", type=float, default=1.0, help="how far back, in days (default 1; at most 7 by minute)")
-    usage.add_argument("--hourly", action="store_true", help="hourly points, kept 90 days (default: a point a minute, 7 days)")
+    add_usage_arguments(usage)
     drain = command("drain", "stop placing new work on a node", 'gpuctl drain node-b --reason "swap PSU"')
     drain.add_argument("node_id")
     drain.add_argument("--reason", default="", help="why, shown on the node")

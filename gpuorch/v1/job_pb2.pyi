@@ -251,7 +251,7 @@ class ArraySummary(_message.Message):
     def __init__(self, size: _Optional[int] = ..., pending: _Optional[int] = ..., running: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("attempt", "placement", "start_time", "end_time", "restart_reason", "end_reason", "working_dirs")
+    __slots__ = ("attempt", "placement", "start_time", "end_time", "restart_reason", "end_reason", "working_dirs", "usage")
     class WorkingDirsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class Attempt(_message.Message):
     RESTART_REASON_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIRS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     placement: Placement
     start_time: _timestamp_pb2.Timestamp
@@ -273,7 +274,18 @@ class Attempt(_message.Message):
     restart_reason: str
     end_reason: str
     working_dirs: _containers.ScalarMap[str, str]
-    def __init__(self, attempt: _Optional[int] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_reason: _Optional[str] = ..., end_reason: _Optional[str] = ..., working_dirs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    usage: AttemptUsage
+    def __init__(self, attempt: _Optional[int] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_reason: _Optional[str] = ..., end_reason: _Optional[str] = ..., working_dirs: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Union[AttemptUsage, _Mapping]] = ...) -> None: ...
+
+class AttemptUsage(_message.Message):
+    __slots__ = ("utilization_percent_seconds", "sampled_seconds", "peak_memory_bytes")
+    UTILIZATION_PERCENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    utilization_percent_seconds: float
+    sampled_seconds: float
+    peak_memory_bytes: int
+    def __init__(self, utilization_percent_seconds: _Optional[float] = ..., sampled_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeAssignment(_message.Message):
     __slots__ = ("node_id", "node_rank", "device_uuids", "first_rank", "device_indexes")
