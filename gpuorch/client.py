@@ -24,7 +24,7 @@ from gpuorch.durations import parse_duration
 from gpuorch.errors import GpuorchError
 from gpuorch.interactive import InteractiveCalls
 from gpuorch.v1 import cluster_pb2, job_pb2
-from gpuorch.wire_values import When, every_job, every_job_async, timestamp
+from gpuorch.wire_values import When, every_job, every_job_async, straggler_action, timestamp
 from gpuorch.wire_values import enum_values as _enum_values
 
 __all__ = [
@@ -45,10 +45,15 @@ def build_job_spec(
     requirements: Mapping[str, Any] | job_pb2.JobRequirements | None = None,
     env: Mapping[str, str] | None = None,
     time_limit: str | int | None = None,
+    on_straggler: str | int = "flag",
     **fields: Any,
 ) -> job_pb2.JobSpec:
     """A JobSpec from keyword arguments named like its fields. `time_limit` sets time_limit_seconds from
-    seconds or a duration such as "90m", "2h", "1h30m" or "01:30:00" (ValueError naming it otherwise)."""
+    seconds or a duration such as "90m", "2h", "1h30m" or "01:30:00" (ValueError naming it otherwise).
+    `on_straggler` is "flag" or "restart" (gpuctl's --on-straggler) or a StragglerAction; the rest of
+    --idle-timeout, --idle-exempt and --gpu-memory-fraction are idle_timeout_minutes=, idle_exempt=True and
+    gpu_memory_fraction=."""
+    fields["on_straggler"] = straggler_action(on_straggler)
     if time_limit is not None:
         fields["time_limit_seconds"] = time_limit if isinstance(time_limit, int) else parse_duration(time_limit)
     fields = array_fields(fields)  # array="0-99%8", after=["j-...:ok"] (gpuorch/array_api.py)

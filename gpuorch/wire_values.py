@@ -8,6 +8,8 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from gpuorch.v1 import job_pb2
+
 When = float | datetime.datetime | None
 """A time as the SDK takes it: wall seconds since the epoch, a datetime (naive = local time), or None (unbounded)."""
 
@@ -34,6 +36,22 @@ def enum_values(enum, prefix: str, names: Iterable[str | int]) -> list[Any]:
             )
             raise ValueError(f"unknown state {name!r}: use one of {known}") from None
     return values
+
+
+STRAGGLER_ACTIONS = {"flag": job_pb2.STRAGGLER_ACTION_UNSPECIFIED, "restart": job_pb2.STRAGGLER_ACTION_RESTART}
+"""--on-straggler's words and the StragglerAction each means: "flag" (the default) leaves it unset."""
+
+
+def straggler_action(action: str | int) -> Any:
+    """A StragglerAction from "flag" or "restart", an enum name, or its number; ValueError naming it otherwise."""
+    if isinstance(action, int):
+        return action
+    word = action.lower().removeprefix("straggler_action_")
+    if word in STRAGGLER_ACTIONS:
+        return STRAGGLER_ACTIONS[word]
+    if word == "unspecified":
+        return job_pb2.STRAGGLER_ACTION_UNSPECIFIED
+    raise ValueError(f"unknown on_straggler {action!r}: use 'flag' or 'restart'")
 
 
 def timestamp(when: When) -> timestamp_pb2.Timestamp | None:

@@ -17,6 +17,8 @@ import contextlib
 import datetime
 import json
 import math
+import numbers
+import operator
 import os
 import signal
 import threading
@@ -197,6 +199,8 @@ class _Progress:
     """Seconds spent inside compute() during the current window."""
     timed: bool = False
     """compute() was used in the current window: its time is the step time."""
+    scalars: dict[str, float] | None = None
+    """The scalars of the latest call that passed any: written with every report until newer ones come."""
 
 
 _progress = _Progress()
@@ -223,12 +227,25 @@ def _checked_scalars(scalars: Mapping[str, Any]) -> dict[str, float]:
     for name, value in scalars.items():
         if len(name) > MAX_SCALAR_NAME:
             raise ValueError(f"scalar name {name[:32]!r}... is longer than {MAX_SCALAR_NAME} characters")
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats and ints too
             raise TypeError(f"scalar {name!r} must be a number, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"scalar {name!r} must be finite, got {value}")
         checked[name] = float(value)
     return checked
+
+
+def _count(name: str, value: Any) -> int:
+    """A step or sample count as an int >= 0 (numpy's ints too); TypeError/ValueError naming it otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} (the write interval is min_interval_seconds=...)") from None
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count}")
+    return count
 
 
 def report_progress(step: int | None = None, samples: int | None = None, *, min_interval_seconds: float = 1.0,
@@ -237,28 +254,31 @@ def report_progress(step: int | None = None, samples: int | None = None, *, min_
     small file write per `min_interval_seconds` (GPUORCH_PROGRESS_FILE, which the agent reads for its heartbeats).
 
     `step`: the step reached (default: the number of calls); `samples`: samples this step processed (summed);
-    keyword scalars (e.g. loss=0.12, at most 16, numbers only): rank 0's are shown on the job. The step time is
+    keyword scalars (e.g. loss=0.12, at most 16, numbers only): rank 0's latest are shown on the job (a call without
+    any keeps the last ones). The step time is
     the time inside compute() when the rank uses it, else the wall time between calls. A job with a progress
     timeout is restarted (reason "hang") when no rank reported progress for that long; stragglers and
     throughput come from the step times. Outside gpuorch it does nothing."""
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        raise TypeError(f"step must be an int, got {step!r} (the write interval is min_interval_seconds=...)")
     path = os.environ.get("GPUORCH_PROGRESS_FILE")
     if not path:
         return
+    step = _count("step", step) if step is not None else None
+    samples = _count("samples", samples) if samples is not None else None
     checked = _checked_scalars(scalars) if scalars else {}
     now, state = time.monotonic(), _progress
     if not state.window_start:
         state.window_start = now
     state.step = step if step is not None else state.step + 1
     state.samples += samples or 0
+    if checked:
+        state.scalars = checked
     if state.last_write and now - state.last_write < min_interval_seconds:
         return
     steps = state.step - state.window_first_step
     spent = state.compute_seconds if state.timed else now - state.window_start
     document: dict[str, Any] = {"step": state.step, "samples": state.samples, "step_seconds": spent / steps if steps > 0 else 0.0}
-    if checked:
-        document["scalars"] = checked
+    if state.scalars:
+        document["scalars"] = state.scalars
     state.last_write, state.window_start, state.window_first_step = now, now, state.step
     state.compute_seconds, state.timed = 0.0, False
     # Rewritten in place (the agent made the file, the directory is the agent's): one small write, whose mtime is

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import types
+from fractions import Fraction
 
 import pytest
 
 from agent.ranks.progress import MAX_PROGRESS_BYTES, ProgressReader, parse_progress
+from agent.telemetry.simulated import SimulatedSource
 from coordinator.rules import job_rules
 from gpuorch import worker
 from gpuorch.cli.job_flags import telemetry_fields
 from gpuorch.cli.parser import build_parser
+from gpuorch.cli.views import format_job
+from gpuorch.client import build_job_spec
 from gpuorch.v1 import job_pb2
 
 
@@ -167,3 +173,98 @@ def test_gpuctl_flags_fill_the_spec():
     }  # fmt: skip
     plain = telemetry_fields(build_parser().parse_args(["run", "--", "bash"]))
     assert plain["on_straggler"] == job_pb2.STRAGGLER_ACTION_UNSPECIFIED and not plain["idle_exempt"]
+
+
+def test_the_latest_scalars_are_kept_until_newer_ones_and_counts_are_checked(progress_file):
+    worker.report_progress(samples=2, loss=2.0)
+    worker.report_progress(samples=2, min_interval_seconds=60)  # throttled
+    worker.report_progress(samples=2, min_interval_seconds=0)
+    assert json.loads(progress_file.read_text()) == {
+        "step": 3, "samples": 6, "step_seconds": pytest.approx(0, abs=0.05), "scalars": {"loss": 2.0},
+    }, "a call without scalars keeps the last ones"  # fmt: skip
+
+    class Int64:  # like numpy's integers: not an int, but an index
+        def __index__(self) -> int:
+            return 9
+
+    worker.report_progress(Int64(), samples=Int64(), accuracy=Fraction(1, 4), min_interval_seconds=0)
+    latest = json.loads(progress_file.read_text())
+    assert (latest["step"], latest["samples"], latest["scalars"]) == (9, 15, {"accuracy": 0.25})
+    with pytest.raises(TypeError, match="samples must be an int"):
+        worker.report_progress(samples=2.5)
+    with pytest.raises(ValueError, match="samples must be >= 0"):
+        worker.report_progress(samples=-1)
+    with pytest.raises(TypeError, match="scalar 'done' must be a number"):
+        worker.report_progress(done=True)
+    with pytest.raises(ValueError, match="longer than 64"):
+        worker.report_progress(**{"x" * 65: 1.0})
+
+
+def fake_torch(monkeypatch, cuda_available: bool = True) -> list:
+    """A torch with a CUDA that records what it is asked (there is no GPU here), installed as `torch`."""
+    calls: list = []
+    torch, cuda, distributed = types.ModuleType("torch"), types.ModuleType("torch.cuda"), types.ModuleType("torch.distributed")
+    cuda.is_available = lambda: cuda_available
+    cuda.set_device = lambda index: calls.append(("set_device", index))
+    cuda.set_per_process_memory_fraction = lambda fraction, index: calls.append(("fraction", fraction, index))
+    torch.cuda, torch.distributed = cuda, distributed
+    torch.device = lambda kind, index=None: f"{kind}:{index}" if index is not None else kind
+    distributed.init_process_group = lambda **options: calls.append(("init", options["backend"]))
+    distributed.get_rank, distributed.get_world_size = lambda: 0, lambda: 1
+    for name, module in (("torch", torch), ("torch.cuda", cuda), ("torch.distributed", distributed)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(worker, "_budgeted_devices", set())
+    return calls
+
+
+def test_binding_the_device_applies_the_memory_budget_once_per_process(monkeypatch):
+    calls = fake_torch(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("GPUORCH_GPU_MEMORY_FRACTION", "0.25")
+    assert worker.init_process_group("nccl") == (0, 1)
+    assert worker.device() == "cuda:1"
+    assert calls == [("set_device", 1), ("fraction", 0.25, 1), ("init", "nccl")], "applied once, when bound"
+    monkeypatch.delenv("GPUORCH_GPU_MEMORY_FRACTION")
+    calls.clear()
+    monkeypatch.setattr(worker, "_budgeted_devices", set())
+    worker.device()
+    assert calls == [] and worker.gpu_memory_fraction() is None, "no budget: the allocator is left alone"
+    fake_torch(monkeypatch, cuda_available=False)
+    monkeypatch.setenv("GPUORCH_GPU_MEMORY_FRACTION", "0.25")
+    assert worker.device() == "cpu"
+
+
+def test_the_sdk_takes_the_same_settings_as_the_flags():
+    spec = build_job_spec(["x"], on_straggler="restart", idle_timeout_minutes=45, idle_exempt=True, gpu_memory_fraction=0.8)
+    assert (spec.on_straggler, spec.idle_timeout_minutes, spec.idle_exempt, spec.gpu_memory_fraction) == (
+        job_pb2.STRAGGLER_ACTION_RESTART, 45.0, True, 0.8,
+    )  # fmt: skip
+    assert build_job_spec(["x"]).on_straggler == job_pb2.STRAGGLER_ACTION_UNSPECIFIED
+    assert build_job_spec(["x"], on_straggler="STRAGGLER_ACTION_RESTART").on_straggler == job_pb2.STRAGGLER_ACTION_RESTART
+    with pytest.raises(ValueError, match="unknown on_straggler 'retry'"):
+        build_job_spec(["x"], on_straggler="retry")
+
+
+def test_gpuctl_job_shows_the_settings_only_when_set():
+    plain = format_job(job_pb2.Job(job_id="j-1", spec=job_pb2.JobSpec(argv=["x"], gpus=1)))
+    assert "memory fraction" not in plain and "Telemetry:" not in plain
+    spec = job_pb2.JobSpec(argv=["x"], gpus=1, gpu_memory_fraction=0.5, on_straggler=job_pb2.STRAGGLER_ACTION_RESTART,
+                           idle_timeout_minutes=30, idle_exempt=True)  # fmt: skip
+    shown = format_job(job_pb2.Job(job_id="j-1", spec=spec))
+    assert "GPU memory fraction 0.5" in shown
+    assert "Telemetry:  restart on a straggler, never judged idle, cancelled after 30 min idle" in shown
+
+
+def test_simulated_utilisation_is_pinned_from_the_faults_file_and_the_api(tmp_path):
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"0": {"utilization": 0.0}, "1": {"utilization": 150}}))
+    source = SimulatedSource(3, node_id="n1", seed=1, faults_file=faults)
+    for _ in range(5):
+        idle, busy, _ = source.sample()
+        assert (idle.gpu_utilization_percent, busy.gpu_utilization_percent) == (0.0, 100.0), "pinned (and clamped to 100)"
+    assert {round(source.sample()[2].gpu_utilization_percent, 3) for _ in range(5)} != {0.0}, "an unpinned GPU wanders"
+    source.set_utilization(2, 90.0)
+    assert source.sample()[2].gpu_utilization_percent == 90.0
+    faults.write_text("{}")
+    os.utime(faults, ns=(faults.stat().st_mtime_ns + 10**9,) * 2)
+    assert any(source.sample()[0].gpu_utilization_percent for _ in range(20)), "unpinned once the file forgets it"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from gpuorch.v1 import job_pb2
+from gpuorch.wire_values import STRAGGLER_ACTIONS, straggler_action
 
 
 def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
     """What a job does about stragglers, idleness and GPU memory (gpuctl submit and run)."""
     parser.add_argument(
-        "--on-straggler", choices=("flag", "restart"), default="flag",
+        "--on-straggler", choices=tuple(STRAGGLER_ACTIONS), default="flag",
         help="a rank much slower than its peers: flag it on the job (default), or restart the attempt without its GPU",
     )  # fmt: skip
     parser.add_argument(
@@ -27,9 +27,7 @@ def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
 def telemetry_fields(args: argparse.Namespace) -> dict:
     """The JobSpec fields of add_telemetry_flags' flags."""
     return {
-        "on_straggler": job_pb2.STRAGGLER_ACTION_RESTART
-        if args.on_straggler == "restart"
-        else job_pb2.STRAGGLER_ACTION_UNSPECIFIED,
+        "on_straggler": straggler_action(args.on_straggler),
         "idle_timeout_minutes": args.idle_timeout,
         "idle_exempt": args.idle_exempt,
         "gpu_memory_fraction": args.gpu_memory_fraction,
