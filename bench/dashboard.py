@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpuorch
+from bench.heartbeat_coordinator import Coordinator
 from bench.heartbeat_load import Generators, log
-from bench.heartbeats import Coordinator
 from tests.harness import free_port
 
 PATHS = (("page_cluster", "/"), ("page_queue", "/queue"), ("api_nodes", "/api/v1/nodes"), ("api_jobs", "/api/v1/jobs"))

@@ -23,6 +23,7 @@ import uuid
 import grpc
 
 import gpuorch
+from bench.heartbeat_progress import ProgressAgent
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
 
@@ -136,10 +137,14 @@ class _Recorder:
         self.write_ms = array.array("f")
         self.skipped_slots = 0
         self.write_errors = 0
+        self.launches = 0
+        self.statuses_sent = 0
+        self.progress_in_window = 0
 
 
-async def _run_agent(agent, channel, rank_phase, interval, recorder, shared, slot, vary, register_gate, streams):
-    """One simulated agent: register, then heartbeat on its own fixed schedule until cancelled."""
+async def _run_agent(agent, channel, rank_phase, interval, recorder, shared, slot, vary, register_gate, streams, progress):
+    """One simulated agent: register, then heartbeat on its own fixed schedule until cancelled; with `progress`,
+    also run the job it is sent (bench/heartbeat_progress.py)."""
     registered, failed, lost, retries = shared["registered"], shared["failed"], shared["lost"], shared["retries"]
     stub_call = channel.stream_stream(
         "/gpuorch.v1.AgentService/Connect",
@@ -170,19 +175,30 @@ async def _run_agent(agent, channel, rank_phase, interval, recorder, shared, slo
     interval = first.register_ack.heartbeat_interval_seconds or interval
     registered[slot] += 1
 
+    message = build_heartbeat(agent)
+    heartbeat = message.heartbeat
+    job = ProgressAgent(heartbeat, seed=agent) if progress else None
+    write_lock = asyncio.Lock()  # with --progress both tasks write; one write at a time on a grpc.aio stream
+
     async def watch() -> None:
-        # The coordinator sends nothing else unless it ends the stream; a pending read is free.
+        # Without --progress the coordinator sends nothing else unless it ends the stream; a pending read is free.
         with contextlib.suppress(asyncio.CancelledError):
             try:
-                while await call.read() is not grpc.aio.EOF:
-                    pass
-            except grpc.RpcError:
+                while (received := await call.read()) is not grpc.aio.EOF:
+                    if job is None:
+                        continue
+                    answers = job.answer(received)
+                    if received.WhichOneof("payload") == "launch_task":
+                        recorder.launches += 1
+                    for answer in answers:
+                        async with write_lock:
+                            await call.write(answer)
+                        recorder.statuses_sent += 1
+            except (grpc.RpcError, asyncio.InvalidStateError):
                 pass
             lost[slot] += 1
 
     watcher = asyncio.create_task(watch())
-    message = build_heartbeat(agent)
-    heartbeat = message.heartbeat
     stamp = heartbeat.sent_time
     samples = list(heartbeat.devices)
     base_temperatures = [sample.temperature_celsius for sample in samples]
@@ -215,8 +231,13 @@ async def _run_agent(agent, channel, rank_phase, interval, recorder, shared, slo
                     sample.gpu_utilization_percent = 80.0 + (sequence % 20)
             now_ns = time_ns()
             stamp.seconds, stamp.nanos = divmod(now_ns, 1_000_000_000)
+            reports = job.advance(stamp.seconds, stamp.nanos) if job is not None else 0
             try:
-                await call.write(message)
+                if job is None:
+                    await call.write(message)
+                else:
+                    async with write_lock:
+                        await call.write(message)
             except (grpc.RpcError, asyncio.InvalidStateError):
                 recorder.write_errors += 1
                 return
@@ -224,6 +245,7 @@ async def _run_agent(agent, channel, rank_phase, interval, recorder, shared, slo
             sent_wall = now_ns / 1e9
             if window[0] <= sent_wall < window[1]:
                 recorder.sent_in_window += 1
+                recorder.progress_in_window += reports
                 recorder.late_ms.append(late * 1000)
                 recorder.write_ms.append((monotonic() - woke) * 1000)
             due += interval
@@ -263,6 +285,7 @@ async def _generator(config: dict, shared: dict) -> dict:
                         config["vary"],
                         register_gate,
                         streams,
+                        config["progress"],
                     )
                 )
             )
@@ -292,6 +315,9 @@ async def _generator(config: dict, shared: dict) -> dict:
         "write_ms": recorder.write_ms.tobytes(),
         "skipped_slots": recorder.skipped_slots,
         "write_errors": recorder.write_errors,
+        "launches": recorder.launches,
+        "statuses_sent": recorder.statuses_sent,
+        "progress_in_window": recorder.progress_in_window,
         "errors": errors,
     }
 
@@ -333,6 +359,7 @@ class Generators:
                 "agents_per_channel": args.agents_per_channel,
                 "register_concurrency": args.register_concurrency,
                 "vary": not args.static_telemetry,
+                "progress": getattr(args, "progress", False),
             }
             self.processes.append(
                 self.context.Process(

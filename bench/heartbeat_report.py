@@ -203,6 +203,9 @@ def summarize(agents, duration, warmup, window_s, registration_s, samples, befor
             "write_p99_ms": round(quantile(writes, 0.99), 3),
             "skipped_slots": sum(r.get("skipped_slots", 0) for r in results),
             "write_errors": sum(r.get("write_errors", 0) for r in results),
+            "launches_answered": sum(r.get("launches", 0) for r in results),
+            "task_statuses_sent": sum(r.get("statuses_sent", 0) for r in results),
+            "progress_reports_in_window": sum(r.get("progress_in_window", 0) for r in results),
             "errors": [e for r in results for e in r.get("errors", [])][:5] + fatal,
         },
         "machine_cpu_s": {

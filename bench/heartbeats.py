@@ -3,6 +3,7 @@
     python bench/heartbeats.py                        # 2000 agents (16,000 GPUs), 60 s steady window
     python bench/heartbeats.py --agents 4000 --duration 30
     python bench/heartbeats.py --find-max             # step the agent count up until the coordinator falls behind
+    python bench/heartbeats.py --agents 2000 --duration 30 --progress   # every agent runs an 8-rank job
 
 What runs:
 
@@ -30,6 +31,16 @@ What runs:
   per connection instead. Channel options are the real agent's (agent.agent.CHANNEL_OPTIONS,
   incl. 5 s keepalive pings).
 
+--progress (bench/heartbeat_progress.py): every simulated agent runs one 8-rank job, so every heartbeat
+also carries step telemetry for 8 ranks. Before the agents start the bench submits one job of 8 GPUs
+on one node (gpus=8, gpus_per_node=8, argv ["true"]) per agent; each agent answers the LaunchTask
+it is sent with a TaskStatus RUNNING per rank (never executing anything), and from then on every
+heartbeat carries 8 RankProgress with the launch's job id and attempt: step +1 per heartbeat, samples
++32 per step, step_seconds 0.9-1.1 s, last_progress_time = the send time, scalars {"loss", "lr"} on
+rank 0. The warm-up starts once the coordinator reports every job RUNNING; after the window a few jobs'
+telemetry (GetJob) is read back into "progress_check" to show it was ingested. Without --progress
+no job is submitted (the baseline); mode says which ("steady" or "steady-progress").
+
 What is measured, over a steady window that starts --warmup seconds after the last agent
 registered:
 
@@ -55,7 +66,8 @@ coordinator per step), retries a failed step once, then bisects below the first 
 that was not sustained.
 
 The load generator is bench/heartbeat_load.py; what is measured and how a step is judged,
-bench/heartbeat_report.py; this file starts the coordinator, runs the steps and prints the result.
+bench/heartbeat_report.py; the coordinator process, bench/heartbeat_coordinator.py; this file starts
+them, runs the steps and prints the result.
 
 Prints exactly one JSON object on stdout at the end; progress goes to stderr. Every
 process it starts is stopped at the end, on errors and on Ctrl-C/SIGTERM (and, should
@@ -71,8 +83,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,7 +94,9 @@ if str(REPO) not in sys.path:
 
 import grpc  # noqa: E402
 
-from bench.heartbeat_load import DEVICES_PER_AGENT, Generators, die_with_parent, log, raise_fd_limit  # noqa: E402
+from bench.heartbeat_coordinator import Coordinator  # noqa: E402
+from bench.heartbeat_load import DEVICES_PER_AGENT, Generators, log, raise_fd_limit  # noqa: E402
+from bench.heartbeat_progress import progress_check, submit_jobs, wait_running  # noqa: E402
 from bench.heartbeat_report import (  # noqa: E402
     COORDINATOR_STATS_WINDOW,
     GENERATOR_TOLERANCE,
@@ -99,100 +111,9 @@ from bench.heartbeat_report import (  # noqa: E402
     step_line,
     summarize,
 )
-from gpuorch.v1 import cluster_pb2, cluster_pb2_grpc  # noqa: E402
 
 STATUS_TIMEOUT = 30.0
 FIND_MAX_LADDER = (500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 14000, 16000)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Coordinator:
-    def __init__(self, workdir: Path, interval: float) -> None:
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=workdir))
-        self.log_path = workdir / f"coordinator-{self.port}.log"
-        executable = shutil.which("gpuorch-coordinator") or str(Path(sys.executable).parent / "gpuorch-coordinator")
-        if Path(executable).exists():
-            argv = [executable]
-        else:
-            argv = [sys.executable, "-m", "coordinator.main"]
-        self.argv = [
-            *argv,
-            "--listen",
-            self.target,
-            "--state-dir",
-            str(self.state_dir),
-            "--log-level",
-            "warning",
-            "--heartbeat-interval",
-            str(interval),
-        ]
-        self.process: subprocess.Popen | None = None
-        self.channel: grpc.Channel | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - the coordinator writes it until stop() closes it
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C on the terminal reaches only the bench, which stops us in order
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, and no thread of ours holds a lock then
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.channel = grpc.insecure_channel(self.target)
-        self.stub = cluster_pb2_grpc.ClusterServiceStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"coordinator exited with {self.process.returncode} at start:\n{self.log_tail()}")
-            try:
-                self.status(timeout=1.0)
-                return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"coordinator not serving after {timeout}s:\n{self.log_tail()}") from None
-                time.sleep(0.1)
-
-    def status(self, timeout: float = 10.0) -> cluster_pb2.ClusterStatus:
-        return self.stub.GetClusterStatus(cluster_pb2.GetClusterStatusRequest(), timeout=timeout).status
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def log_lines(self) -> int:
-        try:
-            return len(self.log_path.read_text(errors="replace").splitlines())
-        except OSError:
-            return 0
-
-    def stop(self) -> int | None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                log("coordinator did not stop within 15 s of SIGTERM; killing it")
-                self.process.kill()
-                self.process.wait(10)
-        self.log_file.close()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        return self.process.returncode
 
 
 def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -> dict:
@@ -206,6 +127,9 @@ def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -
         coordinator.start()
         pid = coordinator.process.pid
         log(f"[{agents} agents] coordinator pid {pid} on {coordinator.target}; starting {args.procs} generator process(es)")
+        if args.progress:  # one 8-rank job per agent, queued before the agents come
+            submitted, job_ids = submit_jobs(coordinator, agents, log)
+            step.update(submitted)
         generators = Generators(coordinator.target, agents, args.procs, args)
         cleanup.append(generators.stop)
         started = time.monotonic()
@@ -232,6 +156,8 @@ def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -
         warmup = max(args.warmup, COORDINATOR_STATS_WINDOW - duration)
         step["warmup_s"] = warmup
         log(f"[{agents} agents] all registered in {registration_s:.1f}s; warm-up {warmup:.0f}s, then {duration:.0f}s measured")
+        if args.progress:  # all RUNNING before the warm-up starts
+            step.update(wait_running(coordinator, agents, log, timeout=120 + agents / 10))
         start_wall = time.time() + warmup
         end_wall = start_wall + duration
         generators.set_window(start_wall, end_wall)
@@ -263,6 +189,8 @@ def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -
         coordinator_fds = open_fds(pid)
         loadavg_end = os.getloadavg()
         lost = generators.lost()
+        if args.progress:
+            step["progress_check"] = progress_check(coordinator, job_ids)
         results = generators.stop()
         cleanup.remove(generators.stop)
         generators = None
@@ -375,6 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--static-telemetry", action="store_true", help="send identical telemetry (skips the coordinator's health re-check)"
     )
+    parser.add_argument(
+        "--progress", action="store_true", help="every agent runs one 8-rank job; each heartbeat carries 8 RankProgress"
+    )
     args = parser.parse_args(argv)
     if args.agents < 1 or args.procs < 1 or args.agents_per_channel < 1 or args.interval <= 0:
         parser.error("--agents, --procs and --agents-per-channel must be >= 1 and --interval > 0")
@@ -424,12 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             step = run_step(args.agents, args.duration, args, workdir, cleanup)
             log(step_line(step))
-            result = {"benchmark": "heartbeats", "mode": "steady", **step, "max_sustained_agents": None}
+            mode = "steady-progress" if args.progress else "steady"
+            result = {"benchmark": "heartbeats", "mode": mode, **step, "max_sustained_agents": None}
         result.update(
             {
                 "devices_per_agent": DEVICES_PER_AGENT,
                 "heartbeat_interval_s": args.interval,
                 "telemetry_varies": not args.static_telemetry,
+                "progress": args.progress,
+                "progress_per_heartbeat": DEVICES_PER_AGENT if args.progress else 0,
                 "sample_every_s": args.sample_every,
                 "wall_s": round(time.time() - started, 1),
                 "machine": machine_info(),
