@@ -58,7 +58,8 @@ class Coordinator:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C on the terminal reaches only the bench, which stops us in order
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, and no thread of ours holds a lock then
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # --progress queues a job per agent before any registers: no cap on one owner's pending jobs.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "GPUORCH_MAX_PENDING_JOBS_PER_USER": "0"},
         )
         self.channel = grpc.insecure_channel(self.target)
         self.stub = cluster_pb2_grpc.ClusterServiceStub(self.channel)
