@@ -166,6 +166,28 @@ async def test_start_estimates_run_at_most_every_interval():
     assert not Estimates(interval_seconds=0).forecast_due(clock.monotonic())
 
 
+async def test_a_forecast_with_no_job_waiting_takes_no_snapshot_of_the_nodes_and_clears_the_old_estimates():
+    clock = FakeClock()
+    manager = manager_with(MemoryJobStore(), clock)
+    await manager.start()
+    blocker = await manager.submit(spec(estimate=600))
+    assert await manager.schedule_pass() == [blocker]
+    queued = await manager.submit(spec(name="next", estimate=60))
+    estimates, loop = manager.scheduling.estimates, manager.scheduling
+    assert queued in estimates.forecast(loop, clock.monotonic()).starts
+    snapshots = []
+    node_views = loop.node_views
+    loop.node_views = lambda: snapshots.append(1) or node_views()  # type: ignore[method-assign]
+    assert (await manager.cancel(queued)).state == job_pb2.JOB_STATE_CANCELLED
+    # The snapshot of every node is what stalls a large cluster's event loop; with nothing pending it is skipped.
+    forecast = estimates.forecast(loop, clock.monotonic())
+    assert (forecast.starts, forecast.steps, snapshots) == ({}, 0, [])
+    assert not manager.get(queued).job.HasField("estimated_start_time")
+    await manager.submit(spec(name="later", estimate=60))
+    estimates.forecast(loop, clock.monotonic())
+    assert snapshots == [1]
+
+
 async def test_an_estimate_stored_before_a_restart_is_cleared_by_the_first_forecast():
     clock, store = FakeClock(), MemoryJobStore()
     first = manager_with(store, clock)

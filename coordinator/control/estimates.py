@@ -178,13 +178,15 @@ class Estimates:
         """The forecast over a snapshot of the live state: the ready pending jobs, the nodes, the running jobs."""
         manager = loop.manager
         wall = manager.clock.wall()
-        views = loop.node_views()
         pending = [
             loop.request(entry)
             for job_id, entry in manager.pending.items()
             if manager.backoffs.get(job_id, 0.0) <= wall and job_reasons.waiting_for_previous(entry) is None
         ]
-        running = loop.running_jobs()
+        # With no job waiting there is nothing to forecast: the snapshot of every node and running job would
+        # cost a large cluster's event loop a stall (0.3-0.5 s at 2,000 nodes) every interval for nothing.
+        views = loop.node_views() if pending else []
+        running = loop.running_jobs() if pending else []
         return forecast_steps(views, pending, running, loop.config, now=wall, max_steps=self.max_steps,
                               max_jobs=self.max_jobs, resolution_seconds=self.resolution_seconds)  # fmt: skip
 
