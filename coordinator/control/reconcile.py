@@ -75,7 +75,8 @@ def reconcile(manager: JobManager, node_id: str, register: agent_pb2.Register) -
             manager.scheduling.wake.set()
     for entry in list(manager.jobs.values()):
         for attempt in list(entry.attempts.values()):
-            if attempt.node_sessions.get(node_id, 0) >= registration > 0:
+            # Every registration walks every job: the test of the node comes first (a cluster's jobs are mostly elsewhere).
+            if not attempt.places_on(node_id) or attempt.node_sessions.get(node_id, 0) >= registration > 0:
                 continue
             unlisted = [rank for rank in attempt.ranks_on(node_id) if (entry.job.job_id, attempt.attempt, rank) not in reported]
             if (

@@ -106,6 +106,10 @@ class Attempt:
         where = self._ranks.get(rank)
         return where[1] if where is not None else None
 
+    def places_on(self, node_id: str) -> bool:
+        """Whether the placement has the node (a cheap test before ranks_on, which walks every rank)."""
+        return node_id in self._nodes
+
     def ranks_on(self, node_id: str) -> list[int]:
         return [rank for rank, (node, _) in self._ranks.items() if node == node_id]
 
