@@ -147,10 +147,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     raise StreamEnded(None, "stream ended by the agent")
                 kind = message.WhichOneof("payload")
                 if kind == "heartbeat":
-                    self.cluster.heartbeat(session, message.heartbeat)
-                    for progress in message.heartbeat.progress:
-                        for on_progress in self.on_progress:
-                            on_progress(session.node_id, progress)
+                    heartbeat = message.heartbeat
+                    self.cluster.heartbeat(session, heartbeat)
+                    if heartbeat.progress:
+                        node_id, handlers = session.node_id, self.on_progress
+                        for progress in heartbeat.progress:
+                            for on_progress in handlers:
+                                on_progress(node_id, progress)
                 elif kind == "task_status":
                     self.cluster.touch(session)
                     for on_task_status in self.on_task_status:

@@ -13,13 +13,16 @@ from collections.abc import Iterator
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
-from coordinator.model.job_telemetry import AttemptTelemetry
+from coordinator.model.job_telemetry import AttemptTelemetry, stamp_wall
 from coordinator.model.jobs import AttemptState, JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED
 from coordinator.rules import job_telemetry, usage_report
 from coordinator.rules.job_telemetry import TelemetryConfig
 from coordinator.rules.liveness import Liveness
 from gpuorch.v1 import agent_pb2, job_pb2
+
+NO_SCALARS: dict[str, float] = {}
+"""The scalars passed for a rank other than 0 (rank_progress keeps rank 0's only); never written."""
 
 
 class JobTelemetry:
@@ -34,17 +37,19 @@ class JobTelemetry:
         """Job id -> its current attempt's telemetry."""
 
     def on_progress(self, node_id: str, progress: agent_pb2.RankProgress) -> None:
-        state = self.attempts.get(progress.job_id)
-        if state is None or state.attempt != progress.attempt:
-            entry = self.manager.running.get(progress.job_id)
-            if entry is None or entry.job.attempt != progress.attempt or not progress.step:
+        # Runs for every rank in every heartbeat: each message field is read once (a read is not free).
+        job_id, attempt, step = progress.job_id, progress.attempt, progress.step
+        state = self.attempts.get(job_id)
+        if state is None or state.attempt != attempt:
+            entry = self.manager.running.get(job_id)
+            if entry is None or entry.job.attempt != attempt or not step:
                 return
             state = self._start(entry)
-        if progress.step > (steps.step if (steps := state.ranks.get(progress.rank)) is not None else 0):
-            wall = progress.last_progress_time.ToNanoseconds() / 1e9
-            job_telemetry.rank_progress(
-                state, progress.rank, progress.step, progress.samples, progress.step_seconds, wall, progress.scalars
-            )
+        rank = progress.rank
+        if step > (steps.step if (steps := state.ranks.get(rank)) is not None else 0):
+            wall = stamp_wall(progress.last_progress_time)
+            scalars = progress.scalars if rank == 0 else NO_SCALARS  # only rank 0's are kept
+            job_telemetry.rank_progress(state, rank, step, progress.samples, progress.step_seconds, wall, scalars)
 
     def _start(self, entry: JobEntry) -> AttemptTelemetry:
         """A new attempt's telemetry; the job's figures of the attempt before are cleared (not its stragglers)."""

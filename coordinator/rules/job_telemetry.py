@@ -73,14 +73,14 @@ def rank_progress(
     steps = state.ranks.get(rank)
     if steps is None:
         steps = state.ranks[rank] = RankSteps()
-    if step <= steps.step:
+    before, reported = steps.step, steps.reported_wall
+    if step <= before:
         return False
-    elapsed = wall - steps.reported_wall
-    if steps.reported_wall and elapsed > 0:
-        steps.steps_per_second = (step - steps.step) / elapsed
+    if reported and (elapsed := wall - reported) > 0:
+        steps.steps_per_second = (step - before) / elapsed
         steps.samples_per_second = max(0, samples - steps.samples) / elapsed
     if step_seconds > 0:
-        state.histogram.observe(step_seconds, step - steps.step)
+        state.histogram.observe(step_seconds, step - before)
         steps.step_seconds = step_seconds
     steps.step, steps.samples, steps.reported_wall = step, samples, wall
     if rank == 0 and scalars:
