@@ -134,7 +134,8 @@ def run_step(agents: int, duration: float, args, workdir: Path, cleanup: list) -
         cleanup.append(generators.stop)
         started = time.monotonic()
         generators.start()
-        registration_timeout = 60 + agents / 50
+        # With --progress every registering node wakes a scheduling pass over the queued jobs: slower to fill.
+        registration_timeout = 60 + agents / (10 if args.progress else 50)
         last_report = 0.0
         while generators.registered() < agents:
             if generators.dead():
