@@ -272,6 +272,7 @@ class NodeSessions:
             if output in done:  # everything the process wrote is sent; the shim records its end
                 await shim_done
                 await _end(call, ended_from_exit_file(read_exit_file(Path(exit_path)), "the command's exit status is unknown"))
+                await _let_the_stream_end(reader)
         finally:
             reader.cancel()
             output.cancel()
@@ -346,17 +347,27 @@ async def _input(call, write_input, resize, end_input, send_signal) -> None:
             send_signal(message.signal)
 
 
-async def _until_first(*coroutines) -> None:
-    """Runs the coroutines until one returns (or raises), then cancels the others."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+async def _until_first(output, reader) -> None:
+    """Runs a session's output and its input reader until one returns (or raises), then stops the other."""
+    output_task, reader_task = asyncio.ensure_future(output), asyncio.ensure_future(reader)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
+        done, _ = await asyncio.wait([output_task, reader_task], return_when=asyncio.FIRST_COMPLETED)
+        if output_task in done:
+            output_task.result()
+            await _let_the_stream_end(reader_task)
+        else:
+            reader_task.result()
     finally:
-        for task in tasks:
+        for task in (output_task, reader_task):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(output_task, reader_task, return_exceptions=True)
+
+
+async def _let_the_stream_end(reader: asyncio.Future) -> None:
+    """Once the last message is written, waits (at most FLUSH_SECONDS) for the coordinator to end the stream, which
+    ends the input reader. Cancelling the reader at once would lose that message: cancelling a grpc.aio call's read
+    cancels the whole call, messages the coordinator has not read yet included."""
+    await asyncio.wait([reader], timeout=FLUSH_SECONDS)
 
 
 async def _wait_child(pid: int) -> None:

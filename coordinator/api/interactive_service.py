@@ -28,6 +28,8 @@ log = structlog.get_logger("coordinator.interactive")
 
 NODE_ANSWER_SECONDS = 45.0
 """How long a session waits for the node's agent to connect it back (an attach waits there for a starting rank)."""
+NODE_FLUSH_SECONDS = 5.0
+"""How long the relay still reads a node's stream that failed a write, for the messages the node sent before."""
 MAX_EXEC_ARGV_BYTES = 128 * 1024
 
 Kind = interactive_pb2.SessionKind
@@ -157,18 +159,28 @@ class InteractiveService(interactive_pb2_grpc.InteractiveServiceServicer):
                 if message.output.WhichOneof("payload") == "ended":
                     return
 
-        tasks = [asyncio.ensure_future(client_to_node()), asyncio.ensure_future(node_to_client())]
+        to_node, to_client = asyncio.ensure_future(client_to_node()), asyncio.ensure_future(node_to_client())
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([to_node, to_client], return_when=asyncio.FIRST_COMPLETED)
+            if to_client not in done and _failure(to_node) is not None and not isinstance(_failure(to_node), MalformedRequest):
+                # A write to the node failed: its stream is over. What it sent before (its `ended`, often) is still
+                # read and relayed, and then the client hears the end; cancelling now would end the client's call
+                # without `ended`, and gpuctl would report a lost connection.
+                await asyncio.wait([to_client], timeout=NODE_FLUSH_SECONDS)
         finally:
-            for task in tasks:
+            for task in (to_node, to_client):
                 task.cancel()
-            await asyncio.gather(*tasks, *writing, return_exceptions=True)
+            await asyncio.gather(to_node, to_client, *writing, return_exceptions=True)
         for task in done:
-            failure = task.exception()
+            failure = _failure(task)
             if isinstance(failure, MalformedRequest):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
             # A broken stream on either side ends the session; the other side's end says so or is gone.
+
+
+def _failure(task: asyncio.Future) -> BaseException | None:
+    """A finished relay task's exception (None when it returned or was cancelled)."""
+    return None if task.cancelled() else task.exception()
 
 
 class SessionRelayService(interactive_pb2_grpc.SessionRelayServiceServicer):
