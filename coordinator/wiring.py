@@ -211,7 +211,6 @@ class Coordinator:
         self.agents.on_register.append(self.jobs.on_register)
         self.agents.on_task_status.append(self.jobs.on_task_status)
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
-        self.agents.on_progress.append(self.jobs.on_progress)
         self.job_telemetry = JobTelemetry(self.jobs, self.cluster, settings.telemetry_config(), settings.straggler_window_seconds)
         self.agents.on_progress.append(self.job_telemetry.on_progress)
         self.agents.on_register.append(lambda node_id, register: self.garbage.registered())

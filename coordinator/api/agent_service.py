@@ -11,7 +11,7 @@ parsed AgentMessages and raises MalformedRequest for a frame that is not one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import structlog
@@ -46,7 +46,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.on_register: list[Callable[[str, agent_pb2.Register], None]] = []
         self.on_task_status: list[TaskStatusHandler] = []
         self.on_log_chunk: list[Callable[[str, agent_pb2.LogChunk], None]] = []
-        self.on_progress: list[Callable[[str, agent_pb2.RankProgress], None]] = []
+        self.on_progress: list[Callable[[str, Sequence[agent_pb2.RankProgress]], None]] = []
+        """Called once per heartbeat with its rank reports (node id, reports), not once per report."""
         self.identity_problem: Callable[[str, list[str]], str | None] = lambda node_id, names: None
         """(node id, names in the peer's verified certificate) -> why it may not register as that node, or None."""
         self.owners_authenticated = False
@@ -149,11 +150,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if kind == "heartbeat":
                     heartbeat = message.heartbeat
                     self.cluster.heartbeat(session, heartbeat)
-                    if heartbeat.progress:
-                        node_id, handlers = session.node_id, self.on_progress
-                        for progress in heartbeat.progress:
-                            for on_progress in handlers:
-                                on_progress(node_id, progress)
+                    if reports := heartbeat.progress:
+                        for on_progress in self.on_progress:
+                            on_progress(session.node_id, reports)
                 elif kind == "task_status":
                     self.cluster.touch(session)
                     for on_task_status in self.on_task_status:

@@ -356,12 +356,6 @@ class JobManager:
         """Reconciles what a (re-)registered agent runs with what the coordinator expects (control/reconcile.py)."""
         reconcile.reconcile(self, node_id, register)
 
-    def on_progress(self, node_id: str, progress: agent_pb2.RankProgress) -> None:
-        entry = self.jobs.get(progress.job_id)
-        attempt = entry.attempts.get(progress.attempt) if entry is not None else None
-        if attempt is not None:
-            attempt.last_progress_wall = max(attempt.last_progress_wall, progress.last_progress_time.ToNanoseconds() / 1e9)
-
     def on_task_status(self, node_id: str, status: agent_pb2.TaskStatus) -> None:
         allocations = self.cluster.allocations
         ended = status.state != agent_pb2.TASK_STATE_RUNNING

@@ -1,20 +1,21 @@
 """Keeps each running attempt's step telemetry from the agents' heartbeats and, every window, applies the
 decisions of coordinator/rules/job_telemetry.py (stragglers, idleness) through the job manager.
 
-A heartbeat's progress reports cost a dict lookup and a comparison each unless the rank reached a later
-step (at most once a second per rank: gpuorch.worker writes no more often), so the heartbeat path stays
-cheap with every rank reporting.
+It also keeps each attempt's progress stamp, which hang detection reads: one pass over a heartbeat's reports
+serves both. A report costs a stamp conversion and a comparison unless the rank reached a later step (at
+most once a second per rank: gpuorch.worker writes no more often), so the heartbeat path stays cheap with
+every rank reporting.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
 from coordinator.model.job_telemetry import AttemptTelemetry, stamp_wall
-from coordinator.model.jobs import AttemptState, JobEntry
+from coordinator.model.jobs import Attempt, AttemptState, JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED
 from coordinator.rules import job_telemetry, usage_report
 from coordinator.rules.job_telemetry import TelemetryConfig
@@ -36,20 +37,40 @@ class JobTelemetry:
         self.attempts: dict[str, AttemptTelemetry] = {}
         """Job id -> its current attempt's telemetry."""
 
-    def on_progress(self, node_id: str, progress: agent_pb2.RankProgress) -> None:
-        # Runs for every rank in every heartbeat: each message field is read once (a read is not free).
-        job_id, attempt, step = progress.job_id, progress.attempt, progress.step
-        state = self.attempts.get(job_id)
-        if state is None or state.attempt != attempt:
-            entry = self.manager.running.get(job_id)
-            if entry is None or entry.job.attempt != attempt or not step:
-                return
-            state = self._start(entry)
-        rank = progress.rank
-        if step > (steps.step if (steps := state.ranks.get(rank)) is not None else 0):
+    def on_progress(self, node_id: str, reports: Sequence[agent_pb2.RankProgress]) -> None:
+        """One heartbeat's rank reports: each attempt's progress stamp (hang detection) and, for a running
+        attempt, its step telemetry. This runs for every rank in every heartbeat, so a heartbeat's reports (all
+        of one attempt, usually) cost one lookup of the job and attempt per run of reports of the same attempt,
+        one stamp conversion and one read of each field per report."""
+        jobs, running, attempts = self.manager.jobs, self.manager.running, self.attempts
+        key: tuple[str, int] | None = None
+        record: Attempt | None = None
+        state: AttemptTelemetry | None = None
+        startable: JobEntry | None = None
+        for progress in reports:
+            job_id, attempt, step = progress.job_id, progress.attempt, progress.step
+            if key != (job_id, attempt):
+                key = (job_id, attempt)
+                entry = jobs.get(job_id)
+                record = entry.attempts.get(attempt) if entry is not None else None
+                state = attempts.get(job_id)
+                if state is not None and state.attempt != attempt:
+                    state = None
+                live = running.get(job_id)
+                startable = live if live is not None and live.job.attempt == attempt else None
+            if record is None:
+                continue
             wall = stamp_wall(progress.last_progress_time)
-            scalars = progress.scalars if rank == 0 else NO_SCALARS  # only rank 0's are kept
-            job_telemetry.rank_progress(state, rank, step, progress.samples, progress.step_seconds, wall, scalars)
+            if wall > record.last_progress_wall:
+                record.last_progress_wall = wall
+            if state is None:
+                if startable is None or not step:
+                    continue
+                state = self._start(startable)
+            rank = progress.rank
+            if step > (steps.step if (steps := state.ranks.get(rank)) is not None else 0):
+                scalars = progress.scalars if rank == 0 else NO_SCALARS  # only rank 0's are kept
+                job_telemetry.rank_progress(state, rank, step, progress.samples, progress.step_seconds, wall, scalars)
 
     def _start(self, entry: JobEntry) -> AttemptTelemetry:
         """A new attempt's telemetry; the job's figures of the attempt before are cleared (not its stragglers)."""
