@@ -213,6 +213,7 @@ class Coordinator:
         self.agents.on_log_chunk.append(self.jobs.on_log_chunk)
         self.job_telemetry = JobTelemetry(self.jobs, self.cluster, settings.telemetry_config(), settings.straggler_window_seconds)
         self.agents.on_progress.append(self.job_telemetry.on_progress)
+        self.jobs.take_in_progress = self.job_telemetry.take_in
         self.agents.on_register.append(lambda node_id, register: self.garbage.registered())
         interceptors = [*(self.metrics.interceptors() if self.metrics is not None else ()), StandbyInterceptor(self._refusal)]
         self.server = grpc.aio.server(

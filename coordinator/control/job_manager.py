@@ -121,6 +121,7 @@ class JobManager:
         self.by_request_id: dict[tuple[str, str], JobEntry] = {}  # (owner, client_request_id) -> the job it made, per user
         self.watchers: dict[str, set[asyncio.Queue[job_pb2.Job]]] = {}
         self.expected_nodes: dict[str, float] = {}  # after a coordinator restart: node id -> when it must re-register
+        self.take_in_progress: Callable[[], None] = lambda: None  # JobTelemetry.take_in: progress stamps kept, not read
         self._sequence = itertools.count(1)
         self.links = NodeLinks(cluster)
         config, rng = config or scheduler.SchedulerConfig(), rng or random.Random()
@@ -391,4 +392,6 @@ class JobManager:
         self.apply(job_machine.node_lost(self.jobs.values(), node_id, reason, self.now(), self.cluster.allocations, self.machine))
 
     def detect_hangs(self) -> None:
-        self.apply(job_machine.detect_hangs(self.running.values(), self.now(), self.machine))
+        if job_machine.hung(self.running.values(), self.now()):  # mostly none: one look, not two
+            self.take_in_progress()  # the heartbeats' progress is read lazily: the stamps must be fresh first
+            self.apply(job_machine.detect_hangs(self.running.values(), self.now(), self.machine))

@@ -1,15 +1,20 @@
 """Keeps each running attempt's step telemetry from the agents' heartbeats and, every window, applies the
 decisions of coordinator/rules/job_telemetry.py (stragglers, idleness) through the job manager.
 
-It also keeps each attempt's progress stamp, which hang detection reads: one pass over a heartbeat's reports
-serves both. A report costs a stamp conversion and a comparison unless the rank reached a later step (at
-most once a second per rank: gpuorch.worker writes no more often), so the heartbeat path stays cheap with
-every rank reporting.
+It also keeps each attempt's progress stamp, which hang detection reads: one pass over the reports serves
+both. A heartbeat's reports are not read when it comes, only kept (the node's latest replaces the one
+before), and taken in once per window, a slice of nodes at a time, and whenever an attempt looks hung. A
+rank's report repeats its latest step until the rank writes its next, and steps and stamps only grow, so
+the latest report of each node says what all of that window's did: the rates are taken over the window,
+and the step-time histogram counts each step, at the step time last reported. With every rank of 2,000
+nodes reporting, reading every report of every heartbeat cost the coordinator as much again as the
+heartbeats themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 from coordinator.control.cluster_view import ClusterView
@@ -22,6 +27,9 @@ from coordinator.rules.job_telemetry import TelemetryConfig
 from coordinator.rules.liveness import Liveness
 from gpuorch.v1 import agent_pb2, job_pb2
 
+TAKE_IN_SLICE_NODES = 200
+"""Nodes whose kept reports are taken in between two yields to the event loop (a window's take-in at 2,000 nodes
+of 8 ranks would otherwise hold the loop for a tenth of a second or more)."""
 NO_SCALARS: dict[str, float] = {}
 """The scalars passed for a rank other than 0 (rank_progress keeps rank 0's only); never written."""
 
@@ -36,12 +44,38 @@ class JobTelemetry:
         self.window_seconds = window_seconds
         self.attempts: dict[str, AttemptTelemetry] = {}
         """Job id -> its current attempt's telemetry."""
+        self.unread: dict[str, Sequence[agent_pb2.RankProgress]] = {}
+        """Node id -> the rank reports of its latest heartbeat, not taken in yet."""
+        self._backlog: deque[Sequence[agent_pb2.RankProgress]] = deque()
+        """Reports a take-in in slices has yet to reach (any take-in finishes them first)."""
 
     def on_progress(self, node_id: str, reports: Sequence[agent_pb2.RankProgress]) -> None:
+        """A heartbeat's rank reports: kept until they are taken in (a node's latest replaces those before)."""
+        self.unread[node_id] = reports
+
+    def take_in(self) -> None:
+        """Takes in every node's kept reports now (before a hang is judged)."""
+        self._backlog.extend(self.unread.values())
+        self.unread = {}
+        while self._backlog:
+            self._take_in(self._backlog.popleft())
+
+    async def take_in_unhurried(self) -> None:
+        """take_in, yielding to the event loop between slices of nodes. Reports that come meanwhile are kept for the
+        next take-in; one taken in after a later one changes nothing (steps and stamps only grow)."""
+        self._backlog.extend(self.unread.values())
+        self.unread = {}
+        while self._backlog:
+            for _ in range(min(TAKE_IN_SLICE_NODES, len(self._backlog))):
+                self._take_in(self._backlog.popleft())
+            if self._backlog:
+                await asyncio.sleep(0)
+
+    def _take_in(self, reports: Sequence[agent_pb2.RankProgress]) -> None:
         """One heartbeat's rank reports: each attempt's progress stamp (hang detection) and, for a running
-        attempt, its step telemetry. This runs for every rank in every heartbeat, so a heartbeat's reports (all
-        of one attempt, usually) cost one lookup of the job and attempt per run of reports of the same attempt,
-        one stamp conversion and one read of each field per report."""
+        attempt, its step telemetry. A heartbeat's reports (all of one attempt, usually) cost one lookup of the
+        job and attempt per run of reports of the same attempt, one stamp conversion and one read of each field
+        per report."""
         jobs, running, attempts = self.manager.jobs, self.manager.running, self.attempts
         key: tuple[str, int] | None = None
         record: Attempt | None = None
@@ -134,4 +168,5 @@ class JobTelemetry:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.window_seconds)
+            await self.take_in_unhurried()
             self.window()

@@ -374,14 +374,23 @@ def device_unhealthy(entry: JobEntry, node_id: str, uuid: str, why: str, now: No
     return attempt_failed(entry, FailureCode("gpu_unhealthy", (uuid,)), description, now, config)
 
 
-def detect_hangs(entries: Iterable[JobEntry], now: Now, config: MachineConfig) -> list[Effect]:
-    """Attempts no rank of which reported progress within the job's progress timeout fail as hung."""
-    effects: list[Effect] = []
-    for entry in list(entries):
+def hung(entries: Iterable[JobEntry], now: Now) -> list[JobEntry]:
+    """The running jobs whose current attempt has had no rank report progress within the job's progress timeout."""
+    found = []
+    for entry in entries:
         timeout = entry.job.spec.progress_timeout_seconds
         attempt = entry.current
         if not timeout or attempt is None or entry.job.state != job_pb2.JOB_STATE_RUNNING:
             continue
         if recovery.hung(timeout, attempt.started_wall, attempt.last_progress_wall, now.wall):
-            effects += attempt_failed(entry, FailureCode("hang"), f"no rank reported progress for {timeout}s (hang)", now, config)
+            found.append(entry)
+    return found
+
+
+def detect_hangs(entries: Iterable[JobEntry], now: Now, config: MachineConfig) -> list[Effect]:
+    """Attempts no rank of which reported progress within the job's progress timeout fail as hung."""
+    effects: list[Effect] = []
+    for entry in hung(list(entries), now):
+        timeout = entry.job.spec.progress_timeout_seconds
+        effects += attempt_failed(entry, FailureCode("hang"), f"no rank reported progress for {timeout}s (hang)", now, config)
     return effects
