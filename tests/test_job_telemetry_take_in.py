@@ -8,9 +8,10 @@ every report said, and a hang must never be judged on stamps not yet taken in.
 
 from __future__ import annotations
 
+from coordinator.control import job_telemetry as job_telemetry_loop
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
-from coordinator.control.job_telemetry import TAKE_IN_SLICE_NODES, JobTelemetry
+from coordinator.control.job_telemetry import SLICE, JobTelemetry
 from coordinator.rules.job_telemetry import TelemetryConfig
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.store.memory import MemoryJobStore
@@ -18,7 +19,7 @@ from gpuorch.clock import FakeClock
 from gpuorch.v1 import agent_pb2, job_pb2
 
 
-async def running_job(progress_timeout_seconds: int = 0, gpus: int = 2):
+async def running_job(progress_timeout_seconds: int = 0, gpus: int = 2, jobs: int = 1):
     clock = FakeClock()
     cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, clock=clock)
     register = agent_pb2.Register(node_id="n1", addresses=["127.0.0.1"])
@@ -29,13 +30,14 @@ async def running_job(progress_timeout_seconds: int = 0, gpus: int = 2):
     await manager.start()
     telemetry = JobTelemetry(manager, cluster, TelemetryConfig(), window_seconds=10.0)
     manager.take_in_progress = telemetry.take_in  # as coordinator/wiring.py does
-    spec = job_pb2.JobSpec(argv=["train"], gpus=gpus, progress_timeout_seconds=progress_timeout_seconds)
-    job_id = await manager.submit(spec)
-    assert await manager.schedule_pass() == [job_id]
-    for rank in range(gpus):
-        running = agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=rank, state=agent_pb2.TASK_STATE_RUNNING, pid=100 + rank)
-        manager.on_task_status("n1", running)
-    return clock, manager, telemetry, job_id
+    spec = job_pb2.JobSpec(argv=["train"], gpus=gpus // jobs, progress_timeout_seconds=progress_timeout_seconds)
+    job_ids = [await manager.submit(spec) for _ in range(jobs)]
+    assert sorted(await manager.schedule_pass()) == sorted(job_ids)
+    for job_id in job_ids:
+        for rank in range(gpus // jobs):
+            status = agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=rank, state=agent_pb2.TASK_STATE_RUNNING, pid=100)
+            manager.on_task_status("n1", status)
+    return clock, manager, telemetry, job_ids[0] if jobs == 1 else job_ids
 
 
 def heartbeat(job_id: str, step: int, wall: float, ranks: int = 2, step_seconds: float = 1.0) -> agent_pb2.Heartbeat:
@@ -84,7 +86,7 @@ async def test_the_latest_report_of_a_window_counts_every_step_of_it_and_the_rat
 
 async def test_a_take_in_in_slices_and_a_hang_check_meanwhile_share_what_is_left():
     clock, manager, telemetry, job_id = await running_job(progress_timeout_seconds=5)
-    for node in range(3 * TAKE_IN_SLICE_NODES):  # other nodes' reports, of jobs gone: nothing to take but time
+    for node in range(3 * SLICE):  # other nodes' reports, of jobs gone: nothing to take but time
         telemetry.on_progress(f"gone-{node}", heartbeat("j-gone", step=1, wall=clock.wall()).progress)
     clock.advance(4)
     telemetry.on_progress("n1", heartbeat(job_id, step=1, wall=clock.wall()).progress)
@@ -96,3 +98,20 @@ async def test_a_take_in_in_slices_and_a_hang_check_meanwhile_share_what_is_left
     assert manager.get(job_id).job.state == job_pb2.JOB_STATE_RUNNING, manager.get(job_id).job.reason
     assert not telemetry._backlog
     slices.close()
+
+
+async def test_a_window_in_slices_skips_a_job_that_ended_while_it_paused(monkeypatch):
+    monkeypatch.setattr(job_telemetry_loop, "SLICE", 1)
+    clock, manager, telemetry, (first, second) = await running_job(gpus=2, jobs=2)
+    for job_id in (first, second):
+        telemetry.on_progress(f"n1-{job_id}", heartbeat(job_id, step=1, wall=clock.wall(), ranks=1).progress)
+    telemetry.take_in()
+    telemetry.attempts.clear()  # as after a coordinator restart: the window starts each attempt's telemetry again
+    slices = telemetry._window_in_slices()
+    next(slices)  # one job judged, then the pause
+    judged, waiting = (first, second) if first in telemetry.attempts else (second, first)
+    assert waiting not in telemetry.attempts
+    await manager.cancel(waiting, "cancelled during the window")
+    assert list(slices) == []
+    assert waiting not in telemetry.attempts, "a job that ended during the pause is not judged"
+    assert manager.get(judged).job.telemetry.update_time.seconds, "the job judged before the pause shows its figures"

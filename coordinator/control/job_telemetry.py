@@ -27,9 +27,9 @@ from coordinator.rules.job_telemetry import TelemetryConfig
 from coordinator.rules.liveness import Liveness
 from gpuorch.v1 import agent_pb2, job_pb2
 
-TAKE_IN_SLICE_NODES = 200
-"""Nodes whose kept reports are taken in between two yields to the event loop (a window's take-in at 2,000 nodes
-of 8 ranks would otherwise hold the loop for a tenth of a second or more)."""
+SLICE = 200
+"""Nodes whose kept reports are taken in, or jobs a window judges, between two yields to the event loop: at 2,000
+nodes of 8 ranks, either in one go would hold the loop for a tenth of a second."""
 NO_SCALARS: dict[str, float] = {}
 """The scalars passed for a rank other than 0 (rank_progress keeps rank 0's only); never written."""
 
@@ -66,7 +66,7 @@ class JobTelemetry:
         self._backlog.extend(self.unread.values())
         self.unread = {}
         while self._backlog:
-            for _ in range(min(TAKE_IN_SLICE_NODES, len(self._backlog))):
+            for _ in range(min(SLICE, len(self._backlog))):
                 self._take_in(self._backlog.popleft())
             if self._backlog:
                 await asyncio.sleep(0)
@@ -117,10 +117,19 @@ class JobTelemetry:
 
     def window(self) -> None:
         """One window over every running attempt."""
-        now = self.manager.now()
-        for job_id in [job_id for job_id in self.attempts if job_id not in self.manager.running]:
+        for _ in self._window_in_slices():
+            pass
+
+    def _window_in_slices(self) -> Iterator[None]:
+        """window, pausing after each SLICE jobs (run() lets the event loop in there: a window over 2,000 jobs
+        costs a tenth of a second); a job that ended meanwhile has no RUNNING attempt, and is skipped."""
+        now, running = self.manager.now(), self.manager.running
+        for job_id in [job_id for job_id in self.attempts if job_id not in running]:
             del self.attempts[job_id]
-        for entry in list(self.manager.running.values()):
+        for index, entry in enumerate(list(running.values())):
+            if index and index % SLICE == 0:
+                yield
+                now = self.manager.now()
             attempt = entry.current
             if attempt is None or attempt.state is not AttemptState.RUNNING:
                 continue
@@ -169,4 +178,5 @@ class JobTelemetry:
         while True:
             await asyncio.sleep(self.window_seconds)
             await self.take_in_unhurried()
-            self.window()
+            for _ in self._window_in_slices():
+                await asyncio.sleep(0)
