@@ -4,6 +4,7 @@ would receive is read from their sessions' outboxes, and what they would answer 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -289,3 +290,32 @@ async def test_a_coordinator_killed_before_its_launch_was_sent_launches_it_after
     restarted.on_task_status("n1", running)
     restarted.on_task_status("n1", agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED))
     assert restarted.get(job_id).job.state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_after_a_pass_the_scheduling_loop_rests_as_long_as_the_pass_took():
+    """A burst of wakes (2,000 nodes registering into 2,000 queued jobs: each node wakes a pass) ran passes back to
+    back; each holds the event loop, so heartbeats went unread until healthy nodes were declared down
+    (bench/heartbeats.py --progress). Passes must leave the loop at least half its time."""
+    from gpuorch.clock import FakeClock
+
+    clock = FakeClock()  # the loop times its passes on the manager's clock: the stand-in pass moves it
+    manager = JobManager(
+        ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, clock=clock), MemoryJobStore(), clock=clock
+    )
+    loop = manager.scheduling
+    starts: list[float] = []
+
+    async def pass_that_takes_a_fifth_of_a_second() -> list[str]:
+        starts.append(asyncio.get_running_loop().time())
+        clock.advance(0.2)
+        loop.wake.set()  # something always wants another pass
+        return []
+
+    loop.step = pass_that_takes_a_fifth_of_a_second  # type: ignore[method-assign]
+    loop.wake.set()
+    running = asyncio.create_task(loop.run())
+    await asyncio.sleep(1.0)
+    running.cancel()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert 3 <= len(starts) <= 7, starts
+    assert min(gaps) >= 0.19, gaps

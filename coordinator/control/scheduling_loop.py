@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -18,11 +18,10 @@ import structlog
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
+from coordinator.control.node_views import NodeViewCache
 from coordinator.control.placements import RendezvousPorts, placement_of
 from coordinator.control.running_view import RunningView, attained_service_seconds, attempt_intervals
-from coordinator.model.cluster import NodeRecord
 from coordinator.model.jobs import JobEntry
-from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED, SAMPLE_FIELDS, TEMPERATURE
 from coordinator.rules import job_machine, job_reasons, preemption
 from coordinator.rules.effects import Effect, Preempted, Stop
 from gpuorch.pools import DEFAULT_POOL
@@ -35,22 +34,12 @@ log = structlog.get_logger("coordinator.jobs")
 
 PERIODIC_PASS_SECONDS = 1.0
 """A scheduling pass runs at least this often (backoffs ending, hang checks, telemetry)."""
-TELEMETRY_REFRESH_SECONDS = 5.0
-"""A node's cached scheduler view is rebuilt for fresher telemetry at most this often (scores need
-trends, not every sample); allocation, health and drain changes rebuild it at once."""
 FAIR_SHARE_HALF_LIFE_SECONDS = 3600.0
-IDLE_SAMPLE = (0,) * len(SAMPLE_FIELDS)
-"""What the scheduler assumes of a GPU that has not reported telemetry yet."""
 KEPT_TIMINGS = 1000
-
-
-@dataclass(eq=False)
-class _CachedView:
-    key: tuple
-    """What the GPU views were built from: the node record, schedulable, health version, telemetry epoch."""
-    pairs: list[tuple[str, scheduler.GpuView, scheduler.GpuView]]
-    allocation_version: int
-    view: scheduler.NodeView | None
+MAX_REST_SECONDS = 1.0
+"""After a pass the loop rests as long as the pass took (at most this) before the next one: a pass holds the event
+loop, and a burst of wakes (a fleet registering into a long queue: each node wakes a pass) ran them back to back,
+so heartbeats went unread until healthy nodes were declared down. Passes take at most half of the loop's time."""
 
 
 class SchedulingLoop:
@@ -77,7 +66,7 @@ class SchedulingLoop:
         self.placements = 0
         self.decision_seconds: list[float] = []
         """Duration of recent scheduling passes that placed something (for benchmarks and metrics)."""
-        self._views: dict[str, _CachedView] = {}
+        self._views = NodeViewCache()
         self._requests: dict[str, scheduler.JobRequest] = {}
         """Job id -> the scheduler's view of the job (dropped when its spec changes or it is final)."""
         self.estimates = estimates or Estimates()
@@ -108,7 +97,9 @@ class SchedulingLoop:
                 except TimeoutError:
                     pass
                 self.wake.clear()
+                started = self.elapsed_clock()
                 await self.step()
+                await asyncio.sleep(min(self.elapsed_clock() - started, MAX_REST_SECONDS))
         finally:
             forecasts.cancel()
 
@@ -128,50 +119,8 @@ class SchedulingLoop:
     # -- what the scheduler sees --
 
     def node_views(self) -> list[scheduler.NodeView]:
-        """The scheduler's view of every node. Each GPU's two possible views (free, taken) are built
-        once per telemetry refresh or health change; an allocation change only re-picks between them."""
-        telemetry_epoch = int(self.manager.clock.monotonic() // TELEMETRY_REFRESH_SECONDS)
-        allocations = self.cluster.allocations
-        held = allocations.held
-        views = []
-        for node in self.cluster.nodes.values():
-            allocation_version = allocations.version(node.node_id)
-            key = (id(node), node.schedulable, node.health_version, telemetry_epoch if node.last_sequence else 0)
-            cached = self._views.get(node.node_id)
-            if cached is None or cached.key != key:
-                cached = self._views[node.node_id] = _CachedView(key, self._gpu_view_pairs(node), -1, None)
-            elif cached.allocation_version == allocation_version and cached.view is not None:
-                views.append(cached.view)
-                continue
-            cached.view = scheduler.NodeView(
-                node_id=node.node_id,
-                schedulable=node.schedulable,
-                pool=node.pool,
-                gpus=tuple(taken if uuid in held else free for uuid, free, taken in cached.pairs),
-            )
-            cached.allocation_version = allocation_version
-            views.append(cached.view)
-        return views
-
-    @staticmethod
-    def _gpu_view_pairs(node: NodeRecord) -> list[tuple[str, scheduler.GpuView, scheduler.GpuView]]:
-        """(uuid, view when free, view when taken) for every GPU of the node."""
-        pairs = []
-        for uuid, record in node.devices.items():
-            sample = record.sample or IDLE_SAMPLE
-            free = scheduler.GpuView(
-                uuid=uuid,
-                index=record.info.index,
-                model=record.info.name,
-                memory_total_bytes=record.memory_total,
-                memory_used_bytes=sample[MEMORY_USED],
-                utilization_percent=sample[GPU_UTILIZATION],
-                temperature_celsius=sample[TEMPERATURE],
-                healthy=record.health.healthy,
-                free=True,
-            )
-            pairs.append((uuid, free, replace(free, free=False)))
-        return pairs
+        """The scheduler's view of every node (control/node_views.py caches them)."""
+        return self._views.views(self.cluster, self.manager.clock.monotonic())
 
     def request(self, entry: JobEntry) -> scheduler.JobRequest:
         """The scheduler's view of the job, built once: a pass asks it of every ready job, and reading the
