@@ -5,9 +5,15 @@ from __future__ import annotations
 import gc
 
 from coordinator.control.cluster_view import ClusterView
-from coordinator.control.liveness_loop import SETTLE_SECONDS, UNFREEZE_SECONDS, GarbageSettler
+from coordinator.control.liveness_loop import (
+    LIVENESS_TICK_SECONDS,
+    SETTLE_SECONDS,
+    UNFREEZE_SECONDS,
+    GarbageSettler,
+    liveness_tick,
+)
 from coordinator.model.telemetry import HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
-from coordinator.rules.liveness import LivenessPolicy
+from coordinator.rules.liveness import Liveness, LivenessPolicy
 from gpuorch.clock import FakeClock
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
@@ -69,3 +75,39 @@ def test_garbage_settler_freezes_after_quiet_and_unfreezes_hourly():
         assert settler.frozen_at == clock.monotonic(), "unfrozen and frozen again in the same quiet tick"
     finally:
         gc.unfreeze()
+
+
+def test_the_coordinators_own_stall_is_not_counted_as_any_nodes_silence():
+    """Found by bench/heartbeats.py --progress: one 1-3 s stall of the event loop (a pass over 2,000 queued jobs, then
+    the work of nodes declared down) left heartbeats unread; counting that time as silence declared healthy nodes
+    down, whose failed jobs stalled the loop again, until 1,769 of 2,000 nodes were down."""
+    clock = FakeClock()
+    policy = LivenessPolicy(missed_heartbeats=3, grace_period=10.0)
+    cluster = ClusterView(policy=policy, default_heartbeat_interval=1.0, clock=clock)
+    garbage = GarbageSettler(clock)
+    _, talking, _ = cluster.register(agent_pb2.Register(node_id="talking", addresses=["127.0.0.1"]))
+    _, closing, _ = cluster.register(agent_pb2.Register(node_id="closing", addresses=["127.0.0.1"]))
+    cluster.stream_closed(closing)  # SUSPECT: 10 s to come back
+    previous = clock.monotonic()
+    for _ in range(20):  # 1 s of regular ticks
+        clock.advance(LIVENESS_TICK_SECONDS)
+        liveness_tick(cluster, garbage, previous, clock.monotonic())
+        previous = clock.monotonic()
+    cluster.heartbeat(talking, agent_pb2.Heartbeat(sequence=1))
+    clock.advance(9.5)  # the coordinator held for 9.5 s: no heartbeat read, no tick
+    liveness_tick(cluster, garbage, previous, clock.monotonic())
+    previous = clock.monotonic()
+    assert cluster.nodes["talking"].liveness.state is Liveness.READY
+    assert cluster.nodes["closing"].liveness.state is Liveness.SUSPECT, "its grace does not count the stall either"
+    for _ in range(70):  # 3.5 s of regular ticks and silence: now it counts
+        clock.advance(LIVENESS_TICK_SECONDS)
+        liveness_tick(cluster, garbage, previous, clock.monotonic())
+        previous = clock.monotonic()
+    assert cluster.nodes["talking"].liveness.state is Liveness.DOWN
+    assert "no heartbeat for 3.0s" in cluster.nodes["talking"].liveness.reason
+    assert cluster.nodes["closing"].liveness.state is Liveness.SUSPECT
+    for _ in range(120):
+        clock.advance(LIVENESS_TICK_SECONDS)
+        liveness_tick(cluster, garbage, previous, clock.monotonic())
+        previous = clock.monotonic()
+    assert cluster.nodes["closing"].liveness.state is Liveness.DOWN

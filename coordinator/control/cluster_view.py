@@ -202,6 +202,12 @@ class ClusterView:
                 self._emit(transition)
         return transitions
 
+    def excuse(self, stall_seconds: float) -> None:
+        """The coordinator was held this long: no node's silence or grace period counts that time."""
+        for node in self.nodes.values():
+            node.liveness, node.last_seen = liveness.excused(node.liveness, node.last_seen, stall_seconds)
+            node.deadline = liveness.next_deadline(node.liveness, node.last_seen, self.policy)
+
     def _emit(self, transition: Transition) -> None:
         for listener in self.listeners:
             listener(transition)

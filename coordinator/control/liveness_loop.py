@@ -10,6 +10,7 @@ import structlog
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.model.cluster import Transition
+from coordinator.rules import liveness
 from coordinator.rules.liveness import Liveness
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 
@@ -55,12 +56,24 @@ class GarbageSettler:
 
 
 async def liveness_loop(cluster: ClusterView, garbage: GarbageSettler) -> None:
+    previous = cluster.clock.monotonic()
     while True:
-        for transition in cluster.tick():
-            if transition.session is not None:
-                transition.session.close(f"node declared down: {transition.reason}; re-register")
-        garbage.tick()
+        now = cluster.clock.monotonic()
+        liveness_tick(cluster, garbage, previous, now)
+        previous = now
         await asyncio.sleep(LIVENESS_TICK_SECONDS)
+
+
+def liveness_tick(cluster: ClusterView, garbage: GarbageSettler, previous_tick: float, now: float) -> None:
+    """One tick: the coordinator's own stall since the last tick excused, then node deadlines applied."""
+    stall = liveness.coordinator_stall(previous_tick, now, LIVENESS_TICK_SECONDS)
+    if stall:
+        cluster.excuse(stall)
+        log.warning("the coordinator was held; node deadlines move on by as much", stall_seconds=round(stall, 3))
+    for transition in cluster.tick():
+        if transition.session is not None:
+            transition.session.close(f"node declared down: {transition.reason}; re-register")
+    garbage.tick()
 
 
 def log_transition(transition: Transition) -> None:

@@ -13,6 +13,11 @@ the last message whether a node is READY, SUSPECT or DOWN.
 Heartbeats on an open stream change no state; they move `last_seen` only, which
 the caller keeps (so the hot path allocates nothing). A DOWN-by-silence node's
 stream is closed by the caller so the agent has to re-register.
+
+Time the coordinator itself was held (its event loop busy with one long piece of
+work) is not counted as any node's silence: no heartbeat was read meanwhile, and
+counting it turned one stall into a cascade of healthy nodes declared down (the
+local-health idea of Lifeguard, which scales a member's timeouts while it is slow).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from dataclasses import dataclass, replace
 from coordinator.model.node_state import Liveness, NodeLiveness
 
 __all__ = ["Liveness", "LivenessPolicy", "NodeLiveness"]
+
+STALL_EXCUSED_SECONDS = 0.5
+"""A gap between two liveness ticks longer than their interval by this much is the coordinator's own stall."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +93,16 @@ def next_deadline(current: NodeLiveness, last_seen: float, policy: LivenessPolic
     if current.state is Liveness.SUSPECT:
         return current.since + policy.grace_period
     return math.inf
+
+
+def coordinator_stall(previous_tick: float, now: float, tick_seconds: float) -> float:
+    """Seconds the coordinator was held between two liveness ticks (0 unless at least STALL_EXCUSED_SECONDS)."""
+    held = now - previous_tick - tick_seconds
+    return held if held >= STALL_EXCUSED_SECONDS else 0.0
+
+
+def excused(current: NodeLiveness, last_seen: float, stall: float) -> tuple[NodeLiveness, float]:
+    """The node's state and last_seen with `stall` seconds of the coordinator's own stall not counted."""
+    if current.state is Liveness.SUSPECT:
+        current = replace(current, since=current.since + stall)
+    return current, last_seen + stall
