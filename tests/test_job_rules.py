@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from coordinator.rules import job_rules as jobs
@@ -156,3 +158,13 @@ def test_tail_lines_counts_lines_across_chunks(log, chunk):
     for lines in (1, 2, 3, 10, 1000):
         expected = b"".join(log.splitlines(keepends=True)[-lines:])
         assert _tail_by_chunks(log, lines, chunk) == expected, (log, lines, chunk)
+
+
+def test_a_job_id_is_its_sequence_and_six_random_characters_of_the_alphabet():
+    from coordinator.rules.job_rules import JOB_ID_ALPHABET, new_job_id
+
+    ids = [new_job_id(123) for _ in range(2000)]
+    assert all(re.fullmatch(r"j-000123-[a-z2-7]{6}", job_id) for job_id in ids), ids[:5]
+    assert len(set(ids)) > 1990, "30 random bits: repeats among 2,000 are rare"
+    for position in range(6):  # every character of the alphabet turns up in every position
+        assert {job_id[9 + position] for job_id in ids} == set(JOB_ID_ALPHABET), position
