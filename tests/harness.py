@@ -138,6 +138,18 @@ class LocalCluster:
         self.agents: dict[str, Daemon] = {}
         self._client: gpuorch.Client | None = None
 
+    def _kill_leftover_ranks(self) -> None:
+        """Ranks outlive their agent by design (a restarted agent adopts them); a test's cluster leaves none running.
+        A pid is killed only while its process is still that job's rank (its environment names the job)."""
+        for pid_file in self.root.glob("agent-*/jobs/*/attempt-*/rank-*.pid"):
+            job_id = pid_file.parents[1].name
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                if f"GPUORCH_JOB_ID={job_id}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.killpg(pid, signal.SIGKILL)  # a rank leads its own process group
+            except (OSError, ValueError, IndexError):
+                continue  # gone already, or not written yet
+
     def start_coordinator(self, *extra: str, wait: bool = True) -> Daemon:
         argv = [
             sys.executable, "-m", "coordinator.main",
@@ -208,6 +220,7 @@ class LocalCluster:
     def stop(self) -> None:
         for agent in self.agents.values():
             agent.stop()
+        self._kill_leftover_ranks()
         if self.coordinator is not None:
             self.coordinator.stop()
         if self._client is not None:
