@@ -16,6 +16,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.wiring import Coordinator
 from gpuorch import sdnotify
 from gpuorch.settings import daemon_settings
+from gpuorch.stacks import log_stacks_on_sigusr1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,6 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(settings: CoordinatorSettings) -> int:
     """Runs the daemon until SIGTERM or SIGINT (0), or until it lost the leader lease (EXIT_STEPPED_DOWN)."""
     sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
+    log_stacks_on_sigusr1(asyncio.get_running_loop(), structlog.get_logger("coordinator"))
     coordinator = Coordinator(settings)
     await coordinator.start()
     stopping = asyncio.Event()

@@ -125,6 +125,12 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_stacks(self) -> None:
+        """SIGUSR1: a coordinator writes every thread's and task's stack to its log (gpuorch/stacks.py)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+
 
 class LocalCluster:
     def __init__(self, root: Path, **client_options) -> None:
@@ -167,7 +173,11 @@ class LocalCluster:
                     raise SystemExit(f"coordinator exited with {coordinator.process.returncode}:\n{coordinator.output()[-2000:]}")
                 return self.client().cluster_status()
 
-            wait_for(serving, timeout=15, what="coordinator to serve")
+            try:
+                wait_for(serving, timeout=15, what="coordinator to serve")
+            except AssertionError:
+                coordinator.log_stacks()  # where it is stuck, into the log tail the failure shows
+                raise
         return self.coordinator
 
     def move_to_port(self, port: int) -> None:

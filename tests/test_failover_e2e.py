@@ -133,7 +133,8 @@ def ha(tmp_path, postgres_url):
     try:
         wait_leading(coordinators.addresses["a"], timeout=60)
     except AssertionError as error:
-        raise AssertionError(f"{error}; its log ends:\n{first.output()[-3000:]}") from None
+        first.log_stacks()  # where it is stuck (gpuorch/stacks.py)
+        raise AssertionError(f"{error}; its log ends:\n{first.output()[-8000:]}") from None
     coordinators.start("b")
     wait_for(lambda: health(coordinators.addresses["b"]) is not None, timeout=30, what="the standby to answer")
     assert health(coordinators.addresses["b"]) == health_pb2.HealthCheckResponse.NOT_SERVING
