@@ -268,3 +268,17 @@ def test_simulated_utilisation_is_pinned_from_the_faults_file_and_the_api(tmp_pa
     faults.write_text("{}")
     os.utime(faults, ns=(faults.stat().st_mtime_ns + 10**9,) * 2)
     assert any(source.sample()[0].gpu_utilization_percent for _ in range(20)), "unpinned once the file forgets it"
+
+
+def test_gpuctl_job_prints_its_ranks_step_times_as_a_table_of_lines():
+    # Found by running it by hand: the table's newlines were escaped again with the view's lines ("\n" on screen).
+    job = job_pb2.Job(job_id="j-1", spec=job_pb2.JobSpec(argv=["x"], gpus=2))
+    job.telemetry.step = 21
+    job.telemetry.steps_per_second = 2.0
+    for rank in range(2):
+        job.telemetry.ranks.add(rank=rank, node_id="m1", device_uuid=f"GPU-{rank}", step=21, step_seconds=0.5)
+    lines = format_job(job).splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("RANK"))
+    assert "\\n" not in lines[header], lines[header]
+    assert lines[header + 1].split() == ["0", "m1", "GPU-0", "21", "0.5", "-"]
+    assert lines[header + 2].split() == ["1", "m1", "GPU-1", "21", "0.5", "-"]

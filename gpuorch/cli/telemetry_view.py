@@ -33,5 +33,6 @@ def telemetry_lines(job) -> list[str]:
              rank.slow_windows or "-")
             for rank in shown.ranks
         ]  # fmt: skip
-        lines.append(table(("RANK", "NODE", "GPU", "STEP", "STEP SECONDS", "SLOW WINDOWS"), rows))
+        # A line per row: the job view escapes each line it prints, and the table's newlines would be escaped too.
+        lines += table(("RANK", "NODE", "GPU", "STEP", "STEP SECONDS", "SLOW WINDOWS"), rows).splitlines()
     return lines
