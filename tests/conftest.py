@@ -1,5 +1,15 @@
 from __future__ import annotations
 
+import os
+import sys
+
+# Before anything imports grpc: the test process forks only to exec (pexpect's pty.fork for gpuctl
+# run/attach), and gRPC's fork handler, which restarts its poller in the child, makes such a child
+# abort before its exec now and then (see tests/test_fork_safety.py). The daemons never fork.
+if "grpc" in sys.modules:
+    raise RuntimeError("grpc was imported before tests/conftest.py could turn its fork support off")
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
 import pytest
 
 from tests.harness import SUMMARY_LINES, LocalCluster

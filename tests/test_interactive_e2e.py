@@ -54,7 +54,12 @@ def gpuctl(cluster: LocalCluster, *args: str, token: str = "", timeout: float = 
 
 
 def job_of(child) -> str:
-    child.expect(r"job (j-[0-9a-z-]+) submitted")
+    try:
+        child.expect(r"job (j-[0-9a-z-]+) submitted")
+    except (pexpect.EOF, pexpect.TIMEOUT) as error:  # pexpect's own message keeps only the last 100 characters
+        child.close(force=True)
+        ended = f"status {child.exitstatus}, signal {child.signalstatus}"
+        raise AssertionError(f"gpuctl ended ({ended}) without a job: {child.before!r}") from error
     return child.match.group(1)
 
 
