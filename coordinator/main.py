@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preemption-grace-seconds", type=float, help="seconds a preempted job has to checkpoint before SIGKILL (default 30)"
     )
     parser.add_argument(
+        "--launch-timeout-seconds", type=float, help="seconds every rank has to start after a launch; 0: no limit (default 120)"
+    )
+    parser.add_argument(
         "--restart-backoff-base", type=float, help="seconds before a job's second restart; doubles after (default 1)"
     )
     parser.add_argument(

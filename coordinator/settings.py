@@ -83,6 +83,8 @@ class CoordinatorSettings:
     """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
     preemption_grace_seconds: float = 30.0
     """Seconds between SIGTERM and SIGKILL when a job is preempted for higher-priority work: its time to checkpoint."""
+    launch_timeout_seconds: float = 120.0
+    """An attempt with a rank not started this long after its launch fails (launch_timeout, restartable); 0: never."""
     restart_backoff_base: float = 1.0
     """Seconds before a job's second restart (the first is immediate); doubles per restart."""
     restart_backoff_max: float = 60.0
@@ -285,6 +287,8 @@ class CoordinatorSettings:
             raise ValueError(f"stop_grace_period must be >= 0, got {self.stop_grace_period}")
         if self.preemption_grace_seconds < 0:
             raise ValueError(f"preemption_grace_seconds must be >= 0, got {self.preemption_grace_seconds}")
+        if self.launch_timeout_seconds < 0:
+            raise ValueError(f"launch_timeout_seconds must be >= 0 (0: no timeout), got {self.launch_timeout_seconds}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         parse_store_url(self.store_url, self.state_dir)

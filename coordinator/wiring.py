@@ -189,6 +189,7 @@ class Coordinator:
             recovery_policy=settings.recovery_policy(),
             stop_grace_seconds=settings.stop_grace_period,
             preemption_grace_seconds=settings.preemption_grace_seconds,
+            launch_timeout_seconds=settings.launch_timeout_seconds,
             node_grace_period=settings.node_grace_period,
             checkpoint_root=settings.checkpoint_root or str(self.state_dir / "checkpoints"),
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,

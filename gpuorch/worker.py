@@ -129,6 +129,7 @@ class RestartReason:
     """Why this attempt was started, parsed from GPUORCH_RESTART_REASON.
 
     kind is "" for a first attempt, else "rank_exit", "rank_start", "node_down", "gpu_unhealthy", "hang",
+    "launch_timeout" (node_id: where a rank of the attempt before did not start in time),
     "straggler" (a rank's GPU held the gang back; this attempt runs without it), or "preempted" (the attempt
     before was preempted for higher-priority work: resume from your checkpoint).
     """
@@ -160,7 +161,7 @@ def restart_reason() -> RestartReason:
         return RestartReason(kind, rank=int(rank), exit_code=int(code), raw=raw)
     if kind == "rank_start":
         return RestartReason(kind, rank=int(rest), raw=raw)
-    if kind == "node_down":
+    if kind in ("node_down", "launch_timeout"):
         return RestartReason(kind, node_id=rest, raw=raw)
     if kind in ("gpu_unhealthy", "straggler"):
         return RestartReason(kind, gpu_uuid=rest, raw=raw)

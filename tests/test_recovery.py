@@ -113,6 +113,7 @@ def test_quarantine_keeps_a_recovered_gpu_out_for_the_recovery_time():
         ("node_down:n7", worker.RestartReason("node_down", node_id="n7", raw="node_down:n7")),
         ("gpu_unhealthy:GPU-1", worker.RestartReason("gpu_unhealthy", gpu_uuid="GPU-1", raw="gpu_unhealthy:GPU-1")),
         ("hang", worker.RestartReason("hang", raw="hang")),
+        ("launch_timeout:n7", worker.RestartReason("launch_timeout", node_id="n7", raw="launch_timeout:n7")),
         ("straggler:GPU-2", worker.RestartReason("straggler", gpu_uuid="GPU-2", raw="straggler:GPU-2")),
     ],
 )

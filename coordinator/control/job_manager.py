@@ -90,6 +90,7 @@ class JobManager:
         recovery_policy: recovery.RecoveryPolicy | None = None,
         stop_grace_seconds: float = 10.0,
         preemption_grace_seconds: float = 30.0,
+        launch_timeout_seconds: float = 0.0,
         node_grace_period: float = 10.0,
         checkpoint_root: str = "",
         rendezvous_ports: tuple[int, int] = (20000, 30000),
@@ -103,8 +104,9 @@ class JobManager:
         self.cluster = cluster
         self.store = store
         self.clock = clock
+        policy = recovery_policy or recovery.RecoveryPolicy()
         self.machine = job_machine.MachineConfig(
-            recovery_policy or recovery.RecoveryPolicy(), stop_grace_seconds, checkpoint_root, preemption_grace_seconds
+            policy, stop_grace_seconds, checkpoint_root, preemption_grace_seconds, launch_timeout_seconds
         )
         self.node_grace_period = node_grace_period
         self.max_pending_jobs_per_user = max_pending_jobs_per_user

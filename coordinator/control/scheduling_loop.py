@@ -22,7 +22,7 @@ from coordinator.control.node_views import NodeViewCache
 from coordinator.control.placements import RendezvousPorts, placement_of
 from coordinator.control.running_view import RunningView, attained_service_seconds, attempt_intervals
 from coordinator.model.jobs import JobEntry
-from coordinator.rules import job_machine, job_reasons, preemption
+from coordinator.rules import job_machine, job_reasons, launch_timeout, preemption
 from coordinator.rules.effects import Effect, Preempted, Stop
 from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
@@ -104,10 +104,14 @@ class SchedulingLoop:
             forecasts.cancel()
 
     async def step(self) -> list[str]:
-        """What the loop does at each wake: deadlines of expected nodes, hangs, then a pass. The
-        simulator (coordinator/sim/) calls this at each event time, so it runs the same path."""
-        self.manager.expire_expected_nodes()
-        self.manager.detect_hangs()
+        """What the loop does at each wake: deadlines of expected nodes, hangs, launches that never
+        finished, then a pass. The simulator (coordinator/sim/) calls this at each event time, so it runs
+        the same path."""
+        manager = self.manager
+        manager.expire_expected_nodes()
+        manager.detect_hangs()
+        if manager.machine.launch_timeout_seconds:
+            manager.apply(launch_timeout.fail_stalled(manager.running.values(), manager.now(), manager.machine))
         return await self.schedule_pass()
 
     def _next_timer(self) -> float:

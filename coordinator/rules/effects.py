@@ -94,7 +94,8 @@ class AttemptFailed:
     job_id: str
     attempt: int
     kind: str
-    """The failure code's kind: rank_exit, rank_start, start_failed, time_limit, node_down, gpu_unhealthy, hang."""
+    """The failure code's kind: rank_exit, rank_start, start_failed, time_limit, node_down, gpu_unhealthy, hang,
+    launch_timeout."""
     code: str
     reason: str
     restart: bool

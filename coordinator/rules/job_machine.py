@@ -87,6 +87,8 @@ class MachineConfig:
     """Each job's GPUORCH_CHECKPOINT_DIR is <checkpoint_root>/<job id>; empty: none."""
     preemption_grace_seconds: float = 30.0
     """SIGTERM to SIGKILL for a preempted attempt's ranks: their time to checkpoint."""
+    launch_timeout_seconds: float = 0.0
+    """An attempt with a rank not started this long after its launch fails (rules/launch_timeout.py); 0: never."""
 
 
 def stamp(wall: float) -> Timestamp:

@@ -20,6 +20,7 @@ them would only repeat the same error.
     node_down:<node>            the node holding ranks went DOWN
     gpu_unhealthy:<uuid>        a GPU of the attempt turned unhealthy
     hang                        no progress from any rank for the job's progress timeout
+    launch_timeout:<node>       a rank there did not start within the launch timeout (rules/launch_timeout.py)
 
 A rank the agent stopped at the job's time limit (TaskStatus.time_limited; code time_limit:<rank>)
 fails the job at once with reason "time_limit: ...", whatever restarts are left: a new attempt would
@@ -86,7 +87,7 @@ class FailureCode:
     """Why an attempt failed, as structured fields; `str()` renders the GPUORCH_RESTART_REASON text."""
 
     kind: str
-    """rank_exit, rank_start, start_failed, time_limit, node_down, gpu_unhealthy or hang."""
+    """rank_exit, rank_start, start_failed, time_limit, node_down, gpu_unhealthy, hang or launch_timeout."""
     details: tuple[str, ...] = ()
     """The rank and exit code, the node, the GPU: whatever the kind names."""
 
