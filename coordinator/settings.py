@@ -288,7 +288,7 @@ class CoordinatorSettings:
         if self.preemption_grace_seconds < 0:
             raise ValueError(f"preemption_grace_seconds must be >= 0, got {self.preemption_grace_seconds}")
         if self.launch_timeout_seconds < 0:
-            raise ValueError(f"launch_timeout_seconds must be >= 0 (0: no timeout), got {self.launch_timeout_seconds}")
+            raise ValueError(f"launch_timeout_seconds must be >= 0 (0: no timeout), got {self.launch_timeout_seconds:g}")
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         parse_store_url(self.store_url, self.state_dir)

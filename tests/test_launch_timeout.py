@@ -109,6 +109,18 @@ def test_a_negative_launch_timeout_is_refused_with_its_name():
         CoordinatorSettings(launch_timeout_seconds=-1).validate()
 
 
+async def test_a_rank_on_a_node_that_is_not_ready_is_left_to_liveness():
+    """A SUSPECT node (its stream broke) may come back with the rank started; if it does not, it goes DOWN and
+    the attempt fails as node_down. The launch timeout judges only launches on READY nodes."""
+    manager, clock, (session,) = await manager_with(nodes=1, launch_timeout=5)
+    job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
+    assert await manager.scheduling.step() == [job_id]
+    manager.cluster.stream_closed(session)
+    clock.advance(6)
+    await manager.scheduling.step()
+    assert manager.get(job_id).job.state == RUNNING, manager.get(job_id).job.reason
+
+
 class SilentAgent:
     """An agent stream that registers simulated GPUs and heartbeats, and starts nothing it is sent."""
 
@@ -138,7 +150,7 @@ class SilentAgent:
 
 
 async def test_a_real_coordinator_fails_a_launch_its_agent_never_started_and_serves_on(cluster):
-    cluster.start_coordinator("--launch-timeout-seconds", "2")
+    cluster.start_coordinator("--launch-timeout-seconds", "2", "--node-grace-period", "1")
     agent = SilentAgent(cluster.address, "n1", gpus=1)
     beating = asyncio.create_task(agent.run())
     try:

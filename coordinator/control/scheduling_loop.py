@@ -22,6 +22,7 @@ from coordinator.control.node_views import NodeViewCache
 from coordinator.control.placements import RendezvousPorts, placement_of
 from coordinator.control.running_view import RunningView, attained_service_seconds, attempt_intervals
 from coordinator.model.jobs import JobEntry
+from coordinator.model.node_state import Liveness
 from coordinator.rules import job_machine, job_reasons, launch_timeout, preemption
 from coordinator.rules.effects import Effect, Preempted, Stop
 from gpuorch.pools import DEFAULT_POOL
@@ -111,8 +112,14 @@ class SchedulingLoop:
         manager.expire_expected_nodes()
         manager.detect_hangs()
         if manager.machine.launch_timeout_seconds:
-            manager.apply(launch_timeout.fail_stalled(manager.running.values(), manager.now(), manager.machine))
+            ready = self._node_ready
+            manager.apply(launch_timeout.fail_stalled(manager.running.values(), manager.now(), manager.machine, ready))
         return await self.schedule_pass()
+
+    def _node_ready(self, node_id: str) -> bool:
+        """Connected and READY: a launch there that does not finish is the launch timeout's, not liveness's."""
+        node = self.cluster.nodes.get(node_id)
+        return node is not None and node.liveness.state is Liveness.READY and node_id not in self.manager.expected_nodes
 
     def _next_timer(self) -> float:
         """Seconds until the loop must look again: the next backoff to end, at most a second."""

@@ -5,20 +5,25 @@ Placing an attempt takes its GPUs; they are worth something only once its ranks 
 stall where nothing else notices: an agent that keeps heartbeating while its start of a rank hangs
 (a working directory on a hung network filesystem, a stuck cgroup write, a launch lost between two
 processes). Without a timeout such an attempt stays LAUNCHING, its job RUNNING, for ever. The
-timeout counts from the launch (monotonic; from the coordinator's restart for a restored attempt),
-and it is the same idea as Slurm's BatchStartTimeout.
+timeout counts from the placement (monotonic; from the coordinator's restart for a restored
+attempt), and it is the same idea as Slurm's BatchStartTimeout. Only ranks on READY nodes time
+out: a node that is SUSPECT, or not yet back after a coordinator restart, is liveness's to judge
+(it returns with its ranks, or goes DOWN and gives them up), not this rule's.
+
+What counts as started is what the agent reported RUNNING. An agent's registration lists a rank it
+is still starting as RUNNING too (without a pid), so a launch stuck across a re-registration is
+adopted as started and not timed out.
 
 The failed attempt is stopped like any other, so the ranks that did start end and give their GPUs
 back at once, instead of waiting in a rendezvous that can never complete. A rank that did not start
 keeps its GPU until its agent reports its end (it may still start: then it is stopped as part of
 a superseded attempt), and the job's next attempt waits for that, as after any failure: two
-attempts of a job never run at once. A node whose stream breaks meanwhile re-registers without the
-rank, which is then judged lost (control/reconcile.py).
+attempts of a job never run at once. A node that goes DOWN meanwhile gives its ranks up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from coordinator.model.jobs import Attempt, JobEntry
 from coordinator.rules import job_machine
@@ -35,9 +40,11 @@ def unstarted_ranks(attempt: Attempt) -> list[int]:
     return [rank for rank in range(attempt.world_size) if rank not in attempt.running and rank not in attempt.ended]
 
 
-def stalled(entries: Iterable[JobEntry], timeout_seconds: float, now: job_machine.Now) -> list[JobEntry]:
-    """The running jobs whose current attempt has a rank not started `timeout_seconds` after its launch
-    (0: no timeout)."""
+def stalled(
+    entries: Iterable[JobEntry], timeout_seconds: float, now: job_machine.Now, node_ready: Callable[[str], bool]
+) -> list[tuple[JobEntry, list[int]]]:
+    """The running jobs whose current attempt has a rank on a READY node not started `timeout_seconds`
+    after its launch (0: no timeout), each with those ranks."""
     if timeout_seconds <= 0:
         return []
     found = []
@@ -45,19 +52,23 @@ def stalled(entries: Iterable[JobEntry], timeout_seconds: float, now: job_machin
         attempt = entry.current
         if entry.job.state != job_pb2.JOB_STATE_RUNNING or attempt is None or attempt.all_started_at:
             continue
-        if now.monotonic - attempt.launched_at >= timeout_seconds and unstarted_ranks(attempt):
-            found.append(entry)
+        if now.monotonic - attempt.launched_at < timeout_seconds:
+            continue
+        missing = [rank for rank in unstarted_ranks(attempt) if node_ready(attempt.node_of(rank) or "")]
+        if missing:
+            found.append((entry, missing))
     return found
 
 
-def fail_stalled(entries: Iterable[JobEntry], now: job_machine.Now, config: job_machine.MachineConfig) -> list[Effect]:
+def fail_stalled(
+    entries: Iterable[JobEntry], now: job_machine.Now, config: job_machine.MachineConfig, node_ready: Callable[[str], bool]
+) -> list[Effect]:
     """Fails every stalled launch (see `stalled`), naming the ranks and nodes that did not start."""
     effects: list[Effect] = []
     timeout = config.launch_timeout_seconds
-    for entry in stalled(list(entries), timeout, now):
+    for entry, missing in stalled(list(entries), timeout, now, node_ready):
         attempt = entry.current
         assert attempt is not None  # stalled() returns only jobs with a current attempt
-        missing = unstarted_ranks(attempt)
         nodes = list(dict.fromkeys(node for rank in missing if (node := attempt.node_of(rank)) is not None))
         ranks = ", ".join(str(rank) for rank in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         description = f"rank(s) {ranks} on {', '.join(nodes)} did not start within {timeout:g}s of the launch ({LAUNCH_TIMEOUT})"
