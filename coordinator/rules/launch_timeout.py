@@ -66,7 +66,7 @@ def fail_stalled(
     """Fails every stalled launch (see `stalled`), naming the ranks and nodes that did not start."""
     effects: list[Effect] = []
     timeout = config.launch_timeout_seconds
-    for entry, missing in stalled(list(entries), timeout, now, node_ready):
+    for entry, missing in stalled(entries, timeout, now, node_ready):  # judged in full before any fails
         attempt = entry.current
         assert attempt is not None  # stalled() returns only jobs with a current attempt
         nodes = list(dict.fromkeys(node for rank in missing if (node := attempt.node_of(rank)) is not None))
