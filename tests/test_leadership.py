@@ -356,3 +356,27 @@ def test_a_standby_asks_again_right_after_the_leaders_lease_ends_not_a_whole_pol
     assert standby_wait(1.0, 2.5) == 1.0, "a live leader's lease: the poll interval"
     assert standby_wait(1.0, 0.3) == pytest.approx(0.3 + TAKE_OVER_MARGIN_SECONDS), "ends sooner: asked just after"
     assert standby_wait(1.0, -4.0) == TAKE_OVER_MARGIN_SECONDS, "already over (a race): asked at once, never negative"
+
+
+class CancelSwallowingLease(ScriptedLease):
+    """A store read that returns normally although it was cancelled: what asyncio.wait_for does on Python 3.11 when
+    the inner call completes as the cancellation arrives (PostgresLease reads who leads through wait_for), and what
+    a connection close that suppresses CancelledError does."""
+
+    async def leader(self) -> LeaderInfo:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        return LeaderInfo("", 0)
+
+
+async def test_acquire_returns_even_when_the_leader_watch_swallows_its_cancellation():
+    """CI caught a coordinator that logged `leading` and then waited for ever in acquire(): the watch of who leads had
+    swallowed its cancellation and slept on in its loop."""
+    lease = CancelSwallowingLease()
+    leadership = Leadership(lease, lease_seconds=3.0, can_lapse=True, clock=FakeClock())
+    acquiring = asyncio.create_task(leadership.acquire())
+    await asyncio.sleep(0.05)  # the watch is inside its read of who leads
+    lease.grant()
+    done, _ = await asyncio.wait({acquiring}, timeout=5)
+    assert acquiring in done, "acquire() waited for a watch that never ended"
+    assert acquiring.result() == 7

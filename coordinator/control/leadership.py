@@ -116,10 +116,14 @@ class Leadership:
 
     async def acquire(self) -> int:
         """Waits for the lease, keeping `leader` fresh meanwhile; returns this coordinator's epoch."""
-        watcher = asyncio.create_task(self._watch_leader())
+        acquired = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_leader(acquired))
         try:
             epoch = await self.lease.acquire()
         finally:
+            # The watch also ends at its next turn by itself: a store read may swallow a cancellation (asyncio.wait_for
+            # on Python 3.11, when the read completes as the cancel arrives), and this wait must not then last for ever.
+            acquired.set()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -157,13 +161,14 @@ class Leadership:
             if ticker is not None:
                 ticker.cancel()
 
-    async def _watch_leader(self) -> None:
-        while True:
+    async def _watch_leader(self, acquired: asyncio.Event) -> None:
+        while not acquired.is_set():
             try:
                 self.leader = await self.lease.leader()
             except Exception as error:  # noqa: BLE001 - the store out of reach: keep the last answer, try again
                 log.warning("cannot read who leads", error=f"{type(error).__name__}: {error}")
-            await asyncio.sleep(self.lease_seconds / 3)
+            if not acquired.is_set():
+                await asyncio.sleep(self.lease_seconds / 3)
 
     async def _tick(self) -> None:
         self._last_tick = self.clock.monotonic()
