@@ -18,7 +18,7 @@ from coordinator.model.arrays import ArrayRecord, DependencyIndex
 from coordinator.model.jobs import JobEntry
 from coordinator.rules import job_machine
 from coordinator.rules.dependencies import MAX_DEPENDENCIES, Progress, Verdict, decide, dependency_cycle, outcome
-from coordinator.rules.effects import Effect, Launch
+from coordinator.rules.effects import Effect
 from coordinator.rules.job_rules import InvalidSpec
 from gpuorch.arrays import condition_name
 from gpuorch.sharding import DEFAULT_DEVICE_CAPACITY, capacity_of
@@ -178,20 +178,12 @@ class Dependencies:
     def launches(self, entry: JobEntry) -> list[Effect]:
         """The job rules' launches of the entry's attempt, with every rank's GPU capacity (GPUORCH_DEVICE_CAPACITY,
         GPUORCH_DEVICE_CAPACITIES, for gpuorch.worker.shard) and, for a dependent, its dependencies' results."""
-        effects = job_machine.launches(entry, self.manager.machine, self.manager.cluster.allocations)
-        if entry.job.state != job_pb2.JOB_STATE_RUNNING:
-            return effects  # nothing launched: the attempt ended before its placement was durable
-        job = entry.job
+        job, manager = entry.job, self.manager
+        if job.state != job_pb2.JOB_STATE_RUNNING:  # nothing launched: the attempt ended before its placement was durable
+            return job_machine.launches(entry, manager.machine, manager.cluster.allocations)
         capacities = self._rank_capacities(job.placement)
-        every = ",".join(f"{capacity:g}" for capacity in capacities)
         results = self.results_document(job) if job.spec.after else ""
-        for effect in effects:
-            if isinstance(effect, Launch):
-                effect.launch.env["GPUORCH_DEVICE_CAPACITIES"] = every
-                for rank in effect.launch.ranks:
-                    rank.env["GPUORCH_DEVICE_CAPACITY"] = f"{capacities[rank.rank]:g}"
-                effect.launch.dependency_results_json = results
-        return effects
+        return job_machine.launches(entry, manager.machine, manager.cluster.allocations, capacities, results)
 
     def _rank_capacities(self, placement: job_pb2.Placement) -> list[float]:
         capacities = [1.0] * placement.world_size

@@ -53,4 +53,6 @@ class RendezvousPorts:
         self.in_use.setdefault(node_id, set()).add(port)
 
     def release(self, node_id: str, port: int) -> None:
-        self.in_use.get(node_id, set()).discard(port)
+        ports = self.in_use.get(node_id)
+        if ports is not None:
+            ports.discard(port)

@@ -186,11 +186,13 @@ class SchedulingLoop:
             self.restarting.discard(job_id)
 
     def forget(self, job_id: str) -> None:
-        """The job is final: it will not be scheduled again; its usage joins the settled usage."""
+        """The job is final: it will not be scheduled again; under fair_share its usage joins the settled usage."""
         self._requests.pop(job_id, None)
         self.estimates.forget(job_id)
         self._shown_waits.pop(job_id, None)
         self.restarting.discard(job_id)
+        if self.config.policy != "fair_share":
+            return  # only fair_share reads owners' usage (owner_usage); the policy is fixed for the loop's life
         entry = self.manager.jobs.get(job_id)
         if entry is None or not entry.job.attempts or job_id in self._settled_jobs:
             return

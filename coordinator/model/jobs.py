@@ -75,11 +75,13 @@ class Attempt:
     """The placement's node ids in node-rank order (the same index)."""
 
     def __post_init__(self) -> None:
+        ranks, nodes = self._ranks, self._nodes
         for node in self.placement.nodes:
             node_id = node.node_id
-            self._nodes.append(node_id)
+            nodes.append(node_id)
+            first = node.first_rank  # a message field: read once per node, not per rank
             for local, uuid in enumerate(node.device_uuids):
-                self._ranks[node.first_rank + local] = (node_id, uuid)
+                ranks[first + local] = (node_id, uuid)
 
     @property
     def world_size(self) -> int:

@@ -39,7 +39,7 @@ forgotten job) is fenced: stopped, its GPU held until its end is confirmed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -92,9 +92,7 @@ class MachineConfig:
 
 
 def stamp(wall: float) -> Timestamp:
-    value = Timestamp()
-    value.FromNanoseconds(int(wall * 1e9))
-    return value
+    return Timestamp(seconds=(nanoseconds := int(wall * 1e9)) // 1_000_000_000, nanos=nanoseconds % 1_000_000_000)
 
 
 # -- placement -------------------------------------------------------------------------------------
@@ -134,19 +132,22 @@ def place(
     return [QueueChanged(job.job_id), Save(job.job_id)]
 
 
-def launches(entry: JobEntry, config: MachineConfig, allocations: Allocations) -> list[Effect]:
-    """The launches of the job's current attempt, one per node, then its watchers told: sent once the
-    placement is durable, and only while the job still runs. A job cancelled or restarting meanwhile (a GPU
-    turned unhealthy, a hang) had nothing launched: no agent will report those ranks, so they end here."""
+def launches(
+    entry: JobEntry,
+    config: MachineConfig,
+    allocations: Allocations,
+    rank_capacities: Sequence[float] = (),
+    results_json: str = "",
+) -> list[Effect]:
+    """The launches of the job's current attempt (with its ranks' capacities, a dependent's `results_json`), one per
+    node, then its watchers told: sent once the placement is durable, only while the job still runs. A job cancelled or
+    restarting meanwhile (a GPU unhealthy, a hang) had nothing launched: no agent will report those ranks; they end here."""
     job = entry.job
     if job.state != job_pb2.JOB_STATE_RUNNING:
         return never_launched(entry, allocations)
     environment = attempt_environment(job, config.checkpoint_root)
-    effects: list[Effect] = [
-        Launch(node_id, launch)
-        for node_id, launch in job_rules.launch_messages(job, environment, config.stop_grace_seconds).items()
-    ]
-    return [*effects, Notify(job.job_id)]
+    messages = job_rules.launch_messages(job, environment, config.stop_grace_seconds, rank_capacities, results_json)
+    return [*(Launch(node_id, launch) for node_id, launch in messages.items()), Notify(job.job_id)]
 
 
 def never_launched(entry: JobEntry, allocations: Allocations) -> list[Effect]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Sequence
 
 from coordinator.model.jobs import FINAL_STATES, RankOutcome
 from gpuorch.pools import DEFAULT_POOL, pool_name_problem
@@ -160,14 +161,24 @@ def rank_environment(
 
 
 def launch_messages(
-    job: job_pb2.Job, attempt_env: dict[str, str] | None = None, stop_grace_seconds: float = 0.0
+    job: job_pb2.Job,
+    attempt_env: dict[str, str] | None = None,
+    stop_grace_seconds: float = 0.0,
+    rank_capacities: Sequence[float] = (),
+    dependency_results_json: str = "",
 ) -> dict[str, agent_pb2.LaunchTask]:
     """One LaunchTask per node of the job's current placement, keyed by node id.
 
     `attempt_env` adds what the coordinator knows of this attempt (GPUORCH_RESTART_REASON,
-    GPUORCH_CHECKPOINT_DIR); `stop_grace_seconds` is the grace the agent gives a rank at its time limit."""
+    GPUORCH_CHECKPOINT_DIR); `stop_grace_seconds` is the grace the agent gives a rank at its time limit;
+    `rank_capacities` (by rank) each rank's GPU capacity (GPUORCH_DEVICE_CAPACITY, and every rank's in
+    GPUORCH_DEVICE_CAPACITIES, for gpuorch.worker.shard); `dependency_results_json` what a dependent job is told
+    of its dependencies. Each message is built whole: a message's maps cost more to change once built."""
     placement = job.placement
     messages = {}
+    if rank_capacities:
+        capacity_texts = [f"{capacity:g}" for capacity in rank_capacities]
+        attempt_env = {**(attempt_env or {}), "GPUORCH_DEVICE_CAPACITIES": ",".join(capacity_texts)}
     for node in placement.nodes:
         launch = agent_pb2.LaunchTask(
             job_id=job.job_id,
@@ -182,9 +193,13 @@ def launch_messages(
             interactive=job.spec.interactive,
             owner=job.spec.owner,
             env={**node_environment(job, placement, node), **(attempt_env or {})},
+            dependency_results_json=dependency_results_json,
         )
         for local_rank in range(len(node.device_uuids)):
-            launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=rank_variables(node, local_rank))
+            variables = rank_variables(node, local_rank)
+            if rank_capacities:
+                variables["GPUORCH_DEVICE_CAPACITY"] = capacity_texts[node.first_rank + local_rank]
+            launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=variables)
         messages[node.node_id] = launch
     return messages
 
