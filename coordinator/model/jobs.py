@@ -43,7 +43,7 @@ class RankOutcome:
     description: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Attempt:
     """What the coordinator knows of one attempt's ranks. Where they run is the attempt's record in
     the job (`placement`, the same object): not copied here."""
@@ -120,7 +120,7 @@ class Attempt:
         return list(self._nodes)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class JobEntry:
     """One job: its durable record and its attempts that may still have ranks somewhere."""
 
