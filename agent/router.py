@@ -113,10 +113,21 @@ class Router:
                     )
                     continue
                 await self.supervisor.launch(launch)
-            except Exception:
+            except Exception as error:
                 log.exception("launch failed", job=launch.job_id, attempt=launch.attempt)
+                self._report_unstarted(launch, f"the agent could not launch it: {error}")
             finally:
                 self._launches.task_done()
+
+    def _report_unstarted(self, launch: agent_pb2.LaunchTask, why: str) -> None:
+        """After a launch that raised: each of its ranks the supervisor never started is reported FAILED_TO_START,
+        or the coordinator would wait for ranks that will never run (their GPUs held, the next attempt waiting)."""
+        for rank_launch in launch.ranks:
+            if (launch.job_id, launch.attempt, rank_launch.rank) not in self.supervisor.ranks:
+                try:
+                    self.supervisor.fail_before_start(launch, rank_launch, why)
+                except Exception:
+                    log.exception("could not report a rank that did not start", job=launch.job_id, rank=rank_launch.rank)
 
     async def _stop(self, stop: agent_pb2.StopTask) -> None:
         try:

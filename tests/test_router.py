@@ -12,6 +12,7 @@ import pytest
 
 from agent.ranks.supervisor import Supervisor
 from agent.router import Router, stop_also_forgets
+from coordinator.rules import recovery
 from gpuorch.v1 import agent_pb2
 from tests.test_supervisor import ROOT_RANKS_ALLOWED, Reports, launch_task, python_rank
 
@@ -128,3 +129,27 @@ async def test_a_launch_from_a_stream_that_is_no_longer_current_is_dropped(node:
     await node.reports.wait_for(lambda s: s.job_id == "j-fresh" and s.state == EXITED)
     assert [status.job_id for status in node.reports.statuses if status.job_id == "j-stale"] == []
     assert [job_id for job_id, _, _ in node.snapshot()] == ["j-fresh"]
+
+
+async def test_a_launch_that_raises_reports_each_of_its_ranks_failed_to_start(node: Node, monkeypatch) -> None:
+    """A launch the supervisor could not carry out (here its preparation raises, as an agent bug would) is not
+    only logged: each rank it did not start is reported FAILED_TO_START, so the coordinator fails or restarts
+    the attempt instead of waiting for ranks that will never run. The router goes on with later launches."""
+    from agent.ranks import spawn
+
+    prepare = spawn.prepare_launch
+
+    def broken_once(*args, **kwargs):
+        monkeypatch.setattr(spawn, "prepare_launch", prepare)
+        raise RuntimeError("the rank's state file is unreadable")
+
+    monkeypatch.setattr(spawn, "prepare_launch", broken_once)
+    node.router.handle(agent_pb2.CoordinatorMessage(launch_task=launch_task("j-broken", 1, SLEEPS, ranks=2)))
+    await node.router.settled()
+    failed = node.reports.matching(lambda s: s.job_id == "j-broken" and s.state == agent_pb2.TASK_STATE_FAILED_TO_START)
+    assert sorted(status.rank for status in failed) == [0, 1]
+    assert all("the rank's state file is unreadable" in status.message for status in failed), failed
+    # The agent's fault, not the job's: the coordinator restarts the attempt rather than failing the job.
+    assert not any(recovery.permanent_start_failure(status) for status in failed)
+
+    await node.launch_running("j-next", 1, SLEEPS)  # the launcher is still there

@@ -153,12 +153,12 @@ class Supervisor:
         started = []
         for rank_launch in new_ranks:
             if isinstance(how, str):
-                self._fail_before_start(launch, rank_launch, how)
+                self.fail_before_start(launch, rank_launch, how)
                 continue
             try:
                 started.append(self._spawn(launch, rank_launch, how))
             except OSError as error:
-                self._fail_before_start(launch, rank_launch, f"cannot start the rank's shim: {error}")
+                self.fail_before_start(launch, rank_launch, f"cannot start the rank's shim: {error}")
         await asyncio.gather(*(self._await_start(rank, notify_fd) for rank, notify_fd in started))
 
     async def stop(self, stop: agent_pb2.StopTask) -> None:
@@ -216,7 +216,8 @@ class Supervisor:
 
     # ---- launching --------------------------------------------------------------------------
 
-    def _fail_before_start(self, launch: agent_pb2.LaunchTask, rank_launch: agent_pb2.RankLaunch, why: str) -> None:
+    def fail_before_start(self, launch: agent_pb2.LaunchTask, rank_launch: agent_pb2.RankLaunch, why: str) -> None:
+        """The rank will not start: reported FAILED_TO_START with `why`, and kept as ended like an exit."""
         log.warning("rank failed to start", job=launch.job_id, attempt=launch.attempt, rank=rank_launch.rank, error=why)
         # Kept like an exit (in memory only: nothing was started) until forgotten.
         never_started = RankRecord(

@@ -69,6 +69,7 @@ TRANSIENT_START_FAILURES = (
     "No space left on device",  # ENOSPC creating the working directory
     "Too many open files",  # EMFILE, ENFILE
     "Interrupted system call",
+    "the agent could not launch it",  # the agent's own launch raised (agent/router.py): the agent's fault, not the job's
 )
 """Words of a FAILED_TO_START message (the agent's strerror or its own text) that say the cause may pass."""
 
