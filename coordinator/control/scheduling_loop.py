@@ -37,6 +37,8 @@ PERIODIC_PASS_SECONDS = 1.0
 """A scheduling pass runs at least this often (backoffs ending, hang checks, telemetry)."""
 FAIR_SHARE_HALF_LIFE_SECONDS = 3600.0
 KEPT_TIMINGS = 1000
+NO_GPUS: frozenset[str] = frozenset()
+"""The excluded GPUs of almost every request: one shared empty set, not one for the collector to track per job."""
 MAX_REST_SECONDS = 1.0
 """After a pass the loop rests as long as the pass took (at most this) before the next one: a pass holds the event
 loop, and a burst of wakes (a fleet registering into a long queue: each node wakes a pass) ran them back to back,
@@ -156,7 +158,7 @@ class SchedulingLoop:
                 group=self.manager.quotas.group_of(spec.owner),
                 preemptible=not spec.non_preemptible,
                 attained_service_seconds=attained_service_seconds(entry.job, entry.job.attempt + 1) if entry.job.attempt else 0.0,
-                excluded_gpus=frozenset(entry.job.excluded_device_uuids),
+                excluded_gpus=frozenset(excluded) if (excluded := entry.job.excluded_device_uuids) else NO_GPUS,
             )
             request = self._requests[entry.job.job_id] = self.estimates.with_estimate(request, spec.name)
         return request
