@@ -121,6 +121,31 @@ async def test_a_rank_on_a_node_that_is_not_ready_is_left_to_liveness():
     assert manager.get(job_id).job.state == RUNNING, manager.get(job_id).job.reason
 
 
+async def test_a_rank_its_agent_lists_as_still_starting_at_a_re_registration_is_not_adopted_as_started():
+    """An agent whose stream broke while a shim was starting a rank lists that rank in its Register as RUNNING
+    with `starting` set: the coordinator keeps it (no fence, no second launch) but does not count it as started,
+    so a start that hangs still fails at the launch timeout. A rank listed as running (no `starting`) is adopted."""
+    manager, clock, _ = await manager_with(nodes=2, launch_timeout=30)
+    stuck = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
+    adopted = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, max_restarts=0))
+    assert sorted(await manager.scheduling.step()) == sorted([stuck, adopted])
+    for job_id, starting in ((stuck, True), (adopted, False)):
+        (node_id,) = [node.node_id for node in manager.get(job_id).job.placement.nodes]
+        again = agent_pb2.Register(node_id=node_id, addresses=["127.0.0.1"])
+        again.devices.add(uuid=f"GPU-{node_id}-0", index=0, name="H100 80GB", memory_total_bytes=80 * 2**30)
+        listed = status(job_id, 0, agent_pb2.TASK_STATE_RUNNING)
+        listed.starting, listed.pid = starting, 0 if starting else 4242
+        again.tasks.append(listed)
+        _, session, _ = manager.cluster.register(again)
+        manager.on_register(node_id, again)
+        assert sent(session, "launch_task") == [] and sent(session, "stop_task") == [], "kept: neither launched again nor fenced"
+    clock.advance(31)
+    await manager.scheduling.step()
+    assert manager.get(stuck).job.state == FAILED, "a rank still starting is not started"
+    assert "did not start within 30s of the launch (launch_timeout)" in manager.get(stuck).job.reason
+    assert manager.get(adopted).job.state == RUNNING, manager.get(adopted).job.reason
+
+
 class SilentAgent:
     """An agent stream that registers simulated GPUs and heartbeats, and starts nothing it is sent."""
 

@@ -111,7 +111,7 @@ async def test_exit_codes_are_reported(supervisor: Supervisor) -> None:
     reports = supervisor.reports
     await supervisor.launch(launch_task("j-1", 1, python_rank("import os, sys; sys.exit(3 * int(os.environ['RANK']))"), ranks=2))
     running = [await reports.wait_for(reports.of(r, RUNNING)) for r in range(2)]
-    assert all(status.pid > 0 for status in running)
+    assert all(status.pid > 0 and not status.starting for status in running)
     exited = [await reports.wait_for(reports.of(r, EXITED)) for r in range(2)]
     assert [(s.exit_code, s.signal) for s in exited] == [(0, 0), (3, 0)]
     assert [s.pid for s in exited] == [s.pid for s in running]
@@ -463,3 +463,18 @@ async def test_a_rerun_log_is_made_private_and_the_shim_keeps_only_the_agents_lo
     assert Path(record.log_path).read_text().startswith("/home/u/libs from-the-job"), "the rank gets the job's"
     assert (Path(record.log_path).stat().st_mode & 0o777) == 0o600
     assert rank.job_id == "j-env"
+
+
+def test_a_rank_still_starting_is_listed_as_starting_and_one_that_runs_is_not() -> None:
+    """A Register lists a rank whose shim has not confirmed its start as RUNNING with `starting` set, so the
+    coordinator keeps it without counting it as started (its launch timeout still applies)."""
+    from agent.ranks.lifecycle import RankState
+    from agent.ranks.rank import Rank
+    from agent.ranks.state_dir import RankRecord
+
+    rank = Rank(record=RankRecord("j-s", 1, 0, 0, 0, None, 0, None, "", "", ""), record_path=Path())
+    assert rank.state is RankState.STARTING
+    listed = rank.running_status()
+    assert (listed.state, listed.starting) == (RUNNING, True)
+    rank.state = RankState.RUNNING
+    assert rank.running_status().starting is False

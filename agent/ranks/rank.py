@@ -48,7 +48,11 @@ class Rank:
         )
 
     def running_status(self) -> agent_pb2.TaskStatus:
-        return self.status(agent_pb2.TASK_STATE_RUNNING, pid=self.record.rank_pid, working_dir=self.record.working_dir)
+        """RUNNING, or, while its shim is still starting it, RUNNING with `starting` set (known, not started)."""
+        starting = self.state is RankState.STARTING
+        return self.status(
+            agent_pb2.TASK_STATE_RUNNING, pid=self.record.rank_pid, working_dir=self.record.working_dir, starting=starting
+        )
 
     @property
     def fields(self) -> dict[str, Any]:

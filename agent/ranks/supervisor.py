@@ -258,6 +258,7 @@ class Supervisor:
                 record.deadline_wall = lifecycle.time_limit_deadline(self.clock.wall(), record.time_limit_seconds)
                 self.state.save_record(record, rank.record_path)
                 log.info("rank started", **fields, pid=record.rank_pid)
+                rank.state = RankState.RUNNING  # before the report: it says the rank runs, not that it is starting
                 self._report(rank.running_status())
                 self._enforce_time_limit(rank)
         finally:

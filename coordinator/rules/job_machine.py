@@ -207,6 +207,8 @@ def rank_reported(
                 grace = config.preemption_grace_seconds
                 return preemption.stop_again(entry, attempt, node_id, status.rank, now.wall, now.monotonic, grace)
             return [_fence(entry, node_id, status, "fenced: attempt superseded")]
+        if status.starting:  # its agent is still starting it (listed in a Register): known, not started (launch timeout)
+            return []
         if status.working_dir:
             record = entry.record(number)
             if record is not None and record.working_dirs.get(node_id) != status.working_dir:
@@ -381,8 +383,7 @@ def hung(entries: Iterable[JobEntry], now: Now) -> list[JobEntry]:
     """The running jobs whose current attempt has had no rank report progress within the job's progress timeout."""
     found = []
     for entry in entries:
-        timeout = entry.job.spec.progress_timeout_seconds
-        attempt = entry.current
+        timeout, attempt = entry.job.spec.progress_timeout_seconds, entry.current
         if not timeout or attempt is None or entry.job.state != job_pb2.JOB_STATE_RUNNING:
             continue
         if recovery.hung(timeout, attempt.started_wall, attempt.last_progress_wall, now.wall):

@@ -10,9 +10,10 @@ attempt), and it is the same idea as Slurm's BatchStartTimeout. Only ranks on RE
 out: a node that is SUSPECT, or not yet back after a coordinator restart, is liveness's to judge
 (it returns with its ranks, or goes DOWN and gives them up), not this rule's.
 
-What counts as started is what the agent reported RUNNING. An agent's registration lists a rank it
-is still starting as RUNNING too (without a pid), so a launch stuck across a re-registration is
-adopted as started and not timed out.
+What counts as started is what the agent reported RUNNING. A rank its agent is still starting is
+listed in a registration (after a broken stream or a coordinator restart) as RUNNING with `starting`
+set: kept, neither fenced nor launched again, but not started, so a launch stuck across a
+re-registration still times out (rules/job_machine.rank_reported).
 
 The failed attempt is stopped like any other, so the ranks that did start end and give their GPUs
 back at once, instead of waiting in a rendezvous that can never complete. A rank that did not start

@@ -27,7 +27,7 @@ from gpuorch.v1 import cluster_pb2 as gpuorch_dot_v1_dot_cluster__pb2
 from gpuorch.v1 import interactive_pb2 as gpuorch_dot_v1_dot_interactive__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuorch/v1/agent.proto\x12\ngpuorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18gpuorch/v1/cluster.proto\x1a\x1cgpuorch/v1/interactive.proto\"\xd9\x01\n\x08Register\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\'\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x16.gpuorch.v1.DeviceInfo\x12\"\n\x1aheartbeat_interval_seconds\x18\x05 \x01(\x01\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12%\n\x05tasks\x18\x07 \x03(\x0b\x32\x16.gpuorch.v1.TaskStatus\x12\x0c\n\x04pool\x18\x08 \x01(\t\"\xa6\x01\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12-\n\tsent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1b.gpuorch.v1.DeviceTelemetry\x12*\n\x08progress\x18\x04 \x03(\x0b\x32\x18.gpuorch.v1.RankProgress\"\x92\x02\n\x0cRankProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x36\n\x12last_progress_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x0f\n\x07samples\x18\x06 \x01(\x04\x12\x14\n\x0cstep_seconds\x18\x07 \x01(\x01\x12\x36\n\x07scalars\x18\x08 \x03(\x0b\x32%.gpuorch.v1.RankProgress.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe2\x01\n\nTaskStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.gpuorch.v1.TaskState\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x13\n\x0bworking_dir\x18\t \x01(\t\x12\x14\n\x0ctime_limited\x18\n \x01(\x08\x12\x13\n\x0bresult_json\x18\x1e \x01(\t\"o\n\x08LogChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tfile_size\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\x08\"\xc9\x01\n\x0c\x41gentMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.gpuorch.v1.RegisterH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.gpuorch.v1.HeartbeatH\x00\x12-\n\x0btask_status\x18\x03 \x01(\x0b\x32\x16.gpuorch.v1.TaskStatusH\x00\x12)\n\tlog_chunk\x18\x04 \x01(\x0b\x32\x14.gpuorch.v1.LogChunkH\x00\x42\t\n\x07payload\"\x97\x01\n\x0bRegisterAck\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x19\n\x11\x63oordinator_epoch\x18\x02 \x01(\x04\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12\x1c\n\x14owners_authenticated\x18\x04 \x01(\x08\x12\x1a\n\x12\x64own_after_seconds\x18\x05 \x01(\x01\"\x8e\x03\n\nLaunchTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12%\n\x05ranks\x18\x05 \x03(\x0b\x32\x16.gpuorch.v1.RankLaunch\x12\r\n\x05owner\x18\x06 \x01(\t\x12,\n\x03\x65nv\x18\x07 \x03(\x0b\x32\x1f.gpuorch.v1.LaunchTask.EnvEntry\x12\x12\n\nsubmit_dir\x18\x08 \x01(\t\x12\x10\n\x08pids_max\x18\t \x01(\r\x12\x18\n\x10memory_max_bytes\x18\n \x01(\x04\x12\x1a\n\x12time_limit_seconds\x18\x0b \x01(\x01\x12\x1a\n\x12stop_grace_seconds\x18\x0c \x01(\x01\x12\x1f\n\x17\x64\x65pendency_results_json\x18\x1e \x01(\t\x12\x13\n\x0binteractive\x18\x32 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\nRankLaunch\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nlocal_rank\x18\x02 \x01(\r\x12,\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1f.gpuorch.v1.RankLaunch.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x08StopTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rgrace_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"0\n\rForgetAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"p\n\x08ReadLogs\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x11\n\tmax_bytes\x18\x06 \x01(\r\"\xc2\x02\n\x12\x43oordinatorMessage\x12/\n\x0cregister_ack\x18\x01 \x01(\x0b\x32\x17.gpuorch.v1.RegisterAckH\x00\x12-\n\x0blaunch_task\x18\x02 \x01(\x0b\x32\x16.gpuorch.v1.LaunchTaskH\x00\x12)\n\tstop_task\x18\x03 \x01(\x0b\x32\x14.gpuorch.v1.StopTaskH\x00\x12)\n\tread_logs\x18\x04 \x01(\x0b\x32\x14.gpuorch.v1.ReadLogsH\x00\x12\x33\n\x0e\x66orget_attempt\x18\x05 \x01(\x0b\x32\x19.gpuorch.v1.ForgetAttemptH\x00\x12\x36\n\x0copen_session\x18\x32 \x01(\x0b\x32\x1e.gpuorch.v1.NodeSessionRequestH\x00\x42\t\n\x07payload*\x8f\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_RUNNING\x10\x01\x12\x15\n\x11TASK_STATE_EXITED\x10\x02\x12\x1e\n\x1aTASK_STATE_FAILED_TO_START\x10\x03\x12\x17\n\x13TASK_STATE_REJECTED\x10\x04\x32W\n\x0c\x41gentService\x12G\n\x07\x43onnect\x12\x18.gpuorch.v1.AgentMessage\x1a\x1e.gpuorch.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuorch/v1/agent.proto\x12\ngpuorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18gpuorch/v1/cluster.proto\x1a\x1cgpuorch/v1/interactive.proto\"\xd9\x01\n\x08Register\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\'\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x16.gpuorch.v1.DeviceInfo\x12\"\n\x1aheartbeat_interval_seconds\x18\x05 \x01(\x01\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12%\n\x05tasks\x18\x07 \x03(\x0b\x32\x16.gpuorch.v1.TaskStatus\x12\x0c\n\x04pool\x18\x08 \x01(\t\"\xa6\x01\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12-\n\tsent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1b.gpuorch.v1.DeviceTelemetry\x12*\n\x08progress\x18\x04 \x03(\x0b\x32\x18.gpuorch.v1.RankProgress\"\x92\x02\n\x0cRankProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x36\n\x12last_progress_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x0f\n\x07samples\x18\x06 \x01(\x04\x12\x14\n\x0cstep_seconds\x18\x07 \x01(\x01\x12\x36\n\x07scalars\x18\x08 \x03(\x0b\x32%.gpuorch.v1.RankProgress.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf4\x01\n\nTaskStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.gpuorch.v1.TaskState\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x13\n\x0bworking_dir\x18\t \x01(\t\x12\x14\n\x0ctime_limited\x18\n \x01(\x08\x12\x13\n\x0bresult_json\x18\x1e \x01(\t\x12\x10\n\x08starting\x18\x0b \x01(\x08\"o\n\x08LogChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tfile_size\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\x08\"\xc9\x01\n\x0c\x41gentMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.gpuorch.v1.RegisterH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.gpuorch.v1.HeartbeatH\x00\x12-\n\x0btask_status\x18\x03 \x01(\x0b\x32\x16.gpuorch.v1.TaskStatusH\x00\x12)\n\tlog_chunk\x18\x04 \x01(\x0b\x32\x14.gpuorch.v1.LogChunkH\x00\x42\t\n\x07payload\"\x97\x01\n\x0bRegisterAck\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x19\n\x11\x63oordinator_epoch\x18\x02 \x01(\x04\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12\x1c\n\x14owners_authenticated\x18\x04 \x01(\x08\x12\x1a\n\x12\x64own_after_seconds\x18\x05 \x01(\x01\"\x8e\x03\n\nLaunchTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12%\n\x05ranks\x18\x05 \x03(\x0b\x32\x16.gpuorch.v1.RankLaunch\x12\r\n\x05owner\x18\x06 \x01(\t\x12,\n\x03\x65nv\x18\x07 \x03(\x0b\x32\x1f.gpuorch.v1.LaunchTask.EnvEntry\x12\x12\n\nsubmit_dir\x18\x08 \x01(\t\x12\x10\n\x08pids_max\x18\t \x01(\r\x12\x18\n\x10memory_max_bytes\x18\n \x01(\x04\x12\x1a\n\x12time_limit_seconds\x18\x0b \x01(\x01\x12\x1a\n\x12stop_grace_seconds\x18\x0c \x01(\x01\x12\x1f\n\x17\x64\x65pendency_results_json\x18\x1e \x01(\t\x12\x13\n\x0binteractive\x18\x32 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\nRankLaunch\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nlocal_rank\x18\x02 \x01(\r\x12,\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1f.gpuorch.v1.RankLaunch.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x08StopTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rgrace_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"0\n\rForgetAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"p\n\x08ReadLogs\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x11\n\tmax_bytes\x18\x06 \x01(\r\"\xc2\x02\n\x12\x43oordinatorMessage\x12/\n\x0cregister_ack\x18\x01 \x01(\x0b\x32\x17.gpuorch.v1.RegisterAckH\x00\x12-\n\x0blaunch_task\x18\x02 \x01(\x0b\x32\x16.gpuorch.v1.LaunchTaskH\x00\x12)\n\tstop_task\x18\x03 \x01(\x0b\x32\x14.gpuorch.v1.StopTaskH\x00\x12)\n\tread_logs\x18\x04 \x01(\x0b\x32\x14.gpuorch.v1.ReadLogsH\x00\x12\x33\n\x0e\x66orget_attempt\x18\x05 \x01(\x0b\x32\x19.gpuorch.v1.ForgetAttemptH\x00\x12\x36\n\x0copen_session\x18\x32 \x01(\x0b\x32\x1e.gpuorch.v1.NodeSessionRequestH\x00\x42\t\n\x07payload*\x8f\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_RUNNING\x10\x01\x12\x15\n\x11TASK_STATE_EXITED\x10\x02\x12\x1e\n\x1aTASK_STATE_FAILED_TO_START\x10\x03\x12\x17\n\x13TASK_STATE_REJECTED\x10\x04\x32W\n\x0c\x41gentService\x12G\n\x07\x43onnect\x12\x18.gpuorch.v1.AgentMessage\x1a\x1e.gpuorch.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAUNCHTASK_ENVENTRY']._serialized_options = b'8\001'
   _globals['_RANKLAUNCH_ENVENTRY']._loaded_options = None
   _globals['_RANKLAUNCH_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=2607
-  _globals['_TASKSTATE']._serialized_end=2750
+  _globals['_TASKSTATE']._serialized_start=2625
+  _globals['_TASKSTATE']._serialized_end=2768
   _globals['_REGISTER']._serialized_start=128
   _globals['_REGISTER']._serialized_end=345
   _globals['_HEARTBEAT']._serialized_start=348
@@ -51,29 +51,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKPROGRESS_SCALARSENTRY']._serialized_start=745
   _globals['_RANKPROGRESS_SCALARSENTRY']._serialized_end=791
   _globals['_TASKSTATUS']._serialized_start=794
-  _globals['_TASKSTATUS']._serialized_end=1020
-  _globals['_LOGCHUNK']._serialized_start=1022
-  _globals['_LOGCHUNK']._serialized_end=1133
-  _globals['_AGENTMESSAGE']._serialized_start=1136
-  _globals['_AGENTMESSAGE']._serialized_end=1337
-  _globals['_REGISTERACK']._serialized_start=1340
-  _globals['_REGISTERACK']._serialized_end=1491
-  _globals['_LAUNCHTASK']._serialized_start=1494
-  _globals['_LAUNCHTASK']._serialized_end=1892
-  _globals['_LAUNCHTASK_ENVENTRY']._serialized_start=1850
-  _globals['_LAUNCHTASK_ENVENTRY']._serialized_end=1892
-  _globals['_RANKLAUNCH']._serialized_start=1895
-  _globals['_RANKLAUNCH']._serialized_end=2031
-  _globals['_RANKLAUNCH_ENVENTRY']._serialized_start=1850
-  _globals['_RANKLAUNCH_ENVENTRY']._serialized_end=1892
-  _globals['_STOPTASK']._serialized_start=2033
-  _globals['_STOPTASK']._serialized_end=2115
-  _globals['_FORGETATTEMPT']._serialized_start=2117
-  _globals['_FORGETATTEMPT']._serialized_end=2165
-  _globals['_READLOGS']._serialized_start=2167
-  _globals['_READLOGS']._serialized_end=2279
-  _globals['_COORDINATORMESSAGE']._serialized_start=2282
-  _globals['_COORDINATORMESSAGE']._serialized_end=2604
-  _globals['_AGENTSERVICE']._serialized_start=2752
-  _globals['_AGENTSERVICE']._serialized_end=2839
+  _globals['_TASKSTATUS']._serialized_end=1038
+  _globals['_LOGCHUNK']._serialized_start=1040
+  _globals['_LOGCHUNK']._serialized_end=1151
+  _globals['_AGENTMESSAGE']._serialized_start=1154
+  _globals['_AGENTMESSAGE']._serialized_end=1355
+  _globals['_REGISTERACK']._serialized_start=1358
+  _globals['_REGISTERACK']._serialized_end=1509
+  _globals['_LAUNCHTASK']._serialized_start=1512
+  _globals['_LAUNCHTASK']._serialized_end=1910
+  _globals['_LAUNCHTASK_ENVENTRY']._serialized_start=1868
+  _globals['_LAUNCHTASK_ENVENTRY']._serialized_end=1910
+  _globals['_RANKLAUNCH']._serialized_start=1913
+  _globals['_RANKLAUNCH']._serialized_end=2049
+  _globals['_RANKLAUNCH_ENVENTRY']._serialized_start=1868
+  _globals['_RANKLAUNCH_ENVENTRY']._serialized_end=1910
+  _globals['_STOPTASK']._serialized_start=2051
+  _globals['_STOPTASK']._serialized_end=2133
+  _globals['_FORGETATTEMPT']._serialized_start=2135
+  _globals['_FORGETATTEMPT']._serialized_end=2183
+  _globals['_READLOGS']._serialized_start=2185
+  _globals['_READLOGS']._serialized_end=2297
+  _globals['_COORDINATORMESSAGE']._serialized_start=2300
+  _globals['_COORDINATORMESSAGE']._serialized_end=2622
+  _globals['_AGENTSERVICE']._serialized_start=2770
+  _globals['_AGENTSERVICE']._serialized_end=2857
 # @@protoc_insertion_point(module_scope)

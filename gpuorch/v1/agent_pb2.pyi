@@ -85,7 +85,7 @@ class RankProgress(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., step_seconds: _Optional[float] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir", "time_limited", "result_json")
+    __slots__ = ("job_id", "attempt", "rank", "state", "exit_code", "signal", "message", "pid", "working_dir", "time_limited", "result_json", "starting")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class TaskStatus(_message.Message):
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMITED_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    STARTING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -108,7 +109,8 @@ class TaskStatus(_message.Message):
     working_dir: str
     time_limited: bool
     result_json: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ..., time_limited: _Optional[bool] = ..., result_json: _Optional[str] = ...) -> None: ...
+    starting: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., working_dir: _Optional[str] = ..., time_limited: _Optional[bool] = ..., result_json: _Optional[str] = ..., starting: _Optional[bool] = ...) -> None: ...
 
 class LogChunk(_message.Message):
     __slots__ = ("request_id", "data", "offset", "file_size", "error", "running")
