@@ -188,7 +188,7 @@ def redact_env(job, caller: Caller):
         return job
     hidden = type(job)()
     hidden.CopyFrom(job)
-    for name in hidden.spec.env:
+    for name in list(hidden.spec.env):  # a copy: writes to a protobuf map while it is walked are partly lost
         hidden.spec.env[name] = ""
     hidden.env_redacted = True
     return hidden
