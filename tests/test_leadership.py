@@ -380,3 +380,22 @@ async def test_acquire_returns_even_when_the_leader_watch_swallows_its_cancellat
     done, _ = await asyncio.wait({acquiring}, timeout=5)
     assert acquiring in done, "acquire() waited for a watch that never ended"
     assert acquiring.result() == 7
+
+
+async def test_a_lease_that_is_cancelled_while_closing_its_connection_ends_cancelled():
+    """Closing a broken connection to PostgreSQL swallows the close's own errors, but not the cancellation of the
+    task doing it (a graceful stop cancels the lease's hold while a renewal failed): swallowed, the hold would go on
+    renewing and the stop would wait for ever (asyncio.wait_for on Python 3.11 lets such a swallow through)."""
+    from coordinator.store.postgres_lease import PostgresLease
+
+    class SlowToClose:
+        async def close(self) -> None:
+            await asyncio.sleep(30)
+
+    lease = PostgresLease("postgresql://gpuorch@127.0.0.1:1/none", "127.0.0.1:50051", lease_seconds=3.0)
+    lease._connection = SlowToClose()  # type: ignore[assignment]
+    dropping = asyncio.create_task(lease._drop_connection())
+    await asyncio.sleep(0.05)
+    dropping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(dropping, 5)

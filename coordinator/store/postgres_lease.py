@@ -136,8 +136,12 @@ class PostgresLease(Lease):
         if connection is not None:
             try:
                 await asyncio.wait_for(connection.close(), timeout=1.0)
-            except (*UNREACHABLE, asyncio.CancelledError):
+            except UNREACHABLE:
                 pass
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task is being cancelled (a graceful stop): not the broken connection's to swallow
 
     async def _take_over(self) -> tuple[int | None, float]:
         """Takes the lease if it has run out: (the new epoch, 0), or (None, seconds the leader's lease has left)."""
