@@ -204,8 +204,14 @@ def launch_messages(
     return messages
 
 
+CLEAN_EXIT = RankOutcome(False, "exited with code 0")
+"""Most ranks' end: one record for all (a clean exit's description is never shown), not a string per rank."""
+
+
 def rank_outcome(status: agent_pb2.TaskStatus, node_id: str) -> RankOutcome:
     """What one rank's end means for its attempt."""
+    if status.state == agent_pb2.TASK_STATE_EXITED and not (status.exit_code or status.signal or status.time_limited):
+        return CLEAN_EXIT
     where = f"rank {status.rank} on node {node_id}"
     if status.time_limited:  # before the exit code: a rank that exits 0 at its SIGTERM still ran out of time
         return RankOutcome(
