@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 
 class Clock(Protocol):
     """Wall time (seconds since the epoch, for what is stored or shown) and monotonic time
@@ -56,3 +58,16 @@ class FakeClock:
 
 SYSTEM_CLOCK = SystemClock()
 """The shared real clock; the daemons' default."""
+
+
+_STAMP_SECONDS_MIN, _STAMP_SECONDS_MAX = -62135596800, 253402300799
+"""The range of a valid google.protobuf.Timestamp (0001-01-01 to 9999-12-31)."""
+
+
+def stamp_seconds(stamp: Timestamp) -> float:
+    """`stamp.ToNanoseconds() / 1e9`, the same float, without its Python-level checks: it is read on hot paths (every
+    heartbeat, every rank's report, every job written and every pass's new requests). An invalid stamp still raises."""
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if _STAMP_SECONDS_MIN <= seconds <= _STAMP_SECONDS_MAX and 0 <= nanos < 1_000_000_000:
+        return (seconds * 1_000_000_000 + nanos) / 1e9
+    return stamp.ToNanoseconds() / 1e9

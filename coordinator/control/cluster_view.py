@@ -31,7 +31,7 @@ from coordinator.model.telemetry import (
 from coordinator.rules import health, liveness
 from coordinator.rules.liveness import Liveness, LivenessPolicy
 from coordinator.rules.registration import InvalidMessage
-from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.clock import SYSTEM_CLOCK, Clock, stamp_seconds
 from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import agent_pb2, cluster_pb2
 
@@ -134,7 +134,7 @@ class ClusterView:
             ):
                 self._judge(node, record, now)
         if heartbeat.HasField("sent_time"):
-            self.heartbeats.record(wall, wall - heartbeat.sent_time.ToNanoseconds() / 1e9)
+            self.heartbeats.record(wall, wall - stamp_seconds(heartbeat.sent_time))
 
     def _judge(self, node: NodeRecord, record: DeviceRecord, now: float) -> None:
         """Re-assesses a device from its latest telemetry, keeping recently unhealthy ones quarantined."""

@@ -19,12 +19,13 @@ from collections.abc import Iterator, Sequence
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
-from coordinator.model.job_telemetry import AttemptTelemetry, stamp_wall
+from coordinator.model.job_telemetry import AttemptTelemetry
 from coordinator.model.jobs import Attempt, AttemptState, JobEntry
 from coordinator.model.telemetry import GPU_UTILIZATION, MEMORY_USED
 from coordinator.rules import job_telemetry, usage_report
 from coordinator.rules.job_telemetry import TelemetryConfig
 from coordinator.rules.liveness import Liveness
+from gpuorch.clock import stamp_seconds
 from gpuorch.v1 import agent_pb2, job_pb2
 
 SLICE = 50
@@ -95,7 +96,7 @@ class JobTelemetry:
                 startable = live if live is not None and live.job.attempt == attempt else None
             if record is None:
                 continue
-            wall = stamp_wall(progress.last_progress_time)
+            wall = stamp_seconds(progress.last_progress_time)
             if wall > record.last_progress_wall:
                 record.last_progress_wall = wall
             if state is None:

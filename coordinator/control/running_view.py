@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from coordinator import scheduler
 from coordinator.model.jobs import Attempt, AttemptState, JobEntry
+from gpuorch.clock import stamp_seconds
 from gpuorch.v1 import job_pb2
 
 
@@ -20,8 +21,8 @@ def attempt_intervals(entries: Iterable[JobEntry], now: float) -> Iterator[tuple
     for entry in entries:
         owner = entry.job.spec.owner
         for attempt in entry.job.attempts:
-            end = attempt.end_time.ToNanoseconds() / 1e9 if attempt.HasField("end_time") else now
-            yield owner, attempt.placement.world_size, attempt.start_time.ToNanoseconds() / 1e9, end
+            end = stamp_seconds(attempt.end_time) if attempt.HasField("end_time") else now
+            yield owner, attempt.placement.world_size, stamp_seconds(attempt.start_time), end
 
 
 def attained_service_seconds(job: job_pb2.Job, before_attempt: int) -> float:
@@ -50,7 +51,7 @@ def running_job(
         record = entry.record(attempt_number)
         placement = record.placement if record is not None else job.placement
         nodes = tuple(scheduler.NodeShare(node.node_id, tuple(node.device_uuids)) for node in placement.nodes)
-        start = (record.start_time if record is not None else job.start_time).ToNanoseconds() / 1e9
+        start = stamp_seconds(record.start_time if record is not None else job.start_time)
     estimate = request.estimated_runtime_seconds
     if request.time_limit_seconds > 0:
         estimate = min(estimate, request.time_limit_seconds) if estimate > 0 else request.time_limit_seconds

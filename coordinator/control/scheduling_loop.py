@@ -25,6 +25,7 @@ from coordinator.model.jobs import JobEntry
 from coordinator.model.node_state import Liveness
 from coordinator.rules import job_machine, job_reasons, launch_timeout, preemption
 from coordinator.rules.effects import Effect, Preempted, Stop
+from gpuorch.clock import stamp_seconds
 from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
 
@@ -147,7 +148,7 @@ class SchedulingLoop:
                 gpus=spec.gpus,
                 gpus_per_node=spec.gpus_per_node,
                 priority=spec.priority,
-                submit_time=entry.job.submit_time.ToNanoseconds() / 1e9,
+                submit_time=stamp_seconds(entry.job.submit_time),
                 owner=spec.owner,
                 estimated_runtime_seconds=float(spec.estimated_runtime_seconds),
                 min_memory_per_gpu_bytes=spec.requirements.min_memory_per_gpu_bytes,

@@ -10,8 +10,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from google.protobuf import timestamp_pb2
-
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds of gpuorch_job_step_seconds, in seconds (a step of a small model to a step of a large one)."""
 
@@ -32,19 +30,6 @@ class StepHistogram:
             self.counts[index] += steps
         self.count += steps
         self.total_seconds += seconds * steps
-
-
-_STAMP_SECONDS_MIN, _STAMP_SECONDS_MAX = -62135596800, 253402300799
-"""The range of a valid google.protobuf.Timestamp (0001-01-01 to 9999-12-31)."""
-
-
-def stamp_wall(stamp: timestamp_pb2.Timestamp) -> float:
-    """`stamp.ToNanoseconds() / 1e9`, the same float, without its Python-level checks on the hot path (every
-    rank's report in every heartbeat); an invalid stamp still raises its ValueError."""
-    seconds, nanos = stamp.seconds, stamp.nanos
-    if _STAMP_SECONDS_MIN <= seconds <= _STAMP_SECONDS_MAX and 0 <= nanos < 1_000_000_000:
-        return (seconds * 1_000_000_000 + nanos) / 1e9
-    return stamp.ToNanoseconds() / 1e9
 
 
 @dataclass(slots=True)

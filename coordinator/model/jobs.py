@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Reversible
 from dataclasses import dataclass, field
 
+from gpuorch.clock import stamp_seconds
 from gpuorch.v1 import job_pb2
 
 FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
@@ -147,7 +148,7 @@ class JobEntry:
     @property
     def not_before(self) -> float:
         """Wall time before which the next attempt must not start (restart backoff); 0 if none."""
-        return self.job.restart_not_before.ToNanoseconds() / 1e9 if self.job.HasField("restart_not_before") else 0.0
+        return stamp_seconds(self.job.restart_not_before) if self.job.HasField("restart_not_before") else 0.0
 
     def record(self, attempt: int) -> job_pb2.Attempt | None:
         """The job's stored record of one attempt."""

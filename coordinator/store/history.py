@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from coordinator.store.api import JobQuery
+from gpuorch.clock import stamp_seconds
 from gpuorch.v1 import job_pb2
 
 FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
@@ -13,7 +14,7 @@ NOT_FINAL_STATES = tuple(sorted(set(job_pb2.JobState.values()) - FINAL_STATES))
 
 def submitted_at(job: job_pb2.Job) -> float:
     """Wall seconds of the submission (0 if unknown)."""
-    return job.submit_time.ToNanoseconds() / 1e9 if job.HasField("submit_time") else 0.0
+    return stamp_seconds(job.submit_time) if job.HasField("submit_time") else 0.0
 
 
 def ended_at(job: job_pb2.Job) -> float:
@@ -22,7 +23,7 @@ def ended_at(job: job_pb2.Job) -> float:
     if job.state not in FINAL_STATES:
         return 0.0
     if job.HasField("end_time"):
-        return max(job.end_time.ToNanoseconds() / 1e9, 1e-9)
+        return max(stamp_seconds(job.end_time), 1e-9)
     return submitted_at(job) or 1.0
 
 
