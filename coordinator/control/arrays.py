@@ -175,6 +175,10 @@ class Arrays:
         self._budgets.clear()
         self.dependencies.settle()
 
+    def gates_any(self) -> bool:
+        """Whether any pending job is capped or waits for dependencies (else `gated` is False for every job)."""
+        return bool(self.capped) or bool(self.dependencies.index.waiting)
+
     def gated(self, job_id: str) -> bool:
         """Whether the pass must ask `gate` of this pending job (cheap: most jobs are neither)."""
         return job_id in self.capped or self.dependencies.waiting(job_id)

@@ -234,12 +234,14 @@ class SchedulingLoop:
         requests: list[scheduler.JobRequest] = []
         shown = self._shown_waits
         manager.arrays.before_pass()  # dependents released or cancelled as their targets changed
-        gated, gate = manager.arrays.gated, manager.arrays.gate
+        # Most passes gate no job at all: then no job is asked (two calls per pending job per pass, otherwise).
+        gated = manager.arrays.gated if manager.arrays.gates_any() else None
+        gate = manager.arrays.gate
         # Every pending job, every pass: only plain data here (message fields are slow to read).
         for job_id, entry in manager.pending.items():
             if backoffs and backoffs.get(job_id, 0.0) > wall:
                 continue
-            if gated(job_id) and gate(entry):  # over its array's cap, or waiting for dependencies (control/arrays.py)
+            if gated is not None and gated(job_id) and gate(entry):  # over its array's cap, or waiting for dependencies
                 shown.pop(job_id, None)
                 continue
             if entry.attempts:  # a restart waits until every rank of the earlier attempt has ended

@@ -121,30 +121,44 @@ def node_environment(job: job_pb2.Job, placement: job_pb2.Placement, node: job_p
     misread the way indexes can (CUDA orders devices fastest-first by default,
     NVML by PCI bus).
     """
-    env = dict(job.spec.env)
+    return {**_job_environment(job, placement), **_node_variables(node)}
+
+
+def _job_environment(job: job_pb2.Job, placement: job_pb2.Placement) -> dict[str, str]:
+    """The part of node_environment every node of the placement shares (built once per launch)."""
+    spec = job.spec
+    env = dict(spec.env)
+    world_size, attempt, job_id = str(placement.world_size), job.attempt, job.job_id
     env.update(
         {
             "MASTER_ADDR": placement.master_addr,
             "MASTER_PORT": str(placement.master_port),
-            "WORLD_SIZE": str(placement.world_size),
-            "LOCAL_WORLD_SIZE": str(len(node.device_uuids)),
-            "NODE_RANK": str(node.node_rank),
-            "GROUP_RANK": str(node.node_rank),
+            "WORLD_SIZE": world_size,
             "GROUP_WORLD_SIZE": str(len(placement.nodes)),
-            "ROLE_WORLD_SIZE": str(placement.world_size),
-            "TORCHELASTIC_RESTART_COUNT": str(max(0, job.attempt - 1)),
-            "TORCHELASTIC_RUN_ID": job.job_id,
+            "ROLE_WORLD_SIZE": world_size,
+            "TORCHELASTIC_RESTART_COUNT": str(max(0, attempt - 1)),
+            "TORCHELASTIC_RUN_ID": job_id,
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            "CUDA_VISIBLE_DEVICES": ",".join(node.device_uuids),
-            "GPUORCH_JOB_ID": job.job_id,
-            "GPUORCH_ATTEMPT": str(job.attempt),
-            "GPUORCH_BACKEND": job.spec.backend or "nccl",
-            "GPUORCH_NODE_ID": node.node_id,
+            "GPUORCH_JOB_ID": job_id,
+            "GPUORCH_ATTEMPT": str(attempt),
+            "GPUORCH_BACKEND": spec.backend or "nccl",
         }
     )
-    if job.spec.gpu_memory_fraction:
-        env["GPUORCH_GPU_MEMORY_FRACTION"] = f"{job.spec.gpu_memory_fraction:g}"
+    if spec.gpu_memory_fraction:
+        env["GPUORCH_GPU_MEMORY_FRACTION"] = f"{spec.gpu_memory_fraction:g}"
     return env
+
+
+def _node_variables(node: job_pb2.NodeAssignment) -> dict[str, str]:
+    """The part of node_environment that differs between the placement's nodes."""
+    uuids, node_rank = node.device_uuids, str(node.node_rank)
+    return {
+        "LOCAL_WORLD_SIZE": str(len(uuids)),
+        "NODE_RANK": node_rank,
+        "GROUP_RANK": node_rank,
+        "CUDA_VISIBLE_DEVICES": ",".join(uuids),
+        "GPUORCH_NODE_ID": node.node_id,
+    }
 
 
 def rank_variables(node: job_pb2.NodeAssignment, local_rank: int) -> dict[str, str]:
@@ -174,32 +188,35 @@ def launch_messages(
     `rank_capacities` (by rank) each rank's GPU capacity (GPUORCH_DEVICE_CAPACITY, and every rank's in
     GPUORCH_DEVICE_CAPACITIES, for gpuorch.worker.shard); `dependency_results_json` what a dependent job is told
     of its dependencies. Each message is built whole: a message's maps cost more to change once built."""
-    placement = job.placement
-    messages = {}
+    placement, spec = job.placement, job.spec
+    shared = _job_environment(job, placement)
+    shared.update(attempt_env or {})
     if rank_capacities:
         capacity_texts = [f"{capacity:g}" for capacity in rank_capacities]
-        attempt_env = {**(attempt_env or {}), "GPUORCH_DEVICE_CAPACITIES": ",".join(capacity_texts)}
+        shared["GPUORCH_DEVICE_CAPACITIES"] = ",".join(capacity_texts)
+    messages = {}
     for node in placement.nodes:
         launch = agent_pb2.LaunchTask(
             job_id=job.job_id,
             attempt=job.attempt,
-            argv=job.spec.argv,
-            working_dir=job.spec.working_dir,
-            submit_dir=job.spec.submit_dir,
-            pids_max=job.spec.pids_max,
-            memory_max_bytes=job.spec.memory_max_bytes,
-            time_limit_seconds=job.spec.time_limit_seconds,
+            argv=spec.argv,
+            working_dir=spec.working_dir,
+            submit_dir=spec.submit_dir,
+            pids_max=spec.pids_max,
+            memory_max_bytes=spec.memory_max_bytes,
+            time_limit_seconds=spec.time_limit_seconds,
             stop_grace_seconds=stop_grace_seconds,
-            interactive=job.spec.interactive,
-            owner=job.spec.owner,
-            env={**node_environment(job, placement, node), **(attempt_env or {})},
+            interactive=spec.interactive,
+            owner=spec.owner,
+            env={**shared, **_node_variables(node)},
             dependency_results_json=dependency_results_json,
         )
+        first = node.first_rank
         for local_rank in range(len(node.device_uuids)):
             variables = rank_variables(node, local_rank)
             if rank_capacities:
-                variables["GPUORCH_DEVICE_CAPACITY"] = capacity_texts[node.first_rank + local_rank]
-            launch.ranks.add(rank=node.first_rank + local_rank, local_rank=local_rank, env=variables)
+                variables["GPUORCH_DEVICE_CAPACITY"] = capacity_texts[first + local_rank]
+            launch.ranks.add(rank=first + local_rank, local_rank=local_rank, env=variables)
         messages[node.node_id] = launch
     return messages
 
