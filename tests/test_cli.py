@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -471,3 +472,46 @@ def test_local_cluster_script_starts_single_user_agents_and_has_grpcurl(tmp_path
             env=environment,
             timeout=30,
         )
+
+
+def test_gpuctl_ends_its_process_even_when_a_thread_holds_a_lock_a_finalizer_needs(tmp_path):
+    """gpuctl's process ends through exit_process, not the interpreter's finalization: there, a gRPC thread still
+    finishing a cancelled stream was frozen holding the call's lock, the call's finalizer waited for it for ever,
+    and `gpuctl attach` hung after printing its refusal (about 1 run in 170 under load). The stand-in: a daemon
+    thread holds a lock that an object reachable only through a cycle needs in __del__; with sys.exit this
+    script never ends."""
+    script = tmp_path / "exit_check.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import gc, sys, threading, time
+            from gpuorch.cli.commands import exit_process
+
+            gc.disable()  # only the shutdown's own collection finds the cycle
+            lock, held = threading.Lock(), threading.Event()
+
+            class Call:
+                def __init__(self, lock):
+                    self.lock = lock
+                def __del__(self):
+                    with self.lock:
+                        pass
+
+            def sender():
+                with lock:
+                    held.set()
+                    time.sleep(3600)
+
+            threading.Thread(target=sender, daemon=True).start()
+            held.wait()
+            call = Call(lock)
+            call.cycle = call
+            del call
+            print("printed before the exit", end="")
+            exit_process(3)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30, env=env)
+    assert (done.returncode, done.stdout) == (3, "printed before the exit"), done.stderr

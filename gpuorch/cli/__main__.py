@@ -1,7 +1,5 @@
 """`python -m gpuorch.cli`: the same as the gpuctl console script."""
 
-import sys
+from gpuorch.cli.commands import console_main
 
-from gpuorch.cli.commands import main
-
-sys.exit(main())
+console_main()

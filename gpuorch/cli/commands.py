@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import sys
+from typing import NoReturn
 
 from gpuorch.cli.completion import completion_script
 from gpuorch.cli.history import run_history
@@ -192,3 +193,27 @@ def main(argv: list[str] | None = None) -> int:
         # Python would report the pipe again when it flushes stdout at exit, so point stdout at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def console_main() -> NoReturn:
+    """The gpuctl process (console script and `python -m gpuorch.cli`): main(), then exit_process."""
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse's usage errors and --help
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    exit_process(code)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends the process once its output is flushed, without the interpreter's finalization. At exit gRPC's
+    threads may still be finishing a cancelled stream (the request sender of an interactive session); the
+    shutdown freezes such a thread while it holds the call's lock, the call's finalizer then waits for that
+    lock for ever, and gpuctl never ends (seen: `gpuctl attach` refused, hanging after printing why)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away, or the stream was closed
+            pass
+    os._exit(code)
