@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -468,3 +469,58 @@ async def test_the_interceptor_records_the_status_code_clients_see():
         ("/t.S/stream_abort", "RESOURCE_EXHAUSTED"): 1,
     }
     assert metrics.started["/t.S/ok"] == 2 and sum(metrics.started.values()) == 9
+
+
+class AbortingContext:
+    """A handler's context whose abort behaves as grpc's does: the status goes to the client, then AbortError is raised.
+
+    `counts_when_sent` keeps the interceptor's counts at the moment the client could have seen the status.
+    """
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self.metrics = metrics
+        self.sent_code: grpc.StatusCode | None = None
+        self.counts_when_sent: list[dict[tuple[str, str], int]] = []
+
+    async def abort(self, code, details="", trailing_metadata=()):
+        self.sent_code = code
+        self.counts_when_sent.append(dict(self.metrics.handled))
+        raise grpc.aio.AbortError(details)
+
+    def code(self):
+        return self.sent_code
+
+    def time_remaining(self):
+        return None
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "server_stream"])
+async def test_an_aborted_rpc_is_counted_before_its_status_reaches_the_client(streaming):
+    """A client that scrapes /metrics as soon as its RPC fails sees that RPC counted (CI once saw it missing)."""
+    metrics = RpcMetrics()
+
+    async def missing(request, context):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+
+    async def missing_stream(request, context):
+        yield b"a"
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+
+    if streaming:
+        handler = grpc.unary_stream_rpc_method_handler(missing_stream)
+    else:
+        handler = grpc.unary_unary_rpc_method_handler(missing)
+
+    async def continuation(details):
+        return handler
+
+    wrapped = await metrics.intercept_service(continuation, SimpleNamespace(method="/t.S/missing", invocation_metadata=()))
+    context = AbortingContext(metrics)
+    with pytest.raises(grpc.aio.AbortError):
+        if streaming:
+            assert [message async for message in wrapped.unary_stream(b"", context)] == [b"a"]
+        else:
+            await wrapped.unary_unary(b"", context)
+    assert context.counts_when_sent == [{("/t.S/missing", "NOT_FOUND"): 1}]
+    assert metrics.handled == {("/t.S/missing", "NOT_FOUND"): 1}  # and not counted again when the raise passes
+    assert metrics.started == {"/t.S/missing": 1}

@@ -62,6 +62,30 @@ def rpc_labels(method: str, types: dict[str, str]) -> list[str]:
     return [types.get(method, "unary"), service or "unknown", name]
 
 
+class _CountingContext:
+    """A handler's context whose abort counts the RPC's status before grpc sends it.
+
+    grpc's `abort` sends the status to the client and only then raises, so a count taken when the
+    raise reaches the wrapper can land after the client has seen the status and scraped /metrics.
+    """
+
+    __slots__ = ("_context", "_finished", "counted")
+
+    def __init__(self, context, finished) -> None:
+        self._context = context
+        self._finished = finished
+        self.counted = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    async def abort(self, code, *details, **named):
+        if not self.counted:
+            self.counted = True
+            self._finished(_code_name(code))
+        await self._context.abort(code, *details, **named)
+
+
 class RpcMetrics(grpc.aio.ServerInterceptor):
     """Counts RPCs started per method and handled per (method, final status code).
 
@@ -115,24 +139,30 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
 
             async def observed(request, context):
                 started[method] = started.get(method, 0) + 1
+                counting = _CountingContext(context, finished)
                 try:
-                    async for response in behaviour(request, context):
+                    async for response in behaviour(request, counting):
                         yield response
                 except BaseException as error:
-                    finished(_outcome(error, context))
+                    if not counting.counted:
+                        finished(_outcome(error, context))
                     raise
-                finished(_outcome(None, context))
+                if not counting.counted:
+                    finished(_outcome(None, context))
 
         elif inspect.iscoroutinefunction(behaviour):
 
             async def observed_unary(request, context):
                 started[method] = started.get(method, 0) + 1
+                counting = _CountingContext(context, finished)
                 try:
-                    response = await behaviour(request, context)
+                    response = await behaviour(request, counting)
                 except BaseException as error:
-                    finished(_outcome(error, context))
+                    if not counting.counted:
+                        finished(_outcome(error, context))
                     raise
-                finished(_outcome(None, context))
+                if not counting.counted:
+                    finished(_outcome(None, context))
                 return response
 
             return make(
