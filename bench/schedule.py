@@ -37,6 +37,7 @@ import structlog
 
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.job_manager import JobManager
+from coordinator.control.liveness_loop import tune_collector
 from coordinator.rules.liveness import LivenessPolicy
 from coordinator.scheduler import (
     POLICIES,
@@ -254,6 +255,7 @@ def main() -> None:
     parser.add_argument("--store-url", default="", help="with --store postgresql: an empty database (default: start one)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40), cache_logger_on_first_use=True)
+    tune_collector()  # the collector as the coordinator's own process runs it (coordinator/main.py)
     server = None
     if args.store == "postgresql" and not args.store_url:
         from tests.postgres_server import PostgresServer

@@ -11,6 +11,7 @@ from pathlib import Path
 import structlog
 
 from coordinator.control.leadership import EXIT_STEPPED_DOWN
+from coordinator.control.liveness_loop import tune_collector
 from coordinator.scheduler import POLICIES
 from coordinator.settings import CoordinatorSettings
 from coordinator.wiring import Coordinator
@@ -111,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(settings: CoordinatorSettings) -> int:
     """Runs the daemon until SIGTERM or SIGINT (0), or until it lost the leader lease (EXIT_STEPPED_DOWN)."""
     sdnotify.start_watchdog()  # pings from the event loop: a stuck loop gets the daemon restarted
+    tune_collector()
     log_stacks_on_sigusr1(asyncio.get_running_loop(), structlog.get_logger("coordinator"))
     coordinator = Coordinator(settings)
     await coordinator.start()

@@ -9,8 +9,10 @@ from coordinator.control.liveness_loop import (
     LIVENESS_TICK_SECONDS,
     SETTLE_SECONDS,
     UNFREEZE_SECONDS,
+    YOUNG_COLLECTION_THRESHOLD,
     GarbageSettler,
     liveness_tick,
+    tune_collector,
 )
 from coordinator.model.telemetry import HeartbeatStats, TelemetryHistory, sample_of, telemetry_of
 from coordinator.rules.liveness import Liveness, LivenessPolicy
@@ -56,6 +58,19 @@ def test_heartbeats_fill_the_history_and_device_health():
     device = view.nodes["n1"].devices["GPU-1"]
     assert [sample[3] for sample in device.history.samples()] == [40, 50, 95]
     assert not device.health.healthy and "95C" in device.health.reason
+
+
+def test_the_coordinators_collector_runs_young_collections_less_often_and_keeps_the_older_thresholds():
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)  # Python's defaults
+        tune_collector()
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, 10, 10)
+        gc.set_threshold(100_000, 5, 7)
+        tune_collector()
+        assert gc.get_threshold() == (100_000, 5, 7), "a higher threshold is not lowered"
+    finally:
+        gc.set_threshold(*saved)
 
 
 def test_garbage_settler_freezes_after_quiet_and_unfreezes_hourly():
