@@ -33,7 +33,6 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import grpc
-import structlog
 
 import gpuorch
 from agent.telemetry import TelemetrySource
@@ -41,9 +40,10 @@ from gpuorch.addresses import parse_address_list
 from gpuorch.backoff import Backoff
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.leader import Outcome, advance, begin, standby_leader
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
-log = structlog.get_logger("agent.coordinator_link")
+log = get_logger("agent.coordinator_link")
 
 OUTBOX_LIMIT = 1000
 """Messages queued for a stuck stream before heartbeats are dropped (statuses are kept for re-registration)."""

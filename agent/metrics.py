@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import structlog
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import gpuorch
+from gpuorch.logs import get_logger
 from gpuorch.metrics import MetricsServer, new_registry, on_loop
 
-log = structlog.get_logger("agent.metrics")
+log = get_logger("agent.metrics")
 
 
 @dataclass(frozen=True, slots=True)

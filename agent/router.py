@@ -26,12 +26,11 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import structlog
-
 from agent.ranks.supervisor import Supervisor
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, interactive_pb2
 
-log = structlog.get_logger("agent.router")
+log = get_logger("agent.router")
 
 SendFn = Callable[[agent_pb2.AgentMessage], bool]
 SessionCheck = Callable[[int], bool]

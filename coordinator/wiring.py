@@ -12,7 +12,6 @@ import stat
 from pathlib import Path
 
 import grpc
-import structlog
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
@@ -44,9 +43,10 @@ from coordinator.store.lease import LeaderInfo, Lease, LocalLease
 from coordinator.store.open_url import open_store
 from gpuorch import tls
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, cluster_pb2, interactive_pb2, job_pb2
 
-log = structlog.get_logger("coordinator")
+log = get_logger("coordinator")
 
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]

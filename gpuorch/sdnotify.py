@@ -19,9 +19,9 @@ import asyncio
 import os
 import socket
 
-import structlog
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("sdnotify")
+log = get_logger("sdnotify")
 
 
 STATE_TIMEOUT_SECONDS = 1.0

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import structlog
 
 from agent.interactive.beside import CannotExec, exec_cgroup, read_rank_process, spawn_beside
 from agent.interactive.fds import ended_from_exit_file, read_some, wait_fd, write_all
@@ -29,9 +28,10 @@ from agent.ranks.cgroups import RankLimits
 from agent.ranks.spawn import ShimRequest, read_start_notice
 from agent.ranks.state_dir import read_exit_file
 from agent.ranks.supervisor import Supervisor
+from gpuorch.logs import get_logger
 from gpuorch.v1 import interactive_pb2, interactive_pb2_grpc
 
-log = structlog.get_logger("agent.sessions")
+log = get_logger("agent.sessions")
 
 KILL_GRACE_SECONDS = 2.0
 """An exec'd process whose session ended gets SIGHUP, then SIGKILL after this."""

@@ -24,13 +24,12 @@ import struct
 import termios
 from pathlib import Path
 
-import structlog
-
 from agent.interactive.fds import ended_from_exit_file, read_some
 from agent.ranks.state_dir import read_exit_file
+from gpuorch.logs import get_logger
 from gpuorch.v1 import interactive_pb2
 
-log = structlog.get_logger("agent.terminals")
+log = get_logger("agent.terminals")
 
 REPLAY_BYTES = 64 * 1024
 """Output kept while nobody is attached, replayed to the next client."""

@@ -47,9 +47,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("agent.cgroups")
+log = get_logger("agent.cgroups")
 
 LIMIT_CONTROLLERS = ("pids", "memory")
 """The controllers the agent enables for the ranks' cgroups, where available."""

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import structlog
-
 from agent.identity import IdentityPolicy, RankIdentity, decide_rank_identity, lookup_account
 from agent.ranks import cgroups, results
 from agent.ranks.cgroups import RankCgroups, RankLimits, effective_limits
@@ -24,9 +22,10 @@ from agent.ranks.logs import open_rank_log, progress_path
 from agent.ranks.owned_dirs import UnsafeDirectory, ensure_owned_directory
 from agent.ranks.state_dir import RankRecord, StateDir
 from agent.ranks.watch import process_start_time
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2
 
-log = structlog.get_logger("agent.spawn")
+log = get_logger("agent.spawn")
 
 SHIM = str(Path(__file__).with_name("shim.py"))
 NOTIFY_FD = 3

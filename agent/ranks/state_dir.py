@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import structlog
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("agent.state_dir")
+log = get_logger("agent.state_dir")
 
 
 def invalid_job_id(job_id: str) -> str:

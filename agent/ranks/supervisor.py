@@ -29,8 +29,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agent.identity import IdentityPolicy
 from agent.ranks import cgroups, lifecycle, logs, spawn, watch
 from agent.ranks.cgroups import NO_LIMITS, RankCgroups, RankLimits
@@ -39,9 +37,10 @@ from agent.ranks.progress import ProgressReader
 from agent.ranks.rank import Rank, RankKey
 from agent.ranks.state_dir import RankRecord, StateDir, invalid_job_id, read_exit_file
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2
 
-log = structlog.get_logger("agent.supervisor")
+log = get_logger("agent.supervisor")
 
 KILL_WAIT = 10.0
 """Seconds stop() waits for a rank to die after SIGKILL before giving up on it (a process in D state)."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import structlog
-
 from agent.telemetry.api import TelemetrySource, TelemetryUnavailable
+from gpuorch.logs import get_logger
 from gpuorch.v1 import cluster_pb2
 
-log = structlog.get_logger("agent.telemetry")
+log = get_logger("agent.telemetry")
 
 
 def _text(value: Any) -> str:

@@ -20,12 +20,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from agent.telemetry.api import TelemetrySource
+from gpuorch.logs import get_logger
 from gpuorch.v1 import cluster_pb2
 
-log = structlog.get_logger("agent.telemetry")
+log = get_logger("agent.telemetry")
 
 SIMULATED_MODEL = "gpuorch simulated H100 80GB"
 SIMULATED_MEMORY_BYTES = 80 * 1024**3

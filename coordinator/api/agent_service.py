@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 import grpc
-import structlog
 
 from coordinator.api.request_parsing import MalformedRequest
 from coordinator.control.cluster_view import ClusterView
@@ -22,10 +21,11 @@ from coordinator.control.leadership import Leadership
 from coordinator.control.node_links import AgentSession
 from coordinator.rules import liveness
 from coordinator.rules.registration import InvalidMessage, validate_register
+from gpuorch.logs import get_logger
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import agent_pb2, agent_pb2_grpc
 
-log = structlog.get_logger("coordinator.agents")
+log = get_logger("coordinator.agents")
 
 TaskStatusHandler = Callable[[str, agent_pb2.TaskStatus], None]
 

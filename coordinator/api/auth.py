@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
-import structlog
 
 from gpuorch.clock import SYSTEM_CLOCK
+from gpuorch.logs import get_logger
 from gpuorch.tls import NODE_URI_PREFIX
 
-log = structlog.get_logger("coordinator.auth")
+log = get_logger("coordinator.auth")
 
 ROLES = ("admin", "user")
 MAX_TOKEN_LENGTH = 4096

@@ -15,16 +15,16 @@ import functools
 from collections.abc import Callable
 
 import grpc
-import structlog
 
 from coordinator.api.auth import Action, Guard, StreamQuota
 from coordinator.api.request_parsing import MalformedRequest, add_strict_service
 from coordinator.control.job_manager import JobManager, JobNotFound
 from coordinator.control.sessions import Relay, SessionTable, describe
+from gpuorch.logs import get_logger
 from gpuorch.tls import peer_identities
 from gpuorch.v1 import interactive_pb2, interactive_pb2_grpc, job_pb2
 
-log = structlog.get_logger("coordinator.interactive")
+log = get_logger("coordinator.interactive")
 
 NODE_ANSWER_SECONDS = 45.0
 """How long a session waits for the node's agent to connect it back (an attach waits there for a starting rank)."""

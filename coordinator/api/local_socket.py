@@ -24,12 +24,11 @@ import stat
 import struct
 from pathlib import Path
 
-import structlog
-
 from coordinator.api.auth import Caller, Guard
 from coordinator.settings import CoordinatorSettings
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("coordinator.local_socket")
+log = get_logger("coordinator.local_socket")
 
 MAX_UNIX_PATH = 107
 """sun_path holds 108 bytes, the terminating NUL included."""

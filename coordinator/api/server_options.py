@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import resource
 
-import structlog
-
 from coordinator.settings import CoordinatorSettings
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("coordinator")
+log = get_logger("coordinator")
 
 FILE_DESCRIPTOR_HEADROOM = 256
 """File descriptors kept for what is not a connection: the job store, logs, the metrics port."""

@@ -14,8 +14,6 @@ import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Reversible
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator.control.dependencies import Dependencies
 from coordinator.model.arrays import ArrayRecord
 from coordinator.model.jobs import FINAL_STATES, JobEntry, job_page
@@ -24,12 +22,13 @@ from coordinator.rules import job_machine, job_rules
 from coordinator.rules.effects import Effect
 from coordinator.rules.quotas import pending_quota_problem
 from gpuorch.arrays import MAX_RESULT_BYTES, array_indexes, array_problem
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.job_manager import JobManager
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 QUEUED = "queued; waiting for the scheduler"
 

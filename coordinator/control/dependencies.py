@@ -12,8 +12,6 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator.model.arrays import ArrayRecord, DependencyIndex
 from coordinator.model.jobs import JobEntry
 from coordinator.rules import job_machine
@@ -21,13 +19,14 @@ from coordinator.rules.dependencies import MAX_DEPENDENCIES, Progress, Verdict, 
 from coordinator.rules.effects import Effect
 from coordinator.rules.job_rules import InvalidSpec
 from gpuorch.arrays import condition_name
+from gpuorch.logs import get_logger
 from gpuorch.sharding import DEFAULT_DEVICE_CAPACITY, capacity_of
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.job_manager import JobManager
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 MAX_DEPENDENCY_RESULTS_BYTES = 2 * 1024 * 1024
 """Most bytes of results a launch carries (GPUORCH_DEPENDENCY_RESULTS); beyond, the file says it is truncated and

@@ -23,8 +23,6 @@ from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator import scheduler
 from coordinator.model.jobs import JobEntry
 from coordinator.rules import job_reasons
@@ -36,12 +34,13 @@ from coordinator.scheduler.forecast import (
     forecast_steps,
 )
 from coordinator.scheduler.prediction import RuntimePredictor
+from gpuorch.logs import get_logger
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.scheduling_loop import SchedulingLoop
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 FORECAST_CPU_SHARE = 0.1
 """The forecasts' share of the event loop at most: after one that took s seconds of steps, the next starts no

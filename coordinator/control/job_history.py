@@ -16,18 +16,17 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Reversible
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator.model.jobs import FINAL_STATES, LIST_ENTRY_OVERHEAD_BYTES, JobEntry
 from coordinator.store import history
 from coordinator.store.api import RECENT_ENDED_JOBS, JobQuery, StoredJob, StoreError
 from gpuorch.clock import Clock
+from gpuorch.logs import get_logger
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.job_manager import JobManager
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100

@@ -16,8 +16,6 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import structlog
-
 from coordinator import scheduler
 from coordinator.control import reconcile
 from coordinator.control.arrays import Arrays
@@ -52,9 +50,10 @@ from coordinator.rules.liveness import Liveness
 from coordinator.rules.quotas import QuotaPolicy, pending_quota_problem
 from coordinator.store.api import RECENT_ENDED_JOBS, JobQuery, JobStore
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, job_pb2
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 KEPT_TIMINGS = 1000
 __all__ = ["LOG_CHUNK_BYTES", "JobFinished", "JobManager", "JobNotFound", "NoSuchRank", "QuotaExceeded"]

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-import structlog
-
 from coordinator.model.jobs import JobEntry
 from coordinator.store.api import JobStore, StoredJob
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 
 class JobWrites:

@@ -26,12 +26,11 @@ import asyncio
 import contextlib
 import enum
 
-import structlog
-
 from coordinator.store.lease import LeaderInfo, Lease, LeaseLost
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("coordinator.leadership")
+log = get_logger("coordinator.leadership")
 
 EXIT_STEPPED_DOWN = 75
 """The daemon's exit status after it lost the lease (sysexits' EX_TEMPFAIL: run it again). Its unit restarts it."""

@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import gc
 
-import structlog
-
 from coordinator.control.cluster_view import ClusterView
 from coordinator.model.cluster import Transition
 from coordinator.rules import liveness
 from coordinator.rules.liveness import Liveness
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("coordinator")
+log = get_logger("coordinator")
 
 LIVENESS_TICK_SECONDS = 0.05
 """How often node deadlines are checked: bounds how late a DOWN is declared."""

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator.control.node_links import stop_message
 from coordinator.model.jobs import Attempt, AttemptState, JobEntry, RankKey
 from coordinator.rules import job_machine
 from coordinator.rules.effects import Fence, Launch
 from coordinator.store.api import StoredState
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.job_manager import JobManager
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 LOST_ON_REGISTRATION = "its agent re-registered without it; its process is gone"
 LAUNCH_LOST = "its agent re-registered knowing nothing of the attempt: the launch never reached it"

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator import scheduler
 from coordinator.control.cluster_view import ClusterView
 from coordinator.control.estimates import Estimates
@@ -26,13 +24,14 @@ from coordinator.model.node_state import Liveness
 from coordinator.rules import job_machine, job_reasons, launch_timeout, preemption
 from coordinator.rules.effects import Effect, Preempted, Stop
 from gpuorch.clock import stamp_seconds
+from gpuorch.logs import get_logger
 from gpuorch.pools import DEFAULT_POOL
 from gpuorch.v1 import job_pb2
 
 if TYPE_CHECKING:
     from coordinator.control.job_manager import JobManager
 
-log = structlog.get_logger("coordinator.jobs")
+log = get_logger("coordinator.jobs")
 
 PERIODIC_PASS_SECONDS = 1.0
 """A scheduling pass runs at least this often (backoffs ending, hang checks, telemetry)."""

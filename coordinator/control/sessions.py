@@ -17,15 +17,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from coordinator.control.job_manager import JobFinished, JobManager
 from coordinator.control.node_links import NodeLinks
 from coordinator.rules import attach_grace
 from gpuorch.clock import Clock
+from gpuorch.logs import get_logger
 from gpuorch.v1 import agent_pb2, interactive_pb2, job_pb2
 
-log = structlog.get_logger("coordinator.sessions")
+log = get_logger("coordinator.sessions")
 
 GRACE_CHECK_SECONDS = 1.0
 SECRET_BYTES = 32

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 
-import structlog
-
 from coordinator.model.telemetry import SAMPLE_FIELDS
 from coordinator.observe.read_model import SLICE_ROWS, Snapshot, _pause, _slices
 from coordinator.rules.liveness import Liveness
+from gpuorch.logs import get_logger
 from gpuorch.v1 import cluster_pb2, job_pb2
 
-log = structlog.get_logger("coordinator.metrics")
+log = get_logger("coordinator.metrics")
 
 MIB = 1024 * 1024
 NODE_STATES = [name.removeprefix("NODE_STATE_") for name, value in cluster_pb2.NodeState.items() if value]

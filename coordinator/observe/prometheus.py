@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterator
 
 import grpc
-import structlog
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -37,10 +36,11 @@ from coordinator.model.job_telemetry import STEP_SECONDS_BUCKETS
 from coordinator.observe.fleet_series import JOB_STATES, LATENCY_QUANTILES, NODE_STATES, FleetSeries
 from coordinator.observe.read_model import Snapshot, snapshot
 from coordinator.observe.rpc_metrics import GO_CODE_NAMES, RpcMetrics, rpc_labels
+from gpuorch.logs import get_logger
 from gpuorch.metrics import MetricsServer, new_registry, on_loop
 from gpuorch.v1 import job_pb2
 
-log = structlog.get_logger("coordinator.metrics")
+log = get_logger("coordinator.metrics")
 
 
 # -- cluster-wide metric families: built off the loop ------------------------------------------------

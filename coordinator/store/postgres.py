@@ -22,18 +22,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-import structlog
 
 from coordinator.store import history
 from coordinator.store.api import RECENT_ENDED_JOBS, Fenced, JobQuery, JobStore, StoredJob, StoredState, StoreError
 from coordinator.store.lease import Lease
 from coordinator.store.postgres_lease import PostgresLease
 from coordinator.store.postgres_schema import check_fence, connect, describe
+from gpuorch.logs import get_logger
 from gpuorch.v1 import job_pb2
 
 __all__ = ["PostgresJobStore", "PostgresLease", "job_row"]
 
-log = structlog.get_logger("coordinator.store")
+log = get_logger("coordinator.store")
 
 T = TypeVar("T")
 

@@ -15,13 +15,13 @@ import asyncio
 from typing import Any
 
 import psycopg
-import structlog
 
 from coordinator.store.lease import LeaderInfo, Lease, LeaseLost
 from coordinator.store.postgres_schema import connect, connection_string, describe
 from gpuorch.clock import SYSTEM_CLOCK, Clock
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("coordinator.lease")
+log = get_logger("coordinator.lease")
 
 UNREACHABLE = (psycopg.Error, OSError, TimeoutError)
 """What a lost or refused connection to the database raises."""

@@ -24,13 +24,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from coordinator.store import history, sqlite_schema
 from coordinator.store.api import RECENT_ENDED_JOBS, JobQuery, JobStore, StoredJob, StoredState, StoreError
+from gpuorch.logs import get_logger
 from gpuorch.v1 import job_pb2
 
-log = structlog.get_logger("coordinator.store")
+log = get_logger("coordinator.store")
 
 
 PRIVATE_FILE_MODE = 0o600

@@ -14,15 +14,14 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import structlog
-
 from gpuorch.addresses import AddressError, parse_address_list
 from gpuorch.client import AsyncClient
 from gpuorch.clock import SYSTEM_CLOCK, Clock
 from gpuorch.dashboard.shapes import GPU_COLUMNS, job_summary, node_json, pending_order, usage_json
 from gpuorch.errors import GpuorchError, Unauthenticated
+from gpuorch.logs import get_logger
 
-log = structlog.get_logger("gpuorch.dashboard")
+log = get_logger("gpuorch.dashboard")
 
 LIST_PAGE_SIZE = 1000
 PENDING_PUBLISHED = 1000

@@ -15,13 +15,11 @@ import signal
 import ssl
 import sys
 
-import structlog
-
 from gpuorch import tls
 from gpuorch.client import default_address
-from gpuorch.logs import configure_logging
+from gpuorch.logs import configure_logging, get_logger
 
-log = structlog.get_logger("gpuorch.dashboard")
+log = get_logger("gpuorch.dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
