@@ -228,7 +228,7 @@ class JobManager:
             Wake: lambda effect: wake.set(),
             Notify: lambda effect: self._notify(jobs[effect.job_id]),
             QueueChanged: lambda effect: self._queue_follows_state(jobs[effect.job_id]),
-            Launch: lambda effect: send(effect.node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch)),
+            Launch: lambda effect: send(effect.node_id, effect.message),
             Stop: lambda effect: send(
                 effect.node_id, stop_message(effect.job_id, effect.attempt, effect.grace_seconds, effect.reason)
             ),

@@ -112,7 +112,7 @@ def launch_again(manager: JobManager, entry: JobEntry, attempt: Attempt, node_id
     launches = [effect for effect in manager.arrays.launches(entry) if isinstance(effect, Launch) and effect.node_id == node_id]
     for effect in launches:
         log.warning("launch sent again", job=entry.job.job_id, attempt=attempt.attempt, node=node_id, why=LAUNCH_LOST)
-        manager.links.send(node_id, agent_pb2.CoordinatorMessage(launch_task=effect.launch))
+        manager.links.send(node_id, effect.message)
     return bool(launches)
 
 

@@ -17,7 +17,12 @@ class Launch:
     """Send this launch to the node's agent."""
 
     node_id: str
-    launch: agent_pb2.LaunchTask
+    message: agent_pb2.CoordinatorMessage
+    """The message to send: its `launch_task`."""
+
+    @property
+    def launch(self) -> agent_pb2.LaunchTask:
+        return self.message.launch_task
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,8 +146,8 @@ def launches(
     if job.state != job_pb2.JOB_STATE_RUNNING:
         return never_launched(entry, allocations)
     environment = attempt_environment(job, config.checkpoint_root)
-    messages = job_rules.launch_messages(job, environment, config.stop_grace_seconds, rank_capacities, results_json)
-    return [*(Launch(node_id, launch) for node_id, launch in messages.items()), Notify(job.job_id)]
+    messages = job_rules.launch_envelopes(job, environment, config.stop_grace_seconds, rank_capacities, results_json)
+    return [*(Launch(node_id, message) for node_id, message in messages.items()), Notify(job.job_id)]
 
 
 def never_launched(entry: JobEntry, allocations: Allocations) -> list[Effect]:
