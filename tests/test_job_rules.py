@@ -109,6 +109,31 @@ def test_launch_messages_cover_every_rank_once():
     assert launches["b"].attempt == 2 and list(launches["b"].argv) == ["python", "train.py"]
 
 
+def test_every_rank_of_every_launch_gets_its_own_environment_and_capacity_however_often_launches_are_built():
+    """Ranks' parts are copied from ones built before: two jobs' launches must not share or mix them."""
+    job = placed_job()
+    capacities = [1.0, 0.5, 2.0, 1.0]
+    attempt_env = {"GPUORCH_RESTART_REASON": "rank_exit"}
+    for _ in range(2):  # the second time from the parts built the first time
+        envelopes = jobs.launch_envelopes(job, attempt_env, 5.0, capacities)
+        for node in job.placement.nodes:
+            launch = envelopes[node.node_id].launch_task
+            assert [rank.rank for rank in launch.ranks] == [node.first_rank + i for i in range(len(node.device_uuids))]
+            for local_rank, rank in enumerate(launch.ranks):
+                expected = {
+                    **jobs.rank_environment(job, job.placement, node, local_rank),
+                    **attempt_env,
+                    "GPUORCH_DEVICE_CAPACITIES": "1,0.5,2,1",
+                    "GPUORCH_DEVICE_CAPACITY": f"{capacities[rank.rank]:g}",
+                }
+                assert {**launch.env, **rank.env} == expected
+                assert rank.local_rank == local_rank
+    plain = jobs.launch_messages(job)  # no capacities: no capacity variables
+    assert all("GPUORCH_DEVICE_CAPACITY" not in rank.env for launch in plain.values() for rank in launch.ranks)
+    envelopes["a"].launch_task.ranks[0].env["RANK"] = "changed by a caller"
+    assert jobs.launch_messages(job)["a"].ranks[0].env["RANK"] == "0", "a launch's ranks are its own copies"
+
+
 @pytest.mark.parametrize(
     "status, failed, text",
     [
