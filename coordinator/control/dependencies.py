@@ -75,8 +75,9 @@ class Dependencies:
         self.index = DependencyIndex()
         self.capacities: Mapping[str, float] = DEFAULT_DEVICE_CAPACITY
         """GPU model -> relative throughput (the [device_capacity] setting over gpuorch.sharding's table)."""
-        self._capacity_by_name: tuple[Mapping[str, float], dict[str, float]] = (self.capacities, {})
-        """(the table it was read from, GPU name -> its capacity): every launch asks it of every GPU it uses."""
+        self._capacity_by_uuid: tuple[Mapping[str, float], dict[str, float]] = (self.capacities, {})
+        """(the table it was read from, GPU uuid -> its capacity): every launch asks it of every GPU it uses, and a
+        GPU's model (its name) is the GPU's for life."""
 
     def progress_of(self, target: str) -> Progress | None:
         """Where a job, task or array stands; None if the coordinator does not know it."""
@@ -187,19 +188,21 @@ class Dependencies:
     def _rank_capacities(self, placement: job_pb2.Placement) -> list[float]:
         capacities = [1.0] * placement.world_size
         nodes = self.manager.cluster.nodes
-        table, by_name = self._capacity_by_name
+        table, by_uuid = self._capacity_by_uuid
         if table is not self.capacities:
-            table, by_name = self._capacity_by_name = (self.capacities, {})
+            table, by_uuid = self._capacity_by_uuid = (self.capacities, {})
         for share in placement.nodes:
-            node = nodes.get(share.node_id)
+            first = share.first_rank
             for local, uuid in enumerate(share.device_uuids):
-                device = node.devices.get(uuid) if node is not None else None
-                if device is not None and share.first_rank + local < len(capacities):
-                    name = device.info.name
-                    capacity = by_name.get(name)
-                    if capacity is None:
-                        capacity = by_name[name] = capacity_of(name, table)
-                    capacities[share.first_rank + local] = capacity
+                capacity = by_uuid.get(uuid)
+                if capacity is None:
+                    node = nodes.get(share.node_id)
+                    device = node.devices.get(uuid) if node is not None else None
+                    if device is None:
+                        continue  # not known (yet): 1.0, not remembered
+                    capacity = by_uuid[uuid] = capacity_of(device.info.name, table)
+                if first + local < len(capacities):
+                    capacities[first + local] = capacity
         return capacities
 
     def _dependency_jobs(self, job: job_pb2.Job) -> Iterable[JobEntry]:
