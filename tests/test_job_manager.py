@@ -319,3 +319,40 @@ async def test_after_a_pass_the_scheduling_loop_rests_as_long_as_the_pass_took()
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert 3 <= len(starts) <= 7, starts
     assert min(gaps) >= 0.19, gaps
+
+
+async def test_the_scheduling_loop_keeps_nothing_of_a_job_that_left_memory():
+    """Under fair_share the loop used to remember every job whose usage it had settled, for the coordinator's life."""
+    from coordinator import scheduler
+    from coordinator.control.scheduling_loop import FAIR_SHARE_HALF_LIFE_SECONDS
+    from gpuorch.clock import FakeClock
+
+    clock = FakeClock()
+    cluster = ClusterView(policy=LivenessPolicy(), default_heartbeat_interval=1.0, clock=clock)
+    register(cluster, "n1", gpus=2)
+    config = scheduler.SchedulerConfig(policy="fair_share")
+    manager = JobManager(cluster, MemoryJobStore(), config=config, clock=clock, recent_ended_jobs=2)
+    await manager.start()
+    started = clock.wall()
+    ended = []
+    for _ in range(8):
+        job_id = await manager.submit(job_pb2.JobSpec(argv=["train"], gpus=1, owner="ann"))
+        assert await manager.schedule_pass() == [job_id]
+        clock.advance(60.0)
+        status = agent_pb2.TaskStatus(job_id=job_id, attempt=1, rank=0, state=agent_pb2.TASK_STATE_EXITED)
+        manager.on_task_status("n1", status)
+        ended.append(job_id)
+        await asyncio.sleep(0)  # the end's write lands: the job may leave memory
+    gone = [job_id for job_id in ended if job_id not in manager.jobs]
+    assert len(gone) == 6
+    for name, value in vars(manager.scheduling).items():
+        if isinstance(value, (set, dict, frozenset)):
+            assert not set(gone) & set(value), f"SchedulingLoop.{name} still holds jobs that left memory"
+    # Their usage stays counted, once each.
+    assert manager.scheduling.owner_usage(clock.wall())["ann"] == pytest.approx(
+        scheduler.decayed_usage(
+            [("ann", 1, started + 60.0 * n, started + 60.0 * (n + 1)) for n in range(8)],
+            clock.wall(),
+            FAIR_SHARE_HALF_LIFE_SECONDS,
+        )["ann"]
+    )

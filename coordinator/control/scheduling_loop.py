@@ -89,7 +89,6 @@ class SchedulingLoop:
         """Owner -> decayed GPU-seconds of final jobs' attempts as of `_settled_at`: each final job is added once,
         so a fair_share pass reads only the jobs still pending or running, not every job ever held."""
         self._settled_at = 0.0
-        self._settled_jobs: set[str] = set()
 
     async def run(self) -> None:
         forecasts = asyncio.create_task(self.estimates.run(self))  # start-time estimates, beside the passes
@@ -196,9 +195,9 @@ class SchedulingLoop:
         if self.config.policy != "fair_share":
             return  # only fair_share reads owners' usage (owner_usage); the policy is fixed for the loop's life
         entry = self.manager.jobs.get(job_id)
-        if entry is None or not entry.job.attempts or job_id in self._settled_jobs:
+        if entry is None or not entry.job.attempts or entry.usage_settled:
             return
-        self._settled_jobs.add(job_id)
+        entry.usage_settled = True
         # Decay is exponential, so usage as of one time is usage as of another times one factor.
         at = max(self.manager.clock.wall(), self._settled_at)
         factor = 0.5 ** ((at - self._settled_at) / FAIR_SHARE_HALF_LIFE_SECONDS)

@@ -130,6 +130,8 @@ class JobEntry:
     client_request_id: str = ""
     attempts: dict[int, Attempt] = field(default_factory=dict)
     """Attempts that may still have ranks somewhere, by number."""
+    usage_settled: bool = False
+    """Final, and its GPU-seconds added to the scheduler's settled fair-share usage (once: it leaves with the job)."""
 
     @property
     def final(self) -> bool:
