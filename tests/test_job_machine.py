@@ -185,3 +185,30 @@ async def test_a_job_cancelled_while_its_placement_is_written_gives_its_gpus_bac
     effects = job_machine.launches(entry, CONFIG, allocations)
     assert not [effect for effect in effects if isinstance(effect, fx.Launch)]
     assert entry.attempts == {} and dict(allocations) == {}, "a cancelled job never launched holds no GPU"
+
+
+async def test_an_attempt_whose_first_rank_ended_before_the_last_one_started_is_all_started():
+    """A quick rank 0 (its part done, exit 0) ends before rank 1 reports its start: every rank did start."""
+    clock, allocations = FakeClock(), Allocations()
+    spec = job_rules.normalized(job_pb2.JobSpec(argv=["train"], gpus=2))
+    entry = JobEntry(1, job_pb2.Job(job_id="j-1", spec=spec, state=job_pb2.JOB_STATE_PENDING))
+    job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
+    clock.advance(0.25)
+    assert job_machine.rank_reported(entry, "n1", status(1, 0, RUNNING), now(clock), allocations, CONFIG) == []
+    job_machine.rank_reported(entry, "n1", status(1, 0, EXITED), now(clock), allocations, CONFIG)
+    clock.advance(0.25)
+    (all_started,) = job_machine.rank_reported(entry, "n1", status(1, 1, RUNNING), now(clock), allocations, CONFIG)
+    assert all_started == fx.AllStarted("j-1", 0.5) and entry.current.state is AttemptState.RUNNING
+    assert job_machine.rank_reported(entry, "n1", status(1, 1, RUNNING), now(clock), allocations, CONFIG) == []
+
+
+async def test_a_stale_running_report_of_an_ended_rank_does_not_count_it_as_running_again():
+    """A report can arrive late (a Register listing the rank as it was): the rank's end stands."""
+    clock, allocations = FakeClock(), Allocations()
+    spec = job_rules.normalized(job_pb2.JobSpec(argv=["train"], gpus=2))
+    entry = JobEntry(1, job_pb2.Job(job_id="j-1", spec=spec, state=job_pb2.JOB_STATE_PENDING))
+    job_machine.place(entry, placement_for(entry, allocations), now(clock), allocations, {}, CONFIG)
+    job_machine.rank_reported(entry, "n1", status(1, 0, RUNNING), now(clock), allocations, CONFIG)
+    job_machine.rank_reported(entry, "n1", status(1, 0, EXITED), now(clock), allocations, CONFIG)
+    assert job_machine.rank_reported(entry, "n1", status(1, 0, RUNNING), now(clock), allocations, CONFIG) == []
+    assert entry.current.running == set() and 0 in entry.current.ended

@@ -65,6 +65,10 @@ class Attempt:
     last_progress_wall: float = 0.0
     """Latest progress any rank reported (wall clock), 0 if none."""
     all_started_at: float = 0.0
+    """Monotonic time the last of its ranks reported its start (0: not all have)."""
+    started_ranks: int = 0
+    """Ranks whose start was reported, those that have ended since included: a quick rank may end before
+    the last one starts, and the attempt still started whole."""
     stops_sent: dict[str, float] = field(default_factory=dict)
     """Node id -> monotonic time a stop of a preemption was last sent there (rules/preemption.py)."""
     stop_covers: dict[str, set[int]] = field(default_factory=dict)

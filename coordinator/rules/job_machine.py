@@ -213,8 +213,11 @@ def rank_reported(
             record = entry.record(number)
             if record is not None and record.working_dirs.get(node_id) != status.working_dir:
                 record.working_dirs[node_id] = status.working_dir
+        if rank in attempt.running or rank in attempt.ended:  # said again, or a stale report of a rank that ended
+            return []
         attempt.running.add(rank)
-        if len(attempt.running) == attempt.world_size and not attempt.all_started_at:
+        attempt.started_ranks += 1
+        if attempt.started_ranks == attempt.world_size and not attempt.all_started_at:
             attempt.all_started_at = now.monotonic
             if attempt.state is AttemptState.LAUNCHING:
                 attempt.state = AttemptState.RUNNING
