@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.ranks.supervisor import Supervisor
 from gpuorch.logs import get_logger
+from gpuorch.start_failures import AGENT_COULD_NOT_LAUNCH
 from gpuorch.v1 import agent_pb2, interactive_pb2
 
 log = get_logger("agent.router")
@@ -114,7 +115,7 @@ class Router:
                 await self.supervisor.launch(launch)
             except Exception as error:
                 log.exception("launch failed", job=launch.job_id, attempt=launch.attempt)
-                self._report_unstarted(launch, f"the agent could not launch it: {error}")
+                self._report_unstarted(launch, f"{AGENT_COULD_NOT_LAUNCH}: {error}")
             finally:
                 self._launches.task_done()
 

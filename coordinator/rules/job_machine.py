@@ -71,9 +71,8 @@ from gpuorch.v1 import agent_pb2, job_pb2
 
 
 class Now(NamedTuple):
-    """The time of an event: wall (stored, shown, backoffs and hangs) and monotonic (durations).
-    A named tuple, not a frozen dataclass: one is made for every rank's report, and a frozen
-    dataclass's __init__ (object.__setattr__ per field) costs three times as much."""
+    """The time of an event: wall (stored, shown, backoffs and hangs) and monotonic (durations). A named tuple,
+    not a frozen dataclass: one is made for every rank's report, and a frozen dataclass's __init__ costs 3 times as much."""
 
     wall: float
     monotonic: float
@@ -205,14 +204,12 @@ def rank_reported(
         if not live:
             if preemption.being_preempted(entry, status.attempt):  # in its grace: not killed at once
                 grace = config.preemption_grace_seconds
-                return preemption.stop_again(entry, attempt, node_id, status.rank, now.wall, now.monotonic, grace)
+                return preemption.stop_again(entry, attempt, node_id, rank, now.wall, now.monotonic, grace)
             return [_fence(entry, node_id, status, "fenced: attempt superseded")]
         if status.starting:  # its agent is still starting it (listed in a Register): known, not started (launch timeout)
             return []
-        if status.working_dir:
-            record = entry.record(number)
-            if record is not None and record.working_dirs.get(node_id) != status.working_dir:
-                record.working_dirs[node_id] = status.working_dir
+        if (working_dir := status.working_dir) and (record := entry.record(number)) is not None:
+            record.working_dirs[node_id] = working_dir
         if rank in attempt.running or rank in attempt.ended:  # said again, or a stale report of a rank that ended
             return []
         attempt.running.add(rank)

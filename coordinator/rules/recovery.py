@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpuorch.start_failures import AGENT_COULD_NOT_LAUNCH
 from gpuorch.v1 import agent_pb2
 
 
@@ -69,7 +70,7 @@ TRANSIENT_START_FAILURES = (
     "No space left on device",  # ENOSPC creating the working directory
     "Too many open files",  # EMFILE, ENFILE
     "Interrupted system call",
-    "the agent could not launch it",  # the agent's own launch raised (agent/router.py): the agent's fault, not the job's
+    AGENT_COULD_NOT_LAUNCH,  # the agent's own launch raised (agent/router.py): the agent's fault, not the job's
 )
 """Words of a FAILED_TO_START message (the agent's strerror or its own text) that say the cause may pass."""
 
