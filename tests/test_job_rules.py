@@ -98,8 +98,13 @@ def test_rank_environment_is_torchruns_contract():
     assert env["USER_VAR"] == "u" and env["RANK"] == "3", "gpuorch's variables win over the user's"
 
 
+def launch_tasks(job, *args) -> dict:
+    """Each node's LaunchTask, out of the messages sent."""
+    return {node_id: message.launch_task for node_id, message in jobs.launch_envelopes(job, *args).items()}
+
+
 def test_launch_messages_cover_every_rank_once():
-    launches = jobs.launch_messages(placed_job())
+    launches = launch_tasks(placed_job())
     assert sorted(launches) == ["a", "b"]
     ranks = sorted(rank.rank for launch in launches.values() for rank in launch.ranks)
     assert ranks == [0, 1, 2, 3]
@@ -128,10 +133,10 @@ def test_every_rank_of_every_launch_gets_its_own_environment_and_capacity_howeve
                 }
                 assert {**launch.env, **rank.env} == expected
                 assert rank.local_rank == local_rank
-    plain = jobs.launch_messages(job)  # no capacities: no capacity variables
+    plain = launch_tasks(job)  # no capacities: no capacity variables
     assert all("GPUORCH_DEVICE_CAPACITY" not in rank.env for launch in plain.values() for rank in launch.ranks)
     envelopes["a"].launch_task.ranks[0].env["RANK"] = "changed by a caller"
-    assert jobs.launch_messages(job)["a"].ranks[0].env["RANK"] == "0", "a launch's ranks are its own copies"
+    assert launch_tasks(job)["a"].ranks[0].env["RANK"] == "0", "a launch's ranks are its own copies"
 
 
 @pytest.mark.parametrize(
@@ -158,7 +163,7 @@ def test_launch_messages_carry_the_submit_dir_and_the_limits():
     job.spec.submit_dir = "/home/al/exp"
     job.spec.pids_max = 512
     job.spec.memory_max_bytes = 64 * 1024**3
-    for launch in jobs.launch_messages(job).values():
+    for launch in launch_tasks(job).values():
         assert launch.submit_dir == "/home/al/exp" and launch.working_dir == ""
         assert launch.pids_max == 512 and launch.memory_max_bytes == 64 * 1024**3
 

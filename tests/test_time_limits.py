@@ -65,7 +65,8 @@ def test_the_pool_is_made_explicit_and_a_time_limit_over_a_year_refused():
 def test_the_launch_carries_the_limit_and_the_stop_grace():
     job = job_pb2.Job(job_id="j-1", attempt=1, spec=job_pb2.JobSpec(argv=["x"], gpus=1, time_limit_seconds=7))
     job.placement.nodes.add(node_id="n1", device_uuids=["GPU-0"], first_rank=0)
-    (launch,) = job_rules.launch_messages(job, {}, 3.0).values()
+    (message,) = job_rules.launch_envelopes(job, {}, 3.0).values()
+    launch = message.launch_task
     assert (launch.time_limit_seconds, launch.stop_grace_seconds) == (7, 3.0)
 
 

@@ -189,18 +189,6 @@ def rank_environment(
     return {**node_environment(job, placement, node), **rank_variables(node, local_rank)}
 
 
-def launch_messages(
-    job: job_pb2.Job,
-    attempt_env: dict[str, str] | None = None,
-    stop_grace_seconds: float = 0.0,
-    rank_capacities: Sequence[float] = (),
-    dependency_results_json: str = "",
-) -> dict[str, agent_pb2.LaunchTask]:
-    """One LaunchTask per node of the job's current placement, keyed by node id (see `launch_envelopes`)."""
-    envelopes = launch_envelopes(job, attempt_env, stop_grace_seconds, rank_capacities, dependency_results_json)
-    return {node_id: message.launch_task for node_id, message in envelopes.items()}
-
-
 def launch_envelopes(
     job: job_pb2.Job,
     attempt_env: dict[str, str] | None = None,
