@@ -69,15 +69,16 @@ class _CountingContext:
     raise reaches the wrapper can land after the client has seen the status and scraped /metrics.
     """
 
-    __slots__ = ("_context", "_finished", "counted")
-
     def __init__(self, context, finished) -> None:
         self._context = context
         self._finished = finished
         self.counted = False
 
     def __getattr__(self, name: str):
-        return getattr(self._context, name)
+        # Kept once looked up: an agent's stream reads and writes through it for every heartbeat.
+        value = getattr(self._context, name)
+        setattr(self, name, value)
+        return value
 
     async def abort(self, code, *details, **named):
         if not self.counted:
